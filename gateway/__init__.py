@@ -1,0 +1,1 @@
+"""gateway plane of the silent-monitoring gateway."""

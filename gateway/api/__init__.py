@@ -1,0 +1,1 @@
+"""api plane of the silent-monitoring gateway."""

@@ -1,0 +1,1 @@
+"""chat plane of the silent-monitoring gateway."""

@@ -1,0 +1,1 @@
+"""idp plane of the silent-monitoring gateway."""

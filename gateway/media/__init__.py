@@ -1,0 +1,1 @@
+"""media plane of the silent-monitoring gateway."""

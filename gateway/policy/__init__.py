@@ -1,0 +1,1 @@
+"""policy plane of the silent-monitoring gateway."""

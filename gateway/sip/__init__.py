@@ -1,0 +1,1 @@
+"""sip plane of the silent-monitoring gateway."""
