@@ -1,0 +1,157 @@
+"""The durable chat log and the chat service's rules (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.chat.hub import ChatHub
+from gateway.chat.log import ChatLog, SqliteChatLog
+from gateway.chat.service import ChatService, visible
+from gateway.config import Settings
+from gateway.errors import GatewayError
+
+pytestmark = pytest.mark.unit
+
+
+def msg(log: SqliteChatLog, cid: str, text: str, **kw: object):
+    args = dict(kind="message", sender="customer", author=None, text=text, visibility="all")
+    args.update(kw)
+    return log.append_sync(cid, **args)  # type: ignore[arg-type]
+
+
+def test_seq_is_gap_free_per_conversation(tmp_path):
+    log = SqliteChatLog(tmp_path / "c.sqlite3")
+    assert isinstance(log, ChatLog)
+    for i in range(5):
+        msg(log, "a", f"a{i}")
+        msg(log, "b", f"b{i}")
+    assert [e.seq for e in log.read_sync("a", 0)] == [1, 2, 3, 4, 5]
+    assert [e.text for e in log.read_sync("b", 3)] == ["b3", "b4"]
+    assert log.head_sync("a") == 5 and log.head_sync("zzz") == 0
+    assert log.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert log.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_idempotent_client_id(tmp_path):
+    log = SqliteChatLog(tmp_path / "c.sqlite3")
+    first, created = msg(log, "a", "hello", client_id="up-1")
+    again, created2 = msg(log, "a", "hello (retry)", client_id="up-1")
+    other, created3 = msg(log, "b", "hello", client_id="up-1")  # another conversation
+    assert created and not created2 and created3
+    assert again == first and other.seq == 1
+    assert log.head_sync("a") == 1
+
+
+def test_history_and_seq_survive_restart(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    log = SqliteChatLog(path)
+    for i in range(3):
+        msg(log, "a", f"m{i}", client_id=f"c{i}")
+    asyncio.run(log.close())
+    log2 = SqliteChatLog(path)
+    assert [e.text for e in log2.read_sync("a", 0)] == ["m0", "m1", "m2"]
+    e, created = msg(log2, "a", "m3")
+    assert created and e.seq == 4
+    assert msg(log2, "a", "dup", client_id="c1")[0].seq == 2
+
+
+def test_trim_keeps_head_and_low_water(tmp_path):
+    log = SqliteChatLog(tmp_path / "c.sqlite3")
+    for i in range(10):
+        msg(log, "a", f"m{i}")
+    assert log.trim_sync("a", 4) == 3
+    assert log.low_water_sync("a") == 4
+    assert [e.seq for e in log.read_sync("a", 0)][:2] == [4, 5]
+    log.trim_sync("a", 100)  # trimming past the head keeps the head
+    assert log.read_sync("a", 0) == [] and log.head_sync("a") == 10
+    assert log.low_water_sync("a") == 11
+    assert msg(log, "a", "next")[0].seq == 11
+
+
+def test_unknown_kind_refused(tmp_path):
+    log = SqliteChatLog(tmp_path / "c.sqlite3")
+    with pytest.raises(ValueError):
+        msg(log, "a", "x", kind="shout")
+    assert log.head_sync("a") == 0
+
+
+def service(tmp_path, **over: object) -> ChatService:
+    settings = Settings(data_dir=str(tmp_path)).with_overrides(**over)
+    return ChatService(settings, SqliteChatLog(settings.chat_path), ChatHub(settings.chat_reader_cap))
+
+
+async def test_post_validation_and_whisper_visibility(tmp_path):
+    chat = service(tmp_path, max_message_chars=10)
+    with pytest.raises(GatewayError) as e:
+        await chat.post("c", kind="message", sender="agent", author="alice", text="x" * 11, visibility="all")
+    assert (e.value.status, e.value.code) == (413, "message_too_long")
+    with pytest.raises(GatewayError) as e:
+        await chat.post("c", kind="message", sender="agent", author="alice", text="  \n", visibility="all")
+    assert (e.value.status, e.value.code) == (422, "empty_message")
+    w, _ = await chat.post("c", kind="whisper", sender="supervisor", author="sam", text="psst", visibility="all")
+    assert w.visibility == "agent" and w.seq == 1
+    assert not visible(w, "customer") and visible(w, "agent") and visible(w, "monitor")
+    await chat.close()
+
+
+async def test_rate_limit_per_author(tmp_path):
+    t = [0.0]
+    settings = Settings(data_dir=str(tmp_path), chat_rate_per_second=2.0)
+    chat = ChatService(settings, SqliteChatLog(settings.chat_path), clock=lambda: t[0])
+
+    async def post(author: str, client_id: str | None = None):
+        return await chat.post("c", kind="message", sender="agent", author=author, text="hi",
+                               visibility="all", client_id=client_id)
+
+    await post("alice", "k1")
+    await post("alice")
+    with pytest.raises(GatewayError) as e:
+        await post("alice")
+    assert (e.value.status, e.value.code) == (429, "rate_limited")
+    assert e.value.headers["Retry-After"]
+    assert (await post("alice", "k1"))[0].seq == 1  # an idempotent retry is never limited
+    await post("bob")  # another author has its own budget
+    await chat.post("c", kind="system", sender="system", author=None, text="sam joined", visibility="all")
+    t[0] += 0.5
+    await post("alice")
+    await chat.close()
+
+
+async def test_end_reaches_subscribers_and_late_subscribers(tmp_path):
+    chat = service(tmp_path)
+    woke: list[int] = []
+    sub = chat.subscribe("c", lambda: woke.append(1))
+    await chat.post("c", kind="message", sender="customer", author=None, text="hi", visibility="all")
+    assert [e.seq for e in sub.queue] == [1]
+    assert chat.end_conversation("c", "agent_left") == 1
+    assert sub.end_reason == "agent_left"
+    late = chat.subscribe("c", lambda: None)
+    assert late.end_reason == "agent_left" and chat.hub.subscribers("c") == 0
+    await chat.close()
+
+
+def test_hub_overflow_drops_buffer():
+    hub = ChatHub(cap=3)
+    overflowed: list[bool] = []
+    slow = hub.subscribe("c", lambda: None, lambda: overflowed.append(True))
+    fast = hub.subscribe("c", lambda: None)
+    from gateway.chat.log import ChatEntry
+
+    for seq in range(1, 5):
+        hub.publish(ChatEntry("c", seq, "message", "customer", None, "x", "all", None, 0.0))
+        fast.queue.clear()
+    assert slow.overflowed and overflowed == [True] and not slow.queue
+    assert not fast.overflowed and hub.subscribers("c") == 1
+    # with acks, sent-but-unacknowledged entries count too
+    acker = hub.subscribe("c", lambda: None)
+    acker.ack(0)
+    for seq in (5, 6, 7):
+        acker.sent(seq)
+    assert not acker.overflowed
+    acker.ack(6)
+    assert list(acker.inflight) == [7]
+    for seq in (8, 9, 10):
+        acker.sent(seq)
+    assert acker.overflowed
