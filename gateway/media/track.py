@@ -1,0 +1,175 @@
+"""The one media abstraction toward a WebRTC listener: a ``MediaStreamTrack`` fed by a LegTap.
+
+:class:`LegTapTrack` reads :class:`~gateway.media.frames.LegFrame`\\ s from the SIP plane's tap
+(a pump task into a small bounded buffer, drop-oldest), and ``recv()`` hands aiortc one 20 ms
+frame per tick of its own media clock:
+
+* paced: tick *n* is due at ``t0 + n * 20 ms`` (no drift; a stall longer than
+  :data:`RESYNC_AFTER` re-bases the clock instead of bursting to catch up);
+* bounded: at most ``max_delay_frames`` frames wait in the buffer -- older ones are dropped
+  and counted, so latency cannot grow when the producer's clock runs faster than ours;
+* never silent on the wire: a tick with no frame sends digital silence (counted as
+  ``underruns``), so the browser's jitter buffer and ``totalAudioEnergy`` keep moving;
+* pre-encoded: in ``packet`` mode each frame is mixed (mono) or interleaved (stereo: agent
+  left, customer right) and encoded to Opus once here, and ``recv()`` returns an
+  ``av.Packet`` that aiortc packetises as-is (see :mod:`gateway.media.opus`). ``frame`` mode
+  returns ``av.AudioFrame``\\ s and lets aiortc encode (used when the offer has no Opus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fractions
+import logging
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .frames import FRAME_MS, LegFrame, LegTap
+from .levels import LevelMeter, LevelsCallback
+from .mixer import interleave_stereo, mix_mono
+from .opus import OpusPacketEncoder
+
+log = logging.getLogger(__name__)
+
+FRAME_SECONDS = FRAME_MS / 1000.0
+#: A recv() that comes this late re-bases the media clock rather than sending a burst.
+RESYNC_AFTER = 0.2
+
+TrackMode = Literal["packet", "frame"]
+
+
+@dataclass
+class TrackStats:
+    """Counters of one listener track (read them any time; they only grow)."""
+
+    frames_in: int = 0  #: frames taken from the tap
+    frames_out: int = 0  #: ticks delivered to aiortc (real + silence)
+    underruns: int = 0  #: ticks with no frame in time: silence sent instead
+    dropped: int = 0  #: frames dropped because the buffer was full (drop-oldest)
+    resyncs: int = 0  #: media-clock re-bases after a stall of the event loop
+    first_frame_at: float | None = None  #: loop time of the first real frame sent
+
+
+class LegTapTrack(MediaStreamTrack):
+    """Audio track with the mix (or the stereo pair) of one conversation's legs."""
+
+    kind = "audio"
+
+    def __init__(
+        self,
+        tap: LegTap,
+        *,
+        stereo: bool = False,
+        mode: TrackMode = "packet",
+        sample_rate: int = 8000,
+        on_levels: LevelsCallback | None = None,
+        max_delay_frames: int = 3,
+        on_tap_ended: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tap = tap
+        self.stereo = stereo
+        self.mode: TrackMode = mode
+        self.stats = TrackStats()
+        self._rate = sample_rate
+        self._samples = sample_rate * FRAME_MS // 1000
+        self._meter = LevelMeter(on_levels)
+        self._buffer: collections.deque[LegFrame] = collections.deque()
+        self._max_delay = max(1, max_delay_frames)
+        self._encoder: OpusPacketEncoder | None = None
+        self._t0: float | None = None
+        self._index = 0
+        self._on_tap_ended = on_tap_ended
+        self.tap_ended = False
+        self._pump_task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._pump())
+
+    # --- producer side -----------------------------------------------------------------
+    async def _pump(self) -> None:
+        try:
+            while True:
+                frame = await self.tap.next_frame()
+                if len(self._buffer) >= self._max_delay:
+                    self._buffer.popleft()
+                    self.stats.dropped += 1
+                self._buffer.append(frame)
+        except EOFError:
+            self.tap_ended = True
+            log.info("leg tap ended")
+            if self._on_tap_ended is not None:
+                self._on_tap_ended()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a broken tap ends the pump, the track sends silence
+            log.exception("leg tap failed")
+            self.tap_ended = True
+            if self._on_tap_ended is not None:
+                self._on_tap_ended()
+
+    # --- consumer side (aiortc's sender task) -------------------------------------------
+    async def recv(self) -> av.Packet | av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._t0 is None:
+            self._t0 = now
+        else:
+            self._index += 1
+            due = self._t0 + self._index * FRAME_SECONDS
+            if now - due > RESYNC_AFTER:
+                self.stats.resyncs += 1
+                self._t0 = now - self._index * FRAME_SECONDS
+            elif due > now:
+                await asyncio.sleep(due - now)
+            if self.readyState != "live":
+                raise MediaStreamError
+
+        if self._buffer:
+            frame = self._buffer.popleft()
+            agent, customer = frame.agent, frame.customer
+            self.stats.frames_in += 1
+            if self.stats.first_frame_at is None:
+                self.stats.first_frame_at = loop.time()
+            if frame.sample_rate != self._rate:
+                self._set_rate(frame.sample_rate)
+        else:
+            agent = customer = np.zeros(self._samples, dtype=np.int16)
+            self.stats.underruns += 1
+        self._meter.feed(agent, customer)
+        self.stats.frames_out += 1
+        pcm = interleave_stereo(agent, customer) if self.stereo else mix_mono(agent, customer)
+
+        if self.mode == "packet":
+            packet = self._encode(pcm)
+            if packet is not None:
+                return packet
+            # libopus gave nothing for this frame (it never does at 20 ms, but be safe):
+            # fall through and let aiortc encode it rather than stall the sender.
+        out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo" if self.stereo else "mono")
+        out.sample_rate = self._rate
+        out.pts = self._index * self._samples
+        out.time_base = fractions.Fraction(1, self._rate)
+        return out
+
+    def _encode(self, pcm: np.ndarray) -> av.Packet | None:
+        if self._encoder is None:
+            self._encoder = OpusPacketEncoder(self._rate, channels=2 if self.stereo else 1)
+        return self._encoder.encode(pcm, self._index)
+
+    def _set_rate(self, rate: int) -> None:
+        log.info("leg sample rate changed %d -> %d", self._rate, rate)
+        self._rate = rate
+        self._samples = rate * FRAME_MS // 1000
+        self._encoder = None
+
+    def stop(self) -> None:
+        """End the track and stop reading the tap (the tap itself is closed by the session)."""
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            self._pump_task = None
+        super().stop()

@@ -1,0 +1,347 @@
+"""WHEP-style WebRTC listener: one browser offer in, one send-only answer out.
+
+The control plane calls :func:`answer_whep` (or :meth:`WhepListener.answer`) with the SDP
+offer it received on ``POST /v1/monitors/{mid}/whep`` and a :class:`LegTap` from the SIP
+plane, answers ``201`` with the returned SDP and ``Location: .../whep/{session.id}``, and
+calls :meth:`WhepSession.close` on ``DELETE`` of that location or when the monitor ends.
+
+Rules this module enforces (DESIGN.md section 4, rule R4):
+
+* the answer's audio is ``a=sendonly`` whatever the offer asked for: the transceiver
+  direction is set after ``setRemoteDescription`` and before ``createAnswer``; every other
+  m-line (video, a second audio) is answered ``inactive``;
+* the remote track is never read (a ``sendrecv`` offer still creates one; reading it would
+  decode the supervisor's microphone for nothing). RTP the browser sends anyway is counted
+  and dropped before parsing (:attr:`WhepSession.inbound_rtp_packets`, ``on_inbound_rtp``);
+* ``RTCConfiguration`` has the configured ICE servers or none -- never a public STUN host;
+  host candidates come from ``Settings.ice_host_addresses`` (see :mod:`gateway.media.ice`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import SessionDescription
+
+from ..config import Settings
+from .frames import LegTap
+from .ice import filter_offer_candidates, host_addresses, loopback_only, rtc_configuration, split_csv
+from .levels import LevelsCallback
+from .track import LegTapTrack, TrackMode, TrackStats
+
+log = logging.getLogger(__name__)
+
+InboundRtpCallback = Callable[[int], None]
+#: Seconds a session may stay unconnected before it is closed (the browser went away).
+CONNECT_TIMEOUT = 30.0
+
+
+class WhepError(ValueError):
+    """The offer can not be answered (malformed SDP, no audio, no common codec)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class WhepSession:
+    """One listening browser: its peer connection, its track, its counters.
+
+    ``id`` names the WHEP resource (the control plane puts it in ``Location``).
+    ``on_closed`` callbacks run once, with the reason (``deleted``, ``failed``,
+    ``connect_timeout``, ``tap_ended`` is *not* a close reason: the tap ending only sets
+    :attr:`tap_ended`; the monitor's end closes the session).
+    """
+
+    def __init__(self, pc: RTCPeerConnection, track: LegTapTrack, tap: LegTap, *, stereo: bool, on_inbound_rtp: InboundRtpCallback | None) -> None:
+        self.id = uuid.uuid4().hex
+        self.pc = pc
+        self.track = track
+        self.tap = tap
+        self.stereo = stereo
+        self.created_at = time.monotonic()
+        self.connected_at: float | None = None
+        self.inbound_rtp_packets = 0
+        self.close_reason: str | None = None
+        self._on_inbound_rtp = on_inbound_rtp
+        self._closed = asyncio.Event()
+        self._closing = False
+        self._close_callbacks: list[Callable[[str], Any]] = []
+        self._timeout: asyncio.TimerHandle | None = None
+
+    # --- state --------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """aiortc's ``connectionState`` (``new``, ``connecting``, ``connected``, ``failed``, ``closed``)."""
+        return self.pc.connectionState
+
+    @property
+    def stats(self) -> TrackStats:
+        return self.track.stats
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def tap_ended(self) -> bool:
+        return self.track.tap_ended
+
+    def on_closed(self, callback: Callable[[str], Any]) -> None:
+        """Register ``callback(reason)``; runs once when the session closes for any reason."""
+        if self.closed:
+            callback(self.close_reason or "closed")
+        else:
+            self._close_callbacks.append(callback)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly status (for logs, metrics, a debug endpoint)."""
+        s = self.track.stats
+        return {
+            "id": self.id,
+            "state": self.state,
+            "stereo": self.stereo,
+            "mode": self.track.mode,
+            "frames_out": s.frames_out,
+            "underruns": s.underruns,
+            "dropped": s.dropped,
+            "inbound_rtp_packets": self.inbound_rtp_packets,
+            "closed": self.closed,
+        }
+
+    # --- inbound RTP: count and drop -----------------------------------------------------
+    def _count_inbound(self, data: bytes, arrival_time_ms: int = 0) -> Any:
+        self.inbound_rtp_packets += 1
+        if self._on_inbound_rtp is not None:
+            try:
+                self._on_inbound_rtp(self.inbound_rtp_packets)
+            except Exception:  # noqa: BLE001
+                self._on_inbound_rtp = None
+        return _done()
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def close(self, reason: str = "deleted") -> None:
+        """Stop sending, close the peer connection and the tap; idempotent."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        self.close_reason = reason
+        if self._timeout is not None:
+            self._timeout.cancel()
+        self.track.stop()
+        try:
+            self.tap.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing leg tap failed")
+        try:
+            await self.pc.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing peer connection failed")
+        self._closed.set()
+        log.info("whep session %s closed (%s), %s", self.id, reason, self.describe())
+        for cb in self._close_callbacks:
+            try:
+                res = cb(reason)
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception:  # noqa: BLE001
+                log.exception("on_closed callback failed")
+        self._close_callbacks.clear()
+
+
+async def _done() -> None:
+    return None
+
+
+def _first_audio_codec(offer: SessionDescription) -> str | None:
+    supported = {"opus", "pcmu", "pcma", "g722"}
+    for media in offer.media:
+        if media.kind != "audio":
+            continue
+        for codec in media.rtp.codecs:
+            name = codec.name.lower()
+            if name in supported:
+                return name
+        return None
+    return None
+
+
+def _munge_stereo(answer_sdp: str) -> str:
+    """Tell the browser the Opus stream is stereo (``stereo=1; sprop-stereo=1``)."""
+    lines = answer_sdp.splitlines()
+    opus_pts = [ln.split(":", 1)[1].split()[0] for ln in lines if ln.startswith("a=rtpmap:") and "opus/48000" in ln.lower()]
+    out: list[str] = []
+    done = set()
+    for ln in lines:
+        for pt in opus_pts:
+            if ln.startswith(f"a=fmtp:{pt} "):
+                params = ln.split(" ", 1)[1]
+                extra = [p for p in ("stereo=1", "sprop-stereo=1") if p not in params]
+                ln = f"a=fmtp:{pt} " + ";".join([params] + extra)
+                done.add(pt)
+        out.append(ln)
+        if ln.startswith("a=rtpmap:"):
+            pt = ln.split(":", 1)[1].split()[0]
+            if pt in opus_pts and pt not in done and not any(x.startswith(f"a=fmtp:{pt} ") for x in lines):
+                out.append(f"a=fmtp:{pt} stereo=1;sprop-stereo=1")
+                done.add(pt)
+    return "\r\n".join(out) + "\r\n"
+
+
+async def answer_whep(
+    offer_sdp: str,
+    tap: LegTap,
+    *,
+    settings: Settings,
+    stereo: bool,
+    on_levels: LevelsCallback | None = None,
+    on_inbound_rtp: InboundRtpCallback | None = None,
+    sample_rate: int = 8000,
+) -> tuple[str, WhepSession]:
+    """Answer a WHEP offer with a send-only audio stream of ``tap``'s conversation.
+
+    Returns ``(answer_sdp, session)``; the answer already holds all candidates (no trickle).
+    ``stereo`` sends agent left / customer right (else a mono mix). ``on_levels(agent_dbfs,
+    customer_dbfs)`` runs ~10x/s on the media path; ``on_inbound_rtp(total)`` runs for each
+    RTP packet the browser sends anyway (it should send none: the answer is ``sendonly``).
+
+    Raises :class:`WhepError` (``code`` ``invalid_sdp`` / ``no_audio`` / ``no_common_codec``)
+    for an offer that can not be answered; the tap is closed in that case.
+    """
+    try:
+        parsed = SessionDescription.parse(offer_sdp)
+    except Exception as exc:  # noqa: BLE001 - aiortc's parser raises assorted errors
+        tap.close()
+        raise WhepError("invalid_sdp", f"the offer is not valid SDP: {exc}") from exc
+    if not any(m.kind == "audio" for m in parsed.media):
+        tap.close()
+        raise WhepError("no_audio", "the offer has no audio m-line")
+    codec = _first_audio_codec(parsed)
+    if codec is None:
+        tap.close()
+        raise WhepError("no_common_codec", "the offer has no audio codec the gateway speaks (opus, PCMU, PCMA, G722)")
+    mode: TrackMode = "packet" if codec == "opus" else "frame"
+
+    addresses = split_csv(settings.ice_host_addresses)
+    offer_sdp = filter_offer_candidates(offer_sdp, keep_loopback_only=loopback_only(addresses))
+
+    pc = RTCPeerConnection(rtc_configuration(settings))
+    session_ref: list[WhepSession] = []
+
+    def tap_ended() -> None:
+        log.info("leg tap of whep session %s ended", session_ref[0].id if session_ref else "?")
+
+    track = LegTapTrack(tap, stereo=stereo, mode=mode, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+    session = WhepSession(pc, track, tap, stereo=stereo, on_inbound_rtp=on_inbound_rtp)
+    session_ref.append(session)
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        audio = None
+        for t in pc.getTransceivers():
+            if t.kind == "audio" and audio is None:
+                audio = t
+                t.direction = "sendonly"
+                t.sender.replaceTrack(track)
+            else:
+                t.direction = "inactive"  # video or a second audio line: nothing flows
+        if audio is None:  # pragma: no cover - guarded by the parse above
+            raise WhepError("no_audio", "the offer has no audio m-line")
+        answer = await pc.createAnswer()
+        with host_addresses(addresses):
+            await pc.setLocalDescription(answer)
+    except WhepError:
+        await session.close("rejected")
+        raise
+    except Exception as exc:  # noqa: BLE001
+        await session.close("rejected")
+        raise WhepError("invalid_sdp", f"the offer could not be answered: {exc}") from exc
+
+    # Count-and-drop anything the browser sends (it should send nothing). Replacing the DTLS
+    # transport's RTP handler per instance skips parsing and routing; with a send-only
+    # transceiver aiortc would parse each packet and then discard it for want of a receiver.
+    for dtls in {t.sender.transport for t in pc.getTransceivers() if t.sender.transport is not None}:
+        if hasattr(dtls, "_handle_rtp_data"):
+            dtls._handle_rtp_data = session._count_inbound  # type: ignore[method-assign]
+
+    @pc.on("connectionstatechange")
+    async def _on_state() -> None:
+        state = pc.connectionState
+        log.info("whep session %s connection %s", session.id, state)
+        if state == "connected" and session.connected_at is None:
+            session.connected_at = time.monotonic()
+            if session._timeout is not None:
+                session._timeout.cancel()
+        elif state in ("failed", "closed") and not session._closing:
+            await session.close(state)
+
+    def _timeout() -> None:
+        if session.connected_at is None and not session._closing:
+            asyncio.ensure_future(session.close("connect_timeout"))
+
+    session._timeout = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, _timeout)
+
+    sdp = pc.localDescription.sdp
+    if stereo and mode == "packet":
+        sdp = _munge_stereo(sdp)
+    log.info("whep session %s answered (codec %s, %s, %s)", session.id, codec, "stereo" if stereo else "mono", mode)
+    return sdp, session
+
+
+class WhepListener:
+    """Owns the WHEP sessions of one gateway process (use it as an aiohttp cleanup_ctx).
+
+    ``answer()`` is :func:`answer_whep` plus bookkeeping by session id; ``delete(id)`` is the
+    ``DELETE`` of the ``Location``; ``close_all()`` runs at shutdown.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, WhepSession] = {}
+
+    async def answer(
+        self,
+        offer_sdp: str,
+        tap: LegTap,
+        *,
+        stereo: bool | None = None,
+        on_levels: LevelsCallback | None = None,
+        on_inbound_rtp: InboundRtpCallback | None = None,
+    ) -> tuple[str, WhepSession]:
+        sdp, session = await answer_whep(
+            offer_sdp,
+            tap,
+            settings=self.settings,
+            stereo=self.settings.webrtc_stereo if stereo is None else stereo,
+            on_levels=on_levels,
+            on_inbound_rtp=on_inbound_rtp,
+        )
+        self.sessions[session.id] = session
+        session.on_closed(lambda _reason: self.sessions.pop(session.id, None))
+        return sdp, session
+
+    def get(self, session_id: str) -> WhepSession | None:
+        return self.sessions.get(session_id)
+
+    async def delete(self, session_id: str, reason: str = "deleted") -> bool:
+        """Close one session; ``False`` if there is no such session (answer 404)."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return False
+        await session.close(reason)
+        return True
+
+    async def close_all(self, reason: str = "shutdown") -> None:
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        await asyncio.gather(*(s.close(reason) for s in sessions), return_exceptions=True)
