@@ -1,0 +1,75 @@
+"""``python -m gateway serve``: run the gateway; SIGTERM drains before stopping."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from gateway.api.context import SIP, STATE
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.logs import setup_logging
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gateway", description="Silent-monitoring media gateway")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gateway (default)")
+    serve.add_argument("--host", help="HTTP address (GATEWAY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (GATEWAY_PORT, default 8080)")
+    serve.add_argument("--sip-port", type=int, help="SIP port for platforms (GATEWAY_SIP_PORT, default 5060)")
+    serve.add_argument("--demo", action="store_true", default=None, help="also run the demo platform (GATEWAY_DEMO)")
+    return parser.parse_args(argv)
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("gateway listening on %s (SIP %s:%s)", settings.base_url, settings.sip_host, settings.sip_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:  # a second signal: stop now
+            stop.set()
+            return
+        # Drain: /readyz fails at once so load balancers move on, SIP answers 503, new monitors
+        # are refused; running conversations get up to drain_seconds to finish.
+        app[STATE]["draining"] = True
+        sip = app.get(SIP)
+        if sip is not None:
+            sip.set_draining(True)
+        log.info("draining for up to %.0fs", settings.drain_seconds)
+        loop.call_later(settings.drain_seconds, stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await stop.wait()
+    log.info("stopping")
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = Settings.from_env().with_overrides(
+        host=getattr(args, "host", None), port=getattr(args, "port", None), sip_port=getattr(args, "sip_port", None), demo=getattr(args, "demo", None)
+    )
+    setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

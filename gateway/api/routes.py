@@ -1,0 +1,337 @@
+"""The control API v1 (API.md): platform calls, supervisor calls and the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from gateway.api.context import AUDIT, BUS, CHAT, DIRECTORY, METRICS, SERVICE, SETTINGS, SIP, STATE
+from gateway.api.identity import authenticate, authenticate_supervisor
+from gateway.api.validation import conversation_id, field, read_json, text_field
+from gateway.domain import Channel, Direction, DomainEvent, EventType, PlatformEventType
+from gateway.errors import GatewayError, not_found
+from gateway.policy import rules
+from gateway.policy.auth import Principal
+from gateway.service import monitor_json
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+SIP_URI_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()%;:@&=+$,/?[]")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def _cid(request: web.Request) -> str:
+    return conversation_id(request.match_info["cid"])
+
+
+def _refuse_when_draining(request: web.Request) -> None:
+    if request.app[STATE].get("draining"):
+        error = GatewayError(503, "draining", "the gateway is shutting down; try another instance")
+        error.headers["Retry-After"] = "5"
+        raise error
+
+
+# ---------------------------------------------------------------------------- platform side
+
+
+@routes.put("/v1/conversations/{cid}")
+async def put_conversation(request: web.Request) -> web.Response:
+    """Create or update a conversation (role ``platform``)."""
+    await authenticate(request, "platform")
+    cid = _cid(request)
+    settings = request.app[SETTINGS]
+    body = await read_json(request, max_bytes=settings.max_body_bytes)
+    direction = Direction(field(body, "direction", str, default="inbound", choices=("inbound", "outbound")))
+    transferred = field(body, "transferred", bool, default=False)
+    agent = field(body, "agent", str)
+    if not agent.strip() or len(agent) > 256:
+        raise GatewayError(422, "invalid_field", "field 'agent' must be a username", field="agent")
+    customer = field(body, "customer", dict, default={})
+    sessions_raw = field(body, "sessions", list, default=[])
+    if not all(s in ("chat", "voice") for s in sessions_raw):
+        raise GatewayError(422, "invalid_field", "sessions are 'chat' and/or 'voice'", field="sessions")
+    sessions: list[Channel] = list(dict.fromkeys(sessions_raw))
+    team = field(body, "team", str, default=None)
+    if team is None:
+        # The agent's team is its Keycloak group (API.md); 503 identity_unavailable if unreachable.
+        team = await request.app[DIRECTORY].agent_team(agent)
+    service = request.app[SERVICE]
+    conversation, created = service.upsert_conversation(
+        cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred, sessions=sessions
+    )
+    return _json(service.describe(conversation), 201 if created else 200)
+
+
+@routes.post("/v1/conversations/{cid}/events")
+async def post_event(request: web.Request) -> web.Response:
+    await authenticate(request, "platform")
+    cid = _cid(request)
+    body = await read_json(request, max_bytes=request.app[SETTINGS].max_body_bytes)
+    kind = PlatformEventType(field(body, "type", str, choices=tuple(e.value for e in PlatformEventType)))
+    request.app[SERVICE].apply_platform_event(cid, kind)
+    return _json({"accepted": kind.value}, 202)
+
+
+@routes.post("/v1/conversations/{cid}/messages")
+async def post_message(request: web.Request) -> web.Response:
+    """Chat ingest from the platform (``from`` customer or agent) or from the agent's own token."""
+    principal = await authenticate(request, "platform", "agent")
+    cid = _cid(request)
+    settings = request.app[SETTINGS]
+    body = await read_json(request, max_bytes=settings.max_body_bytes)
+    sender = field(body, "from", str, default="agent" if not principal.has_role("platform") else None, choices=("customer", "agent"))
+    text = text_field(body, "text", max_chars=settings.max_message_chars)
+    client_id = field(body, "client_id", str, default=None)
+    if client_id is not None and len(client_id) > 200:
+        raise GatewayError(422, "invalid_field", "client_id is at most 200 characters", field="client_id")
+    conversation = request.app[SERVICE].conversation(cid)
+    if not principal.has_role("platform"):
+        if sender != "agent" or conversation.agent != principal.username:
+            raise GatewayError(403, "not_your_conversation", "an agent may only post as agent in its own conversations")
+    if not conversation.session_active("chat"):
+        raise GatewayError(409, "chat_not_active", "the conversation has no active chat session")
+    author = conversation.agent if sender == "agent" else str(conversation.customer.get("id") or "customer")
+    entry, created = await request.app[CHAT].post(
+        cid, kind="message", sender=sender, author=author, text=text, visibility="all", client_id=client_id
+    )
+    return _json({"seq": entry.seq, "duplicate": not created}, 201)
+
+
+@routes.get("/v1/conversations/{cid}/chat")
+async def conversation_chat(request: web.Request) -> web.StreamResponse:
+    """A participant's view of the chat: ``customer`` or ``agent`` (platform, or the agent itself)."""
+    principal = await authenticate(request, "platform", "agent")
+    cid = _cid(request)
+    view = request.query.get("view", "agent")
+    if view not in ("customer", "agent"):
+        raise GatewayError(422, "invalid_view", "view is 'customer' or 'agent'")
+    conversation = request.app[SERVICE].conversation(cid)
+    if not principal.has_role("platform") and (view != "agent" or conversation.agent != principal.username):
+        raise GatewayError(403, "not_your_conversation", "an agent may only read the agent view of its own conversations")
+    return await _serve_chat(request, principal, cid, view, ended=None)
+
+
+def _after(request: web.Request) -> int:
+    raw = request.query.get("after", "0")
+    try:
+        after = int(raw)
+    except ValueError:
+        raise GatewayError(422, "invalid_after", "after is a sequence number") from None
+    if after < 0:
+        raise GatewayError(422, "invalid_after", "after is a sequence number")
+    return after
+
+
+async def _serve_chat(request: web.Request, principal: Principal, cid: str, view: str, ended: asyncio.Future[str] | None) -> web.StreamResponse:
+    from gateway.api.chat_ws import serve_chat_stream
+
+    return await serve_chat_stream(request, request.app[CHAT], cid, view, _after(request), expires_at=principal.expires_at, ended=ended)
+
+
+# ---------------------------------------------------------------------------- supervisor side
+
+
+@routes.get("/v1/conversations")
+async def list_conversations(request: web.Request) -> web.Response:
+    principal = await authenticate(request, "supervisor", "platform")
+    service = request.app[SERVICE]
+    if principal.has_role("platform"):
+        teams = frozenset(c.team for c in service.store.conversations() if c.team)
+    else:
+        teams = principal.teams
+    return _json(service.listing(teams))
+
+
+@routes.get("/v1/conversations/{cid}")
+async def get_conversation(request: web.Request) -> web.Response:
+    principal = await authenticate(request, "supervisor", "platform")
+    service = request.app[SERVICE]
+    conversation = service.conversation(_cid(request))
+    if not principal.has_role("platform") and not rules.may_see(conversation, principal.teams):
+        raise not_found("conversation")
+    return _json(service.describe(conversation))
+
+
+@routes.post("/v1/conversations/{cid}/monitors")
+async def start_monitor(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    _refuse_when_draining(request)
+    cid = _cid(request)
+    body = await read_json(request, max_bytes=request.app[SETTINGS].max_body_bytes, required=False)
+    voice = field(body, "voice", dict, default=None)
+    if voice is not None:
+        kind = field(voice, "kind", str, choices=("webrtc", "sip"))
+        if kind == "sip":
+            uri = field(voice, "uri", str)
+            if not uri.startswith(("sip:", "sips:")) or len(uri) > 256 or not set(uri) <= SIP_URI_CHARS:
+                raise GatewayError(422, "invalid_sip_uri", "voice.uri must be a sip: URI")
+    service = request.app[SERVICE]
+    monitor = service.start_monitor(principal, cid, voice)
+    request.app[METRICS].monitors_started.labels(voice=monitor.voice_kind.value if monitor.voice_kind else "none").inc()
+    chat = request.app[CHAT]
+    await chat.post(cid, kind="system", sender="system", author=principal.username, text=f"supervisor {principal.username} joined silently", visibility="agent")
+    if monitor.voice_kind is not None and monitor.voice_kind.value == "sip":
+        sip = request.app.get(SIP)
+        try:
+            if sip is None:
+                raise GatewayError(503, "sip_disabled", "SIP is disabled on this gateway")
+            await sip.call_phone(cid, monitor.id, monitor.voice_uri)
+        except GatewayError as exc:
+            service.voice_lost(monitor.id, exc.code)
+    return _json(monitor_json(monitor), 201)
+
+
+@routes.get("/v1/monitors/{mid}")
+async def get_monitor(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    return _json(monitor_json(request.app[SERVICE].monitor_of(principal, request.match_info["mid"])))
+
+
+@routes.delete("/v1/monitors/{mid}")
+async def leave(request: web.Request) -> web.Response:
+    """R12: leaving is always allowed and never disturbs the conversation."""
+    principal = await authenticate_supervisor(request)
+    request.app[SERVICE].leave(principal, request.match_info["mid"])
+    return web.Response(status=204)
+
+
+@routes.get("/v1/monitors/{mid}/chat")
+async def monitor_chat(request: web.Request) -> web.StreamResponse:
+    principal = await authenticate_supervisor(request)
+    service = request.app[SERVICE]
+    monitor = service.monitor_of(principal, request.match_info["mid"])
+    conversation = service.store.get_conversation(monitor.conversation)
+    # Rights are checked again on every subscribe: a monitor that ended, or a conversation the
+    # supervisor no longer sees from this login session, gives no stream.
+    if not monitor.active:
+        raise GatewayError(409, rules.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
+    if conversation is None or not rules.may_see(conversation, principal.teams):
+        raise GatewayError(403, rules.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
+    ended = request.app[STATE]["monitor_end_futures"].setdefault(monitor.id, asyncio.get_running_loop().create_future())
+    return await _serve_chat(request, principal, monitor.conversation, "monitor", ended=ended)
+
+
+@routes.post("/v1/monitors/{mid}/whisper")
+async def whisper(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    settings = request.app[SETTINGS]
+    body = await read_json(request, max_bytes=settings.max_body_bytes)
+    text = text_field(body, "text", max_chars=settings.max_message_chars)
+    conversation, monitor = request.app[SERVICE].check_whisper(principal, request.match_info["mid"])
+    entry, _ = await request.app[CHAT].post(
+        conversation.id, kind="whisper", sender="supervisor", author=principal.username, text=text, visibility="agent",
+        client_id=field(body, "client_id", str, default=None),
+    )
+    request.app[AUDIT].record("whisper", actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq)
+    return _json({"seq": entry.seq}, 201)
+
+
+@routes.post("/v1/monitors/{mid}/barge")
+async def barge(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    service = request.app[SERVICE]
+    already = service.monitor_of(principal, request.match_info["mid"]).mode.value == "barged"
+    monitor = service.barge(principal, request.match_info["mid"])
+    if not already:
+        await request.app[CHAT].post(
+            monitor.conversation, kind="system", sender="system", author=principal.username,
+            text=f"supervisor {principal.username} joined the conversation", visibility="all",
+        )
+    return _json(monitor_json(monitor))
+
+
+@routes.post("/v1/monitors/{mid}/messages")
+async def supervisor_message(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    settings = request.app[SETTINGS]
+    mid = request.match_info["mid"]
+    conversation, monitor = request.app[SERVICE].check_message(principal, mid)
+    body = await read_json(request, max_bytes=settings.max_body_bytes)
+    text = text_field(body, "text", max_chars=settings.max_message_chars)
+    entry, _ = await request.app[CHAT].post(
+        conversation.id, kind="message", sender="supervisor", author=principal.username, text=text, visibility="all",
+        client_id=field(body, "client_id", str, default=None),
+    )
+    request.app[AUDIT].record("barged_message", actor=principal.username, conversation=conversation.id, monitor=mid, seq=entry.seq)
+    return _json({"seq": entry.seq}, 201)
+
+
+@routes.post("/v1/monitors/{mid}/transfer")
+async def transfer(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    raise request.app[SERVICE].refuse(principal, request.match_info["mid"], "transfer")
+
+
+@routes.post("/v1/monitors/{mid}/conference")
+async def conference(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    raise request.app[SERVICE].refuse(principal, request.match_info["mid"], "conference")
+
+
+# ---------------------------------------------------------------------------- event stream
+
+
+def _visible_to(principal: Principal, event: DomainEvent) -> bool:
+    if event.type is EventType.LEVELS:
+        return event.payload.get("supervisor") == principal.username
+    if principal.has_role("platform"):
+        return True
+    return event.team is not None and event.team in principal.teams
+
+
+@routes.get("/v1/events")
+async def events(request: web.Request) -> web.WebSocketResponse:
+    """Conversation and monitor events of the caller's teams, live, as JSON text frames."""
+    principal = await authenticate(request, "supervisor", "platform")
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=4096)
+    await ws.prepare(request)
+    bus = request.app[BUS]
+    metrics = request.app[METRICS]
+    subscription = bus.subscribe()
+    metrics.events_clients.inc()
+    request.app[STATE]["event_sockets"].add(ws)
+
+    async def drain_client() -> None:
+        # The console sends nothing; anything it sends is read and dropped, close ends the stream.
+        async for msg in ws:
+            if msg.type in (WSMsgType.BINARY,):
+                await ws.close(code=1003, message=b"text frames only")
+
+    reader = asyncio.create_task(drain_client())
+    try:
+        await ws.send_json({"type": "hello", "user": principal.username, "teams": sorted(principal.teams)})
+        while not ws.closed:
+            remaining = principal.expires_at - time.time()
+            if remaining <= 0:
+                await ws.send_json({"type": "end", "reason": "token_expired"})
+                await ws.close(code=4001, message=b"token expired")
+                break
+            get = asyncio.ensure_future(subscription.queue.get())
+            done, _ = await asyncio.wait({get, reader}, timeout=min(remaining, 15), return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                if reader in done:
+                    break
+                continue
+            event = get.result()
+            if subscription.lagging:
+                await ws.close(code=1013, message=b"too slow; reconnect")
+                break
+            if _visible_to(principal, event):
+                await ws.send_json(event.to_json())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        reader.cancel()
+        bus.unsubscribe(subscription)
+        metrics.events_clients.dec()
+        request.app[STATE]["event_sockets"].discard(ws)
+    return ws

@@ -1,0 +1,85 @@
+"""WHEP-style listening (API.md): an SDP offer in, a ``sendonly`` audio answer out.
+
+One voice monitor per conversation (R8) is enforced when the monitor is created; here the
+monitor must hold the voice channel with ``kind: webrtc``. A new offer for the same monitor
+replaces the previous listener (a reloaded console page).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from gateway.api.context import AUDIT, BUS, METRICS, SERVICE, SETTINGS, SIP, WHEP
+from gateway.api.identity import authenticate_supervisor
+from gateway.api.validation import read_limited
+from gateway.domain import DomainEvent, EventType, VoiceKind
+from gateway.errors import GatewayError, not_found
+from gateway.media.whep import WhepError, answer_whep
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/monitors/{mid}/whep")
+async def whep_offer(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    app = request.app
+    settings = app[SETTINGS]
+    monitor = app[SERVICE].monitor_of(principal, request.match_info["mid"])
+    if not monitor.has_voice or monitor.voice_kind is not VoiceKind.WEBRTC:
+        raise GatewayError(409, "voice_not_granted", "this monitor does not hold the conversation's voice over WebRTC", voice_blocked_reason=monitor.voice_blocked_reason)
+    if request.content_type != "application/sdp":
+        raise GatewayError(415, "unsupported_media_type", "send the offer as application/sdp")
+    offer = (await read_limited(request, settings.max_body_bytes)).decode("utf-8", errors="replace")
+    sip = app.get(SIP)
+    if sip is None:
+        raise GatewayError(503, "sip_disabled", "no SIP media on this gateway, so there is nothing to listen to")
+
+    mid, cid, supervisor = monitor.id, monitor.conversation, monitor.supervisor
+    bus, metrics, audit = app[BUS], app[METRICS], app[AUDIT]
+    team = app[SERVICE].store.get_conversation(cid).team if app[SERVICE].store.get_conversation(cid) else None
+
+    def on_levels(agent_dbfs: float, customer_dbfs: float) -> None:
+        bus.publish(DomainEvent(EventType.LEVELS, cid, team, {"monitor": mid, "supervisor": supervisor, "agent": round(agent_dbfs, 1), "customer": round(customer_dbfs, 1)}))
+
+    def on_inbound_rtp(total: int) -> None:
+        # The answer is sendonly, so a browser should send nothing; whatever comes is dropped.
+        metrics.inbound_rtp_dropped.inc()
+        if total == 1:
+            audit.record("webrtc_inbound_rtp_dropped", actor=supervisor, conversation=cid, monitor=mid)
+
+    tap = sip.open_tap(cid)
+    try:
+        answer, session = await answer_whep(offer, tap, settings=settings, stereo=_stereo(request, settings.webrtc_stereo), on_levels=on_levels, on_inbound_rtp=on_inbound_rtp)
+    except WhepError as exc:
+        raise GatewayError(400 if exc.code == "invalid_sdp" else 422, exc.code, str(exc)) from exc
+    sessions = app[WHEP].setdefault(mid, {})
+    for old_id, old in list(sessions.items()):
+        sessions.pop(old_id)
+        await old.close("replaced")
+    sessions[session.id] = session
+    session.on_closed(lambda _reason: app[WHEP].get(mid, {}).pop(session.id, None))
+    if not app[SERVICE].store.get_monitor(mid) or not monitor.has_voice:  # ended while we answered
+        await session.close("monitor_ended")
+        raise GatewayError(409, "voice_not_granted", "the monitor ended while the offer was answered")
+    audit.record("webrtc_listen", actor=supervisor, conversation=cid, monitor=mid, session=session.id)
+    location = f"/v1/monitors/{mid}/whep/{session.id}"
+    return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})
+
+
+@routes.delete("/v1/monitors/{mid}/whep/{session}")
+async def whep_delete(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    monitor = request.app[SERVICE].monitor_of(principal, request.match_info["mid"])
+    session = request.app[WHEP].get(monitor.id, {}).pop(request.match_info["session"], None)
+    if session is None:
+        raise not_found("listening session")
+    await session.close("deleted")
+    return web.Response(status=204)
+
+
+def _stereo(request: web.Request, default: bool) -> bool:
+    raw = request.query.get("stereo")
+    return default if raw is None else raw.lower() in ("1", "true", "yes")

@@ -1,0 +1,164 @@
+"""The application factory: every long-lived resource is a cleanup context.
+
+Start-up and shutdown of each resource sit together in one generator, in dependency order:
+core (store, audit, bus) → identity → chat → SIP → WebRTC → wiring → demo platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.api import ops, routes
+from gateway.api.context import (
+    AUDIT,
+    AUTHENTICATOR,
+    BUS,
+    CHAT,
+    DIRECTORY,
+    JWKS,
+    METRICS,
+    SERVICE,
+    SETTINGS,
+    SIP,
+    STATE,
+    WHEP,
+)
+from gateway.api.middleware import errors_middleware
+from gateway.config import PACKAGE_DIR, Settings
+from gateway.events import EventBus
+from gateway.metrics import Metrics
+from gateway.policy.audit import AuditLog
+from gateway.policy.auth import Authenticator, Directory, JwksCache, TokenValidator
+from gateway.service import MonitoringService
+from gateway.store import MemoryStore
+from gateway.wiring import DomainSipHooks, attach_planes
+
+log = logging.getLogger(__name__)
+WEB_DIR = PACKAGE_DIR / "web"
+
+
+async def core_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    audit = AuditLog(settings.audit_path)
+    app[AUDIT] = audit
+    app[SERVICE] = MonitoringService(MemoryStore(), audit, app[BUS])
+    yield
+    for task in list(app[STATE]["tasks"]):
+        task.cancel()
+    audit.close()
+
+
+async def identity_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    directory = Directory(settings)
+    jwks = JwksCache(directory.certs, settings.jwks_refetch_interval, settings.identity_timeout)
+    app[DIRECTORY] = directory
+    app[JWKS] = jwks
+    app[AUTHENTICATOR] = Authenticator(TokenValidator(settings, jwks), directory)
+
+    async def prefetch() -> None:
+        # The embedded provider answers on our own port, which listens only after start-up:
+        # fetch the keys in the background, retrying until they are there.
+        while not jwks.loaded:
+            await jwks.refresh(force=True)
+            if not jwks.loaded:
+                await asyncio.sleep(1)
+
+    task = asyncio.create_task(prefetch())
+    yield
+    task.cancel()
+
+
+async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
+    from gateway.chat.log import SqliteChatLog
+    from gateway.chat.service import ChatService
+
+    settings = app[SETTINGS]
+    chat = ChatService(settings, SqliteChatLog(settings.chat_path))
+    app[CHAT] = chat
+    yield
+    await chat.close()
+    await chat.log.close()
+
+
+async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
+    from gateway.sip.plane import SipPlane
+
+    plane = SipPlane(app[SETTINGS], DomainSipHooks(app))
+    await plane.start()
+    app[SIP] = plane
+    yield
+    await plane.stop()
+
+
+async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
+    attach_planes(app)
+    yield
+    for session_map in list(app[WHEP].values()):
+        for session in list(session_map.values()):
+            await session.close()
+    app[WHEP].clear()
+    for ws in list(app[STATE]["event_sockets"]):
+        await ws.close(code=1001, message=b"gateway shutting down")
+
+
+async def demo_ctx(app: web.Application) -> AsyncIterator[None]:
+    from gateway.demo import DemoPlatform
+
+    demo = DemoPlatform(app[SETTINGS])
+    await demo.start()
+    yield
+    await demo.stop()
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    """Build the gateway for ``settings`` (default: from the environment)."""
+    settings = settings or Settings.from_env()
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[BUS] = EventBus()
+    app[WHEP] = {}
+    app[STATE] = {"draining": False, "tasks": set(), "monitor_end_futures": {}, "event_sockets": set()}
+
+    app.cleanup_ctx.append(core_ctx)
+    app.cleanup_ctx.append(identity_ctx)
+    app.cleanup_ctx.append(chat_ctx)
+    if settings.enable_sip:
+        app.cleanup_ctx.append(sip_ctx)
+    app.cleanup_ctx.append(wiring_ctx)
+
+    app.router.add_routes(ops.routes)
+    app.router.add_routes(routes.routes)
+    _add_webrtc_routes(app)
+    if settings.embedded_idp:
+        from gateway.idp import add_idp_routes
+
+        add_idp_routes(app, settings)
+    _add_console(app)
+    if settings.demo:
+        app.cleanup_ctx.append(demo_ctx)
+    return app
+
+
+def _add_webrtc_routes(app: web.Application) -> None:
+    from gateway.api import whep_routes
+
+    app.router.add_routes(whep_routes.routes)
+
+
+def _add_console(app: web.Application) -> None:
+    index = WEB_DIR / "index.html"
+
+    async def console(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(index)
+
+    if index.exists():
+        app.router.add_get("/", console)
+        app.router.add_get("/console", console)
+        app.router.add_static("/static/", Path(WEB_DIR), show_index=False)

@@ -1,0 +1,139 @@
+"""A demo contact-centre platform for ``make run``: it drives the gateway through the public API
+exactly as a real platform would (client-credentials token of ``cx-platform``).
+
+It keeps a few conversations alive: team-a and team-b inbound ones with chat (a customer bot
+and an agent bot talking), one outbound and one transferred (both refused for monitoring, to
+show the rules), and feeds voice legs over SIP from the fixture audio when SIP is enabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConversation:
+    id: str
+    agent: str
+    customer: str
+    direction: str = "inbound"
+    transferred: bool = False
+    sessions: tuple[str, ...] = ("chat", "voice")
+
+
+CONVERSATIONS = (
+    DemoConversation("demo-a1", "alice", "Ann Archer"),
+    DemoConversation("demo-a2", "alice", "Andy Ames", sessions=("chat",)),
+    DemoConversation("demo-a3", "alice", "Ada Out", direction="outbound"),
+    DemoConversation("demo-a4", "alice", "Tim Transfer", transferred=True),
+    DemoConversation("demo-b1", "bob", "Ben Brown"),
+)
+
+CUSTOMER_LINES = (
+    "Hi, my parcel has not arrived yet.",
+    "The tracking page says it was delivered yesterday.",
+    "Can you check the address you have on file?",
+    "It should be 12 Harbour Street, flat 3.",
+    "Thanks, how long will the replacement take?",
+)
+AGENT_LINES = (
+    "Sorry to hear that, let me look it up for you.",
+    "I can see the delivery scan, one moment please.",
+    "We have 12 Harbour Street, flat 8 on file.",
+    "I have corrected it and ordered a replacement.",
+    "It should be with you within two working days.",
+)
+
+
+class DemoPlatform:
+    def __init__(self, settings: Settings, interval: float = 4.0) -> None:
+        self.settings = settings
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._voice: Any = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._voice is not None:
+            await self._voice.stop()
+
+    async def _token(self, http: aiohttp.ClientSession) -> str:
+        idp = self.settings.keycloak_url or self.settings.base_url
+        url = f"{idp}/realms/{self.settings.realm}/protocol/openid-connect/token"
+        data = {"grant_type": "client_credentials", "client_id": "cx-platform", "client_secret": self.settings.admin_client_secret}
+        async with http.post(url, data=data) as response:
+            response.raise_for_status()
+            return str((await response.json())["access_token"])
+
+    async def _run(self) -> None:
+        base = self.settings.base_url
+        async with aiohttp.ClientSession() as http:
+            while True:  # the server starts listening after the cleanup contexts ran
+                try:
+                    token = await self._token(http)
+                    break
+                except (aiohttp.ClientError, OSError):
+                    await asyncio.sleep(0.5)
+            headers = {"Authorization": f"Bearer {token}"}
+            for conv in CONVERSATIONS:
+                body = {
+                    "direction": conv.direction,
+                    "transferred": conv.transferred,
+                    "agent": conv.agent,
+                    "customer": {"id": conv.id + "-customer", "name": conv.customer},
+                    "sessions": list(conv.sessions),
+                }
+                async with http.put(f"{base}/v1/conversations/{conv.id}", json=body, headers=headers) as response:
+                    if response.status >= 300:
+                        log.warning("demo: could not create %s: %s", conv.id, await response.text())
+            await self._start_voice()
+            log.info("demo platform: %d conversations live", len(CONVERSATIONS))
+            lines = itertools.cycle(zip(CUSTOMER_LINES, AGENT_LINES))
+            refresh = asyncio.get_running_loop().time() + 200
+            while True:
+                await asyncio.sleep(self.interval)
+                if asyncio.get_running_loop().time() > refresh:  # demo tokens live 300 s
+                    headers = {"Authorization": f"Bearer {await self._token(http)}"}
+                    refresh = asyncio.get_running_loop().time() + 200
+                customer_line, agent_line = next(lines)
+                for conv in CONVERSATIONS:
+                    if "chat" not in conv.sessions:
+                        continue
+                    for sender, text in (("customer", customer_line), ("agent", agent_line)):
+                        await asyncio.sleep(random.uniform(0.2, 0.8))
+                        async with http.post(
+                            f"{base}/v1/conversations/{conv.id}/messages", json={"from": sender, "text": text}, headers=headers
+                        ) as response:
+                            if response.status >= 300:
+                                log.debug("demo message refused: %s", await response.text())
+
+    async def _start_voice(self) -> None:
+        """Feed the voice legs of the voice conversations from fixture audio over SIP."""
+        if not self.settings.enable_sip:
+            return
+        try:
+            from gateway.sip.demo_legs import DemoLegs
+        except ImportError:
+            log.info("demo: no SIP leg player available; conversations have chat only audio-less voice")
+            return
+        self._voice = DemoLegs(self.settings, [c.id for c in CONVERSATIONS if "voice" in c.sessions and c.direction == "inbound" and not c.transferred])
+        await self._voice.start()

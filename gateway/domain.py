@@ -1,0 +1,133 @@
+"""The domain: conversations, monitors and the events between them.
+
+Plain data, no I/O and no aiohttp. The platform's facts (a conversation exists, its voice
+session started, its agent left) become :class:`DomainEvent`s; the policy (``policy.rules``)
+decides, and the planes (chat, SIP, WebRTC) react to the events.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+Channel = Literal["chat", "voice"]
+Leg = Literal["agent", "customer"]
+CHANNELS: tuple[Channel, ...] = ("chat", "voice")
+
+
+class Direction(str, Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class MonitorMode(str, Enum):
+    SILENT = "silent"
+    BARGED = "barged"
+
+
+class VoiceKind(str, Enum):
+    WEBRTC = "webrtc"
+    SIP = "sip"
+
+
+def new_id(prefix: str) -> str:
+    """A short random id with a readable prefix (``m-3f9c…``)."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@dataclass
+class Conversation:
+    """An ongoing conversation between an agent and a customer, as the platform describes it."""
+
+    id: str
+    direction: Direction
+    agent: str
+    team: str | None
+    customer: dict[str, Any] = field(default_factory=dict)
+    transferred: bool = False
+    #: Start time (epoch seconds) of each active session; absent when not active.
+    sessions: dict[Channel, float] = field(default_factory=dict)
+    #: Voice legs connected over SIP right now.
+    voice_legs: set[Leg] = field(default_factory=set)
+    agent_left: bool = False
+    ended: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def active(self) -> bool:
+        """Ongoing, with at least one active session (rule R3)."""
+        return not self.ended and not self.agent_left and bool(self.sessions)
+
+    def session_active(self, channel: Channel) -> bool:
+        return channel in self.sessions
+
+    def touch(self) -> None:
+        self.updated_at = time.time()
+
+
+@dataclass
+class Monitor:
+    """One supervisor silently monitoring one conversation."""
+
+    id: str
+    conversation: str
+    supervisor: str
+    channels: list[Channel]
+    mode: MonitorMode = MonitorMode.SILENT
+    voice_kind: VoiceKind | None = None
+    voice_uri: str | None = None
+    #: Why voice was not granted (or was taken away), as a stable code; ``None`` when it was.
+    voice_blocked_reason: str | None = None
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    end_reason: str | None = None
+    #: Login session (token ``sid``) the monitor was started from.
+    session: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.ended_at is None
+
+    @property
+    def has_voice(self) -> bool:
+        return "voice" in self.channels and self.active
+
+
+class EventType(str, Enum):
+    CONVERSATION_UPDATED = "conversation_updated"
+    CONVERSATION_ENDED = "conversation_ended"
+    MONITOR_STARTED = "monitor_started"
+    MONITOR_UPDATED = "monitor_updated"
+    MONITOR_ENDED = "monitor_ended"
+    #: Per-leg audio levels of a listening monitor (only its own supervisor gets them).
+    LEVELS = "levels"
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """Something that happened; ``team`` scopes who may see it on ``/v1/events``."""
+
+    type: EventType
+    conversation: str
+    team: str | None
+    payload: dict[str, Any]
+    at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type.value, "conversation": self.conversation, "at": self.at, **self.payload}
+
+
+class PlatformEventType(str, Enum):
+    """The facts a platform reports with ``POST /v1/conversations/{cid}/events``."""
+
+    CHAT_STARTED = "chat_started"
+    CHAT_ENDED = "chat_ended"
+    VOICE_STARTED = "voice_started"
+    VOICE_ENDED = "voice_ended"
+    AGENT_LEFT = "agent_left"
+    TRANSFERRED = "transferred"
+    ENDED = "ended"

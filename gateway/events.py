@@ -1,0 +1,59 @@
+"""In-process publish/subscribe of domain events.
+
+Planes register plain callbacks (run synchronously, in order, on the event loop); websocket
+clients of ``/v1/events`` get a bounded queue each, so one slow console never holds up the
+gateway: when its queue is full the subscriber is marked lagging and closed by its handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from gateway.domain import DomainEvent
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[DomainEvent], None]
+
+
+class Subscription:
+    """One websocket client's view of the event stream."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[DomainEvent] = asyncio.Queue(maxsize)
+        self.lagging = False
+
+    def offer(self, event: DomainEvent) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.lagging = True
+
+
+class EventBus:
+    def __init__(self, subscriber_queue: int = 1000) -> None:
+        self._listeners: list[Listener] = []
+        self._subscriptions: set[Subscription] = set()
+        self._subscriber_queue = subscriber_queue
+
+    def listen(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def subscribe(self) -> Subscription:
+        sub = Subscription(self._subscriber_queue)
+        self._subscriptions.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscriptions.discard(sub)
+
+    def publish(self, event: DomainEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a plane's bug must not stop the others from hearing the event
+                log.exception("event listener failed", extra={"conversation": event.conversation})
+        for sub in self._subscriptions:
+            sub.offer(event)

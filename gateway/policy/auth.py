@@ -1,0 +1,257 @@
+"""Who is calling: Keycloak access tokens, realm roles and teams.
+
+* Tokens are validated locally against a cached JWKS (RS256 only; ``iss``, ``exp``, ``nbf``,
+  audience or ``azp``, ``typ``=Bearer). An unknown ``kid`` refetches the JWKS at most once per
+  ``jwks_refetch_interval`` seconds, so a flood of forged tokens never turns into a flood of
+  requests to Keycloak. While Keycloak is down, cached keys keep validating.
+* Teams come from Keycloak groups through python-keycloak's async admin API, resolved once per
+  login session (the token's ``sid``) and cached for it: a change in Keycloak applies after the
+  next login (rule R2). A lookup that cannot reach Keycloak fails closed with 503
+  ``identity_unavailable`` within ``identity_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from jwcrypto import jwk, jws
+from jwcrypto.common import JWException
+from keycloak import KeycloakAdmin, KeycloakOpenID, KeycloakOpenIDConnection
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, identity_unavailable, invalid_token
+from gateway.policy import rules
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_BYTES = 8192
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller, as its access token and its login session say."""
+
+    username: str
+    subject: str
+    roles: frozenset[str]
+    session: str
+    expires_at: float
+    client: str
+    #: Teams this principal supervises (supervisors) or belongs to (agents).
+    teams: frozenset[str] = field(default=frozenset())
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+
+class JwksCache:
+    """The realm's signing keys, fetched through python-keycloak and kept across outages."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[dict[str, Any]]], refetch_interval: float, timeout: float) -> None:
+        self._fetch = fetch
+        self._refetch_interval = refetch_interval
+        self._timeout = timeout
+        self._keys: dict[str, jwk.JWK] = {}
+        self._last_fetch = float("-inf")
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self._keys)
+
+    async def refresh(self, *, force: bool = False) -> bool:
+        """Fetch the JWKS unless one was fetched less than ``refetch_interval`` ago."""
+        async with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_fetch < self._refetch_interval:
+                return False
+            self._last_fetch = now
+            self.fetches += 1
+            try:
+                document = await asyncio.wait_for(self._fetch(), self._timeout)
+            except Exception as exc:  # keep the old keys: an outage must not log everyone out
+                log.warning("JWKS fetch failed: %s", exc)
+                return False
+            keys: dict[str, jwk.JWK] = {}
+            for entry in document.get("keys", []):
+                if entry.get("kty") == "RSA" and entry.get("use", "sig") == "sig" and "kid" in entry:
+                    keys[entry["kid"]] = jwk.JWK(**entry)
+            if keys:
+                self._keys = keys
+            return True
+
+    async def key_for(self, kid: str) -> jwk.JWK | None:
+        key = self._keys.get(kid)
+        if key is None and await self.refresh():
+            key = self._keys.get(kid)
+        return key
+
+
+class TokenValidator:
+    """Checks an access token and returns its claims, or raises 401 ``invalid_token``."""
+
+    def __init__(self, settings: Settings, jwks: JwksCache) -> None:
+        self._issuer = settings.issuer
+        self._audiences = settings.audiences
+        self._leeway = settings.token_leeway
+        self._jwks = jwks
+
+    async def validate(self, token: str) -> dict[str, Any]:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise invalid_token("token too large")
+        try:
+            signed = jws.JWS()
+            signed.deserialize(token)
+            header = signed.jose_header
+        except (JWException, ValueError, TypeError, KeyError) as exc:
+            raise invalid_token("malformed") from exc
+        if isinstance(header, list) or header.get("alg") != "RS256":
+            raise invalid_token("algorithm not allowed")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise invalid_token("no key id")
+        key = await self._jwks.key_for(kid)
+        if key is None:
+            raise invalid_token("unknown signing key")
+        try:
+            signed.allowed_algs = ["RS256"]
+            signed.verify(key, alg="RS256")
+            claims = json.loads(signed.payload)
+        except (JWException, ValueError, TypeError) as exc:
+            raise invalid_token("bad signature") from exc
+        if not isinstance(claims, dict):
+            raise invalid_token("claims are not an object")
+        self._check_claims(claims)
+        return claims
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        now = time.time()
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)):
+            raise invalid_token("no expiry")
+        if exp + self._leeway < now:
+            raise invalid_token("expired")
+        nbf = claims.get("nbf")
+        if nbf is not None and (not isinstance(nbf, (int, float)) or nbf - self._leeway > now):
+            raise invalid_token("not valid yet")
+        if claims.get("iss") != self._issuer:
+            raise invalid_token("wrong issuer")
+        if claims.get("typ") != "Bearer":
+            raise invalid_token("not an access token")
+        aud = claims.get("aud")
+        audiences = {aud} if isinstance(aud, str) else set(aud or []) if isinstance(aud, list) else set()
+        if not (audiences & self._audiences) and claims.get("azp") not in self._audiences:
+            raise invalid_token("wrong audience")
+        if not isinstance(claims.get("sub", claims.get("preferred_username")), str):
+            raise invalid_token("no subject")
+
+
+class Directory:
+    """Teams from Keycloak groups, through python-keycloak's async admin API."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._timeout = settings.identity_timeout
+        server = settings.keycloak_url or settings.base_url
+        connection = KeycloakOpenIDConnection(
+            server_url=server.rstrip("/") + "/",
+            realm_name=settings.realm,
+            user_realm_name=settings.realm,
+            client_id=settings.admin_client_id,
+            client_secret_key=settings.admin_client_secret,
+            timeout=max(1, int(settings.identity_timeout)),
+        )
+        self._admin = KeycloakAdmin(connection=connection)
+        self._openid = KeycloakOpenID(server_url=server.rstrip("/") + "/", realm_name=settings.realm, client_id=settings.admin_client_id, timeout=max(1, int(settings.identity_timeout)))
+
+    async def certs(self) -> dict[str, Any]:
+        return await self._openid.a_certs()
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(call, self._timeout)
+        except asyncio.TimeoutError as exc:
+            raise identity_unavailable("identity provider did not answer in time") from exc
+        except GatewayError:
+            raise
+        except Exception as exc:
+            log.warning("identity lookup failed: %r", exc)
+            raise identity_unavailable() from exc
+
+    async def groups(self) -> list[tuple[str, dict[str, list[str]]]]:
+        """Every group (sub-groups flattened) with its attributes."""
+        found = await self._call(self._admin.a_get_groups(query={"briefRepresentation": False}))
+        flat: list[tuple[str, dict[str, list[str]]]] = []
+        stack = list(found)
+        while stack:
+            group = stack.pop()
+            flat.append((group.get("name", ""), group.get("attributes") or {}))
+            stack.extend(group.get("subGroups") or [])
+        return flat
+
+    async def supervisor_teams(self, username: str) -> frozenset[str]:
+        return rules.supervisor_teams(username, await self.groups())
+
+    async def member_teams(self, username: str) -> frozenset[str]:
+        user_id = await self._call(self._admin.a_get_user_id(username))
+        if user_id is None:
+            return frozenset()
+        groups = await self._call(self._admin.a_get_user_groups(user_id, brief_representation=True))
+        return frozenset(g.get("name", "") for g in groups)
+
+    async def agent_team(self, username: str) -> str | None:
+        teams = sorted(await self.member_teams(username))
+        return teams[0] if teams else None
+
+
+class Authenticator:
+    """Turns a bearer token into a :class:`Principal`, with teams cached per login session."""
+
+    def __init__(self, validator: TokenValidator, directory: Directory, max_sessions: int = 50_000) -> None:
+        self._validator = validator
+        self._directory = directory
+        self._sessions: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._max_sessions = max_sessions
+
+    async def authenticate(self, token: str) -> Principal:
+        claims = await self._validator.validate(token)
+        roles = frozenset(r for r in (claims.get("realm_access") or {}).get("roles", []) if isinstance(r, str))
+        username = str(claims.get("preferred_username") or claims.get("sub"))
+        subject = str(claims.get("sub") or username)
+        # Keycloak puts the login session in ``sid``; fall back to the issue time so that a
+        # token without one still gets exactly one team resolution.
+        session = str(claims.get("sid") or claims.get("session_state") or f"{subject}@{claims.get('iat')}")
+        principal = Principal(
+            username=username,
+            subject=subject,
+            roles=roles,
+            session=session,
+            expires_at=float(claims["exp"]),
+            client=str(claims.get("azp", "")),
+        )
+        if "supervisor" in roles or "agent" in roles:
+            principal = Principal(**{**principal.__dict__, "teams": await self._teams(principal)})
+        return principal
+
+    async def _teams(self, principal: Principal) -> frozenset[str]:
+        key = f"{principal.subject}|{principal.session}"
+        cached = self._sessions.get(key)
+        if cached is not None:
+            self._sessions.move_to_end(key)
+            return cached
+        if "supervisor" in principal.roles:
+            teams = await self._directory.supervisor_teams(principal.username)
+        else:
+            teams = await self._directory.member_teams(principal.username)
+        self._sessions[key] = teams
+        if len(self._sessions) > self._max_sessions:
+            self._sessions.popitem(last=False)
+        return teams

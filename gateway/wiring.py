@@ -1,0 +1,108 @@
+"""How the planes react to domain events, and how SIP ingress reports back to the domain.
+
+Kept in one place so the flow is readable: the service publishes an event, and here the chat
+plane ends streams, the SIP plane hangs up phones and the WebRTC plane closes listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.context import BUS, CHAT, JWKS, METRICS, SERVICE, SIP, STATE, WHEP
+from gateway.domain import DomainEvent, EventType
+from gateway.policy import rules
+
+log = logging.getLogger(__name__)
+
+
+def _background(app: web.Application, coro: Any) -> None:
+    """Run a plane's async reaction without blocking the publisher; keep a reference."""
+    task = asyncio.ensure_future(coro)
+    tasks: set[asyncio.Task[Any]] = app[STATE]["tasks"]
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+def attach_planes(app: web.Application) -> None:
+    """Subscribe the planes to the domain events (called once, after every plane exists)."""
+    bus = app[BUS]
+    state = app[STATE]
+    metrics = app[METRICS]
+
+    def on_event(event: DomainEvent) -> None:
+        if event.type is EventType.MONITOR_ENDED:
+            monitor = event.payload["monitor"]
+            mid = monitor["id"]
+            reason = event.payload["reason"]
+            metrics.monitors_ended.labels(reason=reason).inc()
+            future = state["monitor_end_futures"].pop(mid, None)
+            if future is not None and not future.done():
+                future.set_result(reason)
+            _release_voice(app, mid)
+            if app.get(CHAT) is not None and reason == rules.END_LEFT:
+                _background(
+                    app,
+                    app[CHAT].post(
+                        event.conversation, kind="system", sender="system", author=monitor["supervisor"],
+                        text=f"supervisor {monitor['supervisor']} left", visibility="all" if monitor["mode"] == "barged" else "agent",
+                    ),
+                )
+        elif event.type is EventType.MONITOR_UPDATED:
+            monitor = event.payload["monitor"]
+            if "voice" not in monitor["channels"]:
+                _release_voice(app, monitor["id"])
+        elif event.type is EventType.CONVERSATION_ENDED and app.get(CHAT) is not None:
+            app[CHAT].end_conversation(event.conversation, event.payload.get("reason", "ended"))
+
+    bus.listen(on_event)
+
+    def collect() -> None:
+        store = app[SERVICE].store
+        conversations = [c for c in store.conversations() if not c.ended]
+        metrics.active_conversations.set(len(conversations))
+        metrics.active_monitors.set(sum(1 for c in conversations for m in store.monitors_of(c.id) if m.active))
+        metrics.jwks_fetches.set(app[JWKS].fetches)
+        sip = app.get(SIP)
+        if sip is not None:
+            for name, value in sip.stats().items():
+                metrics.plane_stats.labels(plane="sip", stat=name).set(value)
+
+    metrics.on_scrape(collect)
+
+
+def _release_voice(app: web.Application, mid: str) -> None:
+    """Stop every media path of a monitor's voice: the SIP phone call and WebRTC listeners."""
+    sip = app.get(SIP)
+    if sip is not None:
+        _background(app, sip.hang_up_phone(mid))
+    for session in app[WHEP].pop(mid, {}).values():
+        _background(app, session.close())
+
+
+class DomainSipHooks:
+    """What the SIP plane asks of and tells the domain (``gateway.sip.plane.SipHooks``)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def conversation_agent(self, cid: str) -> str | None:
+        conversation = self._app[SERVICE].store.get_conversation(cid)
+        if conversation is None or conversation.ended or conversation.agent_left:
+            return None
+        return conversation.agent
+
+    def accepting(self) -> bool:
+        return not self._app[STATE].get("draining", False)
+
+    def on_leg_started(self, cid: str, leg: str) -> None:
+        self._app[SERVICE].leg_started(cid, leg)  # type: ignore[arg-type]
+
+    def on_leg_ended(self, cid: str, leg: str, reason: str) -> None:
+        self._app[SERVICE].leg_ended(cid, leg, reason)  # type: ignore[arg-type]
+
+    def on_phone_ended(self, monitor_id: str, reason: str) -> None:
+        self._app[SERVICE].voice_lost(monitor_id, reason)
