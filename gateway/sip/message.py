@@ -1,0 +1,499 @@
+"""Pure-Python parsing of the little SIP the front and the plane need.
+
+Everything here is defensive: any input (garbage, truncated, hostile) either parses or
+raises :class:`SipParseError`; nothing else escapes. No pjsua2 here: the main process uses it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+from xml.etree.ElementTree import Element
+
+import defusedxml.ElementTree as SafeET
+
+#: Largest SIP message the front accepts; bigger ones get 413 (if parseable) or are dropped.
+MAX_MESSAGE_BYTES = 32 * 1024
+
+_COMPACT = {
+    "i": "call-id",
+    "f": "from",
+    "t": "to",
+    "v": "via",
+    "m": "contact",
+    "l": "content-length",
+    "c": "content-type",
+    "k": "supported",
+    "s": "subject",
+    "e": "content-encoding",
+}
+_TOKEN = re.compile(r"^[A-Za-z0-9.!%*_+`'~-]+$")
+_REQUEST_LINE = re.compile(r"^([A-Za-z0-9.!%*_+`'~-]+) (\S+) SIP/2\.0$")
+_STATUS_LINE = re.compile(r"^SIP/2\.0 (\d{3}) ?(.*)$")
+_SIP_URI = re.compile(
+    r"^(sips?):(?:([A-Za-z0-9_.!~*'()&=+$,;?/%-]+)@)?"  # optional user
+    r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])"  # host
+    r"(?::(\d{1,5}))?"  # port
+    r"((?:;[A-Za-z0-9_.!~*'()%=-]+)*)$"  # params
+)
+
+
+class SipParseError(ValueError):
+    """Malformed SIP, SDP, multipart or metadata. ``status`` is the SIP answer to give."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class SipMessage:
+    """One parsed SIP request or response. Header names are lower-case, long form."""
+
+    method: str | None  # None for a response
+    uri: str | None
+    status: int | None
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw_head: str = ""
+    #: Set when the message is well enough formed to answer but broken (→ 400 with this reason).
+    defect: str = ""
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k == name]
+
+    @property
+    def is_request(self) -> bool:
+        return self.method is not None
+
+    @property
+    def call_id(self) -> str:
+        return self.get("call-id") or ""
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        raw = self.get("cseq") or ""
+        parts = raw.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise SipParseError("bad CSeq")
+        return int(parts[0]), parts[1].upper()
+
+    @property
+    def branch(self) -> str:
+        via = self.get("via") or ""
+        m = re.search(r";\s*branch=([^;,\s]+)", via, re.I)
+        return m.group(1) if m else ""
+
+    @property
+    def content_type(self) -> str:
+        return (self.get("content-type") or "").strip()
+
+
+def parse_message(data: bytes) -> SipMessage:
+    """Parse one datagram into a :class:`SipMessage` (raises :class:`SipParseError`)."""
+    if len(data) > 65535:
+        raise SipParseError("message too large", 413)
+    sep = data.find(b"\r\n\r\n")
+    if sep >= 0:
+        head_b, body = data[:sep], data[sep + 4 :]
+    else:
+        sep = data.find(b"\n\n")
+        if sep < 0:
+            head_b, body = data, b""
+        else:
+            head_b, body = data[:sep], data[sep + 2 :]
+    try:
+        head = head_b.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SipParseError("headers are not UTF-8") from exc
+    lines = head.replace("\r\n", "\n").split("\n")
+    while lines and not lines[0].strip():  # keep-alive CRLFs before the message
+        lines.pop(0)
+    if not lines:
+        raise SipParseError("empty message")
+    start = lines[0].strip()
+    method = uri = None
+    status = None
+    reason = ""
+    m = _REQUEST_LINE.match(start)
+    if m:
+        method, uri = m.group(1).upper(), m.group(2)
+    else:
+        m = _STATUS_LINE.match(start)
+        if not m:
+            raise SipParseError("bad start line")
+        status, reason = int(m.group(1)), m.group(2)
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line[0] in " \t":  # folded continuation
+            if not headers:
+                raise SipParseError("continuation before first header")
+            k, v = headers[-1]
+            headers[-1] = (k, v + " " + line.strip())
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon or not name or not _TOKEN.match(name):
+            raise SipParseError(f"bad header line {line[:40]!r}")
+        key = name.lower()
+        key = _COMPACT.get(key, key)
+        headers.append((key, value.strip()))
+    msg = SipMessage(method, uri, status, reason, headers, body, head)
+    clen = msg.get("content-length")
+    if clen is not None:
+        if not clen.strip().isdigit():
+            msg.defect = "bad Content-Length"
+        elif int(clen) > len(body):
+            msg.defect = "body shorter than Content-Length"
+        else:
+            msg.body = body[: int(clen)]
+    if msg.is_request:
+        # Without these no answer can be routed back: the caller drops the datagram.
+        for required in ("via", "call-id", "cseq"):
+            if not msg.get(required):
+                raise SipParseError(f"missing {required}")
+        for required in ("from", "to"):
+            if not msg.get(required):
+                msg.defect = msg.defect or f"missing {required}"
+        try:
+            _num, cmethod = msg.cseq
+        except SipParseError:
+            msg.defect = msg.defect or "bad CSeq"
+        else:
+            if cmethod != msg.method:
+                msg.defect = msg.defect or "CSeq method differs from request method"
+    return msg
+
+
+def uri_user(uri: str) -> str:
+    """The user part of a SIP URI (``sip:t-abc@h:p`` → ``t-abc``), or ''."""
+    uri = uri.strip()
+    if uri.startswith("<"):
+        uri = uri[1:].split(">", 1)[0]
+    if ":" not in uri:
+        return ""
+    rest = uri.split(":", 1)[1]
+    if "@" not in rest:
+        return ""
+    return rest.split("@", 1)[0].split(";", 1)[0]
+
+
+def valid_sip_uri(uri: str) -> bool:
+    """True for a plain ``sip:``/``sips:`` URI this gateway is willing to call."""
+    if not isinstance(uri, str) or len(uri) > 256 or any(c in uri for c in "<>\"\r\n \t"):
+        return False
+    m = _SIP_URI.match(uri)
+    if not m:
+        return False
+    if m.group(4) is not None and not (0 < int(m.group(4)) < 65536):
+        return False
+    return True
+
+
+# --- responses -------------------------------------------------------------------------------
+
+REASONS = {
+    100: "Trying",
+    200: "OK",
+    302: "Moved Temporarily",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Request Entity Too Large",
+    415: "Unsupported Media Type",
+    481: "Call/Transaction Does Not Exist",
+    486: "Busy Here",
+    488: "Not Acceptable Here",
+    500: "Server Internal Error",
+    503: "Service Unavailable",
+}
+
+
+def build_response(
+    req: SipMessage,
+    status: int,
+    reason: str | None = None,
+    extra: Iterable[tuple[str, str]] = (),
+    to_tag: str | None = None,
+) -> bytes:
+    """A stateless response to ``req`` (Via/From/To/Call-ID/CSeq copied as RFC 3261 §8.2.6)."""
+    reason = reason or REASONS.get(status, "Unknown")
+    reason = reason.replace("\r", " ").replace("\n", " ")[:80]
+    lines = [f"SIP/2.0 {status} {reason}"]
+    for via in req.get_all("via"):
+        lines.append(f"Via: {via}")
+    lines.append(f"From: {req.get('from', '')}")
+    to = req.get("to", "") or ""
+    if to_tag and status > 100 and ";tag=" not in to.lower().replace(" ", ""):
+        to = f"{to};tag={to_tag}"
+    lines.append(f"To: {to}")
+    lines.append(f"Call-ID: {req.get('call-id', '')}")
+    lines.append(f"CSeq: {req.get('cseq', '')}")
+    for k, v in extra:
+        lines.append(f"{k}: {v}")
+    lines.append("Server: silent-monitor-gateway")
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# --- bodies: multipart, SDP, SIPREC metadata -------------------------------------------------
+
+
+def _ct_param(content_type: str, name: str) -> str | None:
+    for part in content_type.split(";")[1:]:
+        k, _, v = part.partition("=")
+        if k.strip().lower() == name:
+            return v.strip().strip('"')
+    return None
+
+
+def split_body(msg: SipMessage) -> tuple[bytes | None, bytes | None]:
+    """Return ``(sdp, rs_metadata)`` from a plain SDP or a multipart/mixed body."""
+    ctype = msg.content_type
+    base = ctype.split(";", 1)[0].strip().lower()
+    if not msg.body:
+        if base:
+            raise SipParseError("empty body")
+        return None, None
+    if base == "application/sdp":
+        return msg.body, None
+    if base.startswith("multipart/"):
+        boundary = _ct_param(ctype, "boundary")
+        if not boundary or len(boundary) > 70:
+            raise SipParseError("multipart without boundary")
+        sdp = meta = None
+        delim = b"--" + boundary.encode()
+        chunks = msg.body.split(delim)
+        if len(chunks) < 3:
+            raise SipParseError("malformed multipart body")
+        for chunk in chunks[1:]:
+            if chunk.startswith(b"--"):
+                break  # close delimiter
+            chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk.lstrip(b"\n")
+            sep = chunk.find(b"\r\n\r\n")
+            skip = 4
+            if sep < 0:
+                sep, skip = chunk.find(b"\n\n"), 2
+            if sep < 0:
+                raise SipParseError("multipart part without headers")
+            part_head = chunk[:sep].decode("utf-8", "replace")
+            part_body = chunk[sep + skip :]
+            if part_body.endswith(b"\r\n"):
+                part_body = part_body[:-2]
+            elif part_body.endswith(b"\n"):
+                part_body = part_body[:-1]
+            ptype = ""
+            for line in part_head.splitlines():
+                k, _, v = line.partition(":")
+                if k.strip().lower() in ("content-type", "c"):
+                    ptype = v.split(";", 1)[0].strip().lower()
+            if ptype == "application/sdp" and sdp is None:
+                sdp = part_body
+            elif ptype == "application/rs-metadata+xml" and meta is None:
+                meta = part_body
+        if sdp is None:
+            raise SipParseError("multipart body without application/sdp")
+        return sdp, meta
+    raise SipParseError(f"unsupported body type {base!r}", 415)
+
+
+@dataclass
+class SdpStream:
+    index: int  # m-line index (pjsua's media index)
+    media: str
+    port: int
+    payloads: list[int]
+    label: str | None = None
+    direction: str = "sendrecv"
+    codecs: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def audio_ok(self) -> bool:
+        """Offers PCMU or PCMA (static or by rtpmap)."""
+        if self.media != "audio" or self.port == 0:
+            return False
+        for pt in self.payloads:
+            name = self.codecs.get(pt, {0: "pcmu", 8: "pcma"}.get(pt, "")).lower()
+            if name in ("pcmu", "pcma"):
+                return True
+        return False
+
+
+def parse_sdp(sdp: bytes) -> list[SdpStream]:
+    """The m-lines of an SDP offer; raises on malformed input (payload types > 127 included)."""
+    try:
+        text = sdp.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SipParseError("SDP is not UTF-8") from exc
+    lines = [ln.strip() for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
+    if not lines or not lines[0].startswith("v="):
+        raise SipParseError("SDP does not start with v=")
+    streams: list[SdpStream] = []
+    for line in lines:
+        if len(line) < 2 or line[1] != "=":
+            raise SipParseError("bad SDP line")
+        kind, value = line[0], line[2:]
+        if kind == "m":
+            parts = value.split()
+            if len(parts) < 4:
+                raise SipParseError("bad m= line")
+            port_s = parts[1].split("/", 1)[0]
+            if not port_s.isdigit() or int(port_s) > 65535:
+                raise SipParseError("bad m= port")
+            pts: list[int] = []
+            if parts[2].upper().startswith("RTP/"):
+                for p in parts[3:]:
+                    if not p.isdigit() or int(p) > 127:
+                        raise SipParseError(f"bad RTP payload type {p[:8]!r}")
+                    pts.append(int(p))
+            streams.append(SdpStream(len(streams), parts[0].lower(), int(port_s), pts))
+        elif kind == "a" and streams:
+            attr, _, rest = value.partition(":")
+            attr = attr.lower()
+            cur = streams[-1]
+            if attr == "label":
+                cur.label = rest.strip()
+            elif attr in ("sendonly", "recvonly", "sendrecv", "inactive"):
+                cur.direction = attr
+            elif attr == "rtpmap":
+                pt_s, _, enc = rest.partition(" ")
+                if not pt_s.isdigit() or int(pt_s) > 127:
+                    raise SipParseError("bad rtpmap payload type")
+                cur.codecs[int(pt_s)] = enc.split("/", 1)[0].strip()
+    return streams
+
+
+_NS = "{urn:ietf:params:xml:ns:recording:1}"
+_CID_NAMES = {"conversation-id", "conversationid", "conversation_id", "x-conversation-id", "cid"}
+
+
+def _local(tag: object) -> str:
+    t = tag if isinstance(tag, str) else ""
+    return t.rsplit("}", 1)[-1].lower()
+
+
+@dataclass
+class RecordingMetadata:
+    conversation: str | None
+    #: stream label → participant aors of the participant that *sends* on it
+    label_aors: dict[str, list[str]]
+
+
+def parse_metadata(xml: bytes) -> RecordingMetadata:
+    """Parse RFC 7865 recording metadata with defusedxml (entities/DTDs refused)."""
+    try:
+        root: Element = SafeET.fromstring(xml)
+    except Exception as exc:  # defusedxml raises several types; all mean "refuse"
+        raise SipParseError(f"invalid metadata XML: {type(exc).__name__}") from exc
+    if _local(root.tag) != "recording":
+        raise SipParseError("metadata root is not <recording>")
+    conversation = None
+    for el in root.iter():
+        if _local(el.tag) in _CID_NAMES and (el.text or "").strip():
+            conversation = (el.text or "").strip()
+            break
+    participants: dict[str, list[str]] = {}
+    sends: dict[str, list[str]] = {}  # participant id → stream ids
+    stream_label: dict[str, str] = {}
+    for el in root:
+        name = _local(el.tag)
+        if name == "participant":
+            pid = el.get("participant_id") or el.get("id") or ""
+            aors = []
+            for sub in el.iter():
+                if _local(sub.tag) == "nameid" and sub.get("aor"):
+                    aors.append(sub.get("aor") or "")
+                elif _local(sub.tag) == "aor" and (sub.text or "").strip():
+                    aors.append((sub.text or "").strip())
+                elif _local(sub.tag) == "send" and (sub.text or "").strip():
+                    sends.setdefault(pid, []).append((sub.text or "").strip())
+            participants[pid] = aors
+        elif name == "stream":
+            sid = el.get("stream_id") or el.get("id") or ""
+            for sub in el:
+                if _local(sub.tag) == "label" and (sub.text or "").strip():
+                    stream_label[sid] = (sub.text or "").strip()
+        elif name == "participantstreamassoc":
+            pid = el.get("participant_id") or ""
+            for sub in el:
+                if _local(sub.tag) == "send" and (sub.text or "").strip():
+                    sends.setdefault(pid, []).append((sub.text or "").strip())
+    label_aors: dict[str, list[str]] = {}
+    for pid, sids in sends.items():
+        for sid in sids:
+            label = stream_label.get(sid)
+            if label is not None:
+                label_aors.setdefault(label, []).extend(participants.get(pid, []))
+    return RecordingMetadata(conversation, label_aors)
+
+
+def aor_names(aor: str, username: str) -> bool:
+    """True if the participant ``aor`` names the agent ``username`` (user part, case-insensitive)."""
+    user = uri_user(aor) or aor.split(":", 1)[-1]
+    return user.lower() == username.lower() or aor.lower() == username.lower()
+
+
+@dataclass
+class InviteInfo:
+    """What the plane needs from an ingress INVITE."""
+
+    conversation: str
+    kind: str  # 'leg' or 'siprec'
+    #: per audio m-line index: 'agent', 'customer' or None (stream to accept but ignore)
+    streams: list[str | None]
+    leg: str | None = None  # per-leg mode only
+
+
+def classify_invite(msg: SipMessage, agent_of: "callable[[str], str | None]") -> InviteInfo:  # type: ignore[valid-type]
+    """Validate an ingress INVITE and decide which stream is which leg.
+
+    Raises :class:`SipParseError` with the SIP status to answer: 400 malformed, 404 unknown
+    conversation, 415 unsupported body, 488 no usable audio.
+    """
+    sdp_b, meta_b = split_body(msg)
+    if sdp_b is None:
+        raise SipParseError("INVITE without SDP offer", 488)
+    streams = parse_sdp(sdp_b)
+    meta = parse_metadata(meta_b) if meta_b is not None else None
+    audio = [s for s in streams if s.audio_ok]
+    if not audio:
+        raise SipParseError("no PCMU/PCMA audio stream", 488)
+    cid = (msg.get("x-conversation-id") or "").strip() or (meta.conversation if meta else None)
+    if not cid or len(cid.encode()) > 255:
+        raise SipParseError("no conversation id", 404)
+    agent = agent_of(cid)
+    if agent is None:
+        raise SipParseError("unknown conversation", 404)
+    legs: list[str | None] = [None] * len(streams)
+    if meta is not None:
+        if len(audio) < 2:
+            raise SipParseError("SIPREC offer needs two audio streams", 488)
+        agent_idx = None
+        for s in audio:
+            if s.label is not None and any(aor_names(a, agent) for a in meta.label_aors.get(s.label, [])):
+                agent_idx = s.index
+                break
+        if agent_idx is None:
+            raise SipParseError("agent is not a participant of this recording", 404)
+        cust = [s.index for s in audio if s.index != agent_idx]
+        legs[agent_idx] = "agent"
+        legs[cust[0]] = "customer"
+        return InviteInfo(cid, "siprec", legs)
+    leg = (msg.get("x-leg") or "").strip().lower()
+    if leg not in ("agent", "customer"):
+        raise SipParseError("X-Leg must be agent or customer", 400)
+    legs[audio[0].index] = leg
+    return InviteInfo(cid, "leg", legs, leg)
