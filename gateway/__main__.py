@@ -10,7 +10,7 @@ import signal
 from aiohttp import web
 
 from gateway.api.context import SIP, STATE
-from gateway.app import create_app
+from gateway.app import create_app, make_runner
 from gateway.config import Settings
 from gateway.logs import setup_logging
 
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

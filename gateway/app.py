@@ -162,3 +162,13 @@ def _add_console(app: web.Application) -> None:
         app.router.add_get("/", console)
         app.router.add_get("/console", console)
         app.router.add_static("/static/", Path(WEB_DIR), show_index=False)
+
+
+#: Header limit of the HTTP server: larger than aiohttp's 8 KiB default so that an oversized
+#: bearer token reaches the validator and gets a JSON 401 ``invalid_token``, not a bare 400.
+MAX_HEADER_BYTES = 32 * 1024
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The runner every entry point uses (``python -m gateway``, tests, benchmarks)."""
+    return web.AppRunner(app, handle_signals=False, access_log=None, max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_HEADER_BYTES)

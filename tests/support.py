@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import create_app, make_runner
 from gateway.config import Settings
 
 PASSWORD = "demo"
@@ -124,7 +124,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 async def running_gateway(settings: Settings) -> AsyncIterator[GatewayClient]:
     """Start the gateway app on ``settings.port`` and yield a client for it."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

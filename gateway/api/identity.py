@@ -8,8 +8,6 @@ from gateway.api.context import AUTHENTICATOR, METRICS
 from gateway.errors import GatewayError, forbidden_role, invalid_token
 from gateway.policy.auth import Principal
 
-PRINCIPAL = "principal"
-
 
 def bearer_token(request: web.Request) -> str:
     """The access token from ``Authorization: Bearer``; websockets may use ``?access_token=``
@@ -36,7 +34,6 @@ async def authenticate(request: web.Request, *roles: str) -> Principal:
         raise
     if roles and not any(principal.has_role(role) for role in roles):
         raise forbidden_role(" or ".join(roles))
-    request[PRINCIPAL] = principal
     return principal
 
 

@@ -158,8 +158,11 @@ class TokenValidator:
 class Directory:
     """Teams from Keycloak groups, through python-keycloak's async admin API."""
 
+    AGENT_TEAM_TTL = 30.0
+
     def __init__(self, settings: Settings) -> None:
         self._timeout = settings.identity_timeout
+        self._agent_teams: dict[str, tuple[float, str | None]] = {}
         server = settings.keycloak_url or settings.base_url
         connection = KeycloakOpenIDConnection(
             server_url=server.rstrip("/") + "/",
@@ -208,8 +211,15 @@ class Directory:
         return frozenset(g.get("name", "") for g in groups)
 
     async def agent_team(self, username: str) -> str | None:
+        """The agent's team group, cached briefly: platforms create conversations in bursts."""
+        now = time.monotonic()
+        cached = self._agent_teams.get(username)
+        if cached is not None and now - cached[0] < self.AGENT_TEAM_TTL:
+            return cached[1]
         teams = sorted(await self.member_teams(username))
-        return teams[0] if teams else None
+        team = teams[0] if teams else None
+        self._agent_teams[username] = (now, team)
+        return team
 
 
 class Authenticator:
