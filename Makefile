@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make run` and `make test`. Each sets itself up.
+.PHONY: run test test-fast bench bench-smoke setup clean
+
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+run:
+	@scripts/setup.sh run
+	GATEWAY_DEMO=true $(PY) -m gateway serve
+
+test:
+	@scripts/setup.sh test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Unit and API tests only (no SIP, browser or Keycloak peers): quick feedback while coding.
+test-fast:
+	@scripts/setup.sh run
+	$(PY) -m pytest -q -m "not sip and not browser and not keycloak and not slow" $(PYTEST_ARGS)
+
+bench:
+	@scripts/setup.sh bench
+	$(PY) bench/chat.py
+	$(PY) bench/voice_sip.py
+	$(PY) bench/voice_webrtc.py
+
+bench-smoke:
+	@scripts/setup.sh bench
+	$(PY) bench/chat.py --smoke
+	$(PY) bench/voice_sip.py --smoke
+	$(PY) bench/voice_webrtc.py --smoke
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Make this checkout runnable: a .venv with the project installed, and (for tests) the Debian
+# packages of the real peers. Idempotent and quick when everything is already there.
+#   scripts/setup.sh run    # what `make run` needs
+#   scripts/setup.sh test   # what `make test` needs (sipp, chromium, espeak-ng, sox, a JRE)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what="${1:-run}"
+PYTHON="${PYTHON:-}"
+
+find_python() {
+  # pjsua2's wheel exists for CPython 3.11 and 3.12 only.
+  for candidate in "$PYTHON" python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 12) else 1)' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  return 1
+}
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "setup: installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+if ! py="$(find_python)"; then
+  apt_install python3 python3-venv
+  py="$(find_python)" || { echo "setup: Python 3.11 or 3.12 is required (pjsua2 has no wheel for other versions)" >&2; exit 1; }
+fi
+"$py" -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+
+stamp=.venv/.installed
+if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: creating .venv with $py"
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+
+if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
+  # Real peers: sipp (the telephony platform), chromium (the supervisor's browser),
+  # espeak-ng + sox (speech fixtures), a Java runtime for Keycloak, maven to fetch it once.
+  pkgs=(sip-tester chromium espeak-ng sox maven curl)
+  if ! ls /usr/lib/jvm 2>/dev/null | grep -qE 'temurin-2[1-9]|openjdk-(2[1-9])|java-(2[1-9])'; then
+    pkgs+=(openjdk-17-jre-headless)
+  fi
+  apt_install "${pkgs[@]}"
+fi
