@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from gateway.api.context import SIP, STATE
+from gateway.api.context import SERVICE, SIP, STATE
 from gateway.app import create_app, make_runner
 from gateway.config import Settings
 from gateway.logs import setup_logging
@@ -39,6 +39,7 @@ async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals_seen = 0
+    drain_task: list[asyncio.Future[None]] = []
 
     def on_signal() -> None:
         nonlocal signals_seen
@@ -53,7 +54,19 @@ async def serve(settings: Settings) -> None:
         if sip is not None:
             sip.set_draining(True)
         log.info("draining for up to %.0fs", settings.drain_seconds)
-        loop.call_later(settings.drain_seconds, stop.set)
+        drain_task.append(asyncio.ensure_future(drain()))
+
+    async def drain() -> None:
+        deadline = loop.time() + settings.drain_seconds
+        while loop.time() < deadline and busy():
+            await asyncio.sleep(0.2)
+        stop.set()
+
+    def busy() -> bool:
+        store = app[SERVICE].store
+        monitoring = any(m.active for c in store.conversations() for m in store.monitors_of(c.id))
+        sip = app.get(SIP)
+        return monitoring or (sip is not None and sip.stats().get("calls", 0) > 0)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
