@@ -87,12 +87,15 @@ class DemoPlatform:
     async def _run(self) -> None:
         base = self.settings.base_url
         async with aiohttp.ClientSession() as http:
-            while True:  # the server starts listening after the cleanup contexts ran
+            while True:  # the server listens only after the cleanup contexts ran: wait for ready
                 try:
-                    token = await self._token(http)
-                    break
+                    async with http.get(f"{base}/readyz") as ready:
+                        if ready.status == 200:
+                            token = await self._token(http)
+                            break
                 except (aiohttp.ClientError, OSError):
-                    await asyncio.sleep(0.5)
+                    pass
+                await asyncio.sleep(0.5)
             headers = {"Authorization": f"Bearer {token}"}
             for conv in CONVERSATIONS:
                 body = {

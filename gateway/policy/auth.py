@@ -72,7 +72,9 @@ class JwksCache:
         """Fetch the JWKS unless one was fetched less than ``refetch_interval`` ago."""
         async with self._lock:
             now = time.monotonic()
-            if not force and now - self._last_fetch < self._refetch_interval:
+            # With no keys at all (start-up, or the provider was down since), retry every second.
+            interval = self._refetch_interval if self._keys else min(1.0, self._refetch_interval)
+            if not force and now - self._last_fetch < interval:
                 return False
             self._last_fetch = now
             self.fetches += 1
