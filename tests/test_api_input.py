@@ -38,9 +38,9 @@ async def test_events_and_messages_validation(gateway: GatewayClient) -> None:
     answer = await gateway.call("POST", "/v1/conversations/nope/events", platform, {"type": "ended"})
     assert (answer.status, answer.code) == (404, "not_found")
     answer = await gateway.call("POST", "/v1/conversations/a1/messages", platform, {"from": "customer", "text": ""})
-    assert (answer.status, answer.code) == (422, "empty_field")
+    assert (answer.status, answer.code) == (422, "empty_message")
     answer = await gateway.call("POST", "/v1/conversations/a1/messages", platform, {"from": "customer", "text": "x" * 5000})
-    assert (answer.status, answer.code) == (413, "text_too_long")
+    assert (answer.status, answer.code) == (413, "message_too_long")
     answer = await gateway.call("POST", "/v1/conversations/a1/messages", platform, {"from": "robot", "text": "hi"})
     assert (answer.status, answer.code) == (422, "invalid_field")
 

@@ -63,15 +63,6 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, def
     return value
 
 
-def text_field(body: dict[str, Any], name: str, *, max_chars: int, required: bool = True) -> str:
-    value = field(body, name, str) if required else field(body, name, str, default="")
-    if required and not value.strip():
-        raise GatewayError(422, "empty_field", f"field {name!r} must not be empty", field=name)
-    if len(value) > max_chars:
-        raise GatewayError(413, "text_too_long", f"field {name!r} is longer than {max_chars} characters", field=name)
-    return value
-
-
 def conversation_id(raw: str) -> str:
     """Conversation ids appear in SIP headers and logs: keep them printable and short."""
     if not raw or len(raw) > 128 or not all(c.isalnum() or c in "-_.:@" for c in raw):
