@@ -1,0 +1,592 @@
+"""Helpers for the SIP tests: real peers (sipp, pjsua2 phone, pjsua2 SIPREC client), raw SIP, audio checks.
+
+The test process itself never imports pjsua2 (like the gateway's main process): the SIPREC
+client runs as ``python tests/sip_support.py siprec ...`` in a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import uuid
+import wave
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+AUDIO = ROOT / "fixtures" / "audio"
+SIPP_DIR = ROOT / "fixtures" / "sipp"
+PYTHON = sys.executable
+
+INSTALL_HINTS = {
+    "sipp": "apt-get install sip-tester",
+    "sox": "apt-get install sox",
+    "espeak-ng": "apt-get install espeak-ng",
+}
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; a missing tool FAILS the test (never skips)."""
+    path = shutil.which(name)
+    if path is None:
+        import pytest
+
+        pytest.fail(f"{name} is not installed: {INSTALL_HINTS.get(name, 'install it')}", pytrace=False)
+    return path
+
+
+def require_pjsua2() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pjsua2") is None:
+        import pytest
+
+        pytest.fail("pjsua2 is not installed: pip install 'pjsua2-python>=2.15,<2.16' (Python 3.11/3.12)", pytrace=False)
+
+
+# --- ports -----------------------------------------------------------------------------------
+
+
+def _udp_free(port: int) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_udp_block(n: int, lo: int = 21000, hi: int = 59000) -> int:
+    """First port of ``n`` consecutive free UDP ports on loopback (random, so parallel runs rarely clash)."""
+    for _ in range(200):
+        base = random.randrange(lo, hi - n)
+        if all(_udp_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free UDP port block")
+
+
+# --- hooks -----------------------------------------------------------------------------------
+
+
+class FakeHooks:
+    """A recording :class:`SipHooks`: conversations known by a dict cid → agent."""
+
+    def __init__(self, convs: dict[str, str] | None = None) -> None:
+        self.convs = dict(convs or {})
+        self.is_accepting = True
+        self.events: list[tuple[Any, ...]] = []
+        self.changed = asyncio.Event()
+
+    def _note(self, *ev: Any) -> None:
+        self.events.append(ev)
+        self.changed.set()
+
+    def conversation_agent(self, cid: str) -> str | None:
+        return self.convs.get(cid)
+
+    def accepting(self) -> bool:
+        return self.is_accepting
+
+    def on_leg_started(self, cid: str, leg: str) -> None:
+        self._note("leg_started", cid, leg)
+
+    def on_leg_ended(self, cid: str, leg: str, reason: str) -> None:
+        self._note("leg_ended", cid, leg, reason)
+
+    def on_phone_ended(self, monitor_id: str, reason: str) -> None:
+        self._note("phone_ended", monitor_id, reason)
+
+    async def wait_for(self, *ev: Any, timeout: float = 10.0) -> float:
+        """Wait until ``ev`` was recorded; returns the seconds waited."""
+        t0 = time.monotonic()
+        while ev not in self.events:
+            self.changed.clear()
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0:
+                raise AssertionError(f"{ev} not seen in {timeout}s; events: {self.events}")
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        return time.monotonic() - t0
+
+
+async def wait_until(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# --- peers -----------------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process whose stdout lines are collected (phone, SIPREC client)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[tuple[float, str]] = []
+        self._new = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                break
+            text = line.decode(errors="replace").strip()
+            if text and text.split()[0].isupper() and text.split()[0].isalpha():
+                self.lines.append((time.monotonic(), text))
+                self._new.set()
+        self._new.set()
+
+    async def wait_line(self, prefix: str, timeout: float = 10.0) -> float:
+        t0 = time.monotonic()
+        while True:
+            for t, text in self.lines:
+                if text.startswith(prefix):
+                    return t
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0 or (self._task.done() and not any(x.startswith(prefix) for _, x in self.lines)):
+                raise AssertionError(f"{prefix!r} not printed; got {[x for _, x in self.lines]}")
+            self._new.clear()
+            try:
+                await asyncio.wait_for(self._new.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.terminate()
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def start_phone(port: int, record: Path, *extra: str) -> Proc:
+    """Start ``python -m gateway.sip.phone`` and wait for READY."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "gateway.sip.phone", "--port", str(port), "--rtp-port", str(port + 2),
+        "--record", str(record), *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env, cwd=str(ROOT),
+    )  # fmt: skip
+    p = Proc(proc)
+    await p.wait_line("READY", 10)
+    return p
+
+
+def render_leg_scenario(tmp: Path, rtp_file: Path) -> Path:
+    text = (SIPP_DIR / "leg_uac.xml").read_text()
+    text = text.replace("fixtures/audio/agent_600.ulaw", str(rtp_file))
+    out = tmp / f"leg_{rtp_file.stem}_{uuid.uuid4().hex[:6]}.xml"
+    out.write_text(text)
+    return out
+
+
+async def start_sipp_leg(
+    tmp: Path, front_port: int, cid: str, leg: str, rtp_file: Path, duration_ms: int = 4000
+) -> asyncio.subprocess.Process:
+    """A per-leg platform call with sipp: INVITE → 302 → INVITE worker → rtp_stream → BYE."""
+    sipp = require_tool("sipp")
+    scen = render_leg_scenario(tmp, rtp_file)
+    base = free_udp_block(8, 40000, 59000)
+    return await asyncio.create_subprocess_exec(
+        sipp, f"127.0.0.1:{front_port}", "-sf", str(scen), "-m", "1", "-i", "127.0.0.1",
+        "-p", str(base), "-mi", "127.0.0.1", "-mp", str(base + 2), "-d", str(duration_ms),
+        "-key", "cid", cid, "-key", "leg", leg, "-nostdin", "-timeout", "30s", "-timeout_error",
+        "-trace_err", "-error_file", str(tmp / f"sipp_{cid}_{leg}_err.log"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=str(tmp),
+    )  # fmt: skip
+
+
+async def start_siprec(
+    front_port: int, cid: str | None, agent: str, agent_wav: Path, customer_wav: Path, duration: float,
+    *, swap: bool = False, cid_in_metadata: bool = True, record_prefix: Path | None = None,
+) -> Proc:
+    """Start the pjsua2 SIPREC client (this file run as a script)."""
+    port = free_udp_block(12, 40000, 59000)
+    args = [
+        PYTHON, str(Path(__file__).resolve()), "siprec", "--front", f"127.0.0.1:{front_port}", "--port", str(port),
+        "--agent", agent, "--agent-wav", str(agent_wav), "--customer-wav", str(customer_wav), "--duration", str(duration),
+    ]  # fmt: skip
+    if cid:
+        args += ["--cid", cid]
+    if swap:
+        args.append("--swap")
+    if not cid_in_metadata:
+        args.append("--cid-header")
+    if record_prefix is not None:
+        args += ["--record-prefix", str(record_prefix)]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
+    p = Proc(proc)
+    await p.wait_line("READY", 10)
+    return p
+
+
+# --- raw SIP ---------------------------------------------------------------------------------
+
+
+class RawSip:
+    """A bare UDP socket to speak hand-made SIP to the front."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sock.setblocking(False)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def invite(
+        self, front_port: int, *, body: bytes = b"", ctype: str = "application/sdp", headers: dict[str, str] | None = None,
+        call_id: str | None = None, method: str = "INVITE", branch: str | None = None,
+    ) -> tuple[bytes, str, str]:
+        call_id = call_id or uuid.uuid4().hex
+        branch = branch or "z9hG4bK" + uuid.uuid4().hex[:12]
+        lines = [
+            f"{method} sip:gateway@127.0.0.1:{front_port} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch};rport",
+            f"From: <sip:platform@127.0.0.1:{self.port}>;tag=abc",
+            f"To: <sip:gateway@127.0.0.1:{front_port}>",
+            f"Call-ID: {call_id}",
+            f"CSeq: 1 {method}",
+            f"Contact: <sip:platform@127.0.0.1:{self.port}>",
+            "Max-Forwards: 70",
+        ]
+        for k, v in (headers or {}).items():
+            lines.append(f"{k}: {v}")
+        if body or method == "INVITE":
+            lines.append(f"Content-Type: {ctype}")
+        lines.append(f"Content-Length: {len(body)}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        return data, call_id, branch
+
+    def send(self, data: bytes, front_port: int) -> None:
+        self.sock.sendto(data, ("127.0.0.1", front_port))
+
+    async def recv(self, timeout: float = 3.0) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.sock_recv(self.sock, 70000), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def request(self, data: bytes, front_port: int, timeout: float = 3.0, ack: bool = True) -> tuple[int, str]:
+        """Send, return (status, whole response text) of the first final response.
+
+        A final response to an INVITE is ACKed (as RFC 3261 17.1.1.3 wants) unless ``ack=False``.
+        """
+        self.send(data, front_port)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            resp = await self.recv(timeout)
+            if resp is None:
+                break
+            text = resp.decode(errors="replace")
+            status = int(text.split(" ", 2)[1])
+            if status >= 200:
+                if ack and data.startswith(b"INVITE"):
+                    self.send(self._ack(data, text), front_port)
+                return status, text
+        return 0, ""
+
+    @staticmethod
+    def _ack(invite: bytes, response: str) -> bytes:
+        head = invite.split(b"\r\n\r\n", 1)[0].decode()
+        lines = head.split("\r\n")
+        out = ["ACK" + lines[0][len("INVITE") :]]
+        to = next(ln for ln in response.split("\r\n") if ln.lower().startswith("to:"))
+        for ln in lines[1:]:
+            low = ln.lower()
+            if low.startswith(("via:", "from:", "call-id:", "max-forwards:")):
+                out.append(ln)
+            elif low.startswith("cseq:"):
+                out.append(ln.replace("INVITE", "ACK"))
+        out.append(to)
+        out.append("Content-Length: 0")
+        return ("\r\n".join(out) + "\r\n\r\n").encode()
+
+
+def sdp(audio_pts: str = "0 8", *, audio: bool = True, streams: int = 1, labels: bool = False, port: int = 49170) -> bytes:
+    lines = ["v=0", "o=p 1 1 IN IP4 127.0.0.1", "s=-", "c=IN IP4 127.0.0.1", "t=0 0"]
+    for i in range(streams):
+        if audio:
+            lines.append(f"m=audio {port + 2 * i} RTP/AVP {audio_pts}")
+        else:
+            lines.append(f"m=video {port + 2 * i} RTP/AVP 96")
+        lines.append("a=sendonly")
+        if labels:
+            lines.append(f"a=label:{i + 1}")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def metadata(agent_aor: str, customer_aor: str, cid: str | None = None, agent_label: str = "1") -> bytes:
+    cust_label = "2" if agent_label == "1" else "1"
+    ext = f"<extensiondata xmlns:cx='urn:x-cx'><cx:conversation-id>{cid}</cx:conversation-id></extensiondata>" if cid else ""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<recording xmlns="urn:ietf:params:xml:ns:recording:1">
+  <datamode>complete</datamode>
+  <session session_id="sess1">{ext}</session>
+  <participant participant_id="pa"><nameID aor="{agent_aor}"><name>Agent</name></nameID></participant>
+  <participant participant_id="pc"><nameID aor="{customer_aor}"/></participant>
+  <stream stream_id="sa" session_id="sess1"><label>{agent_label}</label></stream>
+  <stream stream_id="sc" session_id="sess1"><label>{cust_label}</label></stream>
+  <participantstreamassoc participant_id="pa"><send>sa</send><recv>sc</recv></participantstreamassoc>
+  <participantstreamassoc participant_id="pc"><send>sc</send><recv>sa</recv></participantstreamassoc>
+</recording>
+""".encode()
+
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "OSS-unique-boundary-42") -> tuple[bytes, str]:
+    out = b""
+    for ctype, body in parts:
+        out += f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + body + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/mixed;boundary={boundary}"
+
+
+# --- audio analysis --------------------------------------------------------------------------
+
+
+def read_wav(path: Path) -> tuple[Any, int]:
+    import numpy as np
+
+    with wave.open(str(path), "rb") as w:
+        rate = w.getframerate()
+        data = w.readframes(w.getnframes())
+        width = w.getsampwidth()
+    assert width == 2, f"{path}: {width}-byte samples"
+    return np.frombuffer(data, dtype="<i2").astype("float64"), rate
+
+
+def read_ulaw(path: Path) -> Any:
+    import numpy as np
+
+    u = ~np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    sign = u & 0x80
+    exponent = (u >> 4) & 0x07
+    mantissa = u & 0x0F
+    mag = ((mantissa.astype(np.int32) << 3) + 0x84) << exponent
+    pcm = np.where(sign != 0, 0x84 - mag, mag - 0x84)
+    return pcm.astype("float64")
+
+
+def tone_levels(x: Any, rate: int, freqs: list[float]) -> dict[float, float]:
+    """Energy near each frequency relative to the strongest bin (0..1), Hann-windowed FFT."""
+    import numpy as np
+
+    if len(x) < rate // 10:
+        return {f: 0.0 for f in freqs}
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    hz = np.fft.rfftfreq(len(x), 1 / rate)
+    peak = spec.max() or 1.0
+    out = {}
+    for f in freqs:
+        band = (hz > f - 15) & (hz < f + 15)
+        out[f] = float(spec[band].max() / peak) if band.any() else 0.0
+    return out
+
+
+def best_correlation(signal: Any, reference: Any, window: int = 8000) -> float:
+    """Highest normalised correlation of a ``window``-sample piece of ``signal`` with ``reference``.
+
+    The piece is taken where ``signal`` is loudest; ``reference`` is scanned at every lag
+    (FFT cross-correlation), so any delay and any loop position match.
+    """
+    import numpy as np
+
+    if len(signal) < window:
+        return 0.0
+    step = window // 2
+    best_start, best_e = 0, -1.0
+    for s in range(0, len(signal) - window, step):
+        e = float(np.dot(signal[s : s + window], signal[s : s + window]))
+        if e > best_e:
+            best_start, best_e = s, e
+    piece = signal[best_start : best_start + window]
+    piece = piece - piece.mean()
+    ref = np.concatenate([reference, reference])  # looped playback wraps around
+    n = len(ref) + window
+    nfft = 1 << (n - 1).bit_length()
+    xc = np.fft.irfft(np.fft.rfft(ref, nfft) * np.conj(np.fft.rfft(piece, nfft)), nfft)[: len(ref) - window]
+    # energy of every reference window, for normalisation
+    c = np.concatenate([[0.0], np.cumsum(ref * ref)])
+    csum = np.concatenate([[0.0], np.cumsum(ref)])
+    energies = c[window:] - c[:-window]
+    sums = csum[window:] - csum[:-window]
+    var = energies[: len(xc)] - sums[: len(xc)] ** 2 / window
+    denom = np.sqrt(np.maximum(var, 1e-9) * float(np.dot(piece, piece)))
+    return float(np.max(xc / denom))
+
+
+# --- SIPREC client (child process) -----------------------------------------------------------
+
+
+def _siprec_main(argv: list[str]) -> int:  # pragma: no cover - runs in a child process
+    import argparse
+
+    import pjsua2 as pj
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--front", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--cid")
+    ap.add_argument("--cid-header", action="store_true", help="send the conversation id as X-Conversation-ID only")
+    ap.add_argument("--agent", required=True)
+    ap.add_argument("--agent-wav", required=True)
+    ap.add_argument("--customer-wav", required=True)
+    ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--swap", action="store_true", help="customer on the first m-line")
+    ap.add_argument("--record-prefix")
+    a = ap.parse_args(argv)
+
+    def say(s: str) -> None:
+        print(s, flush=True)
+
+    ep = pj.Endpoint()
+    ep.libCreate()
+    cfg = pj.EpConfig()
+    cfg.uaConfig.threadCnt = 0
+    cfg.uaConfig.mainThreadOnly = True
+    cfg.logConfig.level = 1
+    cfg.logConfig.consoleLevel = 1
+    cfg.medConfig.clockRate = 8000
+    cfg.medConfig.sndClockRate = 8000
+    cfg.medConfig.noVad = True
+    cfg.medConfig.ecTailLen = 0
+    ep.libInit(cfg)
+    t = pj.TransportConfig()
+    t.port = a.port
+    t.boundAddress = "127.0.0.1"
+    ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, t)
+    ep.libStart()
+    ep.audDevManager().setNullDev()
+    for c in ep.codecEnum2():
+        ep.codecSetPriority(c.codecId, 255 if c.codecId.startswith("PCMU/") else 0)
+    acfg = pj.AccountConfig()
+    acfg.idUri = f"sip:src@127.0.0.1:{a.port}"
+    acfg.mediaConfig.transportConfig.port = a.port + 2
+    acfg.mediaConfig.transportConfig.portRange = 8
+    acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
+    acc = pj.Account()
+    acc.create(acfg, True)
+    keep: list[Any] = []
+    state = {"done": False, "connected": None}
+    first, second = ("customer", "agent") if a.swap else ("agent", "customer")
+
+    class SrcCall(pj.Call):
+        def onCallRedirected(self, prm: Any) -> int:  # noqa: N802
+            say(f"REDIRECTED {prm.targetUri}")
+            return pj.PJSIP_REDIRECT_ACCEPT
+
+        def onCallSdpCreated(self, prm: Any) -> None:  # noqa: N802
+            # pjsua writes no a=label; SIPREC needs one per stream.
+            out, n = [], 0
+            for line in prm.sdp.wholeSdp.replace("\r\n", "\n").split("\n"):
+                out.append(line)
+                if line.startswith("m=audio"):
+                    n += 1
+                    out.append(f"a=label:{n}")
+            prm.sdp.wholeSdp = "\r\n".join(out)
+
+        def onCallState(self, prm: Any) -> None:  # noqa: N802
+            ci = self.getInfo()
+            if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                say(f"DISCONNECTED {ci.lastStatusCode}")
+                state["done"] = True
+
+        def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
+            ci = self.getInfo()
+            if state["connected"] is not None:
+                return
+            audio = [mi for mi in ci.media if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status != pj.PJSUA_CALL_MEDIA_NONE]
+            if len(audio) < 2:
+                return
+            for mi, leg in zip(audio, (first, second)):
+                media = self.getAudioMedia(mi.index)
+                player = pj.AudioMediaPlayer()
+                player.createPlayer(a.agent_wav if leg == "agent" else a.customer_wav, 0)
+                player.startTransmit(media)
+                keep.append(player)
+                if a.record_prefix:
+                    rec = pj.AudioMediaRecorder()
+                    rec.createRecorder(f"{a.record_prefix}-{leg}.wav")
+                    media.startTransmit(rec)
+                    keep.append(rec)
+            state["connected"] = time.monotonic()
+            say(f"CONNECTED {len(audio)}")
+
+    agent_label, cust_label = ("2", "1") if a.swap else ("1", "2")
+    meta = metadata(f"sip:{a.agent}@pbx.example", "sip:+15551234@pstn.example", a.cid if not a.cid_header else None, agent_label)
+    del cust_label
+    call = SrcCall(acc)
+    prm = pj.CallOpParam(True)
+    prm.opt.audioCount = 2
+    prm.opt.videoCount = 0
+    prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
+    prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING, pj.PJMEDIA_DIR_ENCODING])
+    mt = pj.SipMediaType()
+    mt.type = "multipart"
+    mt.subType = "mixed"
+    prm.txOption.multipartContentType = mt
+    part = pj.SipMultipartPart()
+    ct = pj.SipMediaType()
+    ct.type = "application"
+    ct.subType = "rs-metadata+xml"
+    part.contentType = ct
+    part.body = meta.decode()
+    hdr = pj.SipHeader()
+    hdr.hName = "Content-Disposition"
+    hdr.hValue = "recording-session"
+    part.headers.append(hdr)
+    prm.txOption.multipartParts.append(part)
+    if a.cid and a.cid_header:
+        h = pj.SipHeader()
+        h.hName = "X-Conversation-ID"
+        h.hValue = a.cid
+        prm.txOption.headers.append(h)
+    say("READY")
+    call.makeCall(f"sip:srs@{a.front}", prm)
+    while not state["done"]:
+        ep.libHandleEvents(20)
+        if state["connected"] is not None and time.monotonic() - state["connected"] > a.duration:
+            state["connected"] = float("inf")
+            call.hangup(pj.CallOpParam())
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        ep.libHandleEvents(20)
+    keep.clear()
+    del call
+    import gc
+
+    gc.collect()
+    ep.libDestroy()
+    say("BYEBYE")
+    os._exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if len(sys.argv) > 1 and sys.argv[1] == "siprec":
+        sys.exit(_siprec_main(sys.argv[2:]))
+    print(f"usage: {sys.argv[0]} siprec --front HOST:PORT --port P --agent NAME --agent-wav W --customer-wav W [--cid C]")
+    sys.exit(2)

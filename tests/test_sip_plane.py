@@ -1,0 +1,337 @@
+"""The SIP plane against real peers: sipp per-leg platforms, a pjsua2 SIPREC source, a pjsua2 phone.
+
+Drives :class:`gateway.sip.plane.SipPlane` directly with a fake :class:`SipHooks`.
+Needs sipp (apt-get install sip-tester) and pjsua2-python; a missing tool fails, never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import numpy as np
+import pytest
+
+from gateway.config import Settings
+from gateway.errors import GatewayError
+from gateway.sip import plane as plane_mod
+from gateway.sip.plane import SipPlane
+
+from .sip_support import (
+    AUDIO,
+    FakeHooks,
+    RawSip,
+    best_correlation,
+    free_udp_block,
+    metadata,
+    multipart,
+    read_ulaw,
+    read_wav,
+    require_pjsua2,
+    require_tool,
+    sdp,
+    start_phone,
+    start_siprec,
+    start_sipp_leg,
+    tone_levels,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.sip]
+
+AGENT_HZ, CUSTOMER_HZ, PHONE_HZ = 600.0, 1000.0, 1500.0
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
+    require_pjsua2()
+    require_tool("sipp")
+    hooks = FakeHooks({"c-1": "alice", "c-2": "alice", "c-3": "bob", "c-4": "bob"})
+    base = free_udp_block(3)
+    rtp = free_udp_block(80, 30000, 39000)
+    settings = Settings(sip_port=base, sip_workers=2, calls_per_worker=4, rtp_port_base=rtp, data_dir=str(tmp_path))
+    plane = SipPlane(settings, hooks)
+    await plane.start()
+    assert plane.ready
+    try:
+        yield plane, hooks
+    finally:
+        await plane.stop()
+
+
+async def collect(tap, seconds: float) -> list:  # type: ignore[no-untyped-def]
+    frames = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            frames.append(await asyncio.wait_for(tap.next_frame(), max(0.01, end - time.monotonic())))
+    except (asyncio.TimeoutError, EOFError):
+        pass
+    return frames
+
+
+async def test_per_leg_mix_reaches_phone_never_the_phones_tone(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
+    plane, hooks = gw
+    port = plane.settings.sip_port
+    tap = plane.open_tap("c-1")
+    agent = await start_sipp_leg(tmp_path, port, "c-1", "agent", AUDIO / "agent_600.ulaw", 6000)
+    customer = await start_sipp_leg(tmp_path, port, "c-1", "customer", AUDIO / "customer_1000.ulaw", 6000)
+    await hooks.wait_for("leg_started", "c-1", "agent")
+    await hooks.wait_for("leg_started", "c-1", "customer")
+    assert plane.legs("c-1") == {"agent", "customer"}
+
+    phone_port = free_udp_block(30, 40000, 59000)
+    rec = tmp_path / "phone.wav"
+    phone = await start_phone(phone_port, rec, "--tone", str(int(PHONE_HZ)))
+    try:
+        await plane.call_phone("c-1", "m-1", f"sip:sam@127.0.0.1:{phone_port}")
+        await phone.wait_line("CONNECTED", 5)
+        frames = await collect(tap, 2.0)
+        t_hang = time.monotonic()
+        await plane.hang_up_phone("m-1")
+        t_disc = await phone.wait_line("DISCONNECTED", 3)
+        assert t_disc - t_hang < 1.0, "BYE to the phone took more than 1 s"
+        await plane.hang_up_phone("m-1")  # idempotent
+        await asyncio.sleep(0.3)
+        assert ("phone_ended", "m-1", "hung_up") not in hooks.events
+        assert not [e for e in hooks.events if e[0] == "phone_ended"], "our own hang-up is not reported"
+    finally:
+        await phone.stop()
+
+    # The phone heard both legs, and nothing of its own tone came back to it.
+    heard, rate = read_wav(rec)
+    assert rate == 8000 and len(heard) > 8000, f"recording too short: {len(heard)} samples"
+    levels = tone_levels(heard[-8000:], rate, [AGENT_HZ, CUSTOMER_HZ, PHONE_HZ])
+    assert levels[AGENT_HZ] > 0.3 and levels[CUSTOMER_HZ] > 0.3, levels
+    assert levels[PHONE_HZ] < 0.01, levels
+
+    # The tap carried each leg unmixed, and never the phone's tone.
+    assert len(frames) >= 80, f"only {len(frames)} tap frames in 2 s"
+    assert all(f.sample_rate == 8000 and f.samples == 160 for f in frames)
+    a = np.concatenate([f.agent for f in frames]).astype(float)
+    c = np.concatenate([f.customer for f in frames]).astype(float)
+    la = tone_levels(a, 8000, [AGENT_HZ, CUSTOMER_HZ, PHONE_HZ])
+    lc = tone_levels(c, 8000, [AGENT_HZ, CUSTOMER_HZ, PHONE_HZ])
+    assert la[AGENT_HZ] > 0.9 and la[CUSTOMER_HZ] < 0.01 and la[PHONE_HZ] < 0.01, la
+    assert lc[CUSTOMER_HZ] > 0.9 and lc[AGENT_HZ] < 0.01 and lc[PHONE_HZ] < 0.01, lc
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(seqs)
+
+    # The platform's BYE on the agent leg ends it promptly.
+    assert await agent.wait() == 0
+    waited = await hooks.wait_for("leg_ended", "c-1", "agent", "bye", timeout=2)
+    assert waited < 1.0
+    assert await customer.wait() == 0
+    await hooks.wait_for("leg_ended", "c-1", "customer", "bye", timeout=2)
+    with pytest.raises(EOFError):
+        while True:
+            await asyncio.wait_for(tap.next_frame(), 2)
+    tap.close()
+    await wait_until(lambda: plane.stats()["conversations"] == 0, 3, "slots released")
+    assert plane.stats()["calls"] == 0
+
+
+async def test_siprec_speech_per_leg_and_phone_hangup(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
+    plane, hooks = gw
+    port = plane.settings.sip_port
+    tap = plane.open_tap("c-2", maxsize=500)
+    src = await start_siprec(
+        port, "c-2", "alice", AUDIO / "agent_speech.wav", AUDIO / "customer_speech.wav", 6.0,
+        swap=True, record_prefix=tmp_path / "src",
+    )  # fmt: skip
+    try:
+        await src.wait_line("CONNECTED", 5)
+        await hooks.wait_for("leg_started", "c-2", "agent")
+        await hooks.wait_for("leg_started", "c-2", "customer")
+        phone_port = free_udp_block(30, 40000, 59000)
+        phone = await start_phone(phone_port, tmp_path / "p.wav", "--hangup-after", "1.0", "--tone", "1500")
+        try:
+            await plane.call_phone("c-2", "m-2", f"sip:tom@127.0.0.1:{phone_port}")
+            with pytest.raises(GatewayError) as busy:
+                await plane.call_phone("c-2", "m-3", f"sip:tom@127.0.0.1:{phone_port}")
+            assert busy.value.status == 409
+            await hooks.wait_for("phone_ended", "m-2", "left", timeout=6)
+        finally:
+            await phone.stop()
+        # A phone that refuses the call.
+        phone_port2 = free_udp_block(30, 40000, 59000)
+        phone2 = await start_phone(phone_port2, tmp_path / "p2.wav", "--reject", "486")
+        try:
+            await plane.call_phone("c-2", "m-4", f"sip:tom@127.0.0.1:{phone_port2}")
+            await hooks.wait_for("phone_ended", "m-4", "phone_unreachable", timeout=5)
+        finally:
+            await phone2.stop()
+        frames = await collect(tap, 2.5)
+    finally:
+        await src.wait_line("BYEBYE", 10)
+        await src.stop()
+    await hooks.wait_for("leg_ended", "c-2", "agent", "bye", timeout=3)
+    await hooks.wait_for("leg_ended", "c-2", "customer", "bye", timeout=3)
+    tap.close()
+    assert len(frames) > 100
+    a = np.concatenate([f.agent for f in frames]).astype(float)
+    c = np.concatenate([f.customer for f in frames]).astype(float)
+    ref_a, _ = read_wav(AUDIO / "agent_speech.wav")
+    ref_c, _ = read_wav(AUDIO / "customer_speech.wav")
+    # Labels were swapped on the wire (customer on the first m-line): the metadata decides.
+    assert best_correlation(a, ref_a) >= 0.9
+    assert best_correlation(c, ref_c) >= 0.9
+    assert best_correlation(a, ref_c) < 0.5
+    assert best_correlation(c, ref_a) < 0.5
+    # The gateway answered recvonly: the source heard nothing at all (no phone tone either).
+    for leg in ("agent", "customer"):
+        back, _ = read_wav(tmp_path / f"src-{leg}.wav")
+        assert np.abs(back).max(initial=0) < 50, f"the gateway sent audio back on the {leg} stream"
+
+
+async def test_worker_crash_ends_only_its_calls_and_restarts(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
+    plane, hooks = gw
+    port = plane.settings.sip_port
+    procs = [
+        await start_sipp_leg(tmp_path, port, "c-1", "agent", AUDIO / "agent_600.ulaw", 8000),
+        await start_sipp_leg(tmp_path, port, "c-3", "agent", AUDIO / "agent_600.ulaw", 8000),
+    ]
+    try:
+        await hooks.wait_for("leg_started", "c-1", "agent")
+        await hooks.wait_for("leg_started", "c-3", "agent")
+        w1, w3 = plane.worker_of("c-1"), plane.worker_of("c-3")
+        assert w1 is not None and w3 is not None and w1 != w3, "footprints of 3 calls: one conversation per worker"
+        victim = plane.worker_pids()[w1]  # type: ignore[index]
+        os.kill(victim, signal.SIGKILL)
+        await hooks.wait_for("leg_ended", "c-1", "agent", "media_failure", timeout=3)
+        await wait_until(lambda: plane.ready and plane.worker_pids()[w1] != victim, 10, "worker restart")  # type: ignore[index]
+        assert plane.stats()["worker_restarts"] == 1
+        assert plane.legs("c-3") == {"agent"}
+        assert not [e for e in hooks.events if e[0] == "leg_ended" and e[1] == "c-3"]
+        # The next call works (on the restarted worker: the other one is full).
+        procs.append(await start_sipp_leg(tmp_path, port, "c-4", "customer", AUDIO / "customer_1000.ulaw", 1000))
+        await hooks.wait_for("leg_started", "c-4", "customer", timeout=5)
+        assert plane.worker_of("c-4") == w1
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+            await p.wait()
+
+
+async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch) -> None:
+    plane, hooks = gw
+    port = plane.settings.sip_port
+    sip = RawSip()
+    hdr = {"X-Conversation-ID": "c-1", "X-Leg": "agent"}
+
+    async def status(body: bytes = b"", ctype: str = "application/sdp", headers: dict[str, str] | None = None) -> int:
+        data, _, _ = sip.invite(port, body=body, ctype=ctype, headers=hdr if headers is None else headers)
+        code, _text = await sip.request(data, port)
+        return code
+
+    try:
+        assert await status(sdp(audio=False)) == 488  # no audio
+        assert await status(sdp("0 200")) == 400  # payload type > 127
+        assert await status(sdp("18")) == 488  # no PCMU/PCMA
+        assert await status(b"", "multipart/mixed;boundary=x") == 400  # empty multipart
+        assert await status(b"--x\r\nno headers here", "multipart/mixed;boundary=x") == 400
+        assert await status(b"garbage", "multipart/mixed") == 400  # no boundary
+        body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", b"<recording><oops")])
+        assert await status(body, ct, {"X-Conversation-ID": "c-1"}) == 400  # invalid XML
+        bomb = b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><recording>&b;</recording>'
+        body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", bomb)])
+        assert await status(body, ct, {"X-Conversation-ID": "c-1"}) == 400  # entities refused
+        body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", metadata("sip:zed@x", "sip:c@x", "c-1"))])
+        assert await status(body, ct, {}) == 404  # the agent is not a participant
+        assert await status(sdp(), headers={"X-Conversation-ID": "nope", "X-Leg": "agent"}) == 404
+        assert await status(sdp(), headers={"X-Leg": "agent"}) == 404
+        assert await status(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "boss"}) == 400
+        assert await status(sdp() + b"x" * (63 * 1024)) == 413  # ~64 KB: the most one UDP datagram holds
+        assert await status(sdp(), "text/plain") == 415
+        # Garbage and truncated datagrams: no answer, no crash.
+        for junk in (b"\x00\xff" * 100, b"INVITE", b"SIP/2.0 200 OK\r\n\r\n", b"INVITE sip:x SIP/2.0\r\nVia: x\r\n\r\n"):
+            sip.send(junk, port)
+        data, _, _ = sip.invite(port, body=sdp(), headers=hdr)
+        bad_len = data.replace(b"Content-Length: ", b"Content-Length: 9")
+        assert (await sip.request(bad_len, port))[0] == 400
+        # OPTIONS: 200, and 503 while draining (INVITEs too).
+        opt, _, _ = sip.invite(port, method="OPTIONS")
+        assert (await sip.request(opt, port))[0] == 200
+        plane.set_draining(True)
+        code, text = await sip.request(sip.invite(port, method="OPTIONS")[0], port)
+        assert code == 503
+        code, text = await sip.request(sip.invite(port, body=sdp(), headers=hdr)[0], port)
+        assert code == 503 and "Retry-After:" in text
+        plane.set_draining(False)
+        assert plane.stats()["conversations"] == 0 and plane.stats()["reservations"] == 0
+
+        # An INVITE whose 302 is never ACKed: the 302 is retransmitted, the slot comes back.
+        monkeypatch.setattr(plane_mod, "RESERVATION_SECONDS", 1.0)
+        mute = RawSip()
+        try:
+            data, _, _ = mute.invite(port, body=sdp(), headers=hdr)
+            code, text = await mute.request(data, port, ack=False)
+            assert code == 302 and "Contact: <sip:t" in text
+            again = await mute.recv(1.5)
+            assert again is not None and again.startswith(b"SIP/2.0 302"), "302 not retransmitted without ACK"
+            mute.send(data, port)  # a retransmitted INVITE gets the same answer, no second reservation
+            assert (await mute.recv(1.0) or b"").startswith(b"SIP/2.0 302")
+            assert plane.stats()["reservations"] == 1
+        finally:
+            mute.close()
+        await wait_until(lambda: plane.stats()["reservations"] == 0 and plane.stats()["conversations"] == 0, 4, "reservation expiry")
+
+        # Capacity: 2 workers x 4 calls = 2 per-leg conversations (3 calls each with the phone slot).
+        for cid in ("c-1", "c-2"):
+            code, _ = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": cid, "X-Leg": "agent"})[0], port)
+            assert code == 302
+        code, text = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-3", "X-Leg": "agent"})[0], port)
+        assert code == 503 and "Retry-After:" in text
+        assert (await sip.request(sip.invite(port, method="OPTIONS")[0], port))[0] == 200
+        # The same leg twice is refused, the other leg of c-1 is welcome on the same worker.
+        code, _ = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})[0], port)
+        assert code == 486
+        code, text = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "customer"})[0], port)
+        assert code == 302 and f":{plane.workers[plane.worker_of('c-1')].sip_port}>" in text  # type: ignore[index]
+        await wait_until(lambda: plane.stats()["conversations"] == 0, 4, "reservation expiry")
+        assert plane.ready and plane.stats()["front_malformed"] >= 1
+    finally:
+        sip.close()
+
+
+async def test_call_phone_refusals(gw: tuple[SipPlane, FakeHooks]) -> None:
+    plane, _hooks = gw
+    with pytest.raises(GatewayError) as e:
+        await plane.call_phone("c-1", "m-9", "sip:sam@127.0.0.1:5090")
+    assert (e.value.status, e.value.code) == (409, "voice_not_active")
+    for bad in ("tel:+1555", "sam@127.0.0.1", "sip:sam@bad host", "sip:<x>", "", "sip:sam@h:99999"):
+        with pytest.raises(GatewayError) as e:
+            await plane.call_phone("c-1", "m-9", bad)
+        assert (e.value.status, e.value.code) == (422, "invalid_sip_uri"), bad
+    await plane.hang_up_phone("nobody")  # idempotent on unknown monitors
+    tap = plane.open_tap("c-9")
+    tap.close()
+    tap.close()
+    with pytest.raises(EOFError):
+        await tap.next_frame()
+
+
+async def test_start_fails_when_sip_port_taken(tmp_path: Path) -> None:
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    try:
+        plane = SipPlane(Settings(sip_port=s.getsockname()[1], data_dir=str(tmp_path)), FakeHooks())
+        with pytest.raises(OSError):
+            await plane.start()
+        await plane.stop()
+    finally:
+        s.close()
+
+
+def test_fixture_tones_are_distinct() -> None:
+    for name, hz in (("agent_600", AGENT_HZ), ("customer_1000", CUSTOMER_HZ), ("phone_1500", PHONE_HZ)):
+        x = read_ulaw(AUDIO / f"{name}.ulaw")
+        lv = tone_levels(x, 8000, [AGENT_HZ, CUSTOMER_HZ, PHONE_HZ])
+        assert lv[hz] > 0.99 and sorted(lv.values())[1] < 0.01, (name, lv)
