@@ -13,7 +13,7 @@ Server → client frames (JSON text):
 - ``{"type":"error","code":"token_expired","last_seq":n}`` then close 4001: reconnect with a
   fresh token and ``after=last_seq``.
 
-Close codes: 1013 the client fell more than ``chat_reader_cap`` entries behind (resume with
+Close codes: 1001 the server shuts down (resume with ``after``); 1013 the client fell more than ``chat_reader_cap`` entries behind (resume with
 ``after``); 1003 a binary frame; 1007 a frame that is not a JSON object (or a bad ack); 1009 a
 frame over ``max_msg_size`` bytes; 4001 token expired. Each closes only that connection.
 
@@ -44,6 +44,7 @@ log = logging.getLogger("gateway.chat.ws")
 
 #: Close codes of this protocol.
 CLOSE_OVERFLOW = 1013
+CLOSE_GOING_AWAY = 1001
 CLOSE_TOKEN_EXPIRED = 4001
 #: How long a close handshake may take before the transport is dropped.
 CLOSE_TIMEOUT = 2.0
@@ -248,6 +249,8 @@ class _ChatStream:
             self._flag = False
             if sub.overflowed:
                 return (CLOSE_OVERFLOW, "reader_overflow")
+            if sub.going_away:
+                return (CLOSE_GOING_AWAY, "going_away")
             await self._drain(sub)
             reason = self._end_reason(sub)
             if reason is not None:

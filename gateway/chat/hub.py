@@ -29,6 +29,7 @@ class Subscription:
         "acking",
         "overflowed",
         "end_reason",
+        "going_away",
         "_wake",
         "_on_overflow",
         "_hub",
@@ -51,6 +52,8 @@ class Subscription:
         self.acking = False
         self.overflowed = False
         self.end_reason: str | None = None
+        #: the server is shutting down: close (1001) without ``end``, the client resumes later
+        self.going_away = False
         self._wake = wake
         self._on_overflow = on_overflow
 
@@ -137,9 +140,20 @@ class ChatHub:
             sub._end(reason)
         return len(subs)
 
+    def go_away(self) -> int:
+        """Server shutdown: every stream closes with 1001 and no ``end`` (clients resume)."""
+        count = 0
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.going_away = True
+                sub._wake()
+                count += 1
+        self._subs.clear()
+        return count
+
     def _remove(self, sub: Subscription) -> None:
-        if sub.overflowed:
-            self.overflows += 1 if sub in self._subs.get(sub.conversation, ()) else 0
+        if sub.overflowed and sub in self._subs.get(sub.conversation, ()):
+            self.overflows += 1
         subs = self._subs.get(sub.conversation)
         if subs is not None:
             subs.discard(sub)

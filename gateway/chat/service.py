@@ -86,6 +86,7 @@ class ChatService:
         self._buckets: dict[tuple[str, str, str | None], _Bucket] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
+        self._going_away = False
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -206,6 +207,10 @@ class ChatService:
         """Live entries of ``cid``; if the conversation already ended the subscription is born
         ended (``end_reason`` set)."""
         sub = self.hub.subscribe(cid, wake, on_overflow)
+        if self._going_away:
+            sub.close()
+            sub.going_away = True
+            return sub
         reason = self._ended.get(cid)
         if reason is not None:
             sub.close()
@@ -235,7 +240,13 @@ class ChatService:
     def ended_reason(self, cid: str) -> str | None:
         return self._ended.get(cid)
 
+    def go_away(self) -> int:
+        """Server shutdown (call from ``on_shutdown``): every stream closes with 1001 and no
+        ``end``, so clients resume elsewhere/later with ``after``. Returns how many."""
+        self._going_away = True
+        return self.hub.go_away()
+
     async def close(self) -> None:
-        for cid in list(self.hub._subs):
-            self.hub.end(cid, "shutdown")
+        """Close streams (going away) and the log (call from the app's cleanup)."""
+        self.go_away()
         await self.log.close()
