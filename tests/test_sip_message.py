@@ -1,0 +1,130 @@
+"""Pure parsing of the SIP front: SIP messages, SDP, multipart, SIPREC metadata. Also fuzzed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.sip.front import SipFront
+from gateway.sip.message import (
+    SipParseError,
+    classify_invite,
+    parse_message,
+    parse_metadata,
+    parse_sdp,
+    uri_user,
+    valid_sip_uri,
+)
+
+from .sip_support import RawSip, metadata, multipart, sdp
+
+pytestmark = [pytest.mark.unit]
+
+AGENTS = {"c-1": "alice"}
+
+
+def invite(body: bytes = b"", ctype: str = "application/sdp", headers: dict[str, str] | None = None) -> bytes:
+    raw = RawSip()
+    try:
+        return raw.invite(5060, body=body, ctype=ctype, headers=headers)[0]
+    finally:
+        raw.close()
+
+
+def test_per_leg_invite_is_classified() -> None:
+    info = classify_invite(parse_message(invite(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "Customer"})), AGENTS.get)
+    assert (info.conversation, info.kind, info.streams, info.leg) == ("c-1", "leg", ["customer"], "customer")
+
+
+@pytest.mark.parametrize("agent_label", ["1", "2"])
+def test_siprec_metadata_names_the_agent_stream(agent_label: str) -> None:
+    body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", metadata("sip:Alice@pbx", "sip:+1555@pstn", "c-1", agent_label))])
+    info = classify_invite(parse_message(invite(body, ct)), AGENTS.get)
+    assert info.kind == "siprec" and info.conversation == "c-1"
+    assert info.streams == (["agent", "customer"] if agent_label == "1" else ["customer", "agent"])
+
+
+def test_siprec_conversation_from_header_wins() -> None:
+    body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", metadata("sip:alice@pbx", "sip:c@x", None))])
+    info = classify_invite(parse_message(invite(body, ct, {"X-Conversation-ID": "c-1"})), AGENTS.get)
+    assert info.conversation == "c-1"
+
+
+@pytest.mark.parametrize(
+    "body,ctype,headers,status",
+    [
+        (sdp(audio=False), "application/sdp", None, 488),
+        (sdp("0 128"), "application/sdp", None, 400),
+        (sdp("96"), "application/sdp", None, 488),
+        (b"", "", None, 488),
+        (b"x", "application/sdp", None, 400),
+        (sdp(), "application/json", None, 415),
+        (sdp(), "application/sdp", {"X-Conversation-ID": "zzz", "X-Leg": "agent"}, 404),
+        (sdp(), "application/sdp", {"X-Conversation-ID": "c-1"}, 400),
+    ],
+)
+def test_bad_invites(body: bytes, ctype: str, headers: dict[str, str] | None, status: int) -> None:
+    msg = parse_message(invite(body, ctype, headers if headers is not None else {"X-Conversation-ID": "c-1", "X-Leg": "agent"}))
+    with pytest.raises(SipParseError) as e:
+        classify_invite(msg, AGENTS.get)
+    assert e.value.status == status
+
+
+def test_metadata_refuses_entities_and_garbage() -> None:
+    for xml in (b"<recording", b"<?xml version='1.0'?><!DOCTYPE r [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><recording>&e;</recording>", b"<other/>"):
+        with pytest.raises(SipParseError):
+            parse_metadata(xml)
+
+
+def test_sdp_labels_and_directions() -> None:
+    streams = parse_sdp(sdp(streams=2, labels=True))
+    assert [(s.label, s.direction, s.audio_ok) for s in streams] == [("1", "sendonly", True), ("2", "sendonly", True)]
+
+
+def test_uris() -> None:
+    assert uri_user("<sip:t-abc@127.0.0.1:5061;transport=udp>") == "t-abc"
+    assert valid_sip_uri("sip:sam@10.0.0.1:5090") and valid_sip_uri("sips:sam@example.com") and valid_sip_uri("sip:pbx.example")
+    for bad in ("tel:1", "sip:a b@c", "sip:x@h:0", "http://x", "sip:x@h\r\nVia: y"):
+        assert not valid_sip_uri(bad)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        self.sent.append((data, addr))
+
+
+def _front() -> tuple[SipFront, _Transport]:
+    front = SipFront(lambda msg: classify_invite(msg, AGENTS.get) and (302, None, [("Contact", "<sip:t@127.0.0.1:1>")]), lambda: True)
+    t = _Transport()
+    front.connection_made(t)  # type: ignore[arg-type]
+    return front, t
+
+
+VALID = invite(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=600), st.tuples(st.integers(0, len(VALID)), st.binary(max_size=40)).map(lambda t: VALID[: t[0]] + t[1] + VALID[t[0] :])))
+async def test_front_survives_any_datagram(data: bytes) -> None:
+    front, t = _front()
+    front._received(data, ("127.0.0.1", 5999))  # the unguarded path: must not raise
+    for sent, _ in t.sent:
+        assert sent.startswith(b"SIP/2.0 ")
+    for h in front.awaiting_ack.values():
+        h.cancel()
+
+
+async def test_front_answers_options_and_retransmissions() -> None:
+    front, t = _front()
+    front._received(VALID, ("127.0.0.1", 5999))
+    front._received(VALID, ("127.0.0.1", 5999))
+    assert [d.split(b"\r\n", 1)[0] for d, _ in t.sent] == [b"SIP/2.0 302 Moved Temporarily"] * 2
+    assert front.counts["invites"] == 1
+    for h in front.awaiting_ack.values():
+        h.cancel()
