@@ -218,6 +218,21 @@ async def test_worker_crash_ends_only_its_calls_and_restarts(gw: tuple[SipPlane,
             await p.wait()
 
 
+async def test_hung_worker_is_killed_and_restarted(gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch) -> None:
+    plane, _hooks = gw
+    monkeypatch.setattr(plane_mod, "HUNG_SECONDS", 2.0)
+    victim = plane.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        await wait_until(lambda: plane.worker_pids()[0] != victim and plane.ready, 8, "hung worker replaced")
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert plane.stats()["worker_hung_kills"] == 1
+
+
 async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch) -> None:
     plane, hooks = gw
     port = plane.settings.sip_port
@@ -287,7 +302,7 @@ async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHook
             assert code == 302
         code, text = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-3", "X-Leg": "agent"})[0], port)
         assert code == 503 and "Retry-After:" in text
-        assert (await sip.request(sip.invite(port, method="OPTIONS")[0], port))[0] == 200
+        assert (await sip.request(sip.invite(port, method="OPTIONS")[0], port))[0] == 503  # full
         # The same leg twice is refused, the other leg of c-1 is welcome on the same worker.
         code, _ = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})[0], port)
         assert code == 486

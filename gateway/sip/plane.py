@@ -45,6 +45,8 @@ RESERVE_PHONE_SLOT = True
 _RTP_PORTS_PER_WORKER = 40
 _READY_TIMEOUT = 15.0
 _CMD_TIMEOUT = 5.0
+#: A ready worker that sends nothing (it reports stats every second) for this long is killed.
+HUNG_SECONDS = 6.0
 
 
 class SipHooks(Protocol):  # implemented by the control plane; all called on the asyncio loop thread
@@ -176,6 +178,8 @@ class _Worker:
         self.restarts = 0
         self.task: asyncio.Task[None] | None = None
         self.last_error = ""
+        self.last_seen = 0.0
+        self.hung_kills = 0
 
 
 class SipPlane:
@@ -298,12 +302,14 @@ class SipPlane:
                 "--media-host", s.media_host, "--rtp-port", str(w.rtp_port),
                 "--rtp-range", str(_RTP_PORTS_PER_WORKER), "--max-calls", str(self.capacity),
                 pass_fds=(ctl_child.fileno(), frm_child.fileno()), env=env,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
         finally:
             ctl_child.close()
             frm_child.close()
         w.pid = w.proc.pid
+        w.last_seen = time.monotonic()
+        log_task = asyncio.create_task(self._worker_log(w, w.proc.stdout))  # type: ignore[arg-type]
         reader, writer = await asyncio.open_unix_connection(sock=ctl_parent, limit=1 << 20)
         w.writer = writer
         ft, _ = await loop.create_datagram_endpoint(lambda: _FrameProtocol(self), sock=frm_parent)
@@ -324,12 +330,21 @@ class SipPlane:
         finally:
             writer.close()
             ft.close()
+            log_task.cancel()
             if w.proc.returncode is None:
                 try:
                     await asyncio.wait_for(w.proc.wait(), 2.0)
                 except asyncio.TimeoutError:
                     w.proc.kill()
                     await w.proc.wait()
+
+    async def _worker_log(self, w: _Worker, stream: asyncio.StreamReader) -> None:
+        """pjsua logs (errors only after start-up) go to our logger, not to a terminal."""
+        while True:
+            line = await stream.readline()
+            if not line:
+                return
+            log.debug("sip worker %d: %s", w.index, line.decode(errors="replace").rstrip())
 
     def _worker_died(self, w: _Worker) -> None:
         was_ready, w.ready = w.ready, False
@@ -363,6 +378,7 @@ class SipPlane:
     # --- worker events ---------------------------------------------------------------------
     def _event(self, w: _Worker, ev: dict[str, Any]) -> None:
         kind = ev.get("ev")
+        w.last_seen = time.monotonic()
         if kind == "ready":
             w.ready = True
             w.last_error = ""
@@ -447,7 +463,11 @@ class SipPlane:
 
     # --- the front's decisions ---------------------------------------------------------------
     def _options_ok(self) -> bool:
-        return self.ready and not self.draining and self._safe(self.hooks.accepting) is not False
+        """OPTIONS answer: 200 only if ready, not draining and a new conversation would fit."""
+        if not self.ready or self.draining or self._safe(self.hooks.accepting) is False:
+            return False
+        smallest = min(self.capacity, 1 + (1 if RESERVE_PHONE_SLOT else 0))
+        return any(self._free(w) >= smallest for w in self.workers)
 
     def _free(self, w: _Worker) -> int:
         used = sum(c.footprint for c in self.convs.values() if c.worker == w.index)
@@ -490,6 +510,14 @@ class SipPlane:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            for w in self.workers:
+                # A worker emits stats every second; one silent for long is stuck in C: kill it,
+                # supervision restarts it and reports its calls as media_failure.
+                if w.ready and w.proc is not None and w.proc.returncode is None and now - w.last_seen > HUNG_SECONDS:
+                    log.error("sip worker %d silent for %.0fs: killing it", w.index, now - w.last_seen)
+                    w.hung_kills += 1
+                    w.last_seen = now
+                    w.proc.kill()
             for tok, res in list(self.reservations.items()):
                 if res.expires < now:
                     del self.reservations[tok]
@@ -635,6 +663,7 @@ class SipPlane:
             "workers": float(len(self.workers)),
             "workers_ready": float(sum(w.ready for w in self.workers)),
             "worker_restarts": float(sum(w.restarts for w in self.workers)),
+            "worker_hung_kills": float(sum(w.hung_kills for w in self.workers)),
             "calls": float(sum(len(w.calls) + len(w.phones) for w in self.workers)),
             "capacity_calls": float(self.capacity * len(self.workers)),
             "conversations": float(len(self.convs)),
