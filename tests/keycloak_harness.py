@@ -109,7 +109,7 @@ def _download(version: str, cache: Path) -> None:
             f"{version}.tar.gz into {cache} (GATEWAY_KEYCLOAK_CACHE)"
         )
     cmd = [
-        mvn, "-B", "-q", "dependency:copy",
+        mvn, "-B", "-q", "-Dstyle.color=never", "dependency:copy",
         f"-Dartifact={ARTIFACT.format(version=version)}",
         f"-DoutputDirectory={cache}",
     ]
@@ -118,9 +118,12 @@ def _download(version: str, cache: Path) -> None:
     except subprocess.TimeoutExpired as exc:
         raise KeycloakHarnessError(f"`{' '.join(cmd)}` took more than 30 minutes") from exc
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
+        output = proc.stdout + proc.stderr
+        errors = [line for line in output.splitlines() if line.startswith("[ERROR] ") and len(line) > 10]
+        detail = "\n".join(errors[:3]) or output[-3000:]
         raise KeycloakHarnessError(
-            f"downloading Keycloak with Maven failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{tail}"
+            f"downloading Keycloak with Maven failed (exit {proc.returncode}); check network access "
+            f"to Maven Central or put the archive into {cache}:\n{' '.join(cmd)}\n{detail}"
         )
 
 
@@ -292,6 +295,17 @@ class KeycloakServer:
             self._log_file = None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, even by SIGKILL, so no
+    orphaned JVM keeps a core busy on a shared box (Linux; kept across exec of nice/kc.sh/java)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _make_home(dist: Path, run_dir: Path, realm_file: Path) -> Path:
     """A per-run Keycloak home: fresh ``data``, own ``conf``/``bin``, shared read-mostly jars."""
     home = run_dir / "keycloak-home"
@@ -317,6 +331,7 @@ def start_keycloak(
     version: str = KEYCLOAK_VERSION,
     timeout: float = 180.0,
     heap: str = "-Xms64m -Xmx512m",
+    port: int = 0,
 ) -> Iterator[KeycloakServer]:
     """Run Keycloak for the ``with`` block; see the module docstring."""
     realm_path = Path(realm_file)
@@ -325,7 +340,7 @@ def start_keycloak(
     dist = ensure_distribution(version)
     java_home, java_version = find_java_home()
     home = _make_home(dist, Path(tmp_dir), realm_path)
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = Path(tmp_dir) / "keycloak.log"
     # Fewer JIT/GC threads and C1 only: the box has two cores shared with other work, and a
@@ -361,7 +376,7 @@ def start_keycloak(
     nice = ["nice", "-n", "5"] if shutil.which("nice") else []
     server.process = subprocess.Popen(
         nice + cmd, cwd=home, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
     )
     try:
         well_known = f"{server.issuer}/.well-known/openid-configuration"
@@ -388,10 +403,32 @@ def start_keycloak(
         server.stop()
 
 
-if __name__ == "__main__":  # pragma: no cover - manual check: python -m tests.keycloak_harness
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
+    """``python -m tests.keycloak_harness [--serve] [--port N]``: start, print, (serve,) stop."""
+    import argparse
     import tempfile
 
-    with tempfile.TemporaryDirectory() as d, start_keycloak(d) as kc:
+    parser = argparse.ArgumentParser(description="Start Keycloak with fixtures/realm-cx.json")
+    parser.add_argument("--serve", action="store_true", help="keep running until Ctrl-C")
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="gw-keycloak-") as d, start_keycloak(d, port=args.port) as kc:
         print(f"Keycloak {KEYCLOAK_VERSION} ready at {kc.url} in {kc.start_seconds:.1f}s "
-              f"(Java {kc.java_version}, {kc.java_home})")
-        print(json.dumps(kc.token("sam", "demo"), indent=1)[:400])
+              f"(Java {kc.java_version}, {kc.java_home}); admin {kc.admin_username}/{kc.admin_password}",
+              flush=True)
+        if args.serve:
+            print(f"gateway: GATEWAY_KEYCLOAK_URL={kc.url}  (Ctrl-C stops Keycloak)", flush=True)
+            try:
+                while kc.process is not None and kc.process.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        else:
+            claims = kc.token("sam", "demo")["access_token"].split(".")[1]
+            import base64
+            print(json.dumps(json.loads(base64.urlsafe_b64decode(claims + "==")), indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

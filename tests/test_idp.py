@@ -288,6 +288,8 @@ async def test_embedded_key_survives_restart(tmp_path: Path, http: aiohttp.Clien
     agen = _embedded(tmp_path)
     first = await agen.__anext__()
     tokens = await first.openid().a_token("tom", "demo")
+    logged_out = await first.openid().a_token("tom", "demo")
+    await first.openid().a_logout(logged_out["refresh_token"])
     async with http.get(f"{first.oidc}/certs") as resp:
         keys_before = await resp.json()
     await agen.aclose()
@@ -302,6 +304,11 @@ async def test_embedded_key_survives_restart(tmp_path: Path, http: aiohttp.Clien
         # The refresh token also still works (the session is rebuilt from it).
         refreshed = await second.openid().a_refresh_token(tokens["refresh_token"])
         assert refreshed["access_token"]
+        # ... but a session ended by logout stays ended.
+        status, body = await _post(http, f"{second.oidc}/token", {
+            "grant_type": "refresh_token", "client_id": "gateway-console",
+            "refresh_token": logged_out["refresh_token"]})
+        assert (status, body["error"]) == (400, "invalid_grant")
     finally:
         await agen.aclose()
     assert oct(Path(tmp_path, "var", "idp-signing-key.json").stat().st_mode & 0o777) == "0o600"

@@ -16,6 +16,7 @@ import html
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import unquote, urlencode
 
@@ -62,7 +63,8 @@ class EmbeddedIdp:
                 f"{settings.realm_file} holds realm {realm.name!r}, settings ask for {settings.realm!r}"
             )
         key = load_or_create_key(settings.data_dir)
-        return cls(settings, realm, TokenService(realm, key, settings.issuer))
+        ended = Path(settings.data_dir) / "idp-ended-sessions.json"
+        return cls(settings, realm, TokenService(realm, key, settings.issuer, ended_path=ended))
 
     @property
     def issuer(self) -> str:

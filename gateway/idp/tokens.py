@@ -13,16 +13,21 @@ Keycloak: opaque to clients either way), ``typ=Refresh``, ``aud`` = the issuer.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jwcrypto import jwk, jws
 from jwcrypto.common import JWException, json_decode
 
 from .realm import Client, Realm, User
+
+log = logging.getLogger("gateway.idp")
 
 #: Client scopes Keycloak attaches by default (the token's ``scope`` shows the ones with claims).
 DEFAULT_SCOPES = ("profile", "email")
@@ -55,9 +60,20 @@ class TokenService:
     key: jwk.JWK
     issuer: str
     sessions: dict[str, Session] = field(default_factory=dict)
-    #: Sessions ended by logout; a refresh token naming one is refused even after a restart
-    #: would otherwise have forgotten the session (see :meth:`session_for`).
-    ended: set[str] = field(default_factory=set)
+    #: Sessions ended by logout (sid -> when its refresh tokens expire anyway). Kept in
+    #: ``ended_path`` so a refresh token of a logged-out session stays refused after a restart
+    #: (a restart otherwise rebuilds sessions from refresh tokens, see :meth:`session_for`).
+    ended: dict[str, int] = field(default_factory=dict)
+    ended_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.ended_path is not None and self.ended_path.exists():
+            try:
+                data = json.loads(self.ended_path.read_text(encoding="utf-8"))
+                now = int(time.time())
+                self.ended = {str(k): int(v) for k, v in data.items() if int(v) > now}
+            except (OSError, ValueError, TypeError, AttributeError):
+                log.warning("ignoring unreadable %s", self.ended_path)
 
     @property
     def kid(self) -> str:
@@ -109,8 +125,18 @@ class TokenService:
         return session
 
     def end_session(self, sid: str) -> None:
-        self.sessions.pop(sid, None)
-        self.ended.add(sid)
+        session = self.sessions.pop(sid, None)
+        now = int(time.time())
+        started = session.started if session else now
+        self.ended[sid] = max(started + self.realm.sso_session_max, now + self.realm.sso_session_idle)
+        self.ended = {k: v for k, v in self.ended.items() if v > now}
+        if self.ended_path is not None:
+            tmp = self.ended_path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(self.ended), encoding="utf-8")
+                os.replace(tmp, self.ended_path)
+            except OSError:
+                log.exception("could not record the logout in %s", self.ended_path)
 
     def session_for(self, claims: dict[str, Any]) -> Session | None:
         """The live session a token names, re-created from a refresh token after a restart."""
