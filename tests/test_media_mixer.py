@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from gateway.media.fake import ToneTap, tone
+from gateway.media.fake import PollableToneTap, ToneTap, tone
 from gateway.media.levels import FLOOR_DBFS, LevelMeter, rms_dbfs
 from gateway.media.mixer import Upsampler, interleave_stereo, mix_mono
 from gateway.media.opus import OpusPacketEncoder
@@ -100,9 +100,11 @@ def test_opus_packets_decode_back(channels: int) -> None:
         assert abs(_dominant_hz(y[:, 1], 48000) - 1000) < 30
 
 
-async def test_track_paces_sends_silence_when_tap_is_late_and_bounds_buffer() -> None:
-    tap = ToneTap("c-t", frames=10)
+@pytest.mark.parametrize("tap_class", [ToneTap, PollableToneTap])
+async def test_track_paces_sends_silence_when_tap_is_late_and_bounds_buffer(tap_class: type[ToneTap]) -> None:
+    tap = tap_class("c-t", frames=10)
     track = LegTapTrack(tap, stereo=False)
+    assert (track._pump_task is None) == (tap_class is PollableToneTap)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     outs = [await track.recv() for _ in range(30)]
@@ -116,11 +118,13 @@ async def test_track_paces_sends_silence_when_tap_is_late_and_bounds_buffer() ->
     tap.close()
 
 
-async def test_track_drops_oldest_when_reader_stalls() -> None:
-    tap = ToneTap("c-d")
+@pytest.mark.parametrize("tap_class", [ToneTap, PollableToneTap])
+async def test_track_drops_oldest_when_reader_stalls(tap_class: type[ToneTap]) -> None:
+    tap = tap_class("c-d", capacity=50)
     track = LegTapTrack(tap, max_delay_frames=3)
     await asyncio.sleep(0.25)  # ~12 frames produced, nobody reading
-    assert track.stats.dropped >= 8
     await track.recv()
+    assert track.stats.dropped >= 8  # only the newest 3 were kept
+    assert track.stats.frames_in == 1
     track.stop()
     tap.close()

@@ -41,6 +41,8 @@ class StrictTap:
         object.__setattr__(self, "frames_taken", 0)
 
     def __getattr__(self, name: str):  # only called for names not found normally
+        if name == "next_frame_nowait":  # the optional fast path of the contract: not offered
+            raise AttributeError(name)
         self.touched.add(name)
         return getattr(self._inner, name)
 
@@ -108,6 +110,7 @@ async def _listen(
     direction: str = "recvonly",
     force_answer_sendrecv: bool = False,
     tap: StrictTap | None = None,
+    codec: str | None = None,
 ) -> tuple[str, WhepSession, np.ndarray, RTCPeerConnection, StrictTap]:
     tap = tap or StrictTap(ToneTap("c-1"))
     client = RTCPeerConnection()  # default config is fine: gathering is pinned to loopback below
@@ -126,7 +129,9 @@ async def _listen(
     offer = await client.createOffer()
     with host_addresses(["127.0.0.1"]):
         await client.setLocalDescription(offer)
-    answer_sdp, session = await answer_whep(client.localDescription.sdp, tap, settings=SETTINGS, stereo=stereo, on_levels=None, on_inbound_rtp=None)
+    answer_sdp, session = await answer_whep(
+        client.localDescription.sdp, tap, settings=SETTINGS, stereo=stereo, on_levels=None, on_inbound_rtp=None, codec=codec
+    )
     client_answer = answer_sdp.replace("a=sendonly", "a=sendrecv") if force_answer_sendrecv else answer_sdp
     await client.setRemoteDescription(RTCSessionDescription(sdp=client_answer, type="answer"))
     track = await asyncio.wait_for(got_track, timeout=5)
@@ -169,6 +174,20 @@ async def test_stereo_puts_agent_left_customer_right() -> None:
         assert _peak_power(left, 48000, 1000) < 0.05
         assert _peak_power(right, 48000, 1000) > 0.5
         assert _peak_power(right, 48000, 600) < 0.05
+    finally:
+        await session.close()
+        await client.close()
+
+
+async def test_pcmu_preferred_is_negotiated_and_pre_encoded() -> None:
+    answer, session, audio, client, _ = await _listen(stereo=False, codec="pcmu")
+    try:
+        m_line = next(ln for ln in answer.splitlines() if ln.startswith("m=audio"))
+        assert m_line.split()[3] == "0"  # PCMU first although the offer listed Opus first
+        assert session.track.mode == "packet" and session.track.codec == "pcmu"
+        mix = audio[0][800:]  # aiortc decodes G.711 at 8 kHz
+        assert _peak_power(mix, 8000, 600) > 0.2
+        assert _peak_power(mix, 8000, 1000) > 0.2
     finally:
         await session.close()
         await client.close()

@@ -91,3 +91,14 @@ class ToneTap:
             self.closed = True
             self._task.cancel()
             self._ready.set()
+
+
+class PollableToneTap(ToneTap):
+    """A :class:`ToneTap` that also offers ``next_frame_nowait()`` (the track's fast path)."""
+
+    def next_frame_nowait(self) -> LegFrame | None:
+        if self._queue:
+            return self._queue.popleft()
+        if self.closed or (self._limit is not None and self.produced >= self._limit):
+            raise EOFError
+        return None

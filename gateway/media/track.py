@@ -11,9 +11,10 @@ frame per tick of its own media clock:
 * never silent on the wire: a tick with no frame sends digital silence (counted as
   ``underruns``), so the browser's jitter buffer and ``totalAudioEnergy`` keep moving;
 * pre-encoded: in ``packet`` mode each frame is mixed (mono) or interleaved (stereo: agent
-  left, customer right) and encoded to Opus once here, and ``recv()`` returns an
-  ``av.Packet`` that aiortc packetises as-is (see :mod:`gateway.media.opus`). ``frame`` mode
-  returns ``av.AudioFrame``\\ s and lets aiortc encode (used when the offer has no Opus).
+  left, customer right) and encoded once here -- Opus (:mod:`gateway.media.opus`) or G.711
+  by table lookup (:mod:`gateway.media.g711`, mono only) -- and ``recv()`` returns an
+  ``av.Packet`` that aiortc packetises as-is. ``frame`` mode returns ``av.AudioFrame``\\ s
+  and lets aiortc encode (G.722, or leg rates G.711 can not carry).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from .frames import FRAME_MS, LegFrame, LegTap
 from .levels import LevelMeter, LevelsCallback
 from .mixer import interleave_stereo, mix_mono
+from .g711 import G711_RATE, G711PacketEncoder
 from .opus import OpusPacketEncoder
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,14 @@ log = logging.getLogger(__name__)
 FRAME_SECONDS = FRAME_MS / 1000.0
 #: A recv() that comes this late re-bases the media clock rather than sending a burst.
 RESYNC_AFTER = 0.2
+#: When a tick finds no frame, wait this long for one before sending silence: the tap and
+#: the track run on independent 20 ms clocks, and a few ms of jitter on either side must
+#: not turn into a gap plus a frame of extra latency.
+ARRIVAL_GRACE = 0.010
 
 TrackMode = Literal["packet", "frame"]
+#: Codecs this module pre-encodes itself; anything else goes to aiortc as AudioFrames.
+PACKET_CODECS = frozenset({"opus", "pcmu", "pcma"})
 
 
 @dataclass
@@ -65,7 +73,7 @@ class LegTapTrack(MediaStreamTrack):
         tap: LegTap,
         *,
         stereo: bool = False,
-        mode: TrackMode = "packet",
+        codec: str | None = "opus",
         sample_rate: int = 8000,
         on_levels: LevelsCallback | None = None,
         max_delay_frames: int = 3,
@@ -73,42 +81,67 @@ class LegTapTrack(MediaStreamTrack):
     ) -> None:
         super().__init__()
         self.tap = tap
-        self.stereo = stereo
-        self.mode: TrackMode = mode
+        self.codec = codec.lower() if codec else None
+        # G.711 is mono: a stereo request degrades to the mix.
+        self.stereo = stereo and self.codec not in ("pcmu", "pcma")
+        self.mode: TrackMode = "packet" if self.codec in PACKET_CODECS else "frame"
         self.stats = TrackStats()
         self._rate = sample_rate
         self._samples = sample_rate * FRAME_MS // 1000
         self._meter = LevelMeter(on_levels)
         self._buffer: collections.deque[LegFrame] = collections.deque()
+        self._arrived = asyncio.Event()
         self._max_delay = max(1, max_delay_frames)
-        self._encoder: OpusPacketEncoder | None = None
+        self._encoder: OpusPacketEncoder | G711PacketEncoder | None = None
         self._t0: float | None = None
         self._index = 0
         self._on_tap_ended = on_tap_ended
         self.tap_ended = False
-        self._pump_task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._pump())
+        # Fast path: a tap with ``next_frame_nowait()`` (frame, None when empty, EOFError at
+        # the end) is drained on each tick -- no pump task, one task wake-up less per frame.
+        self._nowait: Callable[[], LegFrame | None] | None = getattr(tap, "next_frame_nowait", None)
+        self._pump_task: asyncio.Task[None] | None = None
+        if self._nowait is None:
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 
     # --- producer side -----------------------------------------------------------------
+    def _push(self, frame: LegFrame) -> None:
+        if len(self._buffer) >= self._max_delay:
+            self._buffer.popleft()
+            self.stats.dropped += 1
+        self._buffer.append(frame)
+        self._arrived.set()
+
+    def _ended(self, failed: bool = False) -> None:
+        if failed:
+            log.exception("leg tap failed")
+        else:
+            log.info("leg tap ended")
+        self.tap_ended = True
+        self._nowait = None
+        if self._on_tap_ended is not None:
+            self._on_tap_ended()
+
     async def _pump(self) -> None:
         try:
             while True:
-                frame = await self.tap.next_frame()
-                if len(self._buffer) >= self._max_delay:
-                    self._buffer.popleft()
-                    self.stats.dropped += 1
-                self._buffer.append(frame)
+                self._push(await self.tap.next_frame())
         except EOFError:
-            self.tap_ended = True
-            log.info("leg tap ended")
-            if self._on_tap_ended is not None:
-                self._on_tap_ended()
+            self._ended()
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a broken tap ends the pump, the track sends silence
-            log.exception("leg tap failed")
-            self.tap_ended = True
-            if self._on_tap_ended is not None:
-                self._on_tap_ended()
+            self._ended(failed=True)
+
+    def _drain(self) -> None:
+        assert self._nowait is not None
+        try:
+            while (frame := self._nowait()) is not None:
+                self._push(frame)
+        except EOFError:
+            self._ended()
+        except Exception:  # noqa: BLE001
+            self._ended(failed=True)
 
     # --- consumer side (aiortc's sender task) -------------------------------------------
     async def recv(self) -> av.Packet | av.AudioFrame:
@@ -129,6 +162,12 @@ class LegTapTrack(MediaStreamTrack):
             if self.readyState != "live":
                 raise MediaStreamError
 
+        if self._nowait is not None:
+            self._drain()
+        if not self._buffer and not self.tap_ended and self._t0 is not None:
+            await self._wait_for_frame()
+            if self.readyState != "live":
+                raise MediaStreamError
         if self._buffer:
             frame = self._buffer.popleft()
             agent, customer = frame.agent, frame.customer
@@ -156,9 +195,30 @@ class LegTapTrack(MediaStreamTrack):
         out.time_base = fractions.Fraction(1, self._rate)
         return out
 
+    async def _wait_for_frame(self) -> None:
+        """Give a frame that is a few ms late :data:`ARRIVAL_GRACE` to arrive."""
+        try:
+            if self._nowait is not None:
+                self._push(await asyncio.wait_for(self.tap.next_frame(), ARRIVAL_GRACE))
+            else:
+                self._arrived.clear()
+                await asyncio.wait_for(self._arrived.wait(), ARRIVAL_GRACE)
+        except asyncio.TimeoutError:
+            pass
+        except EOFError:
+            self._ended()
+        except Exception:  # noqa: BLE001
+            self._ended(failed=True)
+
     def _encode(self, pcm: np.ndarray) -> av.Packet | None:
         if self._encoder is None:
-            self._encoder = OpusPacketEncoder(self._rate, channels=2 if self.stereo else 1)
+            if self.codec == "opus":
+                self._encoder = OpusPacketEncoder(self._rate, channels=2 if self.stereo else 1)
+            elif self._rate == G711_RATE:
+                self._encoder = G711PacketEncoder(self.codec or "pcmu")
+            else:  # G.711 needs 8 kHz: let aiortc resample and encode this one
+                self.mode = "frame"
+                return None
         return self._encoder.encode(pcm, self._index)
 
     def _set_rate(self, rate: int) -> None:
@@ -166,6 +226,7 @@ class LegTapTrack(MediaStreamTrack):
         self._rate = rate
         self._samples = rate * FRAME_MS // 1000
         self._encoder = None
+        self.mode = "packet" if self.codec in PACKET_CODECS else "frame"
 
     def stop(self) -> None:
         """End the track and stop reading the tap (the tap itself is closed by the session)."""

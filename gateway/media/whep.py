@@ -25,14 +25,14 @@ import time
 import uuid
 from typing import Any, Callable
 
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from ..config import Settings
 from .frames import LegTap
 from .ice import filter_offer_candidates, host_addresses, loopback_only, rtc_configuration, split_csv
 from .levels import LevelsCallback
-from .track import LegTapTrack, TrackMode, TrackStats
+from .track import LegTapTrack, TrackStats
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class WhepSession:
             "id": self.id,
             "state": self.state,
             "stereo": self.stereo,
+            "codec": self.track.codec,
             "mode": self.track.mode,
             "frames_out": s.frames_out,
             "underruns": s.underruns,
@@ -163,17 +164,16 @@ async def _done() -> None:
     return None
 
 
-def _first_audio_codec(offer: SessionDescription) -> str | None:
-    supported = {"opus", "pcmu", "pcma", "g722"}
+SUPPORTED_CODECS = ("opus", "pcmu", "pcma", "g722")
+
+
+def _offered_codecs(offer: SessionDescription) -> list[str]:
+    """Codec names of the first audio m-line that aiortc can send, in the offer's order."""
     for media in offer.media:
-        if media.kind != "audio":
-            continue
-        for codec in media.rtp.codecs:
-            name = codec.name.lower()
-            if name in supported:
-                return name
-        return None
-    return None
+        if media.kind == "audio":
+            names = [c.name.lower() for c in media.rtp.codecs]
+            return [n for n in dict.fromkeys(names) if n in SUPPORTED_CODECS]
+    return []
 
 
 def _munge_stereo(answer_sdp: str) -> str:
@@ -207,6 +207,7 @@ async def answer_whep(
     on_levels: LevelsCallback | None = None,
     on_inbound_rtp: InboundRtpCallback | None = None,
     sample_rate: int = 8000,
+    codec: str | None = None,
 ) -> tuple[str, WhepSession]:
     """Answer a WHEP offer with a send-only audio stream of ``tap``'s conversation.
 
@@ -214,6 +215,11 @@ async def answer_whep(
     ``stereo`` sends agent left / customer right (else a mono mix). ``on_levels(agent_dbfs,
     customer_dbfs)`` runs ~10x/s on the media path; ``on_inbound_rtp(total)`` runs for each
     RTP packet the browser sends anyway (it should send none: the answer is ``sendonly``).
+
+    ``codec`` (``opus``, ``pcmu``, ``pcma``; default ``settings.webrtc_codec`` if that
+    setting exists, else ``opus``) is used when the offer has it, else the offer's first
+    codec aiortc speaks. Opus and G.711 are encoded here once per frame and handed to aiortc
+    as packets; G.711 is mono only (``stereo`` then degrades to the mix).
 
     Raises :class:`WhepError` (``code`` ``invalid_sdp`` / ``no_audio`` / ``no_common_codec``)
     for an offer that can not be answered; the tap is closed in that case.
@@ -226,11 +232,12 @@ async def answer_whep(
     if not any(m.kind == "audio" for m in parsed.media):
         tap.close()
         raise WhepError("no_audio", "the offer has no audio m-line")
-    codec = _first_audio_codec(parsed)
-    if codec is None:
+    offered = _offered_codecs(parsed)
+    if not offered:
         tap.close()
         raise WhepError("no_common_codec", "the offer has no audio codec the gateway speaks (opus, PCMU, PCMA, G722)")
-    mode: TrackMode = "packet" if codec == "opus" else "frame"
+    preferred = (codec or getattr(settings, "webrtc_codec", "") or "opus").lower()
+    chosen = preferred if preferred in offered else offered[0]
 
     addresses = split_csv(settings.ice_host_addresses)
     offer_sdp = filter_offer_candidates(offer_sdp, keep_loopback_only=loopback_only(addresses))
@@ -241,11 +248,16 @@ async def answer_whep(
     def tap_ended() -> None:
         log.info("leg tap of whep session %s ended", session_ref[0].id if session_ref else "?")
 
-    track = LegTapTrack(tap, stereo=stereo, mode=mode, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+    track = LegTapTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
     session = WhepSession(pc, track, tap, stereo=stereo, on_inbound_rtp=on_inbound_rtp)
     session_ref.append(session)
 
     try:
+        if chosen != offered[0]:
+            # aiortc sends the offer's first common codec unless the transceiver that will
+            # take the first audio m-line prefers another: create that transceiver up front.
+            caps = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == f"audio/{chosen}"]
+            pc.addTransceiver("audio", direction="sendonly").setCodecPreferences(caps)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         audio = None
         for t in pc.getTransceivers():
@@ -292,9 +304,9 @@ async def answer_whep(
     session._timeout = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, _timeout)
 
     sdp = pc.localDescription.sdp
-    if stereo and mode == "packet":
+    if track.stereo and chosen == "opus":
         sdp = _munge_stereo(sdp)
-    log.info("whep session %s answered (codec %s, %s, %s)", session.id, codec, "stereo" if stereo else "mono", mode)
+    log.info("whep session %s answered (codec %s, %s, %s)", session.id, chosen, "stereo" if track.stereo else "mono", track.mode)
     return sdp, session
 
 
