@@ -382,6 +382,8 @@ async def test_embedded_never_answers_500_to_garbage(embedded: Provider, http: a
         ("POST", token_url, {"data": {"grant_type": "authorization_code", "client_id": "gateway-console"}}),
         ("GET", f"{embedded.url}/realms/other/.well-known/openid-configuration", {}),
         ("GET", f"{embedded.oidc}/userinfo", {"headers": {"Authorization": "Bearer ..."}}),
+        ("POST", f"{embedded.oidc}/userinfo", {"data": "access_token=" + "x" * 5000, "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
+        ("POST", f"{embedded.oidc}/userinfo", {"data": "%ff=%fe", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
         ("GET", f"{embedded.oidc}/logout", {"params": {"id_token_hint": "garbage"}}),
         ("POST", f"{embedded.oidc}/logout", {"data": {"client_id": "gateway-console", "refresh_token": "garbage"}}),
         ("GET", f"{embedded.oidc}/auth", {"params": {"client_id": "nope"}}),

@@ -322,7 +322,9 @@ class Realm:
             )
             if any(s is not group and s.name == name for s in siblings):
                 raise RealmError(f"Top level group named '{name}' already exists.")
-        attributes = _attributes(rep.get("attributes"), "attributes") if "attributes" in rep else None
+        # As in Keycloak: "attributes": null (or absent) leaves them alone, {} clears them.
+        raw_attributes = rep.get("attributes")
+        attributes = _attributes(raw_attributes, "attributes") if raw_attributes is not None else None
         if attributes is not None:
             if len(attributes) > 100 or any(
                 len(k) > 255 or len(v) > 100 or any(len(x) > 2000 for x in v)

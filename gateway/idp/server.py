@@ -303,8 +303,10 @@ async def userinfo(request: web.Request) -> web.Response:
     idp = _idp(request)
     raw = _bearer(request)
     if raw is None:
-        form = await _form(request)
-        raw = form.get("access_token")
+        try:
+            raw = (await _form(request)).get("access_token")
+        except OAuthError as exc:
+            return exc.response()
     challenge = f'Bearer realm="{idp.realm.name}", error="invalid_token", error_description="Token verification failed"'
     if not raw:
         return web.Response(status=401, headers={"WWW-Authenticate": challenge})
