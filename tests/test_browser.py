@@ -165,6 +165,12 @@ async def test_console_monitor_listen_whisper_barge_and_agent_left(tmp_path: Pat
                 await tom.wait_for_selector("[data-testid='error-banner']", state="visible")
                 assert await tom.get_attribute("[data-testid='error-banner']", "data-code") == "voice_monitor_busy"
                 assert "Another supervisor is already listening to this call" in (await tom.text_content("[data-testid='error-text']") or "")
+                # ... and may follow the chat instead (R8: chat may have several monitors).
+                await tom.click("[data-testid='monitor-chat-only']")
+                await tom.wait_for_selector("[data-testid='monitor-panel']", state="visible")
+                assert await tom.get_attribute("[data-testid='monitor-channels']", "data-channels") == "chat"
+                assert await tom.is_hidden("[data-testid='voice-box']")
+                await tom.wait_for_selector("[data-testid='chat-entry'][data-sender='customer']")
 
                 # Whisper, then barge-in and a message to the conversation.
                 await sam.click("[data-testid='tab-whisper']")
@@ -181,6 +187,7 @@ async def test_console_monitor_listen_whisper_barge_and_agent_left(tmp_path: Pat
                 assert (await gw.event("c-b1", "agent_left")).status == 202
                 await sam.wait_for_selector("[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000)
                 assert "agent left" in (await sam.text_content("[data-testid='monitor-ended']") or "").lower()
+                await tom.wait_for_selector("[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000)
                 await sam.wait_for_selector("[data-testid='voice-state'][data-state='stopped']")
                 for _ in range(50):
                     if all(s.closed for s in sessions):

@@ -38,6 +38,8 @@ function showError(errOrText) {
 }
 
 function clearError() {
+  const extra = document.getElementById("monitor-chat-only");
+  if (extra) extra.remove();
   $("error-banner").hidden = true;
   $("error-text").textContent = "";
   $("error-banner").dataset.code = "";
@@ -247,8 +249,33 @@ async function startMonitoring(cid) {
     monitor = await api.startMonitor(cid, wantsVoice);
   } catch (e) {
     showError(e);
+    // R8: voice has one listener, chat may have several -- offer the chat on its own.
+    if (e.code === "voice_monitor_busy" && conv.sessions && conv.sessions.chat) offerChatOnly(cid);
     return;
   }
+  await beginMonitor(cid, monitor);
+}
+
+function offerChatOnly(cid) {
+  const btn = el("button", {
+    class: "btn btn-small",
+    id: "monitor-chat-only",
+    "data-testid": "monitor-chat-only",
+    text: "Follow the chat only",
+    onclick: async () => {
+      btn.remove();
+      clearError();
+      try {
+        await beginMonitor(cid, await api.startMonitor(cid, false));
+      } catch (e) {
+        showError(e);
+      }
+    },
+  });
+  $("error-text").after(btn);
+}
+
+async function beginMonitor(cid, monitor) {
   state.monitor = { mid: monitor.id, cid, channels: monitor.channels || ["chat"], mode: monitor.mode || "silent", voice: null, chat: null, lastSeq: 0, ended: false };
   openPanel(monitor);
   renderConversations();
