@@ -220,6 +220,21 @@ async def test_wrong_credentials_refused(provider: Provider, http: aiohttp.Clien
         assert (got, body["error"]) == (status, error), (form, body)
 
 
+async def test_console_redirect_uris(provider: Provider, http: aiohttp.ClientSession) -> None:
+    """The console's loopback redirect URIs (any port) are accepted; others are not."""
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    base = {"client_id": "gateway-console", "response_type": "code", "scope": "openid",
+            "code_challenge": challenge, "code_challenge_method": "S256", "state": "s"}
+    for uri, ok in (("http://127.0.0.1:8080/", True), ("http://127.0.0.1:5173/console/cb", True),
+                    ("http://localhost:8080/console/", True), ("http://evil.example/", False),
+                    ("http://127.0.0.1.evil.example/", False)):
+        async with http.get(f"{provider.oidc}/auth", params={**base, "redirect_uri": uri},
+                            allow_redirects=False) as resp:
+            await resp.read()
+            assert (resp.status == 200) == ok, (uri, resp.status)
+
+
 # --- admin API via python-keycloak ---------------------------------------------------------------
 async def test_admin_groups_with_attributes(provider: Provider) -> None:
     admin = provider.admin()
