@@ -128,3 +128,18 @@ async def test_track_drops_oldest_when_reader_stalls(tap_class: type[ToneTap]) -
     assert track.stats.frames_in == 1
     track.stop()
     tap.close()
+
+
+@pytest.mark.parametrize("codec", ["pcmu", "pcma"])
+def test_g711_packets_match_ffmpeg(codec: str) -> None:
+    from gateway.media.g711 import G711PacketEncoder
+
+    x = np.concatenate([tone(1000, 160, 8000, amplitude=30000)[:80], np.array([-32768, 32767, 0, -1, 1] * 16, dtype=np.int16)])
+    ctx = av.CodecContext.create({"pcmu": "pcm_mulaw", "pcma": "pcm_alaw"}[codec], "w")
+    ctx.sample_rate, ctx.layout, ctx.format = 8000, "mono", "s16"
+    frame = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = 8000
+    expected = b"".join(bytes(p) for p in ctx.encode(frame))
+    pkt = G711PacketEncoder(codec).encode(x, 3)
+    assert bytes(pkt) == expected
+    assert pkt.pts == 3 * 160 and pkt.time_base.denominator == 8000

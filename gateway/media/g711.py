@@ -44,12 +44,14 @@ class G711PacketEncoder:
 
     def __init__(self, codec: str) -> None:
         self.codec = codec
-        self._lut = table(codec)
+        lut = table(codec)
+        # Re-ordered so the int16 sample's own bit pattern (viewed as uint16) is the index:
+        # no conversion of the samples per frame.
+        self._lut = np.ascontiguousarray(np.concatenate((lut[32768:], lut[:32768])))
 
     def encode(self, samples: np.ndarray, index: int) -> av.Packet:
-        idx = samples.astype(np.int32)
-        idx += 32768
-        packet = av.Packet(self._lut[idx].tobytes())
+        pcm = samples if samples.dtype == np.int16 else samples.astype(np.int16)
+        packet = av.Packet(self._lut[pcm.view(np.uint16)].tobytes())
         packet.pts = index * samples.shape[0]
         packet.time_base = TIME_BASE
         return packet

@@ -29,7 +29,9 @@ def mix_mono(agent: np.ndarray, customer: np.ndarray) -> np.ndarray:
         raise ValueError(f"leg lengths differ: {agent.shape} != {customer.shape}")
     total = agent.astype(np.int32)
     total += customer
-    np.clip(total, -32768, 32767, out=total)
+    # np.minimum/np.maximum in place: half the cost of np.clip's Python wrapper per frame
+    np.minimum(total, 32767, out=total)
+    np.maximum(total, -32768, out=total)
     return total.astype(np.int16)
 
 
