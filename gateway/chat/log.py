@@ -1,31 +1,45 @@
 """The durable, ordered, per-conversation chat log.
 
-Every entry of a conversation gets a ``seq`` that grows by exactly 1 (gap-free), assigned in
-the same SQLite transaction that stores the entry, so an entry is on disk before anyone is told
-its ``seq`` ("stored before acknowledged"). Appends are idempotent on ``(conversation,
-client_id)``: the same ``client_id`` again answers the entry stored the first time.
+Every entry of a conversation gets a ``seq`` that grows by exactly 1 (gap-free), assigned by
+the one process that owns the file (head kept in memory, recovered from the table on first
+use) inside the transaction that stores the entry; the caller hears the ``seq`` only after the
+commit ("stored before acknowledged"). Appends are idempotent on ``(conversation, client_id)``:
+the same ``client_id`` again answers the entry stored the first time.
 
 :class:`ChatLog` is the small protocol the chat plane depends on, so a Redis Streams log can
 replace :class:`SqliteChatLog` later without touching the hub, the service or the websocket
 handler.
 
-Why the SQLite log runs on the event loop (no thread): in WAL mode with
-``synchronous=NORMAL`` a commit does not fsync (only checkpoints do), and one append (upsert of
-the head + insert + commit) costs tens of microseconds; at 1000 messages/s that is a few percent
-of one core, well below what a thread hop (~50-100 µs of loop wake-ups per call) would cost.
-``bench/chat.py`` prints the measured append time. Running on the loop also makes
-append+publish atomic with respect to other coroutines, which keeps live fan-out in seq order.
+Why writes go through one writer thread (measured with bench/chat.py on the 2-core VM):
+an append on the event loop costs only ~50-90 µs (CPU is not the problem at 1000 msg/s), but
+WAL checkpoints fsync, and SQLite's automatic checkpoint runs inside the commit that crosses
+1000 WAL pages: that stalled the whole loop for 10-60 ms about once a second (p99 mirror
+latency 25-70 ms). Checkpointing from a separate thread with PASSIVE does not fix it: writes
+to the WAL then block on the same file's fsync (inode lock), and under steady load a PASSIVE
+checkpoint never completes, so the WAL never resets and grows without bound. So: one writer
+thread owns the write connection and group-commits whatever is queued (one transaction per
+batch, auto-checkpoint in that thread); the loop keeps a read connection (WAL readers never
+block) and never touches the disk for writes. A stall now delays only the appends queued
+behind it, never heartbeats, replays or other sends. ``writer_thread=False`` (and ``:memory:``)
+keeps everything on the caller's thread.
+
 Durability note: ``synchronous=NORMAL`` survives a process crash, not a power loss of the host
-(the last few commits before the loss may roll back).
+(the last commits before the loss may roll back).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import queue
 import sqlite3
+import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 KINDS = frozenset({"message", "whisper", "system"})
 SENDERS = frozenset({"customer", "agent", "supervisor", "system"})
@@ -98,7 +112,7 @@ class ChatLog(Protocol):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chat_conversation (
     conversation TEXT PRIMARY KEY,
-    head INTEGER NOT NULL,
+    head INTEGER NOT NULL,  -- written on trim: the seq must go on after every entry is gone
     low INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chat_entry (
@@ -124,32 +138,198 @@ def _row(row: tuple[Any, ...]) -> ChatEntry:
     return ChatEntry(*row)
 
 
-class SqliteChatLog:
-    """:class:`ChatLog` on one SQLite connection (WAL, ``synchronous=NORMAL``).
+_Op = tuple[Callable[[sqlite3.Connection], Any], "Future[Any] | asyncio.Future[Any]"]
 
-    Used from the event loop only; the async methods never suspend, which is what keeps
-    "append, then publish" in seq order without a lock (the service still takes one per
-    conversation so that a log that does suspend stays correct).
+
+class SqliteChatLog:
+    """:class:`ChatLog` on SQLite (WAL, ``synchronous=NORMAL``).
+
+    Writes (append, trim) run on one writer thread with its own connection, group-committed;
+    reads run on the caller's (event loop's) read connection. The file belongs to one process.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    #: Conversations whose head seq is kept in memory (LRU); a miss costs one indexed query.
+    HEAD_CACHE = 100_000
+    #: Most operations one transaction commits.
+    BATCH = 512
+
+    def __init__(self, path: str | Path, *, writer_thread: bool = True) -> None:
         self.path = str(path)
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False
-        )
-        db = self._db
+        memory = self.path == ":memory:" or self.path.startswith("file::memory")
+        self._db: sqlite3.Connection | None = self._connect()
+        self._db.executescript(_SCHEMA)
+        #: heads as the writer sees them (writer thread only, or the caller without a thread)
+        self._heads: OrderedDict[str, int] = OrderedDict()
+        #: heads of committed entries, for readers (updated on the caller's side)
+        self._read_heads: OrderedDict[str, int] = OrderedDict()
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._wdb: sqlite3.Connection | None = None
+        if writer_thread and not memory:
+            self._writer = threading.Thread(target=self._write_loop, name="chat-log-writer", daemon=True)
+            self._writer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=2000")
-        db.executescript(_SCHEMA)
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
 
     @property
     def db(self) -> sqlite3.Connection:
+        """The read connection (also the write connection without a writer thread)."""
         if self._db is None:
             raise RuntimeError("chat log is closed")
         return self._db
 
-    # -- sync core (also handy for tests and benches) ------------------------------------------
+    # -- the writer ------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        conn = self._wdb = self._connect()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < self.BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self._run_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        """One transaction for the whole batch (few statements per op: every statement is a
+        GIL hand-off with the loop thread). If it fails, each op is retried alone so one bad op
+        fails only itself."""
+        heads_before = dict(self._heads)
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _ in batch:
+                results.append((True, fn(conn)))
+            conn.execute("COMMIT")
+        except Exception:  # noqa: BLE001
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._heads.clear()
+            self._heads.update(heads_before)
+            results = []
+            for fn, _ in batch:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    value = fn(conn)
+                    conn.execute("COMMIT")
+                    results.append((True, value))
+                except Exception as exc:  # noqa: BLE001
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    self._heads.clear()  # reloaded from the table on next use
+                    results.append((False, exc))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, target), (ok, value) in zip(batch, results):
+            if isinstance(target, Future):
+                if ok:
+                    target.set_result(value)
+                else:
+                    target.set_exception(value)
+            else:
+                by_loop.setdefault(target.get_loop(), []).append((target, ok, value))
+        for loop, items in by_loop.items():
+            # one wake-up of the loop per batch, not per op
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve_all, items)
+
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], Any], target: Future[Any] | asyncio.Future[Any] | None = None
+    ) -> Future[Any] | asyncio.Future[Any]:
+        """Run ``fn(conn)`` in a write transaction; the result lands in ``target`` (a
+        concurrent Future by default, or an asyncio Future of the calling loop)."""
+        fut: Future[Any] | asyncio.Future[Any] = target if target is not None else Future()
+        if self._writer is None:
+            try:
+                db = self.db
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    value = fn(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    self._heads.clear()  # reloaded from the table on next use
+                    raise
+                fut.set_result(value)
+            except Exception as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+        else:
+            if self._db is None:
+                raise RuntimeError("chat log is closed")
+            self._queue.put((fn, fut))
+        return fut
+
+    # -- operations (run inside a write transaction) ---------------------------------------
+
+    def _op_append(
+        self,
+        conn: sqlite3.Connection,
+        conversation: str,
+        kind: str,
+        sender: str,
+        author: str | None,
+        text: str,
+        visibility: str,
+        client_id: str | None,
+        ts: float | None,
+    ) -> tuple[ChatEntry, bool]:
+        if client_id is not None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM chat_entry WHERE conversation = ? AND client_id = ?",
+                (conversation, client_id),
+            ).fetchone()
+            if row:
+                return _row(row), False
+        when = time.time() if ts is None else ts
+        seq = self._writer_head(conn, conversation) + 1
+        conn.execute(
+            f"INSERT INTO chat_entry({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            (conversation, seq, kind, sender, author, text, visibility, client_id, when),
+        )
+        _lru_set(self._heads, conversation, seq, self.HEAD_CACHE)
+        return ChatEntry(conversation, seq, kind, sender, author, text, visibility, client_id, when), True
+
+    def _op_trim(self, conn: sqlite3.Connection, conversation: str, below: int) -> int:
+        head = self._writer_head(conn, conversation)
+        below = min(below, head + 1)
+        deleted = conn.execute(
+            "DELETE FROM chat_entry WHERE conversation = ? AND seq < ?", (conversation, below)
+        ).rowcount
+        # the stored head keeps the seq going after every entry was trimmed away
+        conn.execute(
+            "INSERT INTO chat_conversation(conversation, head, low) VALUES (?, ?, ?) "
+            "ON CONFLICT(conversation) DO UPDATE SET head = max(head, excluded.head), "
+            "low = max(low, excluded.low)",
+            (conversation, head, below),
+        )
+        return deleted
+
+    def _writer_head(self, conn: sqlite3.Connection, conversation: str) -> int:
+        head = self._heads.get(conversation)
+        if head is None:
+            head = _stored_head(conn, conversation)
+            _lru_set(self._heads, conversation, head, self.HEAD_CACHE)
+        return head
+
+    # -- sync API (tests, benches, tools) ---------------------------------------------------
 
     def append_sync(
         self,
@@ -163,37 +343,40 @@ class SqliteChatLog:
         client_id: str | None = None,
         ts: float | None = None,
     ) -> tuple[ChatEntry, bool]:
+        entry, created = self._append_future(
+            conversation, kind, sender, author, text, visibility, client_id, ts
+        ).result()
+        self._committed(entry)
+        return entry, created
+
+    def _append_future(
+        self,
+        conversation: str,
+        kind: str,
+        sender: str,
+        author: str | None,
+        text: str,
+        visibility: str,
+        client_id: str | None,
+        ts: float | None,
+        target: Any = None,
+    ) -> Any:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         if sender not in SENDERS:
             raise ValueError(f"unknown sender {sender!r}")
         if visibility not in VISIBILITIES:
             raise ValueError(f"unknown visibility {visibility!r}")
-        db = self.db
-        if client_id is not None:
-            existing = self.get_by_client_id_sync(conversation, client_id)
-            if existing is not None:
-                return existing, False
-        when = time.time() if ts is None else ts
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            (seq,) = db.execute(
-                "INSERT INTO chat_conversation(conversation, head) VALUES (?, 1) "
-                "ON CONFLICT(conversation) DO UPDATE SET head = head + 1 RETURNING head",
-                (conversation,),
-            ).fetchone()
-            db.execute(
-                f"INSERT INTO chat_entry({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                (conversation, seq, kind, sender, author, text, visibility, client_id, when),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return (
-            ChatEntry(conversation, seq, kind, sender, author, text, visibility, client_id, when),
-            True,
+        return self._submit(
+            lambda conn: self._op_append(
+                conn, conversation, kind, sender, author, text, visibility, client_id, ts
+            ),
+            target,
         )
+
+    def _committed(self, entry: ChatEntry) -> None:
+        if self._read_heads.get(entry.conversation, 0) < entry.seq:
+            _lru_set(self._read_heads, entry.conversation, entry.seq, self.HEAD_CACHE)
 
     def get_by_client_id_sync(self, conversation: str, client_id: str) -> ChatEntry | None:
         row = self.db.execute(
@@ -211,10 +394,16 @@ class SqliteChatLog:
         return [_row(r) for r in rows]
 
     def head_sync(self, conversation: str) -> int:
-        row = self.db.execute(
-            "SELECT head FROM chat_conversation WHERE conversation = ?", (conversation,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        head = self._read_heads.get(conversation)
+        if head is None:
+            head = _stored_head(self.db, conversation)
+            if head:
+                self._committed_head(conversation, head)
+        return head
+
+    def _committed_head(self, conversation: str, head: int) -> None:
+        if self._read_heads.get(conversation, 0) < head:
+            _lru_set(self._read_heads, conversation, head, self.HEAD_CACHE)
 
     def low_water_sync(self, conversation: str) -> int:
         row = self.db.execute(
@@ -223,24 +412,7 @@ class SqliteChatLog:
         return int(row[0]) if row else 1
 
     def trim_sync(self, conversation: str, below: int) -> int:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            head = self.head_sync(conversation)
-            below = min(below, head + 1)
-            cur = db.execute(
-                "DELETE FROM chat_entry WHERE conversation = ? AND seq < ?", (conversation, below)
-            )
-            deleted = cur.rowcount
-            db.execute(
-                "UPDATE chat_conversation SET low = max(low, ?) WHERE conversation = ?",
-                (below, conversation),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return deleted
+        return int(self._submit(lambda conn: self._op_trim(conn, conversation, below)).result())
 
     # -- ChatLog -----------------------------------------------------------------------------
 
@@ -256,16 +428,11 @@ class SqliteChatLog:
         client_id: str | None = None,
         ts: float | None = None,
     ) -> tuple[ChatEntry, bool]:
-        return self.append_sync(
-            conversation,
-            kind=kind,
-            sender=sender,
-            author=author,
-            text=text,
-            visibility=visibility,
-            client_id=client_id,
-            ts=ts,
-        )
+        target: asyncio.Future[tuple[ChatEntry, bool]] = asyncio.get_running_loop().create_future()
+        fut = self._append_future(conversation, kind, sender, author, text, visibility, client_id, ts, target)
+        entry, created = await fut
+        self._committed(entry)
+        return entry, created
 
     async def get_by_client_id(self, conversation: str, client_id: str) -> ChatEntry | None:
         return self.get_by_client_id_sync(conversation, client_id)
@@ -280,9 +447,51 @@ class SqliteChatLog:
         return self.low_water_sync(conversation)
 
     async def trim(self, conversation: str, below: int) -> int:
-        return self.trim_sync(conversation, below)
+        target: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        return int(await self._submit(lambda conn: self._op_trim(conn, conversation, below), target))
 
     async def close(self) -> None:
+        writer = self._writer
+        if writer is not None:
+            self._queue.put(None)  # after everything already queued
+            await asyncio.get_running_loop().run_in_executor(None, writer.join)
+            self._writer = None
+        if self._db is not None:
+            self._db.close()  # the last connection checkpoints the WAL into the database
+            self._db = None
+
+    def close_sync(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _resolve_all(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in items:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _stored_head(conn: sqlite3.Connection, conversation: str) -> int:
+    (top,) = conn.execute(
+        "SELECT max(seq) FROM chat_entry WHERE conversation = ?", (conversation,)
+    ).fetchone()
+    row = conn.execute(
+        "SELECT head FROM chat_conversation WHERE conversation = ?", (conversation,)
+    ).fetchone()
+    return max(int(top or 0), int(row[0]) if row else 0)
+
+
+def _lru_set(cache: OrderedDict[str, int], key: str, value: int, cap: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > cap:
+        cache.popitem(last=False)
