@@ -99,6 +99,9 @@ async def test_per_leg_mix_reaches_phone_never_the_phones_tone(gw: tuple[SipPlan
         await asyncio.sleep(0.3)
         assert ("phone_ended", "m-1", "hung_up") not in hooks.events
         assert not [e for e in hooks.events if e[0] == "phone_ended"], "our own hang-up is not reported"
+        # Hanging up the phone never disturbs the conversation (R12): legs and tap go on.
+        assert plane.legs("c-1") == {"agent", "customer"}
+        assert len(await collect(tap, 0.5)) >= 15
     finally:
         await phone.stop()
 
@@ -200,9 +203,17 @@ async def test_worker_crash_ends_only_its_calls_and_restarts(gw: tuple[SipPlane,
         await hooks.wait_for("leg_started", "c-3", "agent")
         w1, w3 = plane.worker_of("c-1"), plane.worker_of("c-3")
         assert w1 is not None and w3 is not None and w1 != w3, "footprints of 3 calls: one conversation per worker"
-        victim = plane.worker_pids()[w1]  # type: ignore[index]
-        os.kill(victim, signal.SIGKILL)
-        await hooks.wait_for("leg_ended", "c-1", "agent", "media_failure", timeout=3)
+        phone_port = free_udp_block(30, 40000, 59000)
+        phone = await start_phone(phone_port, tmp_path / "crash.wav")
+        try:
+            await plane.call_phone("c-1", "m-7", f"sip:sam@127.0.0.1:{phone_port}")
+            await phone.wait_line("CONNECTED", 5)
+            victim = plane.worker_pids()[w1]
+            os.kill(victim, signal.SIGKILL)
+            await hooks.wait_for("leg_ended", "c-1", "agent", "media_failure", timeout=3)
+            await hooks.wait_for("phone_ended", "m-7", "media_failure", timeout=3)
+        finally:
+            await phone.stop()
         await wait_until(lambda: plane.ready and plane.worker_pids()[w1] != victim, 10, "worker restart")  # type: ignore[index]
         assert plane.stats()["worker_restarts"] == 1
         assert plane.legs("c-3") == {"agent"}

@@ -38,6 +38,7 @@ SAMPLES = CLOCK_RATE // 50
 # Same layout as gateway.media.frames (version 1); kept local so per-frame work stays tiny.
 _HEADER = struct.Struct("<BBHIH")
 _DECIDE_TIMEOUT = 5.0
+_SILENCE = b"\0" * (2 * SAMPLES)
 
 
 def _buf_bytes(frame: Any) -> bytes:
@@ -171,6 +172,10 @@ class Worker:
                 if call.pending_since and now - call.pending_since > _DECIDE_TIMEOUT:
                     call.pending_since = 0.0
                     call.reject(500)
+                elif call.ringing_since and now - call.ringing_since > self.args.ring_timeout:
+                    call.ringing_since = 0.0  # a phone that never answers is unreachable
+                    call.end_reason = "phone_unreachable"
+                    call.local_hangup()
             if now - last_stats >= 1.0:
                 last_stats = now
                 self.emit("stats", frames=self.frames_sent, drops=self.frames_dropped, calls=len(self.calls))
@@ -233,6 +238,7 @@ class Worker:
             prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
             prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING])
             call.makeCall(uri, prm)  # raises pj.Error for a URI pj refuses
+            call.ringing_since = time.monotonic()
             self.calls[call.key] = call
             conv.phone = call
             conv.calls.add(call.key)
@@ -381,8 +387,10 @@ class TapPort(pj.AudioMediaPort):
         self.leg = leg
 
     def onFrameReceived(self, frame: Any) -> None:  # noqa: N802 - pj callback name
-        if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO:
-            self.conv.on_leg_frame(self.leg, _buf_bytes(frame))
+        # The bridge calls every port once per tick, with a NONE frame when the mix is digital
+        # silence: count those as silence so the two legs stay paired tick by tick.
+        data = _buf_bytes(frame) if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO else b""
+        self.conv.on_leg_frame(self.leg, data or _SILENCE)
 
 
 class GwAccount(pj.Account):
@@ -405,6 +413,7 @@ class GwCall(pj.Call):
         self.key = worker.next_key
         worker.next_key += 1
         self.pending_since = 0.0
+        self.ringing_since = 0.0
         self.conv_id: str | None = None
         self.legs: list[str | None] = []
         self.phone_mid: str | None = None
@@ -474,6 +483,7 @@ class GwCall(pj.Call):
             if self.phone_mid is not None:
                 if not self.connected:
                     self.connected = True
+                    self.ringing_since = 0.0
                     conv.phone_up(media)
                     self.w.emit("phone_state", mid=self.phone_mid, state="connected")
             elif mi.index < len(self.legs) and self.legs[mi.index]:
@@ -493,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtp-port", type=int, default=20000)
     p.add_argument("--rtp-range", type=int, default=100)
     p.add_argument("--max-calls", type=int, default=4)
-    p.add_argument("--poll-ms", type=int, default=30)
+    p.add_argument("--poll-ms", type=int, default=40)
+    p.add_argument("--ring-timeout", type=float, default=30.0, help="seconds a supervisor phone may ring")
     p.add_argument("--log-level", type=int, default=1)
     args = p.parse_args(argv)
     w = Worker(args)
