@@ -155,3 +155,52 @@ def test_hub_overflow_drops_buffer():
     for seq in (8, 9, 10):
         acker.sent(seq)
     assert acker.overflowed
+
+
+async def test_concurrent_posts_through_the_writer_thread_stay_ordered(tmp_path):
+    chat = service(tmp_path, chat_rate_per_second=0)
+    assert chat.log._writer is not None  # type: ignore[attr-defined]
+    seen: dict[str, list[int]] = {f"c{i}": [] for i in range(5)}
+    subs = {cid: chat.subscribe(cid, lambda: None) for cid in seen}
+
+    async def post(cid: str, n: int):
+        return await chat.post(cid, kind="message", sender="agent", author=f"a{n % 3}", text=f"{n}",
+                               visibility="all", client_id=f"k{n}")
+
+    results = await asyncio.gather(*(post(f"c{n % 5}", n) for n in range(200)))
+    # the same client_id posted concurrently: one entry, everybody gets its seq
+    dups = await asyncio.gather(*(post("c0", 0) for _ in range(5)))
+    assert all(e == results[0][0] and not created for e, created in dups)
+    for cid, sub in subs.items():
+        seen[cid] = [e.seq for e in sub.queue]
+        assert seen[cid] == list(range(1, 41)), cid  # published in seq order, none twice
+        assert await chat.head(cid) == 40
+        assert [e.seq for e in await chat.log.read(cid, 0)] == list(range(1, 41))
+    await chat.close()
+
+
+async def test_a_failing_write_fails_only_itself(tmp_path):
+    log = SqliteChatLog(tmp_path / "c.sqlite3")
+
+    def boom(conn):
+        raise RuntimeError("boom")
+
+    bad = log._submit(boom)  # type: ignore[attr-defined]
+    good = log.append(  # queued right behind it, likely in the same batch
+        "a", kind="message", sender="agent", author="x", text="fine", visibility="all")
+    entry, created = await good
+    assert created and entry.seq == 1
+    with pytest.raises(RuntimeError):
+        await asyncio.wrap_future(bad)
+    assert (await log.append("a", kind="message", sender="agent", author="x", text="next",
+                             visibility="all"))[0].seq == 2
+    await log.close()
+
+
+def test_inline_mode_without_writer_thread(tmp_path):
+    log = SqliteChatLog(tmp_path / "c.sqlite3", writer_thread=False)
+    assert log._writer is None  # type: ignore[attr-defined]
+    assert msg(log, "a", "one")[0].seq == 1
+    assert msg(log, "a", "two", client_id="x")[0].seq == 2
+    assert msg(log, "a", "two again", client_id="x") [0].seq == 2
+    log.close_sync()

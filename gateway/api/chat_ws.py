@@ -174,12 +174,14 @@ class _ChatStream:
             else:
                 decision = _result(reader)
         finally:
-            if not writer.done():
-                writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+            # synchronous cleanup first: it must happen even if this task is being cancelled
             if self.sub is not None:
                 self.sub.close()
+            if not self.kill.done():
+                self.kill.cancel()
+            if not writer.done():
+                writer.cancel()
+            await asyncio.wait({writer})
             if decision is not None and not self.ws.closed:
                 code, message = decision
                 try:
@@ -189,17 +191,14 @@ class _ChatStream:
                 except (asyncio.TimeoutError, ConnectionError):
                     pass
             if not reader.done():
-                try:
-                    await asyncio.wait_for(reader, CLOSE_TIMEOUT)
-                except BaseException:  # noqa: BLE001 - the reader is done for either way
-                    pass
+                await asyncio.wait({reader}, timeout=CLOSE_TIMEOUT)
+                if not reader.done():
+                    reader.cancel()
             if decision is not None and decision[0] == CLOSE_OVERFLOW:
                 # a reader that never reads would pin its unsent bytes in the transport
                 transport = self.request.transport
                 if transport is not None:
                     self.loop.call_later(ABORT_AFTER, transport.abort)
-            if not self.kill.done():
-                self.kill.cancel()
         log.debug("chat stream %s/%s closed: %s", self.cid, self.view, decision)
 
     async def _read(self) -> tuple[int, str] | None:
