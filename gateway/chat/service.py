@@ -241,8 +241,9 @@ class ChatService:
         return self._ended.get(cid)
 
     def go_away(self) -> int:
-        """Server shutdown (call from ``on_shutdown``): every stream closes with 1001 and no
-        ``end``, so clients resume elsewhere/later with ``after``. Returns how many."""
+        """Server shutdown (call from an ``on_shutdown`` handler):
+        every stream closes with 1001 and no ``end``, so clients resume later with ``after``.
+        Returns how many."""
         self._going_away = True
         return self.hub.go_away()
 
