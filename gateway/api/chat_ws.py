@@ -158,8 +158,11 @@ class _ChatStream:
     # -- the two halves ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        def on_ended(_f: asyncio.Future[str]) -> None:
+            self.wake()
+
         if self.ended is not None:
-            self.ended.add_done_callback(lambda _f: self.wake())
+            self.ended.add_done_callback(on_ended)
         writer = asyncio.ensure_future(self._write())
         reader = asyncio.ensure_future(self._read())
         decision: tuple[int, str] | None = None
@@ -175,6 +178,9 @@ class _ChatStream:
                 decision = _result(reader)
         finally:
             # synchronous cleanup first: it must happen even if this task is being cancelled
+            if self.ended is not None:
+                # the future may outlive this connection (shared by a monitor's reconnects)
+                self.ended.remove_done_callback(on_ended)
             if self.sub is not None:
                 self.sub.close()
             if not self.kill.done():
