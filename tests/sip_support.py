@@ -192,8 +192,8 @@ async def start_phone(port: int, record: Path, *extra: str) -> Proc:
     return p
 
 
-def render_leg_scenario(tmp: Path, rtp_file: Path) -> Path:
-    text = (SIPP_DIR / "leg_uac.xml").read_text()
+def render_leg_scenario(tmp: Path, rtp_file: Path, name: str = "leg_uac.xml") -> Path:
+    text = (SIPP_DIR / name).read_text()
     text = text.replace("fixtures/audio/agent_600.ulaw", str(rtp_file))
     out = tmp / f"leg_{rtp_file.stem}_{uuid.uuid4().hex[:6]}.xml"
     out.write_text(text)
@@ -212,6 +212,22 @@ async def start_sipp_leg(
         "-p", str(base), "-mi", "127.0.0.1", "-mp", str(base + 2), "-d", str(duration_ms),
         "-key", "cid", cid, "-key", "leg", leg, "-nostdin", "-timeout", "30s", "-timeout_error",
         "-trace_err", "-error_file", str(tmp / f"sipp_{cid}_{leg}_err.log"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=str(tmp),
+    )  # fmt: skip
+
+
+async def start_sipp_siprec(
+    tmp: Path, front_port: int, cid: str, agent: str, rtp_file: Path, duration_ms: int = 3000
+) -> asyncio.subprocess.Process:
+    """A SIPREC recording client with sipp (fixtures/sipp/siprec_uac.xml); audio on the first stream only."""
+    sipp = require_tool("sipp")
+    scen = render_leg_scenario(tmp, rtp_file, "siprec_uac.xml")
+    base = free_udp_block(8, 40000, 59000)
+    return await asyncio.create_subprocess_exec(
+        sipp, f"127.0.0.1:{front_port}", "-sf", str(scen), "-m", "1", "-i", "127.0.0.1",
+        "-p", str(base), "-mi", "127.0.0.1", "-mp", str(base + 2), "-d", str(duration_ms),
+        "-key", "cid", cid, "-key", "agent", agent, "-nostdin", "-timeout", "30s", "-timeout_error",
+        "-trace_err", "-error_file", str(tmp / f"sipp_siprec_{cid}_err.log"),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=str(tmp),
     )  # fmt: skip
 
@@ -560,6 +576,10 @@ def _siprec_main(argv: list[str]) -> int:  # pragma: no cover - runs in a child 
     hdr.hValue = "recording-session"
     part.headers.append(hdr)
     prm.txOption.multipartParts.append(part)
+    req = pj.SipHeader()
+    req.hName = "Require"
+    req.hValue = "siprec"  # as RFC 7866 SRCs send it
+    prm.txOption.headers.append(req)
     if a.cid and a.cid_header:
         h = pj.SipHeader()
         h.hName = "X-Conversation-ID"

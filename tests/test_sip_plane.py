@@ -36,6 +36,7 @@ from .sip_support import (
     sdp,
     start_phone,
     start_siprec,
+    start_sipp_siprec,
     start_sipp_leg,
     tone_levels,
     wait_until,
@@ -189,6 +190,23 @@ async def test_siprec_speech_per_leg_and_phone_hangup(gw: tuple[SipPlane, FakeHo
     for leg in ("agent", "customer"):
         back, _ = read_wav(tmp_path / f"src-{leg}.wav")
         assert np.abs(back).max(initial=0) < 50, f"the gateway sent audio back on the {leg} stream"
+
+
+async def test_sipp_siprec_metadata_names_the_conversation_and_agent(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
+    plane, hooks = gw
+    tap = plane.open_tap("c-3")
+    src = await start_sipp_siprec(tmp_path, plane.settings.sip_port, "c-3", "bob", AUDIO / "agent_600.ulaw", 2500)
+    await hooks.wait_for("leg_started", "c-3", "agent")
+    await hooks.wait_for("leg_started", "c-3", "customer")
+    frames = await collect(tap, 1.0)
+    assert len(frames) >= 40
+    a = np.concatenate([f.agent for f in frames]).astype(float)
+    c = np.concatenate([f.customer for f in frames]).astype(float)
+    assert tone_levels(a, 8000, [AGENT_HZ])[AGENT_HZ] > 0.9
+    assert np.abs(c).max() < 50, "sipp sends nothing on the customer stream"
+    assert await src.wait() == 0, (tmp_path / "sipp_siprec_c-3_err.log").read_text() if (tmp_path / "sipp_siprec_c-3_err.log").exists() else ""
+    await hooks.wait_for("leg_ended", "c-3", "agent", "bye", timeout=2)
+    await hooks.wait_for("leg_ended", "c-3", "customer", "bye", timeout=2)
 
 
 async def test_worker_crash_ends_only_its_calls_and_restarts(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
