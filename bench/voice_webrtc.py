@@ -123,11 +123,11 @@ class _Tap:
         self.ready.set()
 
 
-def sender_main(port_q: "mp.Queue[int]", index: int, codec: str = "opus") -> None:
-    asyncio.run(_sender(port_q, index, codec))
+def sender_main(port_q: "mp.Queue[int]", index: int, codec: str = "opus", batch: bool = False) -> None:
+    asyncio.run(_sender(port_q, index, codec, batch))
 
 
-async def _sender(port_q: "mp.Queue[int]", index: int, codec: str = "opus") -> None:
+async def _sender(port_q: "mp.Queue[int]", index: int, codec: str = "opus", batch: bool = False) -> None:
     import logging
 
     from aiohttp import web
@@ -142,7 +142,7 @@ async def _sender(port_q: "mp.Queue[int]", index: int, codec: str = "opus") -> N
 
     async def whep(request: web.Request) -> web.Response:
         offer = await request.text()
-        sdp, session = await answer_whep(offer, ticker.new_tap(), settings=settings, stereo=False, codec=codec)
+        sdp, session = await answer_whep(offer, ticker.new_tap(), settings=settings, stereo=False, codec=codec, batch=batch)
         sessions.append(session)
         return web.Response(status=201, text=sdp, content_type="application/sdp", headers={"Location": f"/whep/{session.id}"})
 
@@ -334,10 +334,10 @@ async def _get_json(port: int) -> dict[str, Any]:
             return await res.json()
 
 
-def run_size(n: int, *, senders: int, receivers: int, duration: float, warmup: float, join_rate: float, codec: str = "opus") -> dict[str, Any]:
+def run_size(n: int, *, senders: int, receivers: int, duration: float, warmup: float, join_rate: float, codec: str = "opus", batch: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_q: "mp.Queue[int]" = ctx.Queue()
-    sprocs = [ctx.Process(target=sender_main, args=(port_q, i, codec), daemon=True) for i in range(senders)]
+    sprocs = [ctx.Process(target=sender_main, args=(port_q, i, codec, batch), daemon=True) for i in range(senders)]
     for p in sprocs:
         p.start()
     ports = [port_q.get(timeout=60) for _ in sprocs]
@@ -423,6 +423,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--join-rate", type=float, default=40.0, help="joins per second (all receivers)")
     ap.add_argument("--codec", default="opus", choices=["opus", "pcmu"], help="what the gateway sends")
+    ap.add_argument("--batch", action="store_true", help="gateway sends with gateway.media.batch (one tick for all listeners)")
     ap.add_argument("--late-ms", type=float, default=LATE_MS)
     ap.add_argument("--smoke", action="store_true", help="4 monitors, 3 s, one of each process")
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first failing size")
@@ -434,14 +435,14 @@ def main() -> None:
     else:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
-    print(f"codec={args.codec} cores={os.cpu_count()} senders={args.senders} receivers={args.receivers} window={args.duration}s late>{args.late_ms}ms  load={os.getloadavg()[0]:.2f}")
+    print(f"codec={args.codec} batch={args.batch} cores={os.cpu_count()} senders={args.senders} receivers={args.receivers} window={args.duration}s late>{args.late_ms}ms  load={os.getloadavg()[0]:.2f}")
     hdr = f"{'N':>5} {'ok':>5} {'late%':>7} {'lateRx':>6} {'lost':>5} {'under':>6} {'join p50':>9} {'join p99':>9} {'jit99':>6} {'jitmax':>6} {'gwCPU%':>7} {'%/mon':>6} {'RSS kB/mon':>10} {'rxCPU%':>7}"
     print(hdr)
     print("-" * len(hdr))
     rows = []
     best = 0
     for n in sizes:
-        row = run_size(n, senders=args.senders, receivers=args.receivers, duration=args.duration, warmup=args.warmup, join_rate=args.join_rate, codec=args.codec)
+        row = run_size(n, senders=args.senders, receivers=args.receivers, duration=args.duration, warmup=args.warmup, join_rate=args.join_rate, codec=args.codec, batch=args.batch)
         rows.append(row)
         ok = row["late_pct"] < 0.1 and row["joined"] == n
         fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731

@@ -142,4 +142,6 @@ def test_g711_packets_match_ffmpeg(codec: str) -> None:
     expected = b"".join(bytes(p) for p in ctx.encode(frame))
     pkt = G711PacketEncoder(codec).encode(x, 3)
     assert bytes(pkt) == expected
+    half = (x // 2).astype(np.int16)
+    assert G711PacketEncoder(codec).encode_mix(half, (x - half).astype(np.int16)) == expected  # mix then encode
     assert pkt.pts == 3 * 160 and pkt.time_base.denominator == 8000

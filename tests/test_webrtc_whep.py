@@ -111,6 +111,7 @@ async def _listen(
     force_answer_sendrecv: bool = False,
     tap: StrictTap | None = None,
     codec: str | None = None,
+    batch: bool = False,
 ) -> tuple[str, WhepSession, np.ndarray, RTCPeerConnection, StrictTap]:
     tap = tap or StrictTap(ToneTap("c-1"))
     client = RTCPeerConnection()  # default config is fine: gathering is pinned to loopback below
@@ -130,7 +131,7 @@ async def _listen(
     with host_addresses(["127.0.0.1"]):
         await client.setLocalDescription(offer)
     answer_sdp, session = await answer_whep(
-        client.localDescription.sdp, tap, settings=SETTINGS, stereo=stereo, on_levels=None, on_inbound_rtp=None, codec=codec
+        client.localDescription.sdp, tap, settings=SETTINGS, stereo=stereo, on_levels=None, on_inbound_rtp=None, codec=codec, batch=batch
     )
     client_answer = answer_sdp.replace("a=sendonly", "a=sendrecv") if force_answer_sendrecv else answer_sdp
     await client.setRemoteDescription(RTCSessionDescription(sdp=client_answer, type="answer"))
@@ -191,6 +192,28 @@ async def test_pcmu_preferred_is_negotiated_and_pre_encoded() -> None:
     finally:
         await session.close()
         await client.close()
+
+
+@pytest.mark.parametrize("stereo,codec", [(False, "opus"), (True, "opus"), (False, "pcmu")])
+async def test_batched_sender_carries_the_same_audio(stereo: bool, codec: str) -> None:
+    answer, session, audio, client, tap = await _listen(stereo=stereo, codec=codec, batch=True)
+    try:
+        assert session.track.mode == "batch"
+        assert _media_direction(answer) == "sendonly"
+        rate, skip = (48000, 4800) if codec == "opus" else (8000, 800)
+        if stereo:
+            left, right = audio[0][skip:], audio[1][skip:]
+            assert _peak_power(left, rate, 600) > 0.5 and _peak_power(left, rate, 1000) < 0.05
+            assert _peak_power(right, rate, 1000) > 0.5 and _peak_power(right, rate, 600) < 0.05
+        else:
+            mix = audio[0][skip:]
+            assert _peak_power(mix, rate, 600) > 0.2 and _peak_power(mix, rate, 1000) > 0.2
+        assert session.stats.frames_out > 30
+        assert tap.touched == set()
+    finally:
+        await session.close()
+        await client.close()
+    assert session.track.readyState == "ended"
 
 
 async def test_sendrecv_offer_gets_sendonly_answer_and_nothing_flows_back() -> None:

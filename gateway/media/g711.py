@@ -48,6 +48,16 @@ class G711PacketEncoder:
         # Re-ordered so the int16 sample's own bit pattern (viewed as uint16) is the index:
         # no conversion of the samples per frame.
         self._lut = np.ascontiguousarray(np.concatenate((lut[32768:], lut[:32768])))
+        self._lut_offset = lut  # indexed by sample + 32768
+
+    def encode_mix(self, agent: np.ndarray, customer: np.ndarray) -> bytes:
+        """Mix two int16 legs (saturating) and encode, in one pass: the batched sender's path."""
+        total = agent.astype(np.int32)
+        total += customer
+        np.minimum(total, 32767, out=total)
+        np.maximum(total, -32768, out=total)
+        total += 32768
+        return self._lut_offset[total].tobytes()
 
     def encode(self, samples: np.ndarray, index: int) -> av.Packet:
         pcm = samples if samples.dtype == np.int16 else samples.astype(np.int16)

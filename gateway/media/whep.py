@@ -32,6 +32,7 @@ from ..config import Settings
 from .frames import LegTap
 from .ice import filter_offer_candidates, host_addresses, loopback_only, rtc_configuration, split_csv
 from .levels import LevelsCallback
+from .batch import BATCH_CODECS, BatchSender, BatchTrack, supported as batch_supported
 from .track import LegTapTrack, TrackStats
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class WhepSession:
     :attr:`tap_ended`; the monitor's end closes the session).
     """
 
-    def __init__(self, pc: RTCPeerConnection, track: LegTapTrack, tap: LegTap, *, stereo: bool, on_inbound_rtp: InboundRtpCallback | None) -> None:
+    def __init__(self, pc: RTCPeerConnection, track: LegTapTrack | BatchTrack, tap: LegTap, *, stereo: bool, on_inbound_rtp: InboundRtpCallback | None) -> None:
         self.id = uuid.uuid4().hex
         self.pc = pc
         self.track = track
@@ -208,6 +209,7 @@ async def answer_whep(
     on_inbound_rtp: InboundRtpCallback | None = None,
     sample_rate: int = 8000,
     codec: str | None = None,
+    batch: bool | None = None,
 ) -> tuple[str, WhepSession]:
     """Answer a WHEP offer with a send-only audio stream of ``tap``'s conversation.
 
@@ -220,6 +222,10 @@ async def answer_whep(
     setting exists, else ``opus``) is used when the offer has it, else the offer's first
     codec aiortc speaks. Opus and G.711 are encoded here once per frame and handed to aiortc
     as packets; G.711 is mono only (``stereo`` then degrades to the mix).
+
+    ``batch`` (default ``settings.webrtc_batch`` if that setting exists, else off) sends the
+    media from the process-wide :class:`~.batch.BatchSender` instead of aiortc's per-track
+    sender loop: same packets, a fraction of the CPU per listener (see :mod:`.batch`).
 
     Raises :class:`WhepError` (``code`` ``invalid_sdp`` / ``no_audio`` / ``no_common_codec``)
     for an offer that can not be answered; the tap is closed in that case.
@@ -248,7 +254,13 @@ async def answer_whep(
     def tap_ended() -> None:
         log.info("leg tap of whep session %s ended", session_ref[0].id if session_ref else "?")
 
-    track = LegTapTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+    use_batch = bool(getattr(settings, "webrtc_batch", False) if batch is None else batch)
+    use_batch = use_batch and chosen in BATCH_CODECS and (chosen == "opus" or sample_rate == 8000)
+    track: LegTapTrack | BatchTrack
+    if use_batch:
+        track = BatchTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+    else:
+        track = LegTapTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
     session = WhepSession(pc, track, tap, stereo=stereo, on_inbound_rtp=on_inbound_rtp)
     session_ref.append(session)
 
@@ -304,6 +316,16 @@ async def answer_whep(
     session._timeout = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, _timeout)
 
     sdp = pc.localDescription.sdp
+    if isinstance(track, BatchTrack):
+        if batch_supported(pc):
+            track.attach(pc, sdp)
+            BatchSender.instance().add(track)
+        else:  # this aiortc lacks the internals batching needs: the stock path instead
+            log.warning("batched sending not supported by this aiortc; using the per-track sender")
+            plain = LegTapTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+            pc.getTransceivers()[0].sender.replaceTrack(plain)
+            track.stop()
+            session.track = track = plain
     if track.stereo and chosen == "opus":
         sdp = _munge_stereo(sdp)
     log.info("whep session %s answered (codec %s, %s, %s)", session.id, chosen, "stereo" if track.stereo else "mono", track.mode)

@@ -1,0 +1,308 @@
+"""Batched sending: one 20 ms tick per process sends every listener's packet.
+
+Why: with pre-encoded packets, what a WebRTC listener still costs is aiortc's per-packet
+path -- a task wake-up, ``RtpPacket`` objects, header-extension encoding, two NTP clock
+reads and three awaits per packet, ~150-200 us of Python on this host -- not the
+cryptography or the socket (RTP header + SRTP + ``sendto`` measure ~20 us, see
+``bench/voice_webrtc.py``). :class:`BatchSender` keeps aiortc for what it is good at (SDP,
+ICE, DTLS, RTCP) and does the media itself: one timer for all listeners of the process, and
+per listener a struct-packed RTP header, ``libsrtp`` protect with the DTLS-derived key and
+one ``sendto`` on the nominated ICE pair.
+
+This reaches into aiortc 1.x internals (``RTCDtlsTransport._tx_srtp``, the aioice
+``Connection._nominated`` pair, ``RTCRtpSender._ssrc``); :func:`supported` checks they exist
+and :func:`gateway.media.whep.answer_whep` uses the plain :class:`~.track.LegTapTrack`
+otherwise. aiortc's own sender loop for the transceiver stays parked on a track whose
+``recv()`` never returns, so it sends nothing and costs nothing; its RTCP task still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import struct
+from typing import Any, Callable
+
+import numpy as np
+from aiortc import RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .frames import FRAME_MS, LegFrame, LegTap
+from .g711 import G711PacketEncoder
+from .levels import LevelMeter, LevelsCallback
+from .mixer import interleave_stereo, mix_mono
+from .opus import OpusPacketEncoder
+from .track import ARRIVAL_GRACE, RESYNC_AFTER, TrackStats
+
+log = logging.getLogger(__name__)
+
+FRAME_SECONDS = FRAME_MS / 1000.0
+_RTP = struct.Struct("!BBHII")
+BATCH_CODECS = frozenset({"opus", "pcmu", "pcma"})
+
+
+def supported(pc: RTCPeerConnection) -> bool:
+    """Whether this aiortc exposes what batched sending needs."""
+    try:
+        t = pc.getTransceivers()[0]
+        dtls = t.sender.transport
+        return hasattr(t.sender, "_ssrc") and hasattr(dtls, "_tx_srtp") and hasattr(dtls.transport, "_connection")
+    except (IndexError, AttributeError):
+        return False
+
+
+def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
+    """Payload type aiortc will send (first of the audio m-line), its mid and the mid extmap id."""
+    pt, mid, ext = 0, None, None
+    in_audio = False
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            in_audio = line.startswith("m=audio") and mid is None
+            if in_audio:
+                pt = int(line.split()[3])
+        elif in_audio and line.startswith("a=mid:"):
+            mid = line[6:].strip()
+        elif in_audio and line.startswith("a=extmap:") and "sdes:mid" in line:
+            ext = int(line[9:].split()[0].split("/")[0])
+    return pt, mid, ext
+
+
+class BatchTrack(MediaStreamTrack):
+    """The listener's media state; as an aiortc track it only ever parks the stock sender.
+
+    Has the same public surface as :class:`~.track.LegTapTrack` (``stats``, ``mode``,
+    ``codec``, ``stereo``, ``tap_ended``, ``stop()``) so :class:`~.whep.WhepSession` does not
+    care which one it holds.
+    """
+
+    kind = "audio"
+    mode = "batch"
+
+    def __init__(
+        self,
+        tap: LegTap,
+        *,
+        codec: str,
+        stereo: bool,
+        sample_rate: int = 8000,
+        on_levels: LevelsCallback | None = None,
+        max_delay_frames: int = 3,
+        on_tap_ended: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        if codec not in BATCH_CODECS:
+            raise ValueError(f"batched sending does not do {codec}")
+        self.tap = tap
+        self.codec = codec
+        self.stereo = stereo and codec == "opus"
+        self.stats = TrackStats()
+        self.tap_ended = False
+        self._rate = sample_rate
+        self._samples = sample_rate * FRAME_MS // 1000
+        self._silence = np.zeros(self._samples, dtype=np.int16)
+        self._meter = LevelMeter(on_levels)
+        self._buffer: collections.deque[LegFrame] = collections.deque()
+        self._max_delay = max(1, max_delay_frames)
+        self._on_tap_ended = on_tap_ended
+        self._parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._nowait: Callable[[], LegFrame | None] | None = getattr(tap, "next_frame_nowait", None)
+        self._pump_task: asyncio.Task[None] | None = None
+        if self._nowait is None:
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        self._g711 = codec != "opus"
+        if codec == "opus":
+            self._encoder: Any = OpusPacketEncoder(sample_rate, channels=2 if self.stereo else 1)
+            self._ticks = 960
+        else:
+            self._encoder = G711PacketEncoder(codec)
+            self._ticks = self._samples
+        # RTP state, bound once the peer connection is connected (bind()).
+        self._pc: RTCPeerConnection | None = None
+        self._dest: tuple[Any, Any, Any] | None = None
+        self._seq = random.randint(0, 0xFFFF)
+        self._ts = random.randint(0, 0xFFFFFFFF)
+        self._header_ext = b""
+        self._pt = 0
+        self._ssrc = 0
+        self._marker = True
+        self._index = 0
+
+    # --- aiortc side: park the stock sender -------------------------------------------------
+    async def recv(self) -> Any:
+        await asyncio.shield(self._parked)
+        raise MediaStreamError
+
+    def attach(self, pc: RTCPeerConnection, answer_sdp: str) -> None:
+        """Remember the peer connection and the negotiated payload type, mid and extension."""
+        self._pc = pc
+        self._pt, mid, ext = _answer_params(answer_sdp)
+        self._ssrc = pc.getTransceivers()[0].sender._ssrc
+        if mid is not None and ext is not None and 0 < ext < 15:
+            data = mid.encode()
+            element = bytes([(ext << 4) | (len(data) - 1)]) + data
+            element += b"\x00" * (-len(element) % 4)
+            self._header_ext = struct.pack("!HH", 0xBEDE, len(element) // 4) + element
+
+    # --- producer side ----------------------------------------------------------------------
+    def _push(self, frame: LegFrame) -> None:
+        if len(self._buffer) >= self._max_delay:
+            self._buffer.popleft()
+            self.stats.dropped += 1
+        self._buffer.append(frame)
+
+    def _ended(self) -> None:
+        if not self.tap_ended:
+            self.tap_ended = True
+            self._nowait = None
+            if self._on_tap_ended is not None:
+                self._on_tap_ended()
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                self._push(await self.tap.next_frame())
+        except EOFError:
+            self._ended()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("leg tap failed")
+            self._ended()
+
+    def _drain(self) -> None:
+        if self._nowait is None:
+            return
+        try:
+            while (frame := self._nowait()) is not None:
+                self._push(frame)
+        except EOFError:
+            self._ended()
+        except Exception:  # noqa: BLE001
+            log.exception("leg tap failed")
+            self._ended()
+
+    # --- one tick ---------------------------------------------------------------------------
+    def _destination(self) -> tuple[Any, Any, Any] | None:
+        dest = self._dest
+        if dest is not None and not dest[1].is_closing():
+            return dest
+        self._dest = None
+        pc = self._pc
+        if pc is None:
+            return None
+        dtls = pc.getTransceivers()[0].sender.transport
+        if dtls is None or dtls.state != "connected" or dtls._tx_srtp is None:
+            return None
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None:
+            return None
+        # Cached: WHEP has no ICE restart, so the pair and the SRTP context live as long
+        # as the session (a closed socket invalidates it above).
+        self._dest = (dtls._tx_srtp, pair.protocol.transport, pair.remote_addr)
+        return self._dest
+
+    def tick(self, may_defer: bool) -> bool:
+        """Send this tick's packet; returns False (nothing sent) to be retried after the grace."""
+        self._drain()
+        dest = self._destination()
+        if dest is None:  # not connected yet: keep only the newest frames
+            return True
+        if not self._buffer and may_defer and not self.tap_ended:
+            return False
+        if self._buffer:
+            frame = self._buffer.popleft()
+            agent, customer = frame.agent, frame.customer
+            self.stats.frames_in += 1
+            if self.stats.first_frame_at is None:
+                self.stats.first_frame_at = asyncio.get_running_loop().time()
+        else:
+            agent = customer = self._silence
+            self.stats.underruns += 1
+        self._meter.feed(agent, customer)
+        if self._g711:
+            payload = self._encoder.encode_mix(agent, customer)
+        else:
+            pcm = interleave_stereo(agent, customer) if self.stereo else mix_mono(agent, customer)
+            packet = self._encoder.encode(pcm, self._index)
+            if packet is None:
+                return True
+            payload = bytes(packet)
+        self._index += 1
+        self.stats.frames_out += 1
+        srtp, transport, addr = dest
+        first = 0x90 if self._header_ext else 0x80
+        header = _RTP.pack(first, self._pt | (0x80 if self._marker else 0), self._seq, self._ts, self._ssrc)
+        self._marker = False
+        try:
+            transport.sendto(srtp.protect(header + self._header_ext + payload), addr)
+        except Exception:  # noqa: BLE001 - a closing transport: the session's close() follows
+            log.debug("batched send failed", exc_info=True)
+        self._seq = (self._seq + 1) & 0xFFFF
+        self._ts = (self._ts + self._ticks) & 0xFFFFFFFF
+        return True
+
+    def stop(self) -> None:
+        BatchSender.instance().remove(self)
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            self._pump_task = None
+        if not self._parked.done():
+            self._parked.set_result(None)
+        super().stop()
+
+
+class BatchSender:
+    """The process-wide ticker (one per event loop)."""
+
+    _instances: dict[int, "BatchSender"] = {}
+
+    @classmethod
+    def instance(cls) -> "BatchSender":
+        loop = asyncio.get_running_loop()
+        sender = cls._instances.get(id(loop))
+        if sender is None or sender._loop is not loop:
+            sender = cls._instances[id(loop)] = BatchSender(loop)
+        return sender
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.tracks: set[BatchTrack] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.late_ticks = 0
+        self.phase_shifts = 0
+
+    def add(self, track: BatchTrack) -> None:
+        self.tracks.add(track)
+        if self._task is None or self._task.done():
+            self._task = self._loop.create_task(self._run())
+
+    def remove(self, track: BatchTrack) -> None:
+        self.tracks.discard(track)
+
+    async def _run(self) -> None:
+        loop = self._loop
+        t0 = loop.time()
+        n = 0
+        while self.tracks:
+            n += 1
+            due = t0 + n * FRAME_SECONDS
+            now = loop.time()
+            if now - due > RESYNC_AFTER:
+                self.late_ticks += 1
+                t0, n = now, 0
+            elif due > now:
+                await asyncio.sleep(due - now)
+            tracks = list(self.tracks)
+            deferred = [t for t in tracks if not t.tick(may_defer=True)]
+            if deferred:
+                if len(deferred) * 2 > len(tracks) and len(tracks) >= 4:
+                    # Most frames land just after our tick (producers that share a clock,
+                    # as a SIP worker's calls do): move the tick into their wake for good.
+                    t0 += ARRIVAL_GRACE
+                    self.phase_shifts += 1
+                await asyncio.sleep(ARRIVAL_GRACE)
+                for t in deferred:
+                    if t in self.tracks:
+                        t.tick(may_defer=False)
