@@ -7,8 +7,8 @@ aiohttp app on 127.0.0.1) runs in this process; the websocket clients run in a c
 
 Latency = client receipt time - the time taken just before ``ChatService.post`` (both
 ``time.time()`` on the same host), i.e. ingest -> durable append -> fan-out -> websocket ->
-client parse. Also prints the append cost inline vs. through a thread (``asyncio.to_thread``),
-which is the measurement behind "the SQLite log runs on the event loop".
+client parse. Also prints the append cost on the loop vs. through the log's writer thread,
+which is the measurement behind "SQLite writes run on the event loop, checkpoints on a thread".
 
     .venv/bin/python bench/chat.py            # 1000 conversations x 1 msg/s, 20 s
     .venv/bin/python bench/chat.py --smoke    # 100 conversations, 3 s
@@ -144,7 +144,7 @@ async def server_main(args: argparse.Namespace) -> None:
     settings = Settings(data_dir=str(tmp), chat_rate_per_second=0)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval / 1000)
-    log = SqliteChatLog(settings.chat_path, writer_thread=not args.inline_log)
+    log = SqliteChatLog(settings.chat_path, writer_thread=args.writer_thread)
     chat = ChatService(settings, log, heartbeat_interval=15.0)
     app = web.Application()
 
@@ -259,7 +259,7 @@ async def server_main(args: argparse.Namespace) -> None:
         ("hub buffered entries peak (all subscribers)", f"{buffered_peak}"),
     ]
     width = max(len(r[0]) for r in rows)
-    mode = "inline log" if args.inline_log else "writer thread"
+    mode = "writer thread" if args.writer_thread else "writes on the loop"
     print(f"\nchat mirroring bench ({'smoke' if args.smoke else 'full'}; {mode}; "
           f"switchinterval {sys.getswitchinterval() * 1000:g} ms), python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=1.0, help="messages per second per conversation")
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--inline-log", action="store_true", help="SQLite writes on the loop (no writer thread)")
+    ap.add_argument("--writer-thread", action="store_true", help="SQLite writes on the log's writer thread")
     ap.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval in ms")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after connecting")
     ap.add_argument("--smoke", action="store_true", help="100 conversations for 3 s")

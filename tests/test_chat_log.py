@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 import pytest
 
@@ -157,9 +159,11 @@ def test_hub_overflow_drops_buffer():
     assert acker.overflowed
 
 
-async def test_concurrent_posts_through_the_writer_thread_stay_ordered(tmp_path):
-    chat = service(tmp_path, chat_rate_per_second=0)
-    assert chat.log._writer is not None  # type: ignore[attr-defined]
+@pytest.mark.parametrize("writer_thread", [False, True])
+async def test_concurrent_posts_stay_ordered(tmp_path, writer_thread):
+    settings = Settings(data_dir=str(tmp_path), chat_rate_per_second=0)
+    chat = ChatService(settings, SqliteChatLog(settings.chat_path, writer_thread=writer_thread))
+    assert (chat.log._writer is not None) == writer_thread  # type: ignore[attr-defined]
     seen: dict[str, list[int]] = {f"c{i}": [] for i in range(5)}
     subs = {cid: chat.subscribe(cid, lambda: None) for cid in seen}
 
@@ -179,8 +183,9 @@ async def test_concurrent_posts_through_the_writer_thread_stay_ordered(tmp_path)
     await chat.close()
 
 
-async def test_a_failing_write_fails_only_itself(tmp_path):
-    log = SqliteChatLog(tmp_path / "c.sqlite3")
+@pytest.mark.parametrize("writer_thread", [False, True])
+async def test_a_failing_write_fails_only_itself(tmp_path, writer_thread):
+    log = SqliteChatLog(tmp_path / "c.sqlite3", writer_thread=writer_thread)
 
     def boom(conn):
         raise RuntimeError("boom")
@@ -191,16 +196,36 @@ async def test_a_failing_write_fails_only_itself(tmp_path):
     entry, created = await good
     assert created and entry.seq == 1
     with pytest.raises(RuntimeError):
-        await asyncio.wrap_future(bad)
+        bad.result(timeout=5)
     assert (await log.append("a", kind="message", sender="agent", author="x", text="next",
                              visibility="all"))[0].seq == 2
     await log.close()
 
 
-def test_inline_mode_without_writer_thread(tmp_path):
-    log = SqliteChatLog(tmp_path / "c.sqlite3", writer_thread=False)
-    assert log._writer is None  # type: ignore[attr-defined]
+def test_writer_thread_mode_sync_api(tmp_path):
+    log = SqliteChatLog(tmp_path / "c.sqlite3", writer_thread=True)
+    assert log._writer is not None  # type: ignore[attr-defined]
     assert msg(log, "a", "one")[0].seq == 1
     assert msg(log, "a", "two", client_id="x")[0].seq == 2
-    assert msg(log, "a", "two again", client_id="x") [0].seq == 2
+    assert msg(log, "a", "two again", client_id="x")[0].seq == 2
+    log.close_sync()
+
+
+def test_wal_stays_bounded_under_steady_writes(tmp_path):
+    """Checkpoints run on their own thread; the writer finishes one when the WAL is big, so
+    the WAL restarts instead of growing without bound."""
+    log = SqliteChatLog(tmp_path / "c.sqlite3", checkpoint_interval=0.05, wal_reset_bytes=256 * 1024)
+    assert log.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    biggest = 0
+    deadline = time.monotonic() + 1.0
+    i = 0
+    while time.monotonic() < deadline:
+        msg(log, f"c{i % 50}", "x" * 200)
+        i += 1
+        if i % 20 == 0:
+            time.sleep(0.002)
+            biggest = max(biggest, os.path.getsize(log.path + "-wal"))
+    assert log.finishing_checkpoints >= 1
+    written = i * 4096  # at least one WAL page per append
+    assert biggest < written / 4, (biggest, written)
     log.close_sync()

@@ -10,17 +10,19 @@ the same ``client_id`` again answers the entry stored the first time.
 replace :class:`SqliteChatLog` later without touching the hub, the service or the websocket
 handler.
 
-Why writes go through one writer thread (measured with bench/chat.py on the 2-core VM):
-an append on the event loop costs only ~50-90 µs (CPU is not the problem at 1000 msg/s), but
-WAL checkpoints fsync, and SQLite's automatic checkpoint runs inside the commit that crosses
-1000 WAL pages: that stalled the whole loop for 10-60 ms about once a second (p99 mirror
-latency 25-70 ms). Checkpointing from a separate thread with PASSIVE does not fix it: writes
-to the WAL then block on the same file's fsync (inode lock), and under steady load a PASSIVE
-checkpoint never completes, so the WAL never resets and grows without bound. So: one writer
-thread owns the write connection and group-commits whatever is queued (one transaction per
-batch, auto-checkpoint in that thread); the loop keeps a read connection (WAL readers never
-block) and never touches the disk for writes. A stall now delays only the appends queued
-behind it, never heartbeats, replays or other sends. ``writer_thread=False`` (and ``:memory:``)
+Where the disk work happens (measured with bench/chat.py on the shared 2-core VM):
+an append (one small transaction) costs ~50-100 µs on the event loop, so at 1000 msg/s the
+writes themselves need no thread. What stalled the loop were WAL checkpoints: SQLite's
+automatic checkpoint runs inside the commit that crosses 1000 WAL pages and fsyncs, 10-60 ms
+about once a second (mirror p99 25-70 ms). So automatic checkpointing is off; a small thread
+with its own connection runs ``wal_checkpoint(PASSIVE)`` every ``checkpoint_interval`` s (it
+never blocks the writer). Under steady load a PASSIVE checkpoint never catches up completely,
+so the WAL would never restart and would grow: once it is over ``wal_reset_bytes`` the writer
+finishes one checkpoint between two writes (only the frames written since the last pass are
+left, so it is short), and the WAL restarts (``journal_size_limit`` truncates it).
+With ``writer_thread=True`` the writes move to one writer thread that group-commits whatever
+is queued (for disks where the writes themselves stall); on this VM it cost more than it saved
+(post p50 ~1.4 ms from GIL hand-offs vs ~0.09 ms inline), so it is off by default. ``:memory:``
 keeps everything on the caller's thread.
 
 Durability note: ``synchronous=NORMAL`` survives a process crash, not a power loss of the host
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -144,8 +147,9 @@ _Op = tuple[Callable[[sqlite3.Connection], Any], "Future[Any] | asyncio.Future[A
 class SqliteChatLog:
     """:class:`ChatLog` on SQLite (WAL, ``synchronous=NORMAL``).
 
-    Writes (append, trim) run on one writer thread with its own connection, group-committed;
-    reads run on the caller's (event loop's) read connection. The file belongs to one process.
+    Reads and (by default) writes run on the caller's thread, the event loop; checkpoints run
+    on their own thread. With ``writer_thread=True`` writes run on one writer thread with its
+    own connection, group-committed. The file belongs to one process.
     """
 
     #: Conversations whose head seq is kept in memory (LRU); a miss costs one indexed query.
@@ -153,9 +157,21 @@ class SqliteChatLog:
     #: Most operations one transaction commits.
     BATCH = 512
 
-    def __init__(self, path: str | Path, *, writer_thread: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        writer_thread: bool = False,
+        checkpoint_interval: float = 1.0,
+        wal_reset_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.path = str(path)
         memory = self.path == ":memory:" or self.path.startswith("file::memory")
+        #: checkpoints run on their own thread; the writer only finishes one now and then
+        self._own_checkpoints = checkpoint_interval > 0 and not memory
+        self._wal_reset_bytes = wal_reset_bytes
+        self._finish_checkpoint = False
+        self.finishing_checkpoints = 0
         self._db: sqlite3.Connection | None = self._connect()
         self._db.executescript(_SCHEMA)
         #: heads as the writer sees them (writer thread only, or the caller without a thread)
@@ -168,13 +184,50 @@ class SqliteChatLog:
         if writer_thread and not memory:
             self._writer = threading.Thread(target=self._write_loop, name="chat-log-writer", daemon=True)
             self._writer.start()
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if self._own_checkpoints:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, args=(checkpoint_interval,), name="chat-log-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
+        if self._own_checkpoints:
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute(f"PRAGMA journal_size_limit={int(self._wal_reset_bytes)}")
         return db
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _checkpoint_loop(self, interval: float) -> None:
+        """PASSIVE checkpoints off the write path (they never block the writer). Under steady
+        load one never completes, so the WAL could not restart and would grow: when it is over
+        ``wal_reset_bytes`` the writer is asked to finish one between two of its writes (only
+        the few frames written since this pass are left, so that one is short)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout=100")
+            while not self._stop.wait(interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if os.path.getsize(self.path + "-wal") > self._wal_reset_bytes:
+                        self._finish_checkpoint = True
+                except (sqlite3.Error, OSError):
+                    pass  # busy or gone: the next pass catches up
+        finally:
+            conn.close()
+
+    def _maybe_finish_checkpoint(self, conn: sqlite3.Connection) -> None:
+        if self._finish_checkpoint:
+            self._finish_checkpoint = False
+            self.finishing_checkpoints += 1
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -204,6 +257,7 @@ class SqliteChatLog:
                         break
                     batch.append(nxt)
                 self._run_batch(conn, batch)
+                self._maybe_finish_checkpoint(conn)
                 if stop:
                     return
         finally:
@@ -269,6 +323,7 @@ class SqliteChatLog:
                     self._heads.clear()  # reloaded from the table on next use
                     raise
                 fut.set_result(value)
+                self._maybe_finish_checkpoint(db)
             except Exception as exc:  # noqa: BLE001
                 fut.set_exception(exc)
         else:
@@ -450,7 +505,14 @@ class SqliteChatLog:
         target: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         return int(await self._submit(lambda conn: self._op_trim(conn, conversation, below), target))
 
+    def _stop_checkpointer(self) -> None:
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=5)
+            self._checkpointer = None
+
     async def close(self) -> None:
+        self._stop_checkpointer()
         writer = self._writer
         if writer is not None:
             self._queue.put(None)  # after everything already queued
@@ -461,6 +523,7 @@ class SqliteChatLog:
             self._db = None
 
     def close_sync(self) -> None:
+        self._stop_checkpointer()
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
