@@ -7,7 +7,8 @@ loopback with real ICE/DTLS/SRTP:
   with :func:`gateway.media.whep.answer_whep` (pre-encoded mono Opus). Every process has one
   20 ms ticker feeding all its conversations' taps (a stand-in for the SIP plane's frames);
 * listener side: ``--receivers`` processes of aiortc peer connections (recvonly) that do not
-  decode: they time-stamp each SRTP-decrypted RTP packet (sequence number, RTP timestamp).
+  decrypt or decode: they time-stamp each SRTP packet's clear RTP header (sequence number,
+  RTP timestamp) as it comes off the socket and drop it; ICE/DTLS/RTCP stay real.
 
 Per size N it reports: late frames (a packet arriving more than ``--late-ms`` after its slot
 on the best-case path of that stream, or never, or a tick where the gateway had no frame in
@@ -123,6 +124,15 @@ class _Tap:
         self.ready.set()
 
 
+def _batch_stats() -> dict[str, Any]:
+    from gateway.media.batch import BatchSender
+
+    b = BatchSender.instance()
+    stats = {"batch_ticks": b.ticks, "batch_lagged": b.lagged_ticks, "batch_max_lag_ms": 1000 * b.max_lag}
+    b.max_lag = 0.0  # per window
+    return stats
+
+
 def sender_main(port_q: "mp.Queue[int]", index: int, codec: str = "opus", batch: bool = False) -> None:
     asyncio.run(_sender(port_q, index, codec, batch))
 
@@ -159,6 +169,7 @@ async def _sender(port_q: "mp.Queue[int]", index: int, codec: str = "opus", batc
                 "resyncs": sum(x.resyncs for x in st),
                 "frames_out": sum(x.frames_out for x in st),
                 "late_ticks": ticker.late_ticks,
+                **_batch_stats(),
             }
         )
 
@@ -209,17 +220,25 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
         offer = await pc.createOffer()
         with host_addresses(["127.0.0.1"]):
             await pc.setLocalDescription(offer)
-        dtls = pc.getTransceivers()[0].receiver.transport
+        conn = pc.getTransceivers()[0].receiver.transport.transport._connection
+        deliver = conn.data_received
 
-        async def on_rtp(data: bytes, arrival_time_ms: int = 0) -> None:
-            now = time.monotonic()
-            if rec.first_audio is None:
-                rec.first_audio = now
-            if recording["on"] and len(data) >= 12:
-                seq, ts = struct.unpack_from("!HI", data, 2)
-                rec.arrivals.append((now, seq, ts))  # type: ignore[union-attr]
+        def on_data(data: bytes, component: int) -> None:
+            # SRTP leaves the RTP header in clear: time-stamp sequence number and timestamp
+            # straight off the socket and drop the packet -- no queue, no DTLS, no decrypt,
+            # so the listeners cost little next to the gateway they measure. DTLS and RTCP
+            # (payload types 200-204 with the marker bit) go on to aiortc as usual.
+            if len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223:
+                now = time.monotonic()
+                if rec.first_audio is None:
+                    rec.first_audio = now
+                if recording["on"]:
+                    seq, ts = struct.unpack_from("!HI", data, 2)
+                    rec.arrivals.append((now, seq, ts))  # type: ignore[union-attr]
+                return
+            deliver(data, component)
 
-        dtls._handle_rtp_data = on_rtp  # time-stamp, never decode
+        conn.data_received = on_data  # time-stamp, never decode
         async with http.post(f"http://127.0.0.1:{port}/whep", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as res:
             answer = await res.text()
             if res.status != 201:
@@ -410,6 +429,8 @@ def run_size(n: int, *, senders: int, receivers: int, duration: float, warmup: f
         "rss_per_monitor_kb": rss / max(1, n) / 1024,
         "rx_cpu_pct": 100 * rcpu / wall,
         "late_ticks": sum(b["late_ticks"] - a["late_ticks"] for a, b in zip(s0, s1)),
+        "gw_lagged_ticks": sum(b["batch_lagged"] - a["batch_lagged"] for a, b in zip(s0, s1)),
+        "gw_max_lag_ms": max(b["batch_max_lag_ms"] for b in s1),
         "wall": wall,
     }
 
@@ -451,6 +472,8 @@ def main() -> None:
             f"{fmt(row['join_p50_ms']):>9} {fmt(row['join_p99_ms']):>9} {fmt(row['jitter_p99_ms']):>6} {fmt(row['jitter_max_ms']):>6} {row['gw_cpu_pct']:>7.1f} {row['gw_cpu_per_monitor_pct']:>6.2f} {row['rss_per_monitor_kb']:>10.0f} {row['rx_cpu_pct']:>7.1f}",
             flush=True,
         )
+        if args.batch:
+            print(f"      gateway ticks >20 ms late: {row['gw_lagged_ticks']}, worst {row['gw_max_lag_ms']:.0f} ms")
         if row["errors"]:
             print("   errors:", row["errors"])
         if ok:

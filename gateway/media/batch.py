@@ -272,6 +272,10 @@ class BatchSender:
         self._task: asyncio.Task[None] | None = None
         self.late_ticks = 0
         self.phase_shifts = 0
+        #: ticks run, ticks that started more than 20 ms late, and the worst lag (seconds)
+        self.ticks = 0
+        self.lagged_ticks = 0
+        self.max_lag = 0.0
 
     def add(self, track: BatchTrack) -> None:
         self.tracks.add(track)
@@ -294,6 +298,11 @@ class BatchSender:
                 t0, n = now, 0
             elif due > now:
                 await asyncio.sleep(due - now)
+            lag = loop.time() - due
+            self.ticks += 1
+            if lag > 0.02:
+                self.lagged_ticks += 1
+            self.max_lag = max(self.max_lag, lag)
             tracks = list(self.tracks)
             deferred = [t for t in tracks if not t.tick(may_defer=True)]
             if deferred:
