@@ -241,3 +241,44 @@ async def test_console_leave_releases_voice_and_shows_refusals(tmp_path: Path) -
             finally:
                 await browser.close()
 
+
+
+@pytest.mark.parametrize("codec", ["opus", "pcmu"])
+async def test_console_hears_the_batched_sender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str) -> None:
+    """The batched media path (gateway.media.batch) plays in Chromium, Opus and PCMU."""
+    import functools
+
+    import gateway.api.whep_routes as whep_routes
+    from gateway.media.whep import answer_whep
+
+    monkeypatch.setattr(whep_routes, "answer_whep", functools.partial(answer_whep, batch=True, codec=codec))
+    async with gateway_with_fake_sip(tmp_path) as (gw, app, sip):
+        assert (await gw.conversation("c-b5")).status == 201
+        async with playwright_api.async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                sam = await browser.new_page()
+                await _sign_in(sam, gw.base_url, "sam")
+                await sam.click("[data-testid='monitor-c-b5']")
+                await sam.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
+                mid = await sam.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+                (session,) = app[WHEP][mid].values()
+                assert session.track.mode == "batch" and session.track.codec == codec
+                for _ in range(50):
+                    if await _audio_energy(sam) > 0:
+                        break
+                    await asyncio.sleep(0.1)
+                assert await _audio_energy(sam) > 0
+                await sam.wait_for_function("Number(document.getElementById('meter-customer').dataset.dbfs) > -30", timeout=5000)
+                get_stats = "async () => { const s = await window.consoleState.monitor.voice.stats(); return {lost: s.packetsLost, got: s.packetsReceived}; }"
+                for _ in range(50):
+                    stats = await sam.evaluate(get_stats)
+                    if stats["got"] >= 50:
+                        break
+                    await asyncio.sleep(0.1)
+                assert stats["got"] >= 50 and stats["lost"] == 0
+                await sam.click("[data-testid='leave']")
+                await sam.wait_for_selector("[data-testid='monitor-panel']", state="hidden")
+                assert session.closed
+            finally:
+                await browser.close()
