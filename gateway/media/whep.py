@@ -121,14 +121,14 @@ class WhepSession:
         }
 
     # --- inbound RTP: count and drop -----------------------------------------------------
-    def _count_inbound(self, data: bytes, arrival_time_ms: int = 0) -> Any:
+    async def _count_inbound(self, data: bytes, arrival_time_ms: int = 0) -> None:
+        """Stands in for ``RTCDtlsTransport._handle_rtp_data``: count, never parse or route."""
         self.inbound_rtp_packets += 1
         if self._on_inbound_rtp is not None:
             try:
                 self._on_inbound_rtp(self.inbound_rtp_packets)
             except Exception:  # noqa: BLE001
                 self._on_inbound_rtp = None
-        return _done()
 
     # --- lifecycle -----------------------------------------------------------------------
     async def close(self, reason: str = "deleted") -> None:
@@ -159,10 +159,6 @@ class WhepSession:
             except Exception:  # noqa: BLE001
                 log.exception("on_closed callback failed")
         self._close_callbacks.clear()
-
-
-async def _done() -> None:
-    return None
 
 
 SUPPORTED_CODECS = ("opus", "pcmu", "pcma", "g722")
