@@ -265,6 +265,7 @@ async def test_hung_worker_is_killed_and_restarted(gw: tuple[SipPlane, FakeHooks
 async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch) -> None:
     plane, hooks = gw
     port = plane.settings.sip_port
+    monkeypatch.setattr(plane_mod, "RESERVATION_SECONDS", 2.0)
     sip = RawSip()
     hdr = {"X-Conversation-ID": "c-1", "X-Leg": "agent"}
 
@@ -292,6 +293,20 @@ async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHook
         assert await status(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "boss"}) == 400
         assert await status(sdp() + b"x" * (63 * 1024)) == 413  # ~64 KB: the most one UDP datagram holds
         assert await status(sdp(), "text/plain") == 415
+        # Straight to a worker, without the front's token: refused by the main process.
+        wport = plane.workers[0].sip_port
+        code, _ = await sip.request(sip.invite(wport, body=sdp(), headers=hdr)[0], wport)
+        assert code == 403
+        # A redirected INVITE that changes its leg is refused too.
+        code, text = await sip.request(sip.invite(port, body=sdp(), headers=hdr)[0], port)
+        assert code == 302
+        contact = text.split("Contact: <sip:", 1)[1].split(">", 1)[0]
+        token, hostport = contact.split("@")
+        wport = int(hostport.split(":")[1])
+        forged = sip.invite(wport, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "customer"})[0]
+        forged = forged.replace(b"INVITE sip:gateway@", f"INVITE sip:{token}@".encode(), 1)
+        assert (await sip.request(forged, wport))[0] == 403
+        await wait_until(lambda: plane.stats()["calls"] == 0, 3, "refused calls gone")
         # Garbage and truncated datagrams: no answer, no crash.
         for junk in (b"\x00\xff" * 100, b"INVITE", b"SIP/2.0 200 OK\r\n\r\n", b"INVITE sip:x SIP/2.0\r\nVia: x\r\n\r\n"):
             sip.send(junk, port)
@@ -307,10 +322,9 @@ async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHook
         code, text = await sip.request(sip.invite(port, body=sdp(), headers=hdr)[0], port)
         assert code == 503 and "Retry-After:" in text
         plane.set_draining(False)
-        assert plane.stats()["conversations"] == 0 and plane.stats()["reservations"] == 0
+        await wait_until(lambda: plane.stats()["conversations"] == 0 and plane.stats()["reservations"] == 0, 12, "no slot held")
 
         # An INVITE whose 302 is never ACKed: the 302 is retransmitted, the slot comes back.
-        monkeypatch.setattr(plane_mod, "RESERVATION_SECONDS", 1.0)
         mute = RawSip()
         try:
             data, _, _ = mute.invite(port, body=sdp(), headers=hdr)

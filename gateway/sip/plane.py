@@ -447,8 +447,8 @@ class SipPlane:
             if res is None or res.worker != w.index or res.expires < time.monotonic():
                 raise SipParseError("no reservation for this call", 403)
             info = classify_invite(msg, self.hooks.conversation_agent)
-            if info.conversation != res.cid:
-                raise SipParseError("conversation differs from reservation", 403)
+            if info.conversation != res.cid or {s for s in info.streams if s} != res.legs:
+                raise SipParseError("INVITE differs from the one redirected", 403)
         except SipParseError as exc:
             self._send(w, {"op": "reject", "call": key, "code": exc.status})
             return

@@ -514,9 +514,13 @@ class GwCall(pj.Call):
                     self.w.emit("phone_state", mid=self.phone_mid, state="connected")
             elif mi.index < len(self.legs) and self.legs[mi.index]:
                 leg = self.legs[mi.index]
-                if conv.legs.get(leg) is None:
+                old = conv.legs.get(leg)
+                if old is None:
                     conv.leg_up(leg, media, self)
                     self.w.emit("leg_up", call=self.key, cid=conv.cid, leg=leg)
+                elif conv.leg_owner.get(leg) is self and old.getPortId() != media.getPortId():
+                    # A re-INVITE recreated the stream on a new bridge slot: wire it again.
+                    conv.leg_up(leg, media, self)
 
 
 def main(argv: list[str] | None = None) -> int:
