@@ -212,20 +212,20 @@ def test_writer_thread_mode_sync_api(tmp_path):
 
 
 def test_wal_stays_bounded_under_steady_writes(tmp_path):
-    """Checkpoints run on their own thread; the writer finishes one when the WAL is big, so
-    the WAL restarts instead of growing without bound."""
-    log = SqliteChatLog(tmp_path / "c.sqlite3", checkpoint_interval=0.05, wal_reset_bytes=256 * 1024)
+    """Checkpoints run on their own thread; when the WAL is big the writer finishes one between
+    two writes, so the WAL restarts (and is truncated) instead of growing without bound."""
+    limit = 256 * 1024
+    log = SqliteChatLog(tmp_path / "c.sqlite3", checkpoint_interval=0.05, wal_reset_bytes=limit)
     assert log.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-    biggest = 0
-    deadline = time.monotonic() + 1.0
-    i = 0
-    while time.monotonic() < deadline:
+    for i in range(600):  # ~600 WAL pages, well over the limit
         msg(log, f"c{i % 50}", "x" * 200)
-        i += 1
-        if i % 20 == 0:
-            time.sleep(0.002)
-            biggest = max(biggest, os.path.getsize(log.path + "-wal"))
+    deadline = time.monotonic() + 10
+    while log.finishing_checkpoints == 0 and time.monotonic() < deadline:
+        msg(log, "trickle", "x")  # steady writes: the writer finishes when asked
+        time.sleep(0.01)
     assert log.finishing_checkpoints >= 1
-    written = i * 4096  # at least one WAL page per append
-    assert biggest < written / 4, (biggest, written)
+    msg(log, "after", "x")
+    frames = log.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    assert frames < 100, frames  # restarted from the beginning, not 600+ frames on
+    assert os.path.getsize(log.path + "-wal") <= limit + 64 * 1024
     log.close_sync()

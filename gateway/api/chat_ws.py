@@ -78,10 +78,18 @@ async def serve_chat_stream(
     heartbeats (default ``chat.heartbeat_interval``). Returns the closed response.
     """
     if view not in VIEWS:
-        raise GatewayError(400, "invalid_view", f"view must be one of {sorted(VIEWS)}")
+        raise GatewayError(422, "invalid_view", f"view must be one of {sorted(VIEWS)}")
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-        raise GatewayError(400, "invalid_after", "after must be a non-negative integer")
-    ws = web.WebSocketResponse(max_msg_size=max_msg_size, autoping=True, timeout=CLOSE_TIMEOUT)
+        raise GatewayError(422, "invalid_after", "after must be a non-negative integer")
+    beat = heartbeat if heartbeat is not None else chat.heartbeat_interval
+    ws = web.WebSocketResponse(
+        max_msg_size=max_msg_size,
+        autoping=True,
+        timeout=CLOSE_TIMEOUT,
+        # protocol pings find dead peers (a JSON heartbeat to a vanished host only fails
+        # after TCP gives up, minutes later)
+        heartbeat=max(10.0, 2 * beat),
+    )
     await ws.prepare(request)
     stream = _ChatStream(
         request,
@@ -93,7 +101,7 @@ async def serve_chat_stream(
         expires_at=expires_at,
         ended=ended,
         final_reason=final_reason,
-        heartbeat=heartbeat if heartbeat is not None else chat.heartbeat_interval,
+        heartbeat=beat,
     )
     await stream.run()
     return ws
