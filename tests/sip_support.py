@@ -600,7 +600,7 @@ def _siprec_main(argv: list[str]) -> int:  # pragma: no cover - runs in a child 
     import gc
 
     gc.collect()
-    ep.libDestroy()
+    ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
     say("BYEBYE")
     os._exit(0)
 

@@ -96,7 +96,7 @@ class Phone:
         self.keep.clear()
         self.calls.clear()
         gc.collect()
-        self.ep.libDestroy()
+        self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
 
 
 class PhoneAccount(pj.Account):

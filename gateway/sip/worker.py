@@ -220,7 +220,8 @@ class Worker:
         self.graveyard.clear()
         gc.collect()  # every pj object must die before libDestroy (C asserts otherwise)
         try:
-            self.ep.libDestroy()
+            # Calls are already hung up above: skip pjsua's fixed 1 s wait for late messages.
+            self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
         except Exception:  # noqa: BLE001
             pass
 
