@@ -201,6 +201,10 @@ class BatchTrack(MediaStreamTrack):
         # Cached: WHEP has no ICE restart, so the pair and the SRTP context live as long
         # as the session (a closed socket invalidates it above).
         self._dest = (dtls._tx_srtp, pair.protocol.transport, pair.remote_addr)
+        # First send: frames queued while connecting are old; keep the newest only.
+        while len(self._buffer) > 1:
+            self._buffer.popleft()
+            self.stats.dropped += 1
         return self._dest
 
     def tick(self, may_defer: bool) -> bool:

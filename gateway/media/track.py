@@ -209,6 +209,11 @@ class LegTapTrack(MediaStreamTrack):
             self._drain()
         if not self._buffer and not self.tap_ended:
             await self._wait_for_frame(FIRST_FRAME_WAIT)
+        # Frames queued while ICE/DTLS were connecting are old: start with the newest only,
+        # or they would stay in the buffer as permanent extra latency.
+        while len(self._buffer) > 1:
+            self._buffer.popleft()
+            self.stats.dropped += 1
         now = asyncio.get_running_loop().time()
         self._t0 = now + (SLOT_MARGIN if self._buffer else 0.0)
 
