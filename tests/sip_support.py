@@ -343,6 +343,24 @@ class RawSip:
         return ("\r\n".join(out) + "\r\n\r\n").encode()
 
 
+async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str) -> tuple[int, str]:
+    """A per-leg call by hand (front → 302 → worker → 200 → ACK) that never sends RTP.
+
+    Returns ``(worker_port, Call-ID)``.
+    """
+    data, _, _ = sip.invite(front_port, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg})
+    code, text = await sip.request(data, front_port)
+    assert code == 302, text
+    contact = text.split("Contact: <sip:", 1)[1].split(">", 1)[0]
+    token, hostport = contact.split("@")
+    wport = int(hostport.split(":")[1])
+    data, call_id, _ = sip.invite(wport, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg})
+    data = data.replace(b"INVITE sip:gateway@", f"INVITE sip:{token}@".encode(), 1)
+    code, text = await sip.request(data, wport)
+    assert code == 200, text
+    return wport, call_id
+
+
 def sdp(audio_pts: str = "0 8", *, audio: bool = True, streams: int = 1, labels: bool = False, port: int = 49170) -> bytes:
     lines = ["v=0", "o=p 1 1 IN IP4 127.0.0.1", "s=-", "c=IN IP4 127.0.0.1", "t=0 0"]
     for i in range(streams):

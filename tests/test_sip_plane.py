@@ -29,6 +29,7 @@ from .sip_support import (
     free_udp_block,
     metadata,
     multipart,
+    raw_leg_call,
     read_ulaw,
     read_wav,
     require_pjsua2,
@@ -245,6 +246,24 @@ async def test_worker_crash_ends_only_its_calls_and_restarts(gw: tuple[SipPlane,
             if p.returncode is None:
                 p.kill()
             await p.wait()
+
+
+async def test_leg_without_rtp_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_pjsua2()
+    monkeypatch.setattr(plane_mod, "MEDIA_TIMEOUT_SECONDS", 2.0)
+    hooks = FakeHooks({"c-1": "alice"})
+    settings = Settings(sip_port=free_udp_block(2), sip_workers=1, rtp_port_base=free_udp_block(40, 30000, 39000), data_dir=str(tmp_path))
+    plane = SipPlane(settings, hooks)
+    await plane.start()
+    sip = RawSip()
+    try:
+        await raw_leg_call(sip, settings.sip_port, "c-1", "agent")
+        await hooks.wait_for("leg_started", "c-1", "agent", timeout=3)
+        await hooks.wait_for("leg_ended", "c-1", "agent", "media_timeout", timeout=6)
+        await wait_until(lambda: plane.stats()["conversations"] == 0, 2, "slots released")
+    finally:
+        sip.close()
+        await plane.stop()
 
 
 async def test_hung_worker_is_killed_and_restarted(gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch) -> None:

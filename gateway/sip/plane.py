@@ -45,6 +45,10 @@ RESERVE_PHONE_SLOT = True
 _RTP_PORTS_PER_WORKER = 40
 _READY_TIMEOUT = 15.0
 _CMD_TIMEOUT = 5.0
+#: An ingress call that receives no RTP for this long is hung up (reason ``media_timeout``).
+MEDIA_TIMEOUT_SECONDS = 20.0
+#: A supervisor phone that does not answer within this long is ``phone_unreachable``.
+RING_TIMEOUT_SECONDS = 30.0
 #: A ready worker that sends nothing (it reports stats every second) for this long is killed.
 HUNG_SECONDS = 6.0
 
@@ -301,6 +305,7 @@ class SipPlane:
                 "--host", s.sip_host, "--sip-port", str(w.sip_port),
                 "--media-host", s.media_host, "--rtp-port", str(w.rtp_port),
                 "--rtp-range", str(_RTP_PORTS_PER_WORKER), "--max-calls", str(self.capacity),
+                "--media-timeout", str(MEDIA_TIMEOUT_SECONDS), "--ring-timeout", str(RING_TIMEOUT_SECONDS),
                 pass_fds=(ctl_child.fileno(), frm_child.fileno()), env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip

@@ -204,6 +204,7 @@ class Worker:
                     call.local_hangup()
             if now - last_stats >= 1.0:
                 last_stats = now
+                self.check_media(now)
                 self.emit("stats", frames=self.frames_sent, drops=self.frames_dropped, calls=len(self.calls))
             call = None  # no pj object may outlive the loop in this frame
 
@@ -224,6 +225,26 @@ class Worker:
             self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
         except Exception:  # noqa: BLE001
             pass
+
+    def check_media(self, now: float) -> None:
+        """Hang up ingress calls whose RTP stopped (a platform that vanished without BYE)."""
+        limit = self.args.media_timeout
+        if limit <= 0:
+            return
+        for call in list(self.calls.values()):
+            if call.phone_mid is not None or not call.media_idx or call.ended:
+                continue
+            total = 0
+            for idx in call.media_idx:
+                try:
+                    total += call.getStreamStat(idx).rtcp.rxStat.pkt
+                except pj.Error:
+                    pass
+            if total != call.rx_pkts:
+                call.rx_pkts, call.rx_changed = total, now
+            elif now - call.rx_changed > limit:
+                call.end_reason = "media_timeout"
+                call.local_hangup()
 
     # --- commands --------------------------------------------------------------------------
     def reply(self, cmd: dict[str, Any], ok: bool, error: str = "", **extra: Any) -> None:
@@ -441,6 +462,9 @@ class GwCall(pj.Call):
         worker.next_key += 1
         self.pending_since = 0.0
         self.ringing_since = 0.0
+        self.media_idx: list[int] = []  # ingress stream indexes with media up
+        self.rx_pkts = 0
+        self.rx_changed = 0.0
         self.conv_id: str | None = None
         self.legs: list[str | None] = []
         self.phone_mid: str | None = None
@@ -493,7 +517,7 @@ class GwCall(pj.Call):
                 reason = "left"
             self.w.emit("phone_state", mid=self.phone_mid, state="ended", reason=reason, code=ci.lastStatusCode)
         else:
-            reason = "shutdown" if self.local else "bye"
+            reason = self.end_reason or ("shutdown" if self.local else "bye")
             self.w.emit("call_ended", call=self.key, reason=reason, code=ci.lastStatusCode)
         self.w.call_gone(self)
 
@@ -515,6 +539,9 @@ class GwCall(pj.Call):
                     self.w.emit("phone_state", mid=self.phone_mid, state="connected")
             elif mi.index < len(self.legs) and self.legs[mi.index]:
                 leg = self.legs[mi.index]
+                if mi.index not in self.media_idx:
+                    self.media_idx.append(mi.index)
+                    self.rx_changed = time.monotonic()
                 old = conv.legs.get(leg)
                 if old is None:
                     conv.leg_up(leg, media, self)
@@ -536,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-calls", type=int, default=4)
     p.add_argument("--poll-ms", type=int, default=40)
     p.add_argument("--ring-timeout", type=float, default=30.0, help="seconds a supervisor phone may ring")
+    p.add_argument("--media-timeout", type=float, default=20.0, help="hang up an ingress call after this long without RTP (0: never)")
     p.add_argument("--log-level", type=int, default=1)
     args = p.parse_args(argv)
     w = Worker(args)
