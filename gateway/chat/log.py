@@ -306,22 +306,35 @@ class SqliteChatLog:
                 loop.call_soon_threadsafe(_resolve_all, items)
 
     def _submit(
-        self, fn: Callable[[sqlite3.Connection], Any], target: Future[Any] | asyncio.Future[Any] | None = None
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        target: Future[Any] | asyncio.Future[Any] | None = None,
+        *,
+        one_write: bool = False,
     ) -> Future[Any] | asyncio.Future[Any]:
         """Run ``fn(conn)`` in a write transaction; the result lands in ``target`` (a
-        concurrent Future by default, or an asyncio Future of the calling loop)."""
+        concurrent Future by default, or an asyncio Future of the calling loop).
+        ``one_write``: ``fn`` writes with one statement, so on the caller's thread it runs in
+        autocommit (its own implicit transaction) and skips BEGIN/COMMIT (~2 x 45 µs here)."""
         fut: Future[Any] | asyncio.Future[Any] = target if target is not None else Future()
         if self._writer is None:
             try:
                 db = self.db
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    value = fn(db)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    self._heads.clear()  # reloaded from the table on next use
-                    raise
+                if one_write:
+                    try:
+                        value = fn(db)
+                    except BaseException:
+                        self._heads.clear()  # reloaded from the table on next use
+                        raise
+                else:
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        value = fn(db)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        self._heads.clear()  # reloaded from the table on next use
+                        raise
                 fut.set_result(value)
                 self._maybe_finish_checkpoint(db)
             except Exception as exc:  # noqa: BLE001
@@ -427,6 +440,7 @@ class SqliteChatLog:
                 conn, conversation, kind, sender, author, text, visibility, client_id, ts
             ),
             target,
+            one_write=True,  # a SELECT (client_id) and one INSERT; only this process writes
         )
 
     def _committed(self, entry: ChatEntry) -> None:
