@@ -135,7 +135,7 @@ class ChatService:
             lock = self._locks[cid] = asyncio.Lock()
         async with lock:
             # append + publish under one lock: live fan-out stays in seq order even with a
-            # log whose append suspends (the SQLite one does not).
+            # log whose append suspends (SqliteChatLog with writer_thread=True, Redis later).
             entry, created = await self.log.append(
                 cid,
                 kind=kind,
