@@ -247,6 +247,12 @@ class BatchTrack(MediaStreamTrack):
         self._ts = (self._ts + self._ticks) & 0xFFFFFFFF
         return True
 
+    def skip(self, frames: int) -> None:
+        """The sender stalled for ``frames`` ticks: advance the RTP clock past them."""
+        self._index += frames
+        self._ts = (self._ts + frames * self._ticks) & 0xFFFFFFFF
+        self.stats.resyncs += 1
+
     def stop(self) -> None:
         BatchSender.instance().remove(self)
         if self._pump_task is not None:
@@ -298,8 +304,14 @@ class BatchSender:
             due = t0 + n * FRAME_SECONDS
             now = loop.time()
             if now - due > RESYNC_AFTER:
+                # Stalled: skip the missed ticks; every stream's RTP timestamp jumps with them
+                # (a gap the listener conceals, not latency it keeps).
                 self.late_ticks += 1
-                t0, n = now, 0
+                skipped = int((now - due) / FRAME_SECONDS)
+                n += skipped
+                due += skipped * FRAME_SECONDS
+                for t in self.tracks:
+                    t.skip(skipped)
             elif due > now:
                 await asyncio.sleep(due - now)
             lag = loop.time() - due

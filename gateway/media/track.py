@@ -39,7 +39,7 @@ from .opus import OpusPacketEncoder
 log = logging.getLogger(__name__)
 
 FRAME_SECONDS = FRAME_MS / 1000.0
-#: A recv() that comes this late re-bases the media clock rather than sending a burst.
+#: A recv() that comes this late skips the missed ticks rather than sending a burst.
 RESYNC_AFTER = 0.2
 #: When a tick finds no frame, wait this long for one before sending silence: the tap and
 #: the track run on independent 20 ms clocks, and a few ms of jitter on either side must
@@ -163,8 +163,10 @@ class LegTapTrack(MediaStreamTrack):
             self._index += 1
             due = self._t0 + self._index * FRAME_SECONDS
             if now - due > RESYNC_AFTER:
+                # The loop stalled: skip the missed ticks. The RTP timestamp jumps with them,
+                # so the listener conceals a gap instead of keeping the stall as latency.
                 self.stats.resyncs += 1
-                self._t0 = now - self._index * FRAME_SECONDS
+                self._index += int((now - due) / FRAME_SECONDS)
             elif due > now:
                 await asyncio.sleep(due - now)
             if self.readyState != "live":
