@@ -308,6 +308,9 @@ class SipPlane:
                 "--media-timeout", str(MEDIA_TIMEOUT_SECONDS), "--ring-timeout", str(RING_TIMEOUT_SECONDS),
                 pass_fds=(ctl_child.fileno(), frm_child.fileno()), env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                # Own session: a terminal's Ctrl-C reaches the gateway, which stops workers in order.
+                # If the gateway itself dies, workers see EOF on the control socket and exit.
+                start_new_session=True,
             )  # fmt: skip
         finally:
             ctl_child.close()
@@ -321,7 +324,10 @@ class SipPlane:
         w.frame_transport = ft  # type: ignore[assignment]
         try:
             while True:
-                line = await reader.readline()
+                try:
+                    line = await reader.readline()
+                except (ConnectionError, OSError):
+                    break  # a worker exiting with unread input resets the socket: same as EOF
                 if not line:
                     break
                 try:
