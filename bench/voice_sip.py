@@ -213,7 +213,7 @@ async def read_tap(tap, out: dict) -> None:  # type: ignore[no-untyped-def]
     out["dropped"] = tap.dropped
 
 
-async def run(n: int, seconds: float, workers: int) -> dict[str, float]:
+async def run(n: int, seconds: float, workers: int, with_phone: bool) -> dict[str, float]:
     base = free_port_block(workers + 1)
     rtp = free_port_block(40 * workers)
     cids = {f"bench-{i}" for i in range(n)}
@@ -230,6 +230,24 @@ async def run(n: int, seconds: float, workers: int) -> dict[str, float]:
             legs = [Leg(cid, leg, ("127.0.0.1", base)) for cid in sorted(cids) for leg in ("agent", "customer")]
             for lg in legs:
                 await lg.connect()
+            phone = None
+            if with_phone:
+                # One pjsua2 phone process answers every conversation's supervisor call (4 max).
+                phone_port = free_port_block(24)
+                phone = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway.sip.phone", "--port", str(phone_port), "--rtp-port", str(phone_port + 2),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=str(ROOT),
+                    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                )  # fmt: skip
+                assert phone.stdout is not None
+                while not (await asyncio.wait_for(phone.stdout.readline(), 10)).startswith(b"READY"):
+                    pass  # pjsua's start-up log lines
+                for i, cid in enumerate(sorted(cids)):
+                    await plane.call_phone(cid, f"m-{i}", f"sip:sup@127.0.0.1:{phone_port}")
+                connected = 0
+                while connected < len(cids):
+                    line = await asyncio.wait_for(phone.stdout.readline(), 10)
+                    connected += line.startswith(b"CONNECTED")
             taps = {cid: plane.open_tap(cid, maxsize=200) for cid in cids}
             results: dict[str, dict] = {cid: {} for cid in cids}
             readers = [asyncio.create_task(read_tap(taps[cid], results[cid])) for cid in cids]
@@ -251,6 +269,9 @@ async def run(n: int, seconds: float, workers: int) -> dict[str, float]:
             await asyncio.gather(*readers)
             for lg in legs:
                 await lg.bye()
+            if phone is not None:
+                phone.terminate()
+                await phone.wait()
         finally:
             await plane.stop()
     frames = lost = late = 0
@@ -298,11 +319,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversations", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--phone", action="store_true", help="also send each conversation's mix to a SIP phone (<= 4 conversations)")
     args = ap.parse_args()
     rows = []
     for n in args.conversations:
         # per-leg footprint is 3 calls (2 legs + reserved phone): one conversation per worker
-        rows.append(asyncio.run(run(n, args.seconds, workers=n)))
+        rows.append(asyncio.run(run(n, args.seconds, workers=n, with_phone=args.phone)))
     head = (
         f"{'conv':>4} {'workers':>7} {'frames':>7} {'lost%':>6} {'late%':>6} {'lat p50':>8} {'lat p99':>8} "
         f"{'wrk CPU%/conv':>13} {'main CPU%/conv':>14} {'wrk RSS MB/conv':>15} {'idle CPU%/wrk':>13}"
@@ -316,7 +338,8 @@ def main() -> None:
             f"{r['main_cpu_per_conv']:>14.2f} {r['rss_per_conv']:>15.1f} {r['idle_worker_cpu']:>13.2f}"
         )
     print(
-        "\nlatency: RTP packet sent -> first tap frame carrying it (n=%s bursts); main CPU includes the"
+        ("\nwith a supervisor SIP phone per conversation (bridge mix in C; the phone process's own CPU is not counted)" if args.phone else "\nno supervisor phone (taps only)")
+        + "\nlatency: RTP packet sent -> first tap frame carrying it (n=%s bursts); main CPU includes the"
         " bench's own RTP senders and tap readers; main RSS %.0f MB; tap drops %s, worker drops %s"
         % (",".join(str(r["bursts"]) for r in rows), rows[-1]["rss_main"], rows[-1]["tap_drops"], rows[-1]["worker_drops"])
     )
