@@ -35,7 +35,7 @@ from gateway.metrics import Metrics
 from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache, TokenValidator
 from gateway.service import MonitoringService
-from gateway.store import MemoryStore
+from gateway.store import SqliteStore
 from gateway.wiring import DomainSipHooks, attach_planes
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,13 @@ WEB_DIR = PACKAGE_DIR / "web"
 async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     audit = AuditLog(settings.audit_path)
+    store = SqliteStore(settings.state_path)
     app[AUDIT] = audit
-    app[SERVICE] = MonitoringService(MemoryStore(), audit, app[BUS])
+    app[SERVICE] = MonitoringService(store, audit, app[BUS])
     yield
     for task in list(app[STATE]["tasks"]):
         task.cancel()
+    store.close()
     audit.close()
 
 
@@ -81,6 +83,13 @@ async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     chat = ChatService(settings, SqliteChatLog(settings.chat_path))
     app[CHAT] = chat
+
+    async def close_streams(app: web.Application) -> None:
+        # Before the runner waits for open connections: chat websockets close with 1001
+        # (clients resume from their last seq elsewhere), so shutdown never hangs on them.
+        chat.go_away()
+
+    app.on_shutdown.append(close_streams)
     yield
     await chat.close()
     await chat.log.close()

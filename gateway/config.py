@@ -108,6 +108,10 @@ class Settings:
         return self.data_path("audit.sqlite3", self.audit_db)
 
     @property
+    def state_path(self) -> Path:
+        return self.data_path("state.sqlite3")
+
+    @property
     def chat_path(self) -> Path:
         return self.data_path("chat.sqlite3", self.chat_db)
 

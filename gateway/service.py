@@ -317,6 +317,7 @@ class MonitoringService:
         monitor.ended_at = time.time()
         monitor.end_reason = reason
         self.store.release_voice(monitor.conversation, monitor.id)
+        self.store.put_monitor(monitor)
         self.audit.record("monitor_end", actor=monitor.supervisor, conversation=monitor.conversation, monitor=monitor.id, reason=reason)
         log.info("monitor ended", extra={"conversation": monitor.conversation, "monitor": monitor.id, "reason": reason})
         team = conversation.team if conversation else None
@@ -328,12 +329,15 @@ class MonitoringService:
         monitor.channels = [c for c in monitor.channels if c != "voice"]
         monitor.voice_blocked_reason = reason
         self.store.release_voice(monitor.conversation, monitor.id)
+        self.store.put_monitor(monitor)
         self.audit.record("monitor_voice_end", actor=monitor.supervisor, conversation=monitor.conversation, monitor=monitor.id, reason=reason)
         if conversation is not None:
             self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
 
     def _publish_conversation(self, conversation: Conversation) -> None:
+        self.store.put_conversation(conversation)  # every change is published, so saved, here
         self.bus.publish(DomainEvent(EventType.CONVERSATION_UPDATED, conversation.id, conversation.team, {"item": self.describe(conversation)}))
 
     def _publish_monitor(self, kind: EventType, conversation: Conversation, monitor: Monitor) -> None:
+        self.store.put_monitor(monitor)
         self.bus.publish(DomainEvent(kind, conversation.id, conversation.team, {"monitor": monitor_json(monitor)}))

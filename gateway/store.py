@@ -1,6 +1,7 @@
 """Where conversations and monitors live: a small interface and its in-process implementation.
 
-One gateway instance keeps its state in :class:`MemoryStore`. Several instances behind one
+One gateway instance keeps its state in :class:`MemoryStore` (tests) or :class:`SqliteStore`
+(the embedded default: the same, written through to SQLite so a restart loses nothing). Several instances behind one
 platform need a shared store (Redis): that implementation must make :meth:`Store.claim_voice`
 atomic across instances (a Lua script or ``SET NX``), which is why voice claiming is a store
 operation rather than a read followed by a write in the service.
@@ -8,9 +9,14 @@ operation rather than a read followed by a write in the service.
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+import sqlite3
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
 
-from gateway.domain import Conversation, Monitor
+from gateway.domain import Conversation, Direction, Monitor, MonitorMode, VoiceKind
 
 
 class Store(Protocol):
@@ -76,3 +82,75 @@ class MemoryStore:
         self._voice.pop(cid, None)
         for mid in self._by_conversation.pop(cid, []):
             self._monitors.pop(mid, None)
+
+
+class SqliteStore(MemoryStore):
+    """:class:`MemoryStore` written through to SQLite, so a restarted gateway knows its
+    conversations and monitors (chat streams resume; browsers re-offer WHEP).
+
+    Reads stay in memory. What cannot survive a restart is dropped on load: SIP legs (the
+    platform re-INVITEs) and SIP phone calls (their worker is gone), whose monitors keep chat.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS monitors (id TEXT PRIMARY KEY, conversation TEXT NOT NULL, data TEXT NOT NULL)")
+        self._load()
+
+    def _load(self) -> None:
+        for (data,) in self._db.execute("SELECT data FROM conversations"):
+            conversation = _conversation_from(json.loads(data))
+            conversation.voice_legs.clear()
+            super().put_conversation(conversation)
+        for (data,) in self._db.execute("SELECT data FROM monitors ORDER BY rowid"):
+            monitor = _monitor_from(json.loads(data))
+            if monitor.active and monitor.voice_kind is VoiceKind.SIP and "voice" in monitor.channels:
+                monitor.channels = [c for c in monitor.channels if c != "voice"]
+                monitor.voice_blocked_reason = "media_failure"
+            super().put_monitor(monitor)
+            if monitor.active and "voice" in monitor.channels:
+                self.claim_voice(monitor.conversation, monitor)
+
+    def put_conversation(self, conversation: Conversation) -> None:
+        super().put_conversation(conversation)
+        self._db.execute("INSERT OR REPLACE INTO conversations (id, data) VALUES (?, ?)", (conversation.id, json.dumps(_plain(conversation))))
+
+    def put_monitor(self, monitor: Monitor) -> None:
+        super().put_monitor(monitor)
+        self._db.execute(
+            "INSERT OR REPLACE INTO monitors (id, conversation, data) VALUES (?, ?, ?)", (monitor.id, monitor.conversation, json.dumps(_plain(monitor)))
+        )
+
+    def forget_conversation(self, cid: str) -> None:
+        super().forget_conversation(cid)
+        self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+        self._db.execute("DELETE FROM monitors WHERE conversation = ?", (cid,))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _plain(item: Conversation | Monitor) -> dict[str, Any]:
+    data = asdict(item)
+    for key, value in data.items():
+        if isinstance(value, Enum):
+            data[key] = value.value
+        elif isinstance(value, set):
+            data[key] = sorted(value)
+    return data
+
+
+def _conversation_from(data: dict[str, Any]) -> Conversation:
+    data["direction"] = Direction(data["direction"])
+    data["voice_legs"] = set(data.get("voice_legs", []))
+    return Conversation(**data)
+
+
+def _monitor_from(data: dict[str, Any]) -> Monitor:
+    data["mode"] = MonitorMode(data["mode"])
+    data["voice_kind"] = VoiceKind(data["voice_kind"]) if data.get("voice_kind") else None
+    return Monitor(**data)

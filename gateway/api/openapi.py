@@ -60,7 +60,7 @@ def openapi_document(base_url: str) -> dict[str, Any]:
             )
         },
         "/v1/conversations/{cid}/messages": {
-            "post": _op("Chat ingest (idempotent on client_id)", "platform|agent", {201: "{seq}", 409: "chat_not_active", 413: "text_too_long", 429: "rate_limited", **_REFUSALS}, _json_body({**text_body, "properties": {**text_body["properties"], "from": {"enum": ["customer", "agent"]}}}))
+            "post": _op("Chat ingest (idempotent on client_id)", "platform|agent", {201: "{seq}", 409: "chat_not_active", 413: "message_too_long", 422: "empty_message", 429: "rate_limited", **_REFUSALS}, _json_body({**text_body, "properties": {**text_body["properties"], "from": {"enum": ["customer", "agent"]}}}))
         },
         "/v1/conversations/{cid}/chat": {"get": _op("Websocket: a participant view (?view=customer|agent&after=SEQ)", "platform|agent", {101: "switching protocols", **_REFUSALS}, ws=True)},
         "/v1/conversations/{cid}/monitors": {
