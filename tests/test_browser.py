@@ -236,8 +236,16 @@ async def test_console_leave_releases_voice_and_shows_refusals(tmp_path: Path) -
                 await _sign_in(tom, gw.base_url, "tom")
                 await tom.click("[data-testid='monitor-c-b2']")
                 await tom.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
-                await tom.click("[data-testid='leave']")
-                await tom.wait_for_selector("[data-testid='monitor-panel']", state="hidden")
+                tom_mid = await tom.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+                # Closing or reloading the tab is leaving too (R12): voice and monitor end.
+                await tom.reload()
+                for _ in range(50):
+                    listed = (await gw.call("GET", "/v1/conversations", await gw.login("sam"))).body
+                    if not app[WHEP].get(tom_mid) and not next(c for c in listed if c["id"] == "c-b2")["monitored"]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert not app[WHEP].get(tom_mid)
+                assert not next(c for c in listed if c["id"] == "c-b2")["monitored"]
             finally:
                 await browser.close()
 

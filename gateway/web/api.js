@@ -169,7 +169,7 @@ async function errorFrom(res) {
  * Authorised request. `body` objects are sent as JSON; strings with `contentType`.
  * Returns { status, headers, data } with data parsed per content type (JSON or text).
  */
-export async function request(method, path, { body, contentType, accept } = {}) {
+export async function request(method, path, { body, contentType, accept, keepalive } = {}) {
   const headers = { Authorization: `Bearer ${await token()}` };
   let payload;
   if (body !== undefined && body !== null && typeof body !== "string") {
@@ -182,7 +182,7 @@ export async function request(method, path, { body, contentType, accept } = {}) 
   if (accept) headers.Accept = accept;
   let res;
   try {
-    res = await fetch(apiUrl(path), { method, headers, body: payload });
+    res = await fetch(apiUrl(path), { method, headers, body: payload, keepalive: !!keepalive });
   } catch (e) {
     throw new ApiError(0, "network_error", "The gateway can not be reached.");
   }
@@ -214,7 +214,7 @@ export async function wsUrl(path, params = {}) {
 export const listConversations = async () => (await request("GET", "/v1/conversations")).data;
 export const startMonitor = async (cid, voice) =>
   (await request("POST", `/v1/conversations/${encodeURIComponent(cid)}/monitors`, { body: { voice: voice ? { kind: "webrtc" } : null } })).data;
-export const endMonitor = (mid) => request("DELETE", `/v1/monitors/${encodeURIComponent(mid)}`);
+export const endMonitor = (mid, { keepalive = false } = {}) => request("DELETE", `/v1/monitors/${encodeURIComponent(mid)}`, { keepalive });
 export const whisper = async (mid, text) => (await request("POST", `/v1/monitors/${encodeURIComponent(mid)}/whisper`, { body: { text } })).data;
 export const barge = async (mid) => (await request("POST", `/v1/monitors/${encodeURIComponent(mid)}/barge`, { body: {} })).data;
 export const sendMessage = async (mid, text) => (await request("POST", `/v1/monitors/${encodeURIComponent(mid)}/messages`, { body: { text } })).data;

@@ -535,8 +535,13 @@ async function main() {
     if (a.srcObject && a.paused) a.play().catch(() => {});
   });
   window.addEventListener("pagehide", () => {
-    // Best effort: free the voice slot (R8) when the tab closes.
-    if (state.monitor && !state.monitor.ended && state.monitor.voice) state.monitor.voice.stop();
+    // Closing or reloading the tab is leaving (R12): free the voice slot (R8) and end the
+    // monitor; keepalive lets the requests outlive the page.
+    const cur = state.monitor;
+    if (!cur || cur.ended) return;
+    cur.ended = true;
+    if (cur.voice) cur.voice.stop({ keepalive: true });
+    api.endMonitor(cur.mid, { keepalive: true }).catch(() => {});
   });
   await api.loadConfig();
   document.body.dataset.ready = "true";

@@ -64,7 +64,7 @@ export async function listen(mid, audio, { onState } = {}) {
   return {
     pc,
     location: location ? resolve(location) : null,
-    async stop() {
+    async stop({ keepalive = false } = {}) {
       if (stopped) return;
       stopped = true;
       audio.pause();
@@ -72,7 +72,7 @@ export async function listen(mid, audio, { onState } = {}) {
       pc.close();
       if (location) {
         try {
-          await request("DELETE", location);
+          await request("DELETE", location, { keepalive });
         } catch (_) {
           /* the monitor may already be gone; leaving is always allowed */
         }
