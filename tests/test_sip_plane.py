@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -92,6 +93,8 @@ async def test_per_leg_mix_reaches_phone_never_the_phones_tone(gw: tuple[SipPlan
     try:
         await plane.call_phone("c-1", "m-1", f"sip:sam@127.0.0.1:{phone_port}")
         await phone.wait_line("CONNECTED", 5)
+        connected = next(text for _, text in phone.lines if text.startswith("CONNECTED"))
+        assert "dir=2 " in connected, f"the phone's media should be receive-only (PJMEDIA_DIR_DECODING): {connected}"
         frames = await collect(tap, 2.0)
         t_hang = time.monotonic()
         await plane.hang_up_phone("m-1")
@@ -386,6 +389,7 @@ async def test_call_phone_refusals(gw: tuple[SipPlane, FakeHooks]) -> None:
             await plane.call_phone("c-1", "m-9", bad)
         assert (e.value.status, e.value.code) == (422, "invalid_sip_uri"), bad
     await plane.hang_up_phone("nobody")  # idempotent on unknown monitors
+    assert "pjsua2" not in sys.modules, "the main process must never import pjsua2"
     tap = plane.open_tap("c-9")
     tap.close()
     tap.close()
@@ -412,3 +416,25 @@ def test_fixture_tones_are_distinct() -> None:
         x = read_ulaw(AUDIO / f"{name}.ulaw")
         lv = tone_levels(x, 8000, [AGENT_HZ, CUSTOMER_HZ, PHONE_HZ])
         assert lv[hz] > 0.99 and sorted(lv.values())[1] < 0.01, (name, lv)
+
+
+async def test_tap_is_bounded_drop_oldest() -> None:
+    from gateway.media.frames import LegFrame
+    from gateway.sip.plane import Tap
+
+    class _Plane:
+        _tap_drops = 0
+
+        def _tap_closed(self, tap: Tap) -> None:
+            pass
+
+    plane = _Plane()
+    tap = Tap(plane, "c-1", maxsize=2)  # type: ignore[arg-type]
+    z = np.zeros(160, dtype=np.int16)
+    for i in range(5):
+        tap._put(LegFrame("c-1", i, 8000, z, z))
+    assert tap.dropped == 3 and plane._tap_drops == 3
+    assert [(await tap.next_frame()).seq for _ in range(2)] == [3, 4]
+    tap._finish()
+    with pytest.raises(EOFError):
+        await tap.next_frame()
