@@ -263,7 +263,12 @@ class Worker:
             call.legs = list(cmd["legs"])
             # Register first: answer() negotiates SDP and fires onCallMediaState synchronously.
             self.conv(call.conv_id).calls.add(call.key)
-            call.accept(len(call.legs))
+            try:
+                call.accept(len(call.legs))
+            except pj.Error as exc:
+                call.reject(488)  # never leave a call half-answered: it would hold a slot
+                self.reply(cmd, False, f"pj: {exc.info()}")
+                return
             self.reply(cmd, True)
         elif op == "reject":
             call = self.calls.get(int(cmd["call"]))
