@@ -481,7 +481,10 @@ class SipPlane:
         return any(self._free(w) >= smallest for w in self.workers)
 
     def _free(self, w: _Worker) -> int:
-        used = sum(c.footprint for c in self.convs.values() if c.worker == w.index)
+        """Calls worker ``w`` can still take (footprints of its conversations, plus phones that
+        were not part of a footprint)."""
+        extra_phone = 0 if RESERVE_PHONE_SLOT else 1
+        used = sum(c.footprint + (extra_phone if c.phone else 0) for c in self.convs.values() if c.worker == w.index)
         return self.capacity - used
 
     def _decide_invite(self, msg: SipMessage) -> tuple[int, str | None, list[tuple[str, str]]]:
@@ -583,6 +586,8 @@ class SipPlane:
         if monitor_id in self.phones:
             raise GatewayError(409, "voice_monitor_busy", "this monitor already has a phone call")
         w = self.workers[conv.worker]
+        if not RESERVE_PHONE_SLOT and self._free(w) < 1:
+            raise GatewayError(503, "voice_capacity", "the media worker of this conversation is full")
         conv.phone = monitor_id
         self.phones[monitor_id] = cid
         w.phones.add(monitor_id)
