@@ -322,3 +322,52 @@ async def test_rejects_offer_without_audio() -> None:
     with pytest.raises(WhepError) as err:
         await answer_whep("not sdp", ToneTap("c-6"), settings=SETTINGS, stereo=False)
     assert err.value.code in {"invalid_sdp", "no_audio"}
+
+
+async def test_listener_bookkeeping_and_close_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.media.whep as whep
+    from gateway.media.whep import WhepListener
+
+    monkeypatch.setattr(whep, "CONNECT_TIMEOUT", 0.3)
+    listener = WhepListener(SETTINGS)
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="recvonly")
+    offer = await client.createOffer()
+    with host_addresses(["127.0.0.1"]):
+        await client.setLocalDescription(offer)
+    tap = ToneTap("c-7")
+    reasons: list[str] = []
+    _, session = await listener.answer(client.localDescription.sdp, tap)
+    session.on_closed(reasons.append)
+    assert listener.get(session.id) is session
+    # The browser never applies the answer: no ICE, so the session times out and cleans up.
+    for _ in range(40):
+        if session.closed:
+            break
+        await asyncio.sleep(0.05)
+    assert session.closed and reasons == ["connect_timeout"] and tap.closed
+    assert listener.get(session.id) is None
+    assert await listener.delete(session.id) is False
+    await client.close()
+
+
+async def test_delete_closes_a_connected_session() -> None:
+    from gateway.media.whep import WhepListener
+
+    listener = WhepListener(SETTINGS)
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="recvonly")
+    offer = await client.createOffer()
+    with host_addresses(["127.0.0.1"]):
+        await client.setLocalDescription(offer)
+    answer, session = await listener.answer(client.localDescription.sdp, ToneTap("c-8"))
+    await client.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    for _ in range(100):
+        if session.state == "connected":
+            break
+        await asyncio.sleep(0.05)
+    assert session.state == "connected"
+    assert await listener.delete(session.id) is True
+    assert session.closed and session.close_reason == "deleted"
+    await listener.close_all()
+    await client.close()
