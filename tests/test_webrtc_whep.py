@@ -24,7 +24,7 @@ from gateway.media.whep import WhepError, WhepSession, answer_whep
 
 pytestmark = pytest.mark.webrtc
 
-SETTINGS = Settings(ice_host_addresses="127.0.0.1")
+SETTINGS = Settings(ice_host_addresses="127.0.0.1", webrtc_codec="opus", webrtc_batch=False)  # each test picks codec and sender itself
 LISTEN_SECONDS = 1.2
 
 

@@ -214,12 +214,12 @@ async def answer_whep(
     customer_dbfs)`` runs ~10x/s on the media path; ``on_inbound_rtp(total)`` runs for each
     RTP packet the browser sends anyway (it should send none: the answer is ``sendonly``).
 
-    ``codec`` (``opus``, ``pcmu``, ``pcma``; default ``settings.webrtc_codec`` if that
-    setting exists, else ``opus``) is used when the offer has it, else the offer's first
+    ``codec`` (``opus``, ``pcmu``, ``pcma``; default ``settings.webrtc_codec``, and Opus when
+    ``stereo``) is used when the offer has it, else the offer's first
     codec aiortc speaks. Opus and G.711 are encoded here once per frame and handed to aiortc
     as packets; G.711 is mono only (``stereo`` then degrades to the mix).
 
-    ``batch`` (default ``settings.webrtc_batch`` if that setting exists, else off) sends the
+    ``batch`` (default ``settings.webrtc_batch``) sends the
     media from the process-wide :class:`~.batch.BatchSender` instead of aiortc's per-track
     sender loop: same packets, a fraction of the CPU per listener (see :mod:`.batch`).
 
@@ -238,7 +238,8 @@ async def answer_whep(
     if not offered:
         tap.close()
         raise WhepError("no_common_codec", "the offer has no audio codec the gateway speaks (opus, PCMU, PCMA, G722)")
-    preferred = (codec or getattr(settings, "webrtc_codec", "") or "opus").lower()
+    # Stereo (agent left, customer right) needs Opus; mono defaults to the configured codec.
+    preferred = "opus" if stereo and codec is None else (codec or settings.webrtc_codec or "opus").lower()
     chosen = preferred if preferred in offered else offered[0]
 
     addresses = split_csv(settings.ice_host_addresses)
@@ -250,7 +251,7 @@ async def answer_whep(
     def tap_ended() -> None:
         log.info("leg tap of whep session %s ended", session_ref[0].id if session_ref else "?")
 
-    use_batch = bool(getattr(settings, "webrtc_batch", False) if batch is None else batch)
+    use_batch = settings.webrtc_batch if batch is None else batch
     use_batch = use_batch and chosen in BATCH_CODECS and (chosen == "opus" or sample_rate == 8000)
     track: LegTapTrack | BatchTrack
     if use_batch:
