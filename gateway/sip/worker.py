@@ -105,6 +105,10 @@ class Worker:
                 self.running = False
 
     def _reader(self) -> None:
+        # A CRLF keep-alive to our own SIP port wakes libHandleEvents() at once (pjsip drops
+        # it), so a command waits for no poll timeout and the poll can stay long and cheap.
+        waker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        wake_to = (self.args.host, self.args.sip_port)
         buf = b""
         try:
             while True:
@@ -118,10 +122,18 @@ class Worker:
                         try:
                             self.commands.put(json.loads(line))
                         except ValueError:
+                            continue
+                        try:
+                            waker.sendto(b"\r\n\r\n", wake_to)
+                        except OSError:
                             pass
         except OSError:
             pass
         self.commands.put(None)  # main process gone: quit
+        try:
+            waker.sendto(b"\r\n\r\n", wake_to)
+        except OSError:
+            pass
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -566,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtp-port", type=int, default=20000)
     p.add_argument("--rtp-range", type=int, default=100)
     p.add_argument("--max-calls", type=int, default=4)
-    p.add_argument("--poll-ms", type=int, default=40)
+    p.add_argument("--poll-ms", type=int, default=100)
     p.add_argument("--ring-timeout", type=float, default=30.0, help="seconds a supervisor phone may ring")
     p.add_argument("--media-timeout", type=float, default=20.0, help="hang up an ingress call after this long without RTP (0: never)")
     p.add_argument("--log-level", type=int, default=1)
