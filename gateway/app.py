@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[METRICS] = Metrics()
     app[BUS] = EventBus()
     app[WHEP] = {}
-    app[STATE] = {"draining": False, "tasks": set(), "monitor_end_futures": {}, "event_sockets": set()}
+    app[STATE] = {"draining": False, "tasks": set(), "monitor_end_futures": {}, "event_sockets": set(), "pending_phones": {}}
 
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(identity_ctx)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.api.context import BUS, CHAT, JWKS, METRICS, SERVICE, SIP, STATE, WHEP
 from gateway.domain import DomainEvent, EventType
+from gateway.errors import GatewayError
 from gateway.policy import rules
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,30 @@ def _release_voice(app: web.Application, mid: str) -> None:
         _background(app, session.close())
 
 
+async def call_supervisor_phone(app: web.Application, mid: str) -> None:
+    """Call the phone of a monitor that holds the voice with ``kind: sip``.
+
+    The platform may say voice is on before the SIP legs arrive: the monitor then keeps the
+    voice slot and the call is placed when the first leg connects (``on_leg_started``).
+    Any other failure takes the voice away with the failure's code as the reason.
+    """
+    service = app[SERVICE]
+    monitor = service.store.get_monitor(mid)
+    if monitor is None or not monitor.has_voice or monitor.voice_uri is None:
+        return
+    sip = app.get(SIP)
+    try:
+        if sip is None:
+            raise GatewayError(503, "sip_disabled", "SIP is disabled on this gateway")
+        await sip.call_phone(monitor.conversation, mid, monitor.voice_uri)
+    except GatewayError as exc:
+        if exc.code == "voice_not_active":
+            app[STATE]["pending_phones"][monitor.conversation] = mid
+            return
+        service.voice_lost(mid, exc.code)
+    app[STATE]["pending_phones"].pop(monitor.conversation, None)
+
+
 class DomainSipHooks:
     """What the SIP plane asks of and tells the domain (``gateway.sip.plane.SipHooks``)."""
 
@@ -100,6 +125,9 @@ class DomainSipHooks:
 
     def on_leg_started(self, cid: str, leg: str) -> None:
         self._app[SERVICE].leg_started(cid, leg)  # type: ignore[arg-type]
+        pending = self._app[STATE]["pending_phones"].pop(cid, None)
+        if pending is not None:
+            _background(self._app, call_supervisor_phone(self._app, pending))
 
     def on_leg_ended(self, cid: str, leg: str, reason: str) -> None:
         self._app[SERVICE].leg_ended(cid, leg, reason)  # type: ignore[arg-type]

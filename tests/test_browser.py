@@ -38,8 +38,11 @@ CHROMIUM_ARGS = [
 ]
 
 if not os.path.exists(CHROMIUM):
-    pytest.skip("Debian chromium is not installed", allow_module_level=True)
-playwright_api = pytest.importorskip("playwright.async_api")
+    pytest.fail(f"{CHROMIUM} is not installed: apt-get install chromium", pytrace=False)
+try:
+    import playwright.async_api as playwright_api
+except ImportError:
+    pytest.fail("playwright is not installed: .venv/bin/pip install 'playwright>=1.40'", pytrace=False)
 
 # Counts getUserMedia calls: the console must never ask for the microphone.
 NO_MIC_SCRIPT = """

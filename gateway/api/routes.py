@@ -17,6 +17,7 @@ from gateway.errors import GatewayError, not_found
 from gateway.policy import rules
 from gateway.policy.auth import Principal
 from gateway.service import monitor_json
+from gateway.wiring import call_supervisor_phone
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -177,13 +178,7 @@ async def start_monitor(request: web.Request) -> web.Response:
     chat = request.app[CHAT]
     await chat.post(cid, kind="system", sender="system", author=principal.username, text=f"supervisor {principal.username} joined silently", visibility="agent")
     if monitor.voice_kind is not None and monitor.voice_kind.value == "sip":
-        sip = request.app.get(SIP)
-        try:
-            if sip is None:
-                raise GatewayError(503, "sip_disabled", "SIP is disabled on this gateway")
-            await sip.call_phone(cid, monitor.id, monitor.voice_uri)
-        except GatewayError as exc:
-            service.voice_lost(monitor.id, exc.code)
+        await call_supervisor_phone(request.app, monitor.id)
     return _json(monitor_json(monitor), 201)
 
 
