@@ -76,6 +76,21 @@ class DemoPlatform:
         if self._voice is not None:
             await self._voice.stop()
 
+    def banner(self) -> str:
+        """What a new user needs to start looking: printed once the demo is live."""
+        base = self.settings.base_url
+        idp = self.settings.keycloak_url or base
+        return f"""
+  Silent-monitoring gateway demo is live.
+    Console:   {base}/            sign in as sam / demo (team-a) or sue / demo (team-b)
+    Token:     curl -s -d grant_type=password -d client_id=gateway-console -d username=sam -d password=demo \\
+                 {idp}/realms/{self.settings.realm}/protocol/openid-connect/token
+    API:       {base}/openapi.json    metrics: {base}/metrics    audit: {self.settings.audit_path}
+    SIP:       platforms INVITE sip:{self.settings.sip_host}:{self.settings.sip_port}; a phone to listen with:
+                 .venv/bin/python -m gateway.sip.phone --port 5090 --record heard.wav
+               then POST /v1/conversations/demo-a1/monitors {{"voice":{{"kind":"sip","uri":"sip:sam@127.0.0.1:5090"}}}}
+"""
+
     async def _token(self, http: aiohttp.ClientSession) -> str:
         idp = self.settings.keycloak_url or self.settings.base_url
         url = f"{idp}/realms/{self.settings.realm}/protocol/openid-connect/token"
@@ -110,6 +125,7 @@ class DemoPlatform:
                         log.warning("demo: could not create %s: %s", conv.id, await response.text())
             await self._start_voice()
             log.info("demo platform: %d conversations live", len(CONVERSATIONS))
+            print(self.banner(), flush=True)
             lines = itertools.cycle(zip(CUSTOMER_LINES, AGENT_LINES))
             refresh = asyncio.get_running_loop().time() + 200
             while True:
