@@ -81,7 +81,8 @@ class JwksCache:
             try:
                 document = await asyncio.wait_for(self._fetch(), self._timeout)
             except Exception as exc:  # keep the old keys: an outage must not log everyone out
-                log.warning("JWKS fetch failed: %s", exc)
+                # The embedded provider listens only once start-up is over: early misses are normal.
+                log.log(logging.WARNING if self.fetches > 3 else logging.INFO, "JWKS fetch failed: %s", exc)
                 return False
             keys: dict[str, jwk.JWK] = {}
             for entry in document.get("keys", []):
