@@ -220,10 +220,10 @@ class MonitoringService:
         conversation = self.conversation(cid)
         try:
             rules.check_may_monitor(conversation, principal.teams)
+            grant = rules.grant_channels(conversation, voice is not None, self.store.voice_holder(cid))
             for other in self.store.monitors_of(cid):
                 if other.active and other.supervisor == principal.username:
                     raise GatewayError(409, rules.ALREADY_MONITORING, "you already monitor this conversation", monitor=other.id)
-            grant = rules.grant_channels(conversation, voice is not None, self.store.voice_holder(cid))
             monitor = Monitor(
                 id=new_id("m"),
                 conversation=cid,
