@@ -1,7 +1,7 @@
 """Helpers for the SIP tests: real peers (sipp, pjsua2 phone, pjsua2 SIPREC client), raw SIP, audio checks.
 
 The test process itself never imports pjsua2 (like the gateway's main process): the SIPREC
-client runs as ``python tests/sip_support.py siprec ...`` in a child process.
+client runs as ``python -m gateway.sip.source ...`` in a child process.
 """
 
 from __future__ import annotations
@@ -236,10 +236,11 @@ async def start_siprec(
     front_port: int, cid: str | None, agent: str, agent_wav: Path, customer_wav: Path, duration: float,
     *, swap: bool = False, cid_in_metadata: bool = True, record_prefix: Path | None = None,
 ) -> Proc:
-    """Start the pjsua2 SIPREC client (this file run as a script)."""
-    port = free_udp_block(12, 40000, 59000)
+    """Start the pjsua2 SIPREC client (``python -m gateway.sip.source``, one conversation, no
+    redial: it hangs up ``duration`` s after media is up and exits)."""
+    port = free_udp_block(40, 40000, 59000)
     args = [
-        PYTHON, str(Path(__file__).resolve()), "siprec", "--front", f"127.0.0.1:{front_port}", "--port", str(port),
+        PYTHON, "-m", "gateway.sip.source", "--front", f"127.0.0.1:{front_port}", "--port", str(port),
         "--agent", agent, "--agent-wav", str(agent_wav), "--customer-wav", str(customer_wav), "--duration", str(duration),
     ]  # fmt: skip
     if cid:
@@ -251,7 +252,7 @@ async def start_siprec(
     if record_prefix is not None:
         args += ["--record-prefix", str(record_prefix)]
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT))
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT)
     )
     p = Proc(proc)
     await p.wait_line("READY", 10)
@@ -485,160 +486,3 @@ def best_correlation(signal: Any, reference: Any, window: int = 8000) -> float:
     var = energies[: len(xc)] - sums[: len(xc)] ** 2 / window
     denom = np.sqrt(np.maximum(var, 1e-9) * float(np.dot(piece, piece)))
     return float(np.max(xc / denom))
-
-
-# --- SIPREC client (child process) -----------------------------------------------------------
-
-
-def _siprec_main(argv: list[str]) -> int:  # pragma: no cover - runs in a child process
-    import argparse
-
-    import pjsua2 as pj
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--front", required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--cid")
-    ap.add_argument("--cid-header", action="store_true", help="send the conversation id as X-Conversation-ID only")
-    ap.add_argument("--agent", required=True)
-    ap.add_argument("--agent-wav", required=True)
-    ap.add_argument("--customer-wav", required=True)
-    ap.add_argument("--duration", type=float, default=4.0)
-    ap.add_argument("--swap", action="store_true", help="customer on the first m-line")
-    ap.add_argument("--record-prefix")
-    a = ap.parse_args(argv)
-
-    def say(s: str) -> None:
-        print(s, flush=True)
-
-    ep = pj.Endpoint()
-    ep.libCreate()
-    cfg = pj.EpConfig()
-    cfg.uaConfig.threadCnt = 0
-    cfg.uaConfig.mainThreadOnly = True
-    cfg.logConfig.level = 1
-    cfg.logConfig.consoleLevel = 1
-    cfg.medConfig.clockRate = 8000
-    cfg.medConfig.sndClockRate = 8000
-    cfg.medConfig.noVad = True
-    cfg.medConfig.ecTailLen = 0
-    ep.libInit(cfg)
-    t = pj.TransportConfig()
-    t.port = a.port
-    t.boundAddress = "127.0.0.1"
-    ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, t)
-    ep.libStart()
-    ep.audDevManager().setNullDev()
-    for c in ep.codecEnum2():
-        ep.codecSetPriority(c.codecId, 255 if c.codecId.startswith("PCMU/") else 0)
-    acfg = pj.AccountConfig()
-    acfg.idUri = f"sip:src@127.0.0.1:{a.port}"
-    acfg.mediaConfig.transportConfig.port = a.port + 2
-    acfg.mediaConfig.transportConfig.portRange = 8
-    acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
-    acc = pj.Account()
-    acc.create(acfg, True)
-    keep: list[Any] = []
-    state = {"done": False, "connected": None}
-    first, second = ("customer", "agent") if a.swap else ("agent", "customer")
-
-    class SrcCall(pj.Call):
-        def onCallRedirected(self, prm: Any) -> int:  # noqa: N802
-            say(f"REDIRECTED {prm.targetUri}")
-            return pj.PJSIP_REDIRECT_ACCEPT
-
-        def onCallSdpCreated(self, prm: Any) -> None:  # noqa: N802
-            # pjsua writes no a=label; SIPREC needs one per stream.
-            out, n = [], 0
-            for line in prm.sdp.wholeSdp.replace("\r\n", "\n").split("\n"):
-                out.append(line)
-                if line.startswith("m=audio"):
-                    n += 1
-                    out.append(f"a=label:{n}")
-            prm.sdp.wholeSdp = "\r\n".join(out)
-
-        def onCallState(self, prm: Any) -> None:  # noqa: N802
-            ci = self.getInfo()
-            if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
-                say(f"DISCONNECTED {ci.lastStatusCode}")
-                state["done"] = True
-
-        def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
-            ci = self.getInfo()
-            if state["connected"] is not None:
-                return
-            audio = [mi for mi in ci.media if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status != pj.PJSUA_CALL_MEDIA_NONE]
-            if len(audio) < 2:
-                return
-            for mi, leg in zip(audio, (first, second)):
-                media = self.getAudioMedia(mi.index)
-                player = pj.AudioMediaPlayer()
-                player.createPlayer(a.agent_wav if leg == "agent" else a.customer_wav, 0)
-                player.startTransmit(media)
-                keep.append(player)
-                if a.record_prefix:
-                    rec = pj.AudioMediaRecorder()
-                    rec.createRecorder(f"{a.record_prefix}-{leg}.wav")
-                    media.startTransmit(rec)
-                    keep.append(rec)
-            state["connected"] = time.monotonic()
-            say(f"CONNECTED {len(audio)}")
-
-    agent_label, cust_label = ("2", "1") if a.swap else ("1", "2")
-    meta = metadata(f"sip:{a.agent}@pbx.example", "sip:+15551234@pstn.example", a.cid if not a.cid_header else None, agent_label)
-    del cust_label
-    call = SrcCall(acc)
-    prm = pj.CallOpParam(True)
-    prm.opt.audioCount = 2
-    prm.opt.videoCount = 0
-    prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
-    prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING, pj.PJMEDIA_DIR_ENCODING])
-    mt = pj.SipMediaType()
-    mt.type = "multipart"
-    mt.subType = "mixed"
-    prm.txOption.multipartContentType = mt
-    part = pj.SipMultipartPart()
-    ct = pj.SipMediaType()
-    ct.type = "application"
-    ct.subType = "rs-metadata+xml"
-    part.contentType = ct
-    part.body = meta.decode()
-    hdr = pj.SipHeader()
-    hdr.hName = "Content-Disposition"
-    hdr.hValue = "recording-session"
-    part.headers.append(hdr)
-    prm.txOption.multipartParts.append(part)
-    req = pj.SipHeader()
-    req.hName = "Require"
-    req.hValue = "siprec"  # as RFC 7866 SRCs send it
-    prm.txOption.headers.append(req)
-    if a.cid and a.cid_header:
-        h = pj.SipHeader()
-        h.hName = "X-Conversation-ID"
-        h.hValue = a.cid
-        prm.txOption.headers.append(h)
-    say("READY")
-    call.makeCall(f"sip:srs@{a.front}", prm)
-    while not state["done"]:
-        ep.libHandleEvents(20)
-        if state["connected"] is not None and time.monotonic() - state["connected"] > a.duration:
-            state["connected"] = float("inf")
-            call.hangup(pj.CallOpParam())
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end:
-        ep.libHandleEvents(20)
-    keep.clear()
-    del call
-    import gc
-
-    gc.collect()
-    ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
-    say("BYEBYE")
-    os._exit(0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    if len(sys.argv) > 1 and sys.argv[1] == "siprec":
-        sys.exit(_siprec_main(sys.argv[2:]))
-    print(f"usage: {sys.argv[0]} siprec --front HOST:PORT --port P --agent NAME --agent-wav W --customer-wav W [--cid C]")
-    sys.exit(2)
