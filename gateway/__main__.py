@@ -32,47 +32,49 @@ async def serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    log.info("gateway listening on %s (SIP %s:%s)", settings.base_url, settings.sip_host, settings.sip_port)
+    try:  # whatever fails after setup, the cleanup contexts run (no orphaned SIP workers)
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("gateway listening on %s (SIP %s:%s)", settings.base_url, settings.sip_host, settings.sip_port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
-    drain_task: list[asyncio.Future[None]] = []
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+        drain_task: list[asyncio.Future[None]] = []
 
-    def on_signal() -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:  # a second signal: stop now
+        def on_signal() -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:  # a second signal: stop now
+                stop.set()
+                return
+            # Drain: /readyz fails at once so load balancers move on, SIP answers 503, new monitors
+            # are refused; running conversations get up to drain_seconds to finish.
+            app[STATE]["draining"] = True
+            sip = app.get(SIP)
+            if sip is not None:
+                sip.set_draining(True)
+            log.info("draining for up to %.0fs", settings.drain_seconds)
+            drain_task.append(asyncio.ensure_future(drain()))
+
+        async def drain() -> None:
+            deadline = loop.time() + settings.drain_seconds
+            while loop.time() < deadline and busy():
+                await asyncio.sleep(0.2)
             stop.set()
-            return
-        # Drain: /readyz fails at once so load balancers move on, SIP answers 503, new monitors
-        # are refused; running conversations get up to drain_seconds to finish.
-        app[STATE]["draining"] = True
-        sip = app.get(SIP)
-        if sip is not None:
-            sip.set_draining(True)
-        log.info("draining for up to %.0fs", settings.drain_seconds)
-        drain_task.append(asyncio.ensure_future(drain()))
 
-    async def drain() -> None:
-        deadline = loop.time() + settings.drain_seconds
-        while loop.time() < deadline and busy():
-            await asyncio.sleep(0.2)
-        stop.set()
+        def busy() -> bool:
+            store = app[SERVICE].store
+            monitoring = any(m.active for c in store.conversations() for m in store.monitors_of(c.id))
+            sip = app.get(SIP)
+            return monitoring or (sip is not None and sip.stats().get("calls", 0) > 0)
 
-    def busy() -> bool:
-        store = app[SERVICE].store
-        monitoring = any(m.active for c in store.conversations() for m in store.monitors_of(c.id))
-        sip = app.get(SIP)
-        return monitoring or (sip is not None and sip.stats().get("calls", 0) > 0)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    await stop.wait()
-    log.info("stopping")
-    await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.api import ops, routes
+from gateway.api import ops, routes, whep_routes
 from gateway.api.context import (
     AUDIT,
     AUTHENTICATOR,
@@ -49,8 +49,6 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT] = audit
     app[SERVICE] = MonitoringService(store, audit, app[BUS])
     yield
-    for task in list(app[STATE]["tasks"]):
-        task.cancel()
     store.close()
     audit.close()
 
@@ -74,6 +72,8 @@ async def identity_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(prefetch())
     yield
     task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await directory.aclose()
 
 
 async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -107,13 +107,23 @@ async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
     attach_planes(app)
+
+    async def close_event_streams(app: web.Application) -> None:
+        # on_shutdown runs before the runner waits for open handlers: consoles reconnect elsewhere.
+        for ws in list(app[STATE]["event_sockets"]):
+            await ws.close(code=1001, message=b"gateway shutting down")
+
+    app.on_shutdown.append(close_event_streams)
     yield
     for session_map in list(app[WHEP].values()):
         for session in list(session_map.values()):
             await session.close()
     app[WHEP].clear()
-    for ws in list(app[STATE]["event_sockets"]):
-        await ws.close(code=1001, message=b"gateway shutting down")
+    # The planes' reactions still running are cancelled while the planes still exist.
+    tasks = list(app[STATE]["tasks"])
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def demo_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -144,7 +154,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
 
     app.router.add_routes(ops.routes)
     app.router.add_routes(routes.routes)
-    _add_webrtc_routes(app)
+    app.router.add_routes(whep_routes.routes)
     if settings.embedded_idp:
         from gateway.idp import add_idp_routes
 
@@ -153,12 +163,6 @@ def create_app(settings: Settings | None = None) -> web.Application:
     if settings.demo:
         app.cleanup_ctx.append(demo_ctx)
     return app
-
-
-def _add_webrtc_routes(app: web.Application) -> None:
-    from gateway.api import whep_routes
-
-    app.router.add_routes(whep_routes.routes)
 
 
 def _add_console(app: web.Application) -> None:

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 Channel = Literal["chat", "voice"]
 Leg = Literal["agent", "customer"]
-CHANNELS: tuple[Channel, ...] = ("chat", "voice")
 
 
 class Direction(str, Enum):
@@ -85,8 +84,6 @@ class Monitor:
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
     end_reason: str | None = None
-    #: Login session (token ``sid``) the monitor was started from.
-    session: str | None = None
 
     @property
     def active(self) -> bool:

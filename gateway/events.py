@@ -19,13 +19,17 @@ Listener = Callable[[DomainEvent], None]
 
 
 class Subscription:
-    """One websocket client's view of the event stream."""
+    """One websocket client's view of the event stream: only the events ``wants`` keeps are
+    queued, so a console never pays (nor lags) for other teams' events or others' levels."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, wants: Callable[[DomainEvent], bool]) -> None:
         self.queue: asyncio.Queue[DomainEvent] = asyncio.Queue(maxsize)
         self.lagging = False
+        self._wants = wants
 
     def offer(self, event: DomainEvent) -> None:
+        if not self._wants(event):
+            return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -41,8 +45,8 @@ class EventBus:
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription(self._subscriber_queue)
+    def subscribe(self, wants: Callable[[DomainEvent], bool]) -> Subscription:
+        sub = Subscription(self._subscriber_queue, wants)
         self._subscriptions.add(sub)
         return sub
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 
 _CONTEXT_FIELDS = ("conversation", "monitor", "supervisor", "reason", "worker", "leg", "route", "status", "code")
 
@@ -35,4 +34,3 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per identity lookup is noise
-    logging.Formatter.converter = time.gmtime

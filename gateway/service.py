@@ -91,12 +91,12 @@ class MonitoringService:
             raise not_found("monitor")
         return monitor
 
-    def listing(self, teams: frozenset[str]) -> list[dict[str, Any]]:
-        """R11: ongoing conversations of these teams, with monitoring status."""
+    def listing(self, teams: frozenset[str] | None) -> list[dict[str, Any]]:
+        """R11: ongoing conversations of these teams (``None``: all), with monitoring status."""
         return [
             conversation_json(c, self.store.monitors_of(c.id))
             for c in sorted(self.store.conversations(), key=lambda c: c.created_at)
-            if not c.ended and rules.may_see(c, teams)
+            if not c.ended and (teams is None or rules.may_see(c, teams))
         ]
 
     def describe(self, conversation: Conversation) -> dict[str, Any]:
@@ -125,7 +125,12 @@ class MonitoringService:
             self._publish_conversation(conversation)
             return conversation, True
         assert existing is not None
-        was_transferred = existing.transferred
+        # Another agent or team, or a turn to outbound, is a different conversation as far as
+        # the rules go (R1, R10): whoever monitored it must not go on doing so.
+        reassigned = (existing.agent, existing.team) != (agent, team)
+        turned_outbound = existing.direction is not direction and direction is Direction.OUTBOUND
+        if (transferred and not existing.transferred) or reassigned or turned_outbound:
+            self._end_monitors(existing, "transferred")
         existing.direction, existing.agent, existing.customer = direction, agent, customer
         existing.team = team
         existing.transferred = transferred
@@ -134,8 +139,6 @@ class MonitoringService:
                 self._start_session(existing, channel)
             elif channel not in sessions and channel in existing.sessions:
                 self._stop_session(existing, channel, f"{channel}_ended")
-        if transferred and not was_transferred:
-            self._end_monitors(existing, "transferred")
         existing.touch()
         self._publish_conversation(existing)
         return existing, False
@@ -230,14 +233,13 @@ class MonitoringService:
                 supervisor=principal.username,
                 channels=grant.channels,
                 voice_blocked_reason=grant.voice_blocked_reason,
-                session=principal.session,
             )
             if "voice" in monitor.channels:
                 assert voice is not None
                 if not self.store.claim_voice(cid, monitor):  # R8, atomic in the store
                     raise GatewayError(409, rules.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call")
                 monitor.voice_kind = VoiceKind(voice["kind"])
-                monitor.voice_uri = voice.get("uri")
+                monitor.voice_uri = voice.get("uri") if monitor.voice_kind is VoiceKind.SIP else None
         except GatewayError as exc:
             self.audit.record("monitor_start", outcome="refused", actor=principal.username, conversation=cid, code=exc.code)
             raise
@@ -276,14 +278,16 @@ class MonitoringService:
     def check_whisper(self, principal: Principal, mid: str) -> tuple[Conversation, Monitor]:
         return self._checked(principal, mid, "whisper", rules.check_may_whisper)
 
-    def barge(self, principal: Principal, mid: str) -> Monitor:
+    def barge(self, principal: Principal, mid: str) -> tuple[Monitor, bool]:
+        """Barge in (R6); answers the monitor and whether it just changed to ``barged``."""
         conversation, monitor = self._checked(principal, mid, "barge", rules.check_may_barge)
-        if monitor.mode is not MonitorMode.BARGED:
+        changed = monitor.mode is not MonitorMode.BARGED
+        if changed:
             monitor.mode = MonitorMode.BARGED
             self.audit.record("barge", actor=principal.username, conversation=conversation.id, monitor=mid)
             self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
             self._publish_conversation(conversation)
-        return monitor
+        return monitor, changed
 
     def check_message(self, principal: Principal, mid: str) -> tuple[Conversation, Monitor]:
         return self._checked(principal, mid, "message_customer", rules.check_may_message_customer)
@@ -301,6 +305,7 @@ class MonitoringService:
         try:
             if conversation is None:
                 raise GatewayError(409, rules.MONITOR_ENDED, "the conversation has ended")
+            rules.check_still_supervises(conversation, principal.teams)
             check(conversation, monitor)
         except GatewayError as exc:
             self.audit.record(action, outcome="refused", actor=principal.username, conversation=monitor.conversation, monitor=mid, code=exc.code)
@@ -333,6 +338,7 @@ class MonitoringService:
         self.audit.record("monitor_voice_end", actor=monitor.supervisor, conversation=monitor.conversation, monitor=monitor.id, reason=reason)
         if conversation is not None:
             self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
+            self._publish_conversation(conversation)
 
     def _publish_conversation(self, conversation: Conversation) -> None:
         self.store.put_conversation(conversation)  # every change is published, so saved, here

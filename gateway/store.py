@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.domain import Conversation, Direction, Monitor, MonitorMode, VoiceKind
+from gateway.policy.rules import END_MEDIA_FAILURE
+
+
+#: Seconds an ended monitor of an ended conversation stays readable.
+ENDED_MONITOR_RETENTION = 3600.0
 
 
 class Store(Protocol):
@@ -77,11 +83,14 @@ class MemoryStore:
             del self._voice[cid]
 
     def forget_conversation(self, cid: str) -> None:
-        """Drop an ended conversation and its monitors (the audit log keeps the history)."""
+        """Drop an ended conversation. Its (ended) monitors stay a while: their supervisors may
+        still read them and leave them (R12); the audit log keeps the history for good."""
         self._conversations.pop(cid, None)
         self._voice.pop(cid, None)
-        for mid in self._by_conversation.pop(cid, []):
-            self._monitors.pop(mid, None)
+        self._by_conversation.pop(cid, None)
+        horizon = time.time() - ENDED_MONITOR_RETENTION
+        for mid in [m.id for m in self._monitors.values() if m.ended_at is not None and m.ended_at < horizon]:
+            del self._monitors[mid]
 
 
 class SqliteStore(MemoryStore):
@@ -110,7 +119,7 @@ class SqliteStore(MemoryStore):
             monitor = _monitor_from(json.loads(data))
             if monitor.active and monitor.voice_kind is VoiceKind.SIP and "voice" in monitor.channels:
                 monitor.channels = [c for c in monitor.channels if c != "voice"]
-                monitor.voice_blocked_reason = "media_failure"
+                monitor.voice_blocked_reason = END_MEDIA_FAILURE
             super().put_monitor(monitor)
             if monitor.active and "voice" in monitor.channels:
                 self.claim_voice(monitor.conversation, monitor)
@@ -128,7 +137,10 @@ class SqliteStore(MemoryStore):
     def forget_conversation(self, cid: str) -> None:
         super().forget_conversation(cid)
         self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
-        self._db.execute("DELETE FROM monitors WHERE conversation = ?", (cid,))
+        live = set(self._monitors)
+        for (mid,) in self._db.execute("SELECT id FROM monitors").fetchall():
+            if mid not in live:
+                self._db.execute("DELETE FROM monitors WHERE id = ?", (mid,))
 
     def close(self) -> None:
         self._db.close()

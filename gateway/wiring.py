@@ -20,12 +20,19 @@ from gateway.policy import rules
 log = logging.getLogger(__name__)
 
 
-def _background(app: web.Application, coro: Any) -> None:
-    """Run a plane's async reaction without blocking the publisher; keep a reference."""
+def background(app: web.Application, coro: Any) -> None:
+    """Run a plane's async reaction without blocking the publisher; keep a reference, and log
+    (never lose) what it raised."""
     task = asyncio.ensure_future(coro)
+    task.add_done_callback(_log_failure)
     tasks: set[asyncio.Task[Any]] = app[STATE]["tasks"]
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+
+
+def _log_failure(task: "asyncio.Task[Any]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
 
 
 def attach_planes(app: web.Application) -> None:
@@ -43,9 +50,11 @@ def attach_planes(app: web.Application) -> None:
             future = state["monitor_end_futures"].pop(mid, None)
             if future is not None and not future.done():
                 future.set_result(reason)
+            if state["pending_phones"].get(event.conversation) == mid:
+                del state["pending_phones"][event.conversation]
             _release_voice(app, mid)
             if app.get(CHAT) is not None and reason == rules.END_LEFT:
-                _background(
+                background(
                     app,
                     app[CHAT].post(
                         event.conversation, kind="system", sender="system", author=monitor["supervisor"],
@@ -54,7 +63,7 @@ def attach_planes(app: web.Application) -> None:
                 )
         elif event.type is EventType.MONITOR_UPDATED:
             monitor = event.payload["monitor"]
-            if "voice" not in monitor["channels"]:
+            if "voice" not in monitor["channels"] and monitor["voice"] is not None:
                 _release_voice(app, monitor["id"])
         elif event.type is EventType.CONVERSATION_ENDED and app.get(CHAT) is not None:
             app[CHAT].end_conversation(event.conversation, event.payload.get("reason", "ended"))
@@ -79,9 +88,9 @@ def _release_voice(app: web.Application, mid: str) -> None:
     """Stop every media path of a monitor's voice: the SIP phone call and WebRTC listeners."""
     sip = app.get(SIP)
     if sip is not None:
-        _background(app, sip.hang_up_phone(mid))
+        background(app, sip.hang_up_phone(mid))
     for session in app[WHEP].pop(mid, {}).values():
-        _background(app, session.close())
+        background(app, session.close())
 
 
 async def call_supervisor_phone(app: web.Application, mid: str) -> None:
@@ -105,6 +114,9 @@ async def call_supervisor_phone(app: web.Application, mid: str) -> None:
             app[STATE]["pending_phones"][monitor.conversation] = mid
             return
         service.voice_lost(mid, exc.code)
+    except Exception:  # a hung or dead worker: never keep the voice slot without a phone
+        log.exception("calling the supervisor phone failed", extra={"monitor": mid})
+        service.voice_lost(mid, rules.END_MEDIA_FAILURE)
     app[STATE]["pending_phones"].pop(monitor.conversation, None)
 
 
@@ -127,7 +139,7 @@ class DomainSipHooks:
         self._app[SERVICE].leg_started(cid, leg)  # type: ignore[arg-type]
         pending = self._app[STATE]["pending_phones"].pop(cid, None)
         if pending is not None:
-            _background(self._app, call_supervisor_phone(self._app, pending))
+            background(self._app, call_supervisor_phone(self._app, pending))
 
     def on_leg_ended(self, cid: str, leg: str, reason: str) -> None:
         self._app[SERVICE].leg_ended(cid, leg, reason)  # type: ignore[arg-type]

@@ -257,7 +257,58 @@ async def test_ops_endpoints(gateway: GatewayClient) -> None:
     assert "m1" not in text  # no per-conversation labels
 
 
-def test_openapi_document_is_json_serialisable() -> None:
-    from gateway.api.openapi import openapi_document
+async def test_openapi_documents_every_api_route(gateway: GatewayClient) -> None:
+    spec = (await gateway.call("GET", "/openapi.json")).body
+    json.dumps(spec)
+    assert gateway.app is not None
+    for resource in gateway.app.router.resources():
+        path = resource.canonical
+        if path.startswith(("/v1/", "/healthz", "/readyz", "/metrics", "/openapi", "/config")):
+            assert path in spec["paths"], f"{path} is served but not in /openapi.json"
 
-    json.dumps(openapi_document("http://x"))
+
+async def test_reassigned_conversation_ends_its_monitors(gateway: GatewayClient) -> None:
+    await gateway.conversation("re1")
+    mid = (await gateway.monitor("sam", "re1", {"kind": "webrtc"})).body["id"]
+    moved = await gateway.conversation("re1", agent="bob")  # now team-b's
+    assert moved.status == 200 and moved.body["team"] == "team-b" and moved.body["monitored"] is False
+    state = await gateway.call("GET", f"/v1/monitors/{mid}", await gateway.login("sam"))
+    assert state.body["end_reason"] == "transferred"
+    sue = await gateway.call("GET", "/v1/conversations", await gateway.login("sue"))
+    assert [c["id"] for c in sue.body] == ["re1"] and sue.body[0]["monitors"] == []
+
+
+async def test_actions_recheck_rights_of_the_current_login(gateway: GatewayClient) -> None:
+    """A monitor started from one login session; after a team change in the identity provider
+    and a new login, that new session's rights apply to every action (R1, R2)."""
+    await gateway.conversation("rc", sessions=["chat"])
+    old = await gateway.login("sam")
+    mid = (await gateway.monitor("sam", "rc")).body["id"]
+    admin = await gateway.http.post(gateway.token_url, data={"grant_type": "client_credentials", "client_id": "cx-admin", "client_secret": "dev-admin-secret"})
+    admin_token = (await admin.json())["access_token"]
+    groups = await gateway.call("GET", "/admin/realms/cx/groups?briefRepresentation=false", admin_token)
+    team_a = next(g for g in groups.body if g["name"] == "team-a")
+    team_a["attributes"]["supervisor"] = ["tom"]
+    assert (await gateway.call("PUT", f"/admin/realms/cx/groups/{team_a['id']}", admin_token, team_a)).status == 204
+    new = await gateway.login("sam", fresh=True)
+    for path, body in [("whisper", {"text": "x"}), ("barge", None), ("messages", {"text": "x"})]:
+        answer = await gateway.call("POST", f"/v1/monitors/{mid}/{path}", new, body)
+        assert (answer.status, answer.code) == (403, "not_team_supervisor"), path
+    whep = await gateway.call("POST", f"/v1/monitors/{mid}/whep", new, data="v=0", headers={"Content-Type": "application/sdp"})
+    assert whep.code == "not_team_supervisor"
+    # The old login session keeps its old rights (R2).
+    assert (await gateway.call("POST", f"/v1/monitors/{mid}/whisper", old, {"text": "still allowed"})).status == 201
+
+
+async def test_conversation_ids_are_not_reused(gateway: GatewayClient) -> None:
+    await gateway.conversation("once", sessions=["chat"])
+    await gateway.call("POST", "/v1/conversations/once/messages", await gateway.platform(), {"from": "customer", "text": "private"})
+    mid = (await gateway.monitor("sam", "once")).body["id"]
+    await gateway.event("once", "ended")
+    again = await gateway.conversation("once", agent="bob", sessions=["chat"])
+    assert (again.status, again.code) == (409, "conversation_id_reused")
+    # R12 after the end: the monitor can still be read and left.
+    sam = await gateway.login("sam")
+    state = await gateway.call("GET", f"/v1/monitors/{mid}", sam)
+    assert state.status == 200 and state.body["end_reason"] == "ended"
+    assert (await gateway.call("DELETE", f"/v1/monitors/{mid}", sam)).status == 204

@@ -49,6 +49,9 @@ async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
             monitor = await client.monitor("sam", "d1")
             assert monitor.status == 201
 
+            # An open console event stream must not hold up the shutdown.
+            events = await http.ws_connect(f"ws://127.0.0.1:{port}/v1/events?access_token={await client.login('tom')}")
+            assert (await events.receive_json(timeout=5))["type"] == "hello"
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             ready = await client.call("GET", "/readyz")
@@ -60,6 +63,10 @@ async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
             # The last monitor leaves: the gateway stops well before drain_seconds.
             assert (await client.call("DELETE", f"/v1/monitors/{monitor.body['id']}", await client.login("sam"))).status == 204
             await asyncio.wait_for(proc.wait(), 10)
+            closing = await events.receive(timeout=5)
+            while closing.type is aiohttp.WSMsgType.TEXT:  # the last events, then the close
+                closing = await events.receive(timeout=5)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
         assert proc.returncode == 0
         assert proc.stderr is not None
         lines = (await proc.stderr.read()).decode().splitlines()

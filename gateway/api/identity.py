@@ -9,9 +9,10 @@ from gateway.errors import GatewayError, forbidden_role, invalid_token
 from gateway.policy.auth import Principal
 
 
-def bearer_token(request: web.Request) -> str:
-    """The access token from ``Authorization: Bearer``; websockets may use ``?access_token=``
-    because browsers can not set headers on them."""
+def bearer_token(request: web.Request, *, websocket: bool = False) -> str:
+    """The access token from ``Authorization: Bearer``. Websocket routes (``websocket=True``)
+    also take ``?access_token=`` on the GET that upgrades, because browsers can not set
+    headers on websockets; no other route does (query strings end up in logs)."""
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, token = header.partition(" ")
@@ -19,15 +20,15 @@ def bearer_token(request: web.Request) -> str:
             raise invalid_token("expected 'Authorization: Bearer <token>'")
         return token.strip()
     token = request.query.get("access_token", "")
-    if token and request.headers.get("Upgrade", "").lower() == "websocket":
+    if token and websocket and request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
         return token
     raise invalid_token("no bearer token")
 
 
-async def authenticate(request: web.Request, *roles: str) -> Principal:
+async def authenticate(request: web.Request, *roles: str, websocket: bool = False) -> Principal:
     """The caller, who must hold at least one of ``roles`` (any role when none is given)."""
     try:
-        principal = await request.app[AUTHENTICATOR].authenticate(bearer_token(request))
+        principal = await request.app[AUTHENTICATOR].authenticate(bearer_token(request, websocket=websocket))
     except GatewayError as exc:
         if exc.code == "invalid_token":
             request.app[METRICS].token_rejections.inc()

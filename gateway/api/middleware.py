@@ -48,8 +48,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         response = error_response(exc.status, code, exc.reason)
-    except ValueError as exc:  # e.g. an enum built from a value that passed no check
-        response = error_response(422, "invalid_body", str(exc))
     except Exception:
         log.exception("unhandled error", extra={"route": route})
         response = error_response(500, "internal_error", "internal error; the gateway logged it")

@@ -87,6 +87,8 @@ def openapi_document(base_url: str) -> dict[str, Any]:
         "/healthz": {"get": {"summary": "Process alive", "responses": {"200": {"description": "ok"}}}},
         "/readyz": {"get": {"summary": "Ready: SIP workers, identity, not draining", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/config.json": {"get": {"summary": "What the console needs to sign in", "responses": {"200": {"description": "idp_url, realm, client_id"}}}},
     }
     return {
         "openapi": "3.1.0",

@@ -17,7 +17,7 @@ from gateway.errors import GatewayError, not_found
 from gateway.policy import rules
 from gateway.policy.auth import Principal
 from gateway.service import monitor_json
-from gateway.wiring import call_supervisor_phone
+from gateway.wiring import background, call_supervisor_phone
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -61,10 +61,20 @@ async def put_conversation(request: web.Request) -> web.Response:
         raise GatewayError(422, "invalid_field", "sessions are 'chat' and/or 'voice'", field="sessions")
     sessions: list[Channel] = list(dict.fromkeys(sessions_raw))
     team = field(body, "team", str, default=None)
-    if team is None:
-        # The agent's team is its Keycloak group (API.md); 503 identity_unavailable if unreachable.
-        team = await request.app[DIRECTORY].agent_team(agent)
     service = request.app[SERVICE]
+    existing = service.store.get_conversation(cid)
+    if existing is None or existing.ended:
+        # A new conversation may not inherit the chat history of an old one with the same id
+        # (possibly another team's): ids are the platform's, and must not be reused.
+        chat = request.app[CHAT]
+        if chat.ended_reason(cid) is not None or await chat.head(cid) > 0:
+            raise GatewayError(409, "conversation_id_reused", "this conversation id was used before; use a new one")
+    if team is None:
+        if existing is not None and existing.agent == agent:
+            team = existing.team
+        else:
+            # The agent's team is its Keycloak group (API.md); 503 identity_unavailable if unreachable.
+            team = await request.app[DIRECTORY].agent_team(agent)
     conversation, created = service.upsert_conversation(
         cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred, sessions=sessions
     )
@@ -88,7 +98,10 @@ async def post_message(request: web.Request) -> web.Response:
     cid = _cid(request)
     settings = request.app[SETTINGS]
     body = await read_json(request, max_bytes=settings.max_body_bytes)
-    sender = field(body, "from", str, default="agent" if not principal.has_role("platform") else None, choices=("customer", "agent"))
+    if principal.has_role("platform"):
+        sender = field(body, "from", str, choices=("customer", "agent"))
+    else:
+        sender = field(body, "from", str, default="agent", choices=("customer", "agent"))
     text = field(body, "text", str)  # emptiness and length are the chat plane's to judge
     client_id = field(body, "client_id", str, default=None)
     conversation = request.app[SERVICE].conversation(cid)
@@ -107,7 +120,7 @@ async def post_message(request: web.Request) -> web.Response:
 @routes.get("/v1/conversations/{cid}/chat")
 async def conversation_chat(request: web.Request) -> web.StreamResponse:
     """A participant's view of the chat: ``customer`` or ``agent`` (platform, or the agent itself)."""
-    principal = await authenticate(request, "platform", "agent")
+    principal = await authenticate(request, "platform", "agent", websocket=True)
     cid = _cid(request)
     view = request.query.get("view", "agent")
     if view not in ("customer", "agent"):
@@ -124,7 +137,7 @@ def _after(request: web.Request) -> int:
         after = int(raw)
     except ValueError:
         raise GatewayError(422, "invalid_after", "after is a sequence number") from None
-    if after < 0:
+    if not 0 <= after < 2**63:
         raise GatewayError(422, "invalid_after", "after is a sequence number")
     return after
 
@@ -142,11 +155,7 @@ async def _serve_chat(request: web.Request, principal: Principal, cid: str, view
 async def list_conversations(request: web.Request) -> web.Response:
     principal = await authenticate(request, "supervisor", "platform")
     service = request.app[SERVICE]
-    if principal.has_role("platform"):
-        teams = frozenset(c.team for c in service.store.conversations() if c.team)
-    else:
-        teams = principal.teams
-    return _json(service.listing(teams))
+    return _json(service.listing(None if principal.has_role("platform") else principal.teams))
 
 
 @routes.get("/v1/conversations/{cid}")
@@ -175,8 +184,11 @@ async def start_monitor(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     monitor = service.start_monitor(principal, cid, voice)
     request.app[METRICS].monitors_started.labels(voice=monitor.voice_kind.value if monitor.voice_kind else "none").inc()
-    chat = request.app[CHAT]
-    await chat.post(cid, kind="system", sender="system", author=principal.username, text=f"supervisor {principal.username} joined silently", visibility="agent")
+    # The note to the agent's view is not part of the answer: a chat hiccup must not undo the monitor.
+    background(
+        request.app,
+        request.app[CHAT].post(cid, kind="system", sender="system", author=principal.username, text=f"supervisor {principal.username} joined silently", visibility="agent"),
+    )
     if monitor.voice_kind is not None and monitor.voice_kind.value == "sip":
         await call_supervisor_phone(request.app, monitor.id)
     return _json(monitor_json(monitor), 201)
@@ -198,7 +210,7 @@ async def leave(request: web.Request) -> web.Response:
 
 @routes.get("/v1/monitors/{mid}/chat")
 async def monitor_chat(request: web.Request) -> web.StreamResponse:
-    principal = await authenticate_supervisor(request)
+    principal = await authenticate(request, "supervisor", websocket=True)
     service = request.app[SERVICE]
     monitor = service.monitor_of(principal, request.match_info["mid"])
     conversation = service.store.get_conversation(monitor.conversation)
@@ -208,7 +220,10 @@ async def monitor_chat(request: web.Request) -> web.StreamResponse:
         raise GatewayError(409, rules.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
     if conversation is None or not rules.may_see(conversation, principal.teams):
         raise GatewayError(403, rules.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
-    ended = request.app[STATE]["monitor_end_futures"].setdefault(monitor.id, asyncio.get_running_loop().create_future())
+    futures = request.app[STATE]["monitor_end_futures"]
+    ended = futures.get(monitor.id)
+    if ended is None:
+        ended = futures[monitor.id] = asyncio.get_running_loop().create_future()
     return await _serve_chat(request, principal, monitor.conversation, "monitor", ended=ended)
 
 
@@ -230,10 +245,8 @@ async def whisper(request: web.Request) -> web.Response:
 @routes.post("/v1/monitors/{mid}/barge")
 async def barge(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
-    service = request.app[SERVICE]
-    already = service.monitor_of(principal, request.match_info["mid"]).mode.value == "barged"
-    monitor = service.barge(principal, request.match_info["mid"])
-    if not already:
+    monitor, changed = request.app[SERVICE].barge(principal, request.match_info["mid"])
+    if changed:
         await request.app[CHAT].post(
             monitor.conversation, kind="system", sender="system", author=principal.username,
             text=f"supervisor {principal.username} joined the conversation", visibility="all",
@@ -283,12 +296,12 @@ def _visible_to(principal: Principal, event: DomainEvent) -> bool:
 @routes.get("/v1/events")
 async def events(request: web.Request) -> web.WebSocketResponse:
     """Conversation and monitor events of the caller's teams, live, as JSON text frames."""
-    principal = await authenticate(request, "supervisor", "platform")
+    principal = await authenticate(request, "supervisor", "platform", websocket=True)
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=4096)
     await ws.prepare(request)
     bus = request.app[BUS]
     metrics = request.app[METRICS]
-    subscription = bus.subscribe()
+    subscription = bus.subscribe(lambda event: _visible_to(principal, event))
     metrics.events_clients.inc()
     request.app[STATE]["event_sockets"].add(ws)
 
@@ -318,8 +331,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             if subscription.lagging:
                 await ws.close(code=1013, message=b"too slow; reconnect")
                 break
-            if _visible_to(principal, event):
-                await ws.send_json(event.to_json())
+            await ws.send_json(event.to_json())
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:

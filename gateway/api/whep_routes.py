@@ -11,11 +11,12 @@ import logging
 
 from aiohttp import web
 
-from gateway.api.context import AUDIT, BUS, METRICS, SERVICE, SETTINGS, SIP, WHEP
+from gateway.api.context import AUDIT, BUS, METRICS, SERVICE, SETTINGS, SIP, STATE, WHEP
 from gateway.api.identity import authenticate_supervisor
 from gateway.api.validation import read_limited
 from gateway.domain import DomainEvent, EventType, VoiceKind
-from gateway.errors import GatewayError, not_found
+from gateway.errors import GatewayError
+from gateway.policy import rules
 from gateway.media.whep import WhepError, answer_whep
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,15 @@ async def whep_offer(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     app = request.app
     settings = app[SETTINGS]
+    if app[STATE].get("draining"):
+        error = GatewayError(503, "draining", "the gateway is shutting down; try another instance")
+        error.headers["Retry-After"] = "5"
+        raise error
     monitor = app[SERVICE].monitor_of(principal, request.match_info["mid"])
+    conversation = app[SERVICE].store.get_conversation(monitor.conversation)
+    if conversation is None or not monitor.active:
+        raise GatewayError(409, "monitor_ended", f"this monitor has ended ({monitor.end_reason})")
+    rules.check_still_supervises(conversation, principal.teams)
     if not monitor.has_voice or monitor.voice_kind is not VoiceKind.WEBRTC:
         raise GatewayError(409, "voice_not_granted", "this monitor does not hold the conversation's voice over WebRTC", voice_blocked_reason=monitor.voice_blocked_reason)
     if request.content_type != "application/sdp":
@@ -37,9 +46,8 @@ async def whep_offer(request: web.Request) -> web.Response:
     if sip is None:
         raise GatewayError(503, "sip_disabled", "no SIP media on this gateway, so there is nothing to listen to")
 
-    mid, cid, supervisor = monitor.id, monitor.conversation, monitor.supervisor
+    mid, cid, supervisor, team = monitor.id, monitor.conversation, monitor.supervisor, conversation.team
     bus, metrics, audit = app[BUS], app[METRICS], app[AUDIT]
-    team = app[SERVICE].store.get_conversation(cid).team if app[SERVICE].store.get_conversation(cid) else None
 
     def on_levels(agent_dbfs: float, customer_dbfs: float) -> None:
         bus.publish(DomainEvent(EventType.LEVELS, cid, team, {"monitor": mid, "supervisor": supervisor, "agent": round(agent_dbfs, 1), "customer": round(customer_dbfs, 1)}))
@@ -74,9 +82,8 @@ async def whep_delete(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     monitor = request.app[SERVICE].monitor_of(principal, request.match_info["mid"])
     session = request.app[WHEP].get(monitor.id, {}).pop(request.match_info["session"], None)
-    if session is None:
-        raise not_found("listening session")
-    await session.close("deleted")
+    if session is not None:  # already gone (closed, replaced, monitor ended): DELETE is idempotent
+        await session.close("deleted")
     return web.Response(status=204)
 
 

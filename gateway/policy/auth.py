@@ -45,7 +45,7 @@ class Principal:
     session: str
     expires_at: float
     client: str
-    #: Teams this principal supervises (supervisors) or belongs to (agents).
+    #: Teams this principal supervises (empty for other roles).
     teams: frozenset[str] = field(default=frozenset())
 
     def has_role(self, role: str) -> bool:
@@ -111,6 +111,8 @@ class TokenValidator:
     async def validate(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_BYTES:
             raise invalid_token("token too large")
+        if token.count(".") != 2 or "{" in token:  # compact serialisation only, as Bearer tokens are
+            raise invalid_token("malformed")
         try:
             signed = jws.JWS()
             signed.deserialize(token)
@@ -181,6 +183,14 @@ class Directory:
     async def certs(self) -> dict[str, Any]:
         return await self._openid.a_certs()
 
+    async def aclose(self) -> None:
+        """Close the HTTP clients of both python-keycloak connections."""
+        for connection in (self._admin.connection, self._openid.connection):
+            try:
+                await connection.aclose()
+            except Exception:  # closing must never fail a shutdown
+                log.debug("closing an identity client failed", exc_info=True)
+
     async def _call(self, call: Awaitable[T]) -> T:
         try:
             return await asyncio.wait_for(call, self._timeout)
@@ -231,7 +241,7 @@ class Authenticator:
     def __init__(self, validator: TokenValidator, directory: Directory, max_sessions: int = 50_000) -> None:
         self._validator = validator
         self._directory = directory
-        self._sessions: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._sessions: OrderedDict[str, tuple[frozenset[str], frozenset[str]]] = OrderedDict()
         self._max_sessions = max_sessions
 
     async def authenticate(self, token: str) -> Principal:
@@ -242,29 +252,26 @@ class Authenticator:
         # Keycloak puts the login session in ``sid``; fall back to the issue time so that a
         # token without one still gets exactly one team resolution.
         session = str(claims.get("sid") or claims.get("session_state") or f"{subject}@{claims.get('iat')}")
-        principal = Principal(
+        roles, teams = await self._session_rights(f"{subject}|{session}", username, roles)
+        return Principal(
             username=username,
             subject=subject,
             roles=roles,
             session=session,
             expires_at=float(claims["exp"]),
             client=str(claims.get("azp", "")),
+            teams=teams,
         )
-        if "supervisor" in roles or "agent" in roles:
-            principal = Principal(**{**principal.__dict__, "teams": await self._teams(principal)})
-        return principal
 
-    async def _teams(self, principal: Principal) -> frozenset[str]:
-        key = f"{principal.subject}|{principal.session}"
+    async def _session_rights(self, key: str, username: str, roles: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+        """Roles and teams as they were at the first request of this login session (R2): a
+        token refreshed within the session keeps them even if Keycloak changed since."""
         cached = self._sessions.get(key)
         if cached is not None:
             self._sessions.move_to_end(key)
             return cached
-        if "supervisor" in principal.roles:
-            teams = await self._directory.supervisor_teams(principal.username)
-        else:
-            teams = await self._directory.member_teams(principal.username)
-        self._sessions[key] = teams
+        teams = await self._directory.supervisor_teams(username) if "supervisor" in roles else frozenset()
+        self._sessions[key] = (roles, teams)
         if len(self._sessions) > self._max_sessions:
             self._sessions.popitem(last=False)
-        return teams
+        return roles, teams

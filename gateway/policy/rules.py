@@ -40,7 +40,6 @@ END_VOICE_ENDED = "voice_ended"
 END_CHAT_ENDED = "chat_ended"
 END_ENDED = "ended"
 END_MEDIA_FAILURE = "media_failure"
-END_SESSION_ENDED = "session_ended"
 
 
 def supervisor_teams(username: str, group_attributes: Iterable[tuple[str, dict[str, list[str]]]]) -> frozenset[str]:
@@ -67,6 +66,13 @@ def check_may_monitor(conversation: Conversation, supervisor_teams: frozenset[st
         raise GatewayError(409, TRANSFERRED_NOT_SUPPORTED, "transferred conversations can not be monitored")
     if not conversation.active:
         raise GatewayError(409, CONVERSATION_NOT_ACTIVE, "the conversation has no active session")
+
+
+def check_still_supervises(conversation: Conversation, supervisor_teams: frozenset[str]) -> None:
+    """R1 again on every action of a running monitor: rights are those of the caller's login
+    session (R2), which may be a newer one than the monitor was started from."""
+    if not may_see(conversation, supervisor_teams):
+        raise GatewayError(403, NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
 
 
 def may_see(conversation: Conversation, teams: frozenset[str]) -> bool:
