@@ -224,8 +224,16 @@ def test_wal_stays_bounded_under_steady_writes(tmp_path):
         msg(log, "trickle", "x")  # steady writes: the writer finishes when asked
         time.sleep(0.01)
     assert log.finishing_checkpoints >= 1
-    msg(log, "after", "x")
-    frames = log.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
-    assert frames < 100, frames  # restarted from the beginning, not 600+ frames on
+    # Under steady writes the WAL restarts from the beginning (it does not go on at 600+
+    # frames); on a loaded machine the checkpoint thread may collide with the writer's
+    # finishing checkpoint a few times first.
+    frames = 10**6
+    while time.monotonic() < deadline + 10:
+        msg(log, "after", "x")
+        frames = log.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        if frames < 100:
+            break
+        time.sleep(0.01)
+    assert frames < 100, frames
     assert os.path.getsize(log.path + "-wal") <= limit + 64 * 1024
     log.close_sync()

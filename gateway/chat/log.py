@@ -226,8 +226,13 @@ class SqliteChatLog:
         if self._finish_checkpoint:
             self._finish_checkpoint = False
             self.finishing_checkpoints += 1
+            row = None
             with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            # (busy, frames in the WAL, frames checkpointed): if the checkpoint thread held the
+            # checkpoint lock, or new frames came in, try again after the next write.
+            if row is None or row[0] or row[2] < row[1]:
+                self._finish_checkpoint = True
 
     @property
     def db(self) -> sqlite3.Connection:
