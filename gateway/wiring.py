@@ -18,6 +18,7 @@ from gateway.errors import GatewayError
 from gateway.policy import rules
 
 log = logging.getLogger(__name__)
+PHONE_BUSY_RETRIES = 10
 
 
 def background(app: web.Application, coro: Any) -> None:
@@ -108,7 +109,16 @@ async def call_supervisor_phone(app: web.Application, mid: str) -> None:
     try:
         if sip is None:
             raise GatewayError(503, "sip_disabled", "SIP is disabled on this gateway")
-        await sip.call_phone(monitor.conversation, mid, monitor.voice_uri)
+        for attempt in range(PHONE_BUSY_RETRIES + 1):
+            try:
+                await sip.call_phone(monitor.conversation, mid, monitor.voice_uri)
+                break
+            except GatewayError as exc:
+                # The previous supervisor's phone may still be hanging up (BYE in flight) when
+                # the domain has already handed the voice slot on: give it a moment.
+                if exc.code != "voice_monitor_busy" or attempt == PHONE_BUSY_RETRIES:
+                    raise
+                await asyncio.sleep(0.1)
     except GatewayError as exc:
         if exc.code == "voice_not_active":
             app[STATE]["pending_phones"][monitor.conversation] = mid
