@@ -223,7 +223,7 @@ class SipPlane:
         for w in self.workers:
             w.task = asyncio.create_task(self._supervise(w), name=f"sip-worker-{w.index}")
         try:
-            await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in self.workers)), _READY_TIMEOUT)
+            await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in self.workers)), max(_READY_TIMEOUT, 0.2 * len(self.workers)))
         except asyncio.TimeoutError:
             errors = "; ".join(f"worker {w.index}: {w.last_error or 'not ready'}" for w in self.workers if not w.ready)
             await self.stop()
