@@ -18,6 +18,8 @@ import wave
 from pathlib import Path
 from typing import Any
 
+from gateway.sip.source import metadata as source_metadata  # no pjsua2 at import time
+
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "fixtures" / "audio"
 SIPP_DIR = ROOT / "fixtures" / "sipp"
@@ -376,20 +378,8 @@ def sdp(audio_pts: str = "0 8", *, audio: bool = True, streams: int = 1, labels:
 
 
 def metadata(agent_aor: str, customer_aor: str, cid: str | None = None, agent_label: str = "1") -> bytes:
-    cust_label = "2" if agent_label == "1" else "1"
-    ext = f"<extensiondata xmlns:cx='urn:x-cx'><cx:conversation-id>{cid}</cx:conversation-id></extensiondata>" if cid else ""
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<recording xmlns="urn:ietf:params:xml:ns:recording:1">
-  <datamode>complete</datamode>
-  <session session_id="sess1">{ext}</session>
-  <participant participant_id="pa"><nameID aor="{agent_aor}"><name>Agent</name></nameID></participant>
-  <participant participant_id="pc"><nameID aor="{customer_aor}"/></participant>
-  <stream stream_id="sa" session_id="sess1"><label>{agent_label}</label></stream>
-  <stream stream_id="sc" session_id="sess1"><label>{cust_label}</label></stream>
-  <participantstreamassoc participant_id="pa"><send>sa</send><recv>sc</recv></participantstreamassoc>
-  <participantstreamassoc participant_id="pc"><send>sc</send><recv>sa</recv></participantstreamassoc>
-</recording>
-""".encode()
+    """The SIPREC source's RFC 7865 metadata, as bytes for hand-made INVITEs."""
+    return source_metadata(agent_aor, customer_aor, cid, agent_label).encode()
 
 
 def multipart(parts: list[tuple[str, bytes]], boundary: str = "OSS-unique-boundary-42") -> tuple[bytes, str]:
