@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 FRAME_SECONDS = FRAME_MS / 1000.0
 _RTP = struct.Struct("!BBHII")
 BATCH_CODECS = frozenset({"opus", "pcmu", "pcma"})
+#: Ticks with a frame left over after sending before one frame is dropped to catch up.
+CATCH_UP_AFTER_TICKS = 25
 
 
 def supported(pc: RTCPeerConnection) -> bool:
@@ -105,6 +107,7 @@ class BatchTrack(MediaStreamTrack):
         self._meter = LevelMeter(on_levels)
         self._buffer: collections.deque[LegFrame] = collections.deque()
         self._max_delay = max(1, max_delay_frames)
+        self._backlog_ticks = 0
         self._on_tap_ended = on_tap_ended
         self._parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._nowait: Callable[[], LegFrame | None] | None = getattr(tap, "next_frame_nowait", None)
@@ -217,6 +220,7 @@ class BatchTrack(MediaStreamTrack):
             return False
         if self._buffer:
             frame = self._buffer.popleft()
+            self._catch_up()
             agent, customer = frame.agent, frame.customer
             self.stats.frames_in += 1
             if self.stats.first_frame_at is None:
@@ -246,6 +250,19 @@ class BatchTrack(MediaStreamTrack):
         self._seq = (self._seq + 1) & 0xFFFF
         self._ts = (self._ts + self._ticks) & 0xFFFFFFFF
         return True
+
+    def _catch_up(self) -> None:
+        """A frame still queued after this tick's, tick after tick, is latency the listener
+        would keep for the rest of the session (the producers drifted a whole frame ahead of
+        the tick): after half a second of it, drop one frame (a 20 ms gap, concealed)."""
+        if not self._buffer:
+            self._backlog_ticks = 0
+            return
+        self._backlog_ticks += 1
+        if self._backlog_ticks >= CATCH_UP_AFTER_TICKS:
+            self._buffer.popleft()
+            self.stats.dropped += 1
+            self._backlog_ticks = 0
 
     def skip(self, frames: int) -> None:
         """The sender stalled for ``frames`` ticks: advance the RTP clock past them."""
