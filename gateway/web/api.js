@@ -101,6 +101,92 @@ export async function signIn(username, password) {
   return storeSession(tok);
 }
 
+// --- authorization code + PKCE (S256): single sign-on against the realm ------------------
+const PKCE_KEY = "gateway-console.pkce";
+const AUTH_RESPONSE_PARAMS = ["code", "state", "session_state", "iss", "error", "error_description", "error_uri"];
+
+function base64url(bytes) {
+  let s = "";
+  for (const b of bytes) s += String.fromCharCode(b);
+  return btoa(s).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function randomToken(bytes) {
+  return base64url(crypto.getRandomValues(new Uint8Array(bytes)));
+}
+
+/** The console's own URL without the query string: where the provider sends the browser back. */
+export function redirectUri() {
+  return window.location.origin + window.location.pathname;
+}
+
+/**
+ * Start single sign-on: keep a fresh code verifier and state in sessionStorage and send the
+ * browser to the realm's authorization endpoint with the S256 code challenge.
+ */
+export async function beginSso() {
+  if (!window.crypto || !crypto.subtle) {
+    throw new ApiError(0, "sso_insecure_context", "Single sign-on needs a secure context (https or localhost).");
+  }
+  const verifier = randomToken(48); // 64 characters of [A-Za-z0-9-_] (RFC 7636: 43..128)
+  const state = randomToken(24);
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier));
+  const challenge = base64url(new Uint8Array(digest));
+  const redirect = redirectUri();
+  sessionStorage.setItem(PKCE_KEY, JSON.stringify({ verifier, state, redirect_uri: redirect }));
+  const url = new URL(`${idpBase()}/auth`);
+  url.search = new URLSearchParams({
+    response_type: "code",
+    client_id: config.client_id,
+    redirect_uri: redirect,
+    scope: "openid",
+    state,
+    code_challenge: challenge,
+    code_challenge_method: "S256",
+  }).toString();
+  window.location.assign(url.toString());
+}
+
+/**
+ * Finish single sign-on if this page load is the provider's answer (?code=&state= or ?error=):
+ * clean the URL, check the state, exchange the code with the verifier. Returns the session,
+ * null when the URL carries no authorization response; throws an ApiError otherwise.
+ */
+export async function completeSso() {
+  const here = new URL(window.location.href);
+  const params = here.searchParams;
+  if (!params.has("code") && !params.has("error")) return null;
+  const answer = Object.fromEntries(AUTH_RESPONSE_PARAMS.filter((k) => params.has(k)).map((k) => [k, params.get(k)]));
+  for (const k of AUTH_RESPONSE_PARAMS) params.delete(k);
+  history.replaceState(history.state, "", here.pathname + (params.toString() ? `?${params}` : "") + here.hash);
+  let saved = null;
+  try {
+    saved = JSON.parse(sessionStorage.getItem(PKCE_KEY) || "null");
+  } catch (_) {}
+  try {
+    sessionStorage.removeItem(PKCE_KEY); // one use only
+  } catch (_) {}
+  if (!saved || !saved.state || !answer.state || answer.state !== saved.state) {
+    throw new ApiError(400, "sso_state_mismatch", "The sign-in answer did not match this sign-in attempt.");
+  }
+  if (answer.error) {
+    throw new ApiError(400, "sso_failed", answer.error_description || answer.error);
+  }
+  let tok;
+  try {
+    tok = await tokenRequest({
+      grant_type: "authorization_code",
+      code: answer.code,
+      code_verifier: saved.verifier,
+      redirect_uri: saved.redirect_uri,
+    });
+  } catch (e) {
+    if (e.code === "network_error") throw e;
+    throw new ApiError(e.status, "sso_failed", e.message);
+  }
+  return storeSession(tok);
+}
+
 async function refresh() {
   if (!session || !session.refresh_token) throw new ApiError(401, "invalid_token", "Signed out.");
   const tok = await tokenRequest({ grant_type: "refresh_token", refresh_token: session.refresh_token });

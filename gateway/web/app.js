@@ -71,6 +71,30 @@ async function onLogin(ev) {
   }
 }
 
+async function onSso() {
+  $("sso-error").hidden = true;
+  $("sso-btn").disabled = true;
+  try {
+    await api.beginSso(); // navigates away to the identity provider
+  } catch (e) {
+    showSsoError(e);
+    $("sso-btn").disabled = false;
+  }
+}
+
+function showSsoError(e) {
+  $("sso-error").textContent = explainError(e);
+  $("sso-error").dataset.code = e.code || "";
+  $("sso-error").hidden = false;
+}
+
+/** The password form is for the embedded dev realm only; single sign-on is always offered. */
+function applyLoginMethods(config) {
+  const passwordAllowed = config.embedded_idp !== false;
+  $("login-form").hidden = !passwordAllowed;
+  $("sso-divider").hidden = !passwordAllowed;
+}
+
 async function enterDashboard() {
   const s = api.currentSession();
   $("user-name").textContent = s.username;
@@ -522,6 +546,7 @@ function monitorEnded(reason) {
 async function main() {
   $("login-form").addEventListener("submit", onLogin);
   $("logout-btn").addEventListener("click", logout);
+  $("sso-btn").addEventListener("click", onSso);
   $("refresh-btn").addEventListener("click", refreshConversations);
   $("error-close").addEventListener("click", clearError);
   $("leave-btn").addEventListener("click", leave);
@@ -543,9 +568,19 @@ async function main() {
     if (cur.voice) cur.voice.stop({ keepalive: true });
     api.endMonitor(cur.mid, { keepalive: true }).catch(() => {});
   });
-  await api.loadConfig();
+  applyLoginMethods(await api.loadConfig());
+  // Back from the identity provider (?code=&state=): finish single sign-on first.
+  let ssoSession = null;
+  let ssoError = null;
+  try {
+    ssoSession = await api.completeSso();
+  } catch (e) {
+    ssoError = e;
+  }
   document.body.dataset.ready = "true";
-  if (api.restoreSession()) await enterDashboard();
+  if (ssoError) showSsoError(ssoError);
+  else if (ssoSession) await enterDashboard();
+  else if (api.restoreSession()) await enterDashboard();
 }
 
 main();

@@ -23,6 +23,9 @@ const ERRORS = {
   already_monitoring: "You are already monitoring this conversation.",
   rate_limited: "Too many messages at once. Please wait a moment.",
   message_too_long: "That message is too long.",
+  sso_state_mismatch: "Sign-in was refused: the answer from the identity provider did not match this sign-in attempt. Please sign in again.",
+  sso_failed: "Single sign-on failed. Please sign in again.",
+  sso_insecure_context: "Single sign-on needs a secure connection (https or localhost).",
   identity_unavailable: "The identity service is not answering. Try again shortly.",
 };
 
