@@ -365,7 +365,7 @@ class PhoneBank:
                     "v=0\r\no=sup 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
                     f"m=audio {self.rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\na=recvonly\r\n"
                 ).encode()
-            lines = [f"SIP/2.0 200 OK"]
+            lines = ["SIP/2.0 200 OK"]
             for v in msg.get_all("via"):
                 lines.append(f"Via: {v}")
             lines.append(f"From: {msg.get('from')}")

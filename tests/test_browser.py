@@ -9,7 +9,6 @@ Chromium (never a downloaded browser).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,23 +25,7 @@ from tests.support import GatewayClient, _wait_ready, make_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--autoplay-policy=no-user-gesture-required",
-]
-
-if not os.path.exists(CHROMIUM):
-    pytest.fail(f"{CHROMIUM} is not installed: apt-get install chromium", pytrace=False)
-try:
-    import playwright.async_api as playwright_api
-except ImportError:
-    pytest.fail("playwright is not installed: .venv/bin/pip install 'playwright>=1.40'", pytrace=False)
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
 
 # Counts getUserMedia calls: the console must never ask for the microphone.
 NO_MIC_SCRIPT = """

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,20 +28,11 @@ import pytest
 from gateway.api.context import SIP, WHEP
 
 from .sip_support import AUDIO, free_udp_block, require_tool, start_sipp_leg, wait_until
+from .browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
 from .support import GatewayClient, make_settings, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.sip, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [  # the flags of tests/test_browser.py
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--autoplay-policy=no-user-gesture-required",
-]
 CID = "c-sip-browser"
 OTHER_TEAM_CID = "c-sip-team-b"
 AGENT_HZ, CUSTOMER_HZ = 600.0, 1000.0
@@ -103,13 +93,7 @@ STATS = """async () => {
 
 
 def _require_browser() -> Any:
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is not installed: apt-get install chromium", pytrace=False)
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: .venv/bin/pip install 'playwright>=1.40' (the test uses the Debian chromium, no browser download)", pytrace=False)
-    return async_playwright
+    return playwright_api.async_playwright
 
 
 def _band_db(snap: dict[str, Any], hz: float, half_width: float = 25.0) -> float:

@@ -9,7 +9,6 @@ password sign-in. Playwright drives the Debian Chromium (never a downloaded brow
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,22 +23,7 @@ from tests.support import GatewayClient, make_settings, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-if not os.path.exists(CHROMIUM):
-    pytest.fail(f"{CHROMIUM} is not installed: apt-get install chromium", pytrace=False)
-try:
-    import playwright.async_api as playwright_api
-except ImportError:
-    pytest.fail("playwright is not installed: .venv/bin/pip install 'playwright>=1.40'", pytrace=False)
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
 
 
 @asynccontextmanager

@@ -28,7 +28,7 @@ from keycloak import KeycloakAdmin, KeycloakOpenID, KeycloakOpenIDConnection
 from keycloak.exceptions import KeycloakAuthenticationError, KeycloakError
 
 from gateway.config import Settings
-from gateway.idp import IDP_KEY, add_idp_routes
+from gateway.idp import add_idp_routes
 from tests.keycloak_harness import KeycloakServer, free_port
 
 TEAM_A = "fa8fc6d6-f8dd-568f-a69e-7d404d5cdb5a"

@@ -27,7 +27,6 @@ Authentication and the rights check happen in the caller (control plane) before 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time

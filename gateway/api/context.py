@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from gateway.config import Settings
 from gateway.events import EventBus
+from gateway.metrics import Metrics
 from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache
 from gateway.service import MonitoringService
-
-if TYPE_CHECKING:
-    from gateway.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", EventBus)
@@ -22,7 +20,7 @@ SERVICE = web.AppKey("service", MonitoringService)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 DIRECTORY = web.AppKey("directory", Directory)
 JWKS = web.AppKey("jwks", JwksCache)
-METRICS = web.AppKey("metrics", "Metrics")
+METRICS = web.AppKey("metrics", Metrics)
 #: The chat plane (``gateway.chat.service.ChatService``).
 CHAT = web.AppKey("chat", Any)
 #: The SIP plane (``gateway.sip.plane.SipPlane``), absent when SIP is disabled.

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from gateway.api.context import AUDIT, BUS, CHAT, DIRECTORY, METRICS, SERVICE, SETTINGS, SIP, STATE
+from gateway.api.context import AUDIT, BUS, CHAT, DIRECTORY, METRICS, SERVICE, SETTINGS, STATE
 from gateway.api.identity import authenticate, authenticate_supervisor
 from gateway.api.validation import conversation_id, field, read_json
 from gateway.domain import Channel, Direction, DomainEvent, EventType, PlatformEventType

@@ -115,8 +115,7 @@ class DemoLegs:
         for proc in procs:
             self._signal(proc, signal.SIGTERM)
         if procs:
-            done = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE_SECONDS)
-            del done
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=STOP_GRACE_SECONDS)
         for proc in procs:
             if proc.returncode is None:
                 self._signal(proc, signal.SIGKILL)
