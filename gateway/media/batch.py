@@ -19,7 +19,6 @@ otherwise. aiortc's own sender loop for the transceiver stays parked on a track 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import random
 import struct
@@ -29,12 +28,13 @@ import numpy as np
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .frames import FRAME_MS, LegFrame, LegTap
+from .frames import FRAME_MS, LegTap
 from .g711 import G711PacketEncoder
 from .levels import LevelMeter, LevelsCallback
 from .mixer import interleave_stereo, mix_mono
 from .opus import OpusPacketEncoder
-from .track import ARRIVAL_GRACE, RESYNC_AFTER, TrackStats
+from .tapreader import TapReader, TrackStats
+from .track import ARRIVAL_GRACE, RESYNC_AFTER
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
     return pt, mid, ext
 
 
-class BatchTrack(MediaStreamTrack):
+class BatchTrack(MediaStreamTrack, TapReader):
     """The listener's media state; as an aiortc track it only ever parks the stock sender.
 
     Has the same public surface as :class:`~.track.LegTapTrack` (``stats``, ``mode``,
@@ -96,24 +96,16 @@ class BatchTrack(MediaStreamTrack):
         super().__init__()
         if codec not in BATCH_CODECS:
             raise ValueError(f"batched sending does not do {codec}")
-        self.tap = tap
         self.codec = codec
         self.stereo = stereo and codec == "opus"
         self.stats = TrackStats()
-        self.tap_ended = False
         self._rate = sample_rate
         self._samples = sample_rate * FRAME_MS // 1000
         self._silence = np.zeros(self._samples, dtype=np.int16)
         self._meter = LevelMeter(on_levels)
-        self._buffer: collections.deque[LegFrame] = collections.deque()
-        self._max_delay = max(1, max_delay_frames)
         self._backlog_ticks = 0
-        self._on_tap_ended = on_tap_ended
         self._parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._nowait: Callable[[], LegFrame | None] | None = getattr(tap, "next_frame_nowait", None)
-        self._pump_task: asyncio.Task[None] | None = None
-        if self._nowait is None:
-            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        self._start_reading(tap, max_delay_frames, on_tap_ended)
         self._g711 = codec != "opus"
         if codec == "opus":
             self._encoder: Any = OpusPacketEncoder(sample_rate, channels=2 if self.stereo else 1)
@@ -147,44 +139,6 @@ class BatchTrack(MediaStreamTrack):
             element = bytes([(ext << 4) | (len(data) - 1)]) + data
             element += b"\x00" * (-len(element) % 4)
             self._header_ext = struct.pack("!HH", 0xBEDE, len(element) // 4) + element
-
-    # --- producer side ----------------------------------------------------------------------
-    def _push(self, frame: LegFrame) -> None:
-        if len(self._buffer) >= self._max_delay:
-            self._buffer.popleft()
-            self.stats.dropped += 1
-        self._buffer.append(frame)
-
-    def _ended(self) -> None:
-        if not self.tap_ended:
-            self.tap_ended = True
-            self._nowait = None
-            if self._on_tap_ended is not None:
-                self._on_tap_ended()
-
-    async def _pump(self) -> None:
-        try:
-            while True:
-                self._push(await self.tap.next_frame())
-        except EOFError:
-            self._ended()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001
-            log.exception("leg tap failed")
-            self._ended()
-
-    def _drain(self) -> None:
-        if self._nowait is None:
-            return
-        try:
-            while (frame := self._nowait()) is not None:
-                self._push(frame)
-        except EOFError:
-            self._ended()
-        except Exception:  # noqa: BLE001
-            log.exception("leg tap failed")
-            self._ended()
 
     # --- one tick ---------------------------------------------------------------------------
     def _destination(self) -> tuple[Any, Any, Any] | None:
@@ -272,9 +226,7 @@ class BatchTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         BatchSender.instance().remove(self)
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            self._pump_task = None
+        self._stop_reading()
         if not self._parked.done():
             self._parked.set_result(None)
         super().stop()

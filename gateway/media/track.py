@@ -20,21 +20,20 @@ frame per tick of its own media clock:
 from __future__ import annotations
 
 import asyncio
-import collections
 import fractions
 import logging
-from dataclasses import dataclass
 from typing import Callable, Literal
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .frames import FRAME_MS, LegFrame, LegTap
+from .frames import FRAME_MS, LegTap
 from .levels import LevelMeter, LevelsCallback
 from .mixer import interleave_stereo, mix_mono
 from .g711 import G711_RATE, G711PacketEncoder
 from .opus import OpusPacketEncoder
+from .tapreader import TapReader, TrackStats
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +57,7 @@ TrackMode = Literal["packet", "frame"]
 PACKET_CODECS = frozenset({"opus", "pcmu", "pcma"})
 
 
-@dataclass
-class TrackStats:
-    """Counters of one listener track (read them any time; they only grow)."""
-
-    frames_in: int = 0  #: frames taken from the tap
-    frames_out: int = 0  #: ticks delivered to aiortc (real + silence)
-    underruns: int = 0  #: ticks with no frame in time: silence sent instead
-    dropped: int = 0  #: frames dropped because the buffer was full (drop-oldest)
-    resyncs: int = 0  #: media-clock re-bases after a stall of the event loop
-    first_frame_at: float | None = None  #: loop time of the first real frame sent
-
-
-class LegTapTrack(MediaStreamTrack):
+class LegTapTrack(MediaStreamTrack, TapReader):
     """Audio track with the mix (or the stereo pair) of one conversation's legs."""
 
     kind = "audio"
@@ -87,7 +74,6 @@ class LegTapTrack(MediaStreamTrack):
         on_tap_ended: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        self.tap = tap
         self.codec = codec.lower() if codec else None
         # G.711 is mono: a stereo request degrades to the mix.
         self.stereo = stereo and self.codec not in ("pcmu", "pcma")
@@ -97,59 +83,15 @@ class LegTapTrack(MediaStreamTrack):
         self._samples = sample_rate * FRAME_MS // 1000
         self._silence = np.zeros(self._samples, dtype=np.int16)
         self._meter = LevelMeter(on_levels)
-        self._buffer: collections.deque[LegFrame] = collections.deque()
         self._arrived = asyncio.Event()
-        self._max_delay = max(1, max_delay_frames)
         self._encoder: OpusPacketEncoder | G711PacketEncoder | None = None
         self._t0: float | None = None
         self._index = 0
-        self._on_tap_ended = on_tap_ended
-        self.tap_ended = False
-        # Fast path: a tap with ``next_frame_nowait()`` (frame, None when empty, EOFError at
-        # the end) is drained on each tick -- no pump task, one task wake-up less per frame.
-        self._nowait: Callable[[], LegFrame | None] | None = getattr(tap, "next_frame_nowait", None)
-        self._pump_task: asyncio.Task[None] | None = None
-        if self._nowait is None:
-            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        self._start_reading(tap, max_delay_frames, on_tap_ended)
 
-    # --- producer side -----------------------------------------------------------------
-    def _push(self, frame: LegFrame) -> None:
-        if len(self._buffer) >= self._max_delay:
-            self._buffer.popleft()
-            self.stats.dropped += 1
-        self._buffer.append(frame)
+    # --- producer side (TapReader) ---------------------------------------------------
+    def _frame_arrived(self) -> None:
         self._arrived.set()
-
-    def _ended(self, failed: bool = False) -> None:
-        if failed:
-            log.exception("leg tap failed")
-        else:
-            log.info("leg tap ended")
-        self.tap_ended = True
-        self._nowait = None
-        if self._on_tap_ended is not None:
-            self._on_tap_ended()
-
-    async def _pump(self) -> None:
-        try:
-            while True:
-                self._push(await self.tap.next_frame())
-        except EOFError:
-            self._ended()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - a broken tap ends the pump, the track sends silence
-            self._ended(failed=True)
-
-    def _drain(self) -> None:
-        assert self._nowait is not None
-        try:
-            while (frame := self._nowait()) is not None:
-                self._push(frame)
-        except EOFError:
-            self._ended()
-        except Exception:  # noqa: BLE001
-            self._ended(failed=True)
 
     # --- consumer side (aiortc's sender task) -------------------------------------------
     async def recv(self) -> av.Packet | av.AudioFrame:
@@ -256,7 +198,5 @@ class LegTapTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         """End the track and stop reading the tap (the tap itself is closed by the session)."""
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            self._pump_task = None
+        self._stop_reading()
         super().stop()

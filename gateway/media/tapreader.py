@@ -1,0 +1,101 @@
+"""Reading a :class:`~.frames.LegTap` into a small drop-oldest buffer, for the listener tracks.
+
+Both senders (:class:`~.track.LegTapTrack`, aiortc's own sender loop, and
+:class:`~.batch.BatchTrack`, the process-wide ticker) take frames the same way: a tap with
+``next_frame_nowait()`` (frame, ``None`` when empty, ``EOFError`` at the end) is drained on
+each tick, with no task per listener; any other tap is read by a pump task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from .frames import LegFrame, LegTap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackStats:
+    """Counters of one listener track (read them any time; they only grow)."""
+
+    frames_in: int = 0  #: frames taken from the tap
+    frames_out: int = 0  #: ticks delivered to aiortc (real + silence)
+    underruns: int = 0  #: ticks with no frame in time: silence sent instead
+    dropped: int = 0  #: frames dropped because the buffer was full (drop-oldest)
+    resyncs: int = 0  #: media-clock re-bases after a stall of the event loop
+    first_frame_at: float | None = None  #: loop time of the first real frame sent
+
+
+class TapReader:
+    """Mixin: ``self._buffer`` holds at most ``max_delay`` frames (oldest dropped and counted
+    in ``self.stats.dropped``); ``self.tap_ended`` turns true once, when the tap ends or fails."""
+
+    tap: LegTap
+    stats: TrackStats
+
+    def _start_reading(self, tap: LegTap, max_delay: int, on_tap_ended: Callable[[], None] | None) -> None:
+        self.tap = tap
+        self.tap_ended = False
+        self._buffer: collections.deque[LegFrame] = collections.deque()
+        self._max_delay = max(1, max_delay)
+        self._on_tap_ended = on_tap_ended
+        self._nowait: Callable[[], LegFrame | None] | None = getattr(tap, "next_frame_nowait", None)
+        self._pump_task: asyncio.Task[None] | None = None
+        if self._nowait is None:
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
+    def _stop_reading(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            self._pump_task = None
+
+    def _frame_arrived(self) -> None:
+        """Hook for a consumer that waits for frames (called after each push)."""
+
+    def _push(self, frame: LegFrame) -> None:
+        if len(self._buffer) >= self._max_delay:
+            self._buffer.popleft()
+            self.stats.dropped += 1
+        self._buffer.append(frame)
+        self._frame_arrived()
+
+    def _ended(self, failed: bool = False) -> None:
+        if self.tap_ended:
+            return
+        if failed:
+            log.exception("leg tap failed")
+        else:
+            log.info("leg tap ended")
+        self.tap_ended = True
+        self._nowait = None
+        if self._on_tap_ended is not None:
+            self._on_tap_ended()
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                self._push(await self.tap.next_frame())
+        except EOFError:
+            self._ended()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a broken tap ends the pump, the track sends silence
+            self._ended(failed=True)
+
+    def _drain(self) -> None:
+        if self._nowait is None:
+            return
+        try:
+            while (frame := self._nowait()) is not None:
+                self._push(frame)
+        except EOFError:
+            self._ended()
+        except Exception:  # noqa: BLE001
+            self._ended(failed=True)
+
+
