@@ -202,36 +202,35 @@ def render_leg_scenario(tmp: Path, rtp_file: Path, name: str = "leg_uac.xml") ->
     return out
 
 
+async def _start_sipp(
+    tmp: Path, front_port: int, scenario: str, rtp_file: Path, duration_ms: int, keys: dict[str, str], name: str
+) -> asyncio.subprocess.Process:
+    """sipp as the platform: one call of ``fixtures/sipp/<scenario>`` through the 302 front."""
+    sipp = require_tool("sipp")
+    scen = render_leg_scenario(tmp, rtp_file, scenario)
+    base = free_udp_block(8, 40000, 59000)
+    key_args = [arg for key, value in keys.items() for arg in ("-key", key, value)]
+    return await asyncio.create_subprocess_exec(
+        sipp, f"127.0.0.1:{front_port}", "-sf", str(scen), "-m", "1", "-i", "127.0.0.1",
+        "-p", str(base), "-mi", "127.0.0.1", "-mp", str(base + 2), "-d", str(duration_ms),
+        *key_args, "-nostdin", "-timeout", "30s", "-timeout_error",
+        "-trace_err", "-error_file", str(tmp / f"sipp_{name}_err.log"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=str(tmp),
+    )  # fmt: skip
+
+
 async def start_sipp_leg(
     tmp: Path, front_port: int, cid: str, leg: str, rtp_file: Path, duration_ms: int = 4000
 ) -> asyncio.subprocess.Process:
     """A per-leg platform call with sipp: INVITE → 302 → INVITE worker → rtp_stream → BYE."""
-    sipp = require_tool("sipp")
-    scen = render_leg_scenario(tmp, rtp_file)
-    base = free_udp_block(8, 40000, 59000)
-    return await asyncio.create_subprocess_exec(
-        sipp, f"127.0.0.1:{front_port}", "-sf", str(scen), "-m", "1", "-i", "127.0.0.1",
-        "-p", str(base), "-mi", "127.0.0.1", "-mp", str(base + 2), "-d", str(duration_ms),
-        "-key", "cid", cid, "-key", "leg", leg, "-nostdin", "-timeout", "30s", "-timeout_error",
-        "-trace_err", "-error_file", str(tmp / f"sipp_{cid}_{leg}_err.log"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=str(tmp),
-    )  # fmt: skip
+    return await _start_sipp(tmp, front_port, "leg_uac.xml", rtp_file, duration_ms, {"cid": cid, "leg": leg}, f"{cid}_{leg}")
 
 
 async def start_sipp_siprec(
     tmp: Path, front_port: int, cid: str, agent: str, rtp_file: Path, duration_ms: int = 3000
 ) -> asyncio.subprocess.Process:
     """A SIPREC recording client with sipp (fixtures/sipp/siprec_uac.xml); audio on the first stream only."""
-    sipp = require_tool("sipp")
-    scen = render_leg_scenario(tmp, rtp_file, "siprec_uac.xml")
-    base = free_udp_block(8, 40000, 59000)
-    return await asyncio.create_subprocess_exec(
-        sipp, f"127.0.0.1:{front_port}", "-sf", str(scen), "-m", "1", "-i", "127.0.0.1",
-        "-p", str(base), "-mi", "127.0.0.1", "-mp", str(base + 2), "-d", str(duration_ms),
-        "-key", "cid", cid, "-key", "agent", agent, "-nostdin", "-timeout", "30s", "-timeout_error",
-        "-trace_err", "-error_file", str(tmp / f"sipp_siprec_{cid}_err.log"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=str(tmp),
-    )  # fmt: skip
+    return await _start_sipp(tmp, front_port, "siprec_uac.xml", rtp_file, duration_ms, {"cid": cid, "agent": agent}, f"siprec_{cid}")
 
 
 async def start_siprec(

@@ -33,7 +33,8 @@ def _cid(request: web.Request) -> str:
     return conversation_id(request.match_info["cid"])
 
 
-def _refuse_when_draining(request: web.Request) -> None:
+def refuse_when_draining(request: web.Request) -> None:
+    """New monitors and listeners are refused while the gateway drains (SIGTERM)."""
     if request.app[STATE].get("draining"):
         error = GatewayError(503, "draining", "the gateway is shutting down; try another instance")
         error.headers["Retry-After"] = "5"
@@ -171,7 +172,7 @@ async def get_conversation(request: web.Request) -> web.Response:
 @routes.post("/v1/conversations/{cid}/monitors")
 async def start_monitor(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
-    _refuse_when_draining(request)
+    refuse_when_draining(request)
     cid = _cid(request)
     body = await read_json(request, max_bytes=request.app[SETTINGS].max_body_bytes, required=False)
     voice = field(body, "voice", dict, default=None)

@@ -11,8 +11,9 @@ import logging
 
 from aiohttp import web
 
-from gateway.api.context import AUDIT, BUS, METRICS, SERVICE, SETTINGS, SIP, STATE, WHEP
+from gateway.api.context import AUDIT, BUS, METRICS, SERVICE, SETTINGS, SIP, WHEP
 from gateway.api.identity import authenticate_supervisor
+from gateway.api.routes import refuse_when_draining
 from gateway.api.validation import read_limited
 from gateway.domain import DomainEvent, EventType, VoiceKind
 from gateway.errors import GatewayError
@@ -28,10 +29,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     app = request.app
     settings = app[SETTINGS]
-    if app[STATE].get("draining"):
-        error = GatewayError(503, "draining", "the gateway is shutting down; try another instance")
-        error.headers["Retry-After"] = "5"
-        raise error
+    refuse_when_draining(request)
     monitor = app[SERVICE].monitor_of(principal, request.match_info["mid"])
     conversation = app[SERVICE].store.get_conversation(monitor.conversation)
     if conversation is None or not monitor.active:
