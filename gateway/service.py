@@ -25,7 +25,7 @@ from gateway.domain import (
     VoiceKind,
     new_id,
 )
-from gateway.errors import GatewayError, not_found
+from gateway.errors import ErrorCode, GatewayError, not_found
 from gateway.events import EventBus
 from gateway.policy import rules
 from gateway.policy.audit import AuditLog
@@ -226,7 +226,7 @@ class MonitoringService:
             grant = rules.grant_channels(conversation, voice is not None, self.store.voice_holder(cid))
             for other in self.store.monitors_of(cid):
                 if other.active and other.supervisor == principal.username:
-                    raise GatewayError(409, rules.ALREADY_MONITORING, "you already monitor this conversation", monitor=other.id)
+                    raise GatewayError(ErrorCode.ALREADY_MONITORING, "you already monitor this conversation", monitor=other.id)
             monitor = Monitor(
                 id=new_id("m"),
                 conversation=cid,
@@ -237,7 +237,7 @@ class MonitoringService:
             if "voice" in monitor.channels:
                 assert voice is not None
                 if not self.store.claim_voice(cid, monitor):  # R8, atomic in the store
-                    raise GatewayError(409, rules.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call")
+                    raise GatewayError(ErrorCode.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call")
                 monitor.voice_kind = VoiceKind(voice["kind"])
                 monitor.voice_uri = voice.get("uri") if monitor.voice_kind is VoiceKind.SIP else None
         except GatewayError as exc:
@@ -304,7 +304,7 @@ class MonitoringService:
         conversation = self.store.get_conversation(monitor.conversation)
         try:
             if conversation is None:
-                raise GatewayError(409, rules.MONITOR_ENDED, "the conversation has ended")
+                raise GatewayError(ErrorCode.MONITOR_ENDED, "the conversation has ended")
             rules.check_still_supervises(conversation, principal.teams)
             check(conversation, monitor)
         except GatewayError as exc:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.api.context import BUS, CHAT, JWKS, METRICS, SERVICE, SIP, STATE, WHEP
 from gateway.domain import DomainEvent, EventType
-from gateway.errors import GatewayError
+from gateway.errors import ErrorCode, GatewayError
 from gateway.policy import rules
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ async def call_supervisor_phone(app: web.Application, mid: str) -> None:
     sip = app.get(SIP)
     try:
         if sip is None:
-            raise GatewayError(503, "sip_disabled", "SIP is disabled on this gateway")
+            raise GatewayError(ErrorCode.SIP_DISABLED, "SIP is disabled on this gateway")
         for attempt in range(PHONE_BUSY_RETRIES + 1):
             try:
                 await sip.call_phone(monitor.conversation, mid, monitor.voice_uri)

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.domain import Conversation, Direction, Monitor, MonitorMode
 from gateway.errors import GatewayError
+from gateway.errors import ErrorCode
 from gateway.policy import rules
 
 pytestmark = pytest.mark.unit
@@ -36,19 +37,19 @@ def test_r1_supervisor_attribute_is_a_comma_separated_list() -> None:
 
 
 def test_may_monitor_order_of_refusals() -> None:
-    assert _code(rules.check_may_monitor, _conv(), frozenset({"team-b"})) == rules.NOT_TEAM_SUPERVISOR
-    assert _code(rules.check_may_monitor, _conv(team=None), frozenset({"team-a"})) == rules.NOT_TEAM_SUPERVISOR
-    assert _code(rules.check_may_monitor, _conv(direction=Direction.OUTBOUND), frozenset({"team-a"})) == rules.OUTBOUND_NOT_SUPPORTED
-    assert _code(rules.check_may_monitor, _conv(transferred=True), frozenset({"team-a"})) == rules.TRANSFERRED_NOT_SUPPORTED
-    assert _code(rules.check_may_monitor, _conv(sessions={}), frozenset({"team-a"})) == rules.CONVERSATION_NOT_ACTIVE
-    assert _code(rules.check_may_monitor, _conv(agent_left=True), frozenset({"team-a"})) == rules.CONVERSATION_NOT_ACTIVE
+    assert _code(rules.check_may_monitor, _conv(), frozenset({"team-b"})) == ErrorCode.NOT_TEAM_SUPERVISOR
+    assert _code(rules.check_may_monitor, _conv(team=None), frozenset({"team-a"})) == ErrorCode.NOT_TEAM_SUPERVISOR
+    assert _code(rules.check_may_monitor, _conv(direction=Direction.OUTBOUND), frozenset({"team-a"})) == ErrorCode.OUTBOUND_NOT_SUPPORTED
+    assert _code(rules.check_may_monitor, _conv(transferred=True), frozenset({"team-a"})) == ErrorCode.TRANSFERRED_NOT_SUPPORTED
+    assert _code(rules.check_may_monitor, _conv(sessions={}), frozenset({"team-a"})) == ErrorCode.CONVERSATION_NOT_ACTIVE
+    assert _code(rules.check_may_monitor, _conv(agent_left=True), frozenset({"team-a"})) == ErrorCode.CONVERSATION_NOT_ACTIVE
     rules.check_may_monitor(_conv(), frozenset({"team-a"}))
 
 
 def test_r8_grant_channels() -> None:
     holder = Monitor(id="m1", conversation="c", supervisor="sam", channels=["chat", "voice"])
     assert rules.grant_channels(_conv(), True, None).channels == ["chat", "voice"]
-    assert _code(rules.grant_channels, _conv(), True, holder) == rules.VOICE_MONITOR_BUSY
+    assert _code(rules.grant_channels, _conv(), True, holder) == ErrorCode.VOICE_MONITOR_BUSY
     holder.ended_at = 1.0
     assert rules.grant_channels(_conv(), True, holder).channels == ["chat", "voice"]
     chat_only = rules.grant_channels(_conv(sessions={"chat": 1.0}), True, None)
@@ -59,15 +60,15 @@ def test_r8_grant_channels() -> None:
 def test_r4_r5_r6_chat_only_actions() -> None:
     silent = Monitor(id="m", conversation="c", supervisor="sam", channels=["chat"])
     voice_only = _conv(sessions={"voice": 1.0})
-    assert _code(rules.check_may_whisper, voice_only, silent) == rules.WHISPER_CHAT_ONLY
-    assert _code(rules.check_may_barge, voice_only, silent) == rules.BARGE_CHAT_ONLY
-    assert _code(rules.check_may_message_customer, _conv(), silent) == rules.MONITOR_CANNOT_MESSAGE_CUSTOMER
+    assert _code(rules.check_may_whisper, voice_only, silent) == ErrorCode.WHISPER_CHAT_ONLY
+    assert _code(rules.check_may_barge, voice_only, silent) == ErrorCode.BARGE_CHAT_ONLY
+    assert _code(rules.check_may_message_customer, _conv(), silent) == ErrorCode.MONITOR_CANNOT_MESSAGE_CUSTOMER
     silent.mode = MonitorMode.BARGED
     rules.check_may_message_customer(_conv(), silent)
-    assert rules.refuse_transfer().code == rules.MONITOR_CANNOT_TRANSFER
-    assert rules.refuse_conference().code == rules.MONITOR_CANNOT_CONFERENCE
+    assert rules.refuse_transfer().code == ErrorCode.MONITOR_CANNOT_TRANSFER
+    assert rules.refuse_conference().code == ErrorCode.MONITOR_CANNOT_CONFERENCE
     silent.ended_at = 2.0
-    assert _code(rules.check_may_whisper, _conv(), silent) == rules.MONITOR_ENDED
+    assert _code(rules.check_may_whisper, _conv(), silent) == ErrorCode.MONITOR_ENDED
 
 
 def test_r7_r10_and_session_ends() -> None:

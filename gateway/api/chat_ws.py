@@ -37,7 +37,7 @@ from aiohttp import WSMsgType, web
 from gateway.chat.hub import Subscription
 from gateway.chat.log import ChatEntry
 from gateway.chat.service import VIEWS, ChatService, entry_json, visible
-from gateway.errors import GatewayError
+from gateway.errors import ErrorCode, GatewayError
 
 log = logging.getLogger("gateway.chat.ws")
 
@@ -77,9 +77,9 @@ async def serve_chat_stream(
     heartbeats (default ``chat.heartbeat_interval``). Returns the closed response.
     """
     if view not in VIEWS:
-        raise GatewayError(422, "invalid_view", f"view must be one of {sorted(VIEWS)}")
+        raise GatewayError(ErrorCode.INVALID_VIEW, f"view must be one of {sorted(VIEWS)}")
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-        raise GatewayError(422, "invalid_after", "after must be a non-negative integer")
+        raise GatewayError(ErrorCode.INVALID_AFTER, "after must be a non-negative integer")
     beat = heartbeat if heartbeat is not None else chat.heartbeat_interval
     ws = web.WebSocketResponse(
         max_msg_size=max_msg_size,

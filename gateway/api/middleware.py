@@ -9,24 +9,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.api.context import METRICS
-from gateway.errors import GatewayError
+from gateway.errors import CODE_OF_STATUS, ERRORS, ErrorCode, GatewayError, http_status
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "invalid_token",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_body",
-    429: "rate_limited",
-    503: "unavailable",
-}
-
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
@@ -40,17 +26,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
     except GatewayError as exc:
-        metrics.refusals.labels(code=exc.code).inc()
-        response = web.json_response(exc.to_json(), status=exc.status, headers=exc.headers or None)
-        log.info("refused: %s", exc.message, extra={"route": route, "status": exc.status, "code": exc.code})
+        status = http_status(exc.code)
+        metrics.refusals.labels(code=exc.code.value).inc()
+        response = web.json_response(exc.to_json(), status=status, headers=exc.headers or None)
+        log.info("refused: %s", exc.message, extra={"route": route, "status": status, "code": exc.code.value})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        response = error_response(exc.status, code, exc.reason)
+        code = CODE_OF_STATUS.get(exc.status, ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.UNAVAILABLE)
+        response = error_response(exc.status, code.value, exc.reason)
     except Exception:
         log.exception("unhandled error", extra={"route": route})
-        response = error_response(500, "internal_error", "internal error; the gateway logged it")
+        response = error_response(500, ErrorCode.INTERNAL_ERROR.value, ERRORS[ErrorCode.INTERNAL_ERROR].message)
     metrics.requests.labels(route=route, status=str(response.status)).inc()
     metrics.latency.labels(route=route).observe(time.perf_counter() - started)
     return response

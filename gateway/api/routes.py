@@ -13,7 +13,7 @@ from gateway.api.context import AUDIT, BUS, CHAT, DIRECTORY, METRICS, SERVICE, S
 from gateway.api.identity import authenticate, authenticate_supervisor
 from gateway.api.validation import conversation_id, field, read_json
 from gateway.domain import Channel, Direction, DomainEvent, EventType, PlatformEventType
-from gateway.errors import GatewayError, not_found
+from gateway.errors import ErrorCode, GatewayError, not_found
 from gateway.policy import rules
 from gateway.policy.auth import Principal
 from gateway.service import monitor_json
@@ -36,7 +36,7 @@ def _cid(request: web.Request) -> str:
 def refuse_when_draining(request: web.Request) -> None:
     """New monitors and listeners are refused while the gateway drains (SIGTERM)."""
     if request.app[STATE].get("draining"):
-        error = GatewayError(503, "draining", "the gateway is shutting down; try another instance")
+        error = GatewayError(ErrorCode.DRAINING, "the gateway is shutting down; try another instance")
         error.headers["Retry-After"] = "5"
         raise error
 
@@ -55,11 +55,11 @@ async def put_conversation(request: web.Request) -> web.Response:
     transferred = field(body, "transferred", bool, default=False)
     agent = field(body, "agent", str)
     if not agent.strip() or len(agent) > 256:
-        raise GatewayError(422, "invalid_field", "field 'agent' must be a username", field="agent")
+        raise GatewayError(ErrorCode.INVALID_FIELD, "field 'agent' must be a username", field="agent")
     customer = field(body, "customer", dict, default={})
     sessions_raw = field(body, "sessions", list, default=[])
     if not all(s in ("chat", "voice") for s in sessions_raw):
-        raise GatewayError(422, "invalid_field", "sessions are 'chat' and/or 'voice'", field="sessions")
+        raise GatewayError(ErrorCode.INVALID_FIELD, "sessions are 'chat' and/or 'voice'", field="sessions")
     sessions: list[Channel] = list(dict.fromkeys(sessions_raw))
     team = field(body, "team", str, default=None)
     service = request.app[SERVICE]
@@ -69,7 +69,7 @@ async def put_conversation(request: web.Request) -> web.Response:
         # (possibly another team's): ids are the platform's, and must not be reused.
         chat = request.app[CHAT]
         if chat.ended_reason(cid) is not None or await chat.head(cid) > 0:
-            raise GatewayError(409, "conversation_id_reused", "this conversation id was used before; use a new one")
+            raise GatewayError(ErrorCode.CONVERSATION_ID_REUSED, "this conversation id was used before; use a new one")
     if team is None:
         if existing is not None and existing.agent == agent:
             team = existing.team
@@ -108,9 +108,9 @@ async def post_message(request: web.Request) -> web.Response:
     conversation = request.app[SERVICE].conversation(cid)
     if not principal.has_role("platform"):
         if sender != "agent" or conversation.agent != principal.username:
-            raise GatewayError(403, "not_your_conversation", "an agent may only post as agent in its own conversations")
+            raise GatewayError(ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only post as agent in its own conversations")
     if not conversation.session_active("chat"):
-        raise GatewayError(409, "chat_not_active", "the conversation has no active chat session")
+        raise GatewayError(ErrorCode.CHAT_NOT_ACTIVE, "the conversation has no active chat session")
     author = conversation.agent if sender == "agent" else str(conversation.customer.get("id") or "customer")
     entry, created = await request.app[CHAT].post(
         cid, kind="message", sender=sender, author=author, text=text, visibility="all", client_id=client_id
@@ -125,10 +125,10 @@ async def conversation_chat(request: web.Request) -> web.StreamResponse:
     cid = _cid(request)
     view = request.query.get("view", "agent")
     if view not in ("customer", "agent"):
-        raise GatewayError(422, "invalid_view", "view is 'customer' or 'agent'")
+        raise GatewayError(ErrorCode.INVALID_VIEW, "view is 'customer' or 'agent'")
     conversation = request.app[SERVICE].conversation(cid)
     if not principal.has_role("platform") and (view != "agent" or conversation.agent != principal.username):
-        raise GatewayError(403, "not_your_conversation", "an agent may only read the agent view of its own conversations")
+        raise GatewayError(ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only read the agent view of its own conversations")
     return await _serve_chat(request, principal, cid, view, ended=None)
 
 
@@ -137,9 +137,9 @@ def _after(request: web.Request) -> int:
     try:
         after = int(raw)
     except ValueError:
-        raise GatewayError(422, "invalid_after", "after is a sequence number") from None
+        raise GatewayError(ErrorCode.INVALID_AFTER, "after is a sequence number") from None
     if not 0 <= after < 2**63:
-        raise GatewayError(422, "invalid_after", "after is a sequence number")
+        raise GatewayError(ErrorCode.INVALID_AFTER, "after is a sequence number")
     return after
 
 
@@ -181,7 +181,7 @@ async def start_monitor(request: web.Request) -> web.Response:
         if kind == "sip":
             uri = field(voice, "uri", str)
             if not uri.startswith(("sip:", "sips:")) or len(uri) > 256 or not set(uri) <= SIP_URI_CHARS:
-                raise GatewayError(422, "invalid_sip_uri", "voice.uri must be a sip: URI")
+                raise GatewayError(ErrorCode.INVALID_SIP_URI, "voice.uri must be a sip: URI")
     service = request.app[SERVICE]
     monitor = service.start_monitor(principal, cid, voice)
     request.app[METRICS].monitors_started.labels(voice=monitor.voice_kind.value if monitor.voice_kind else "none").inc()
@@ -218,9 +218,9 @@ async def monitor_chat(request: web.Request) -> web.StreamResponse:
     # Rights are checked again on every subscribe: a monitor that ended, or a conversation the
     # supervisor no longer sees from this login session, gives no stream.
     if not monitor.active:
-        raise GatewayError(409, rules.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
+        raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
     if conversation is None or not rules.may_see(conversation, principal.teams):
-        raise GatewayError(403, rules.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
+        raise GatewayError(ErrorCode.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
     futures = request.app[STATE]["monitor_end_futures"]
     ended = futures.get(monitor.id)
     if ended is None:

@@ -16,7 +16,7 @@ from gateway.api.identity import authenticate_supervisor
 from gateway.api.routes import refuse_when_draining
 from gateway.api.validation import read_limited
 from gateway.domain import DomainEvent, EventType, VoiceKind
-from gateway.errors import GatewayError
+from gateway.errors import ErrorCode, GatewayError
 from gateway.policy import rules
 from gateway.media.whep import WhepError, answer_whep
 
@@ -33,16 +33,16 @@ async def whep_offer(request: web.Request) -> web.Response:
     monitor = app[SERVICE].monitor_of(principal, request.match_info["mid"])
     conversation = app[SERVICE].store.get_conversation(monitor.conversation)
     if conversation is None or not monitor.active:
-        raise GatewayError(409, "monitor_ended", f"this monitor has ended ({monitor.end_reason})")
+        raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
     rules.check_still_supervises(conversation, principal.teams)
     if not monitor.has_voice or monitor.voice_kind is not VoiceKind.WEBRTC:
-        raise GatewayError(409, "voice_not_granted", "this monitor does not hold the conversation's voice over WebRTC", voice_blocked_reason=monitor.voice_blocked_reason)
+        raise GatewayError(ErrorCode.VOICE_NOT_GRANTED, "this monitor does not hold the conversation's voice over WebRTC", voice_blocked_reason=monitor.voice_blocked_reason)
     if request.content_type != "application/sdp":
-        raise GatewayError(415, "unsupported_media_type", "send the offer as application/sdp")
+        raise GatewayError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the offer as application/sdp")
     offer = (await read_limited(request, settings.max_body_bytes)).decode("utf-8", errors="replace")
     sip = app.get(SIP)
     if sip is None:
-        raise GatewayError(503, "sip_disabled", "no SIP media on this gateway, so there is nothing to listen to")
+        raise GatewayError(ErrorCode.SIP_DISABLED, "no SIP media on this gateway, so there is nothing to listen to")
 
     mid, cid, supervisor, team = monitor.id, monitor.conversation, monitor.supervisor, conversation.team
     bus, metrics, audit = app[BUS], app[METRICS], app[AUDIT]
@@ -60,7 +60,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     try:
         answer, session = await answer_whep(offer, tap, settings=settings, stereo=_stereo(request, settings.webrtc_stereo), on_levels=on_levels, on_inbound_rtp=on_inbound_rtp)
     except WhepError as exc:
-        raise GatewayError(400 if exc.code == "invalid_sdp" else 422, exc.code, str(exc)) from exc
+        raise GatewayError(ErrorCode(exc.code), str(exc)) from exc
     sessions = app[WHEP].setdefault(mid, {})
     for old_id, old in list(sessions.items()):
         sessions.pop(old_id)
@@ -69,7 +69,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     session.on_closed(lambda _reason: app[WHEP].get(mid, {}).pop(session.id, None))
     if not app[SERVICE].store.get_monitor(mid) or not monitor.has_voice:  # ended while we answered
         await session.close("monitor_ended")
-        raise GatewayError(409, "voice_not_granted", "the monitor ended while the offer was answered")
+        raise GatewayError(ErrorCode.VOICE_NOT_GRANTED, "the monitor ended while the offer was answered")
     audit.record("webrtc_listen", actor=supervisor, conversation=cid, monitor=mid, session=session.id)
     location = f"/v1/monitors/{mid}/whep/{session.id}"
     return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})

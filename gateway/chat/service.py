@@ -24,7 +24,7 @@ from typing import Callable
 from gateway.chat.hub import ChatHub, Subscription
 from gateway.chat.log import KINDS, SENDERS, VISIBILITIES, ChatEntry, ChatLog
 from gateway.config import Settings
-from gateway.errors import GatewayError
+from gateway.errors import ErrorCode, GatewayError
 
 VIEWS = frozenset({"customer", "agent", "monitor"})
 
@@ -110,23 +110,22 @@ class ChatService:
         ``message_too_long``, 429 ``rate_limited`` (with ``Retry-After``).
         """
         if kind not in KINDS or sender not in SENDERS or visibility not in VISIBILITIES:
-            raise GatewayError(422, "invalid_message", "unknown kind, sender or visibility")
+            raise GatewayError(ErrorCode.INVALID_MESSAGE, "unknown kind, sender or visibility")
         if kind == "whisper":
             visibility = "agent"  # R5: a whisper never reaches the customer, whatever asked
         if client_id is not None:
             if not isinstance(client_id, str) or not client_id or len(client_id) > 200:
-                raise GatewayError(422, "invalid_client_id", "client_id must be 1-200 chars")
+                raise GatewayError(ErrorCode.INVALID_CLIENT_ID, "client_id must be 1-200 chars")
             existing = await self.log.get_by_client_id(cid, client_id)
             if existing is not None:
                 return existing, False
         if not isinstance(text, str):
-            raise GatewayError(422, "invalid_message", "text must be a string")
+            raise GatewayError(ErrorCode.INVALID_MESSAGE, "text must be a string")
         if not text.strip():
-            raise GatewayError(422, "empty_message", "the message is empty")
+            raise GatewayError(ErrorCode.EMPTY_MESSAGE, "the message is empty")
         limit = self.settings.max_message_chars
         if len(text) > limit:
-            raise GatewayError(
-                413, "message_too_long", f"a message has at most {limit} characters", max_chars=limit
+            raise GatewayError(ErrorCode.MESSAGE_TOO_LONG, f"a message has at most {limit} characters", max_chars=limit
             )
         if kind != "system":
             self._take_token(cid, sender, author)
@@ -166,7 +165,7 @@ class ChatService:
             bucket.stamp = now
         if bucket.tokens < 1.0:
             wait = (1.0 - bucket.tokens) / rate
-            err = GatewayError(429, "rate_limited", f"at most {rate:g} messages per second")
+            err = GatewayError(ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second")
             err.headers["Retry-After"] = str(max(1, round(wait + 0.5)))
             raise err
         bucket.tokens -= 1.0

@@ -11,21 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.domain import Channel, Conversation, Direction, Monitor, MonitorMode
-from gateway.errors import GatewayError
-
-# Stable codes, one per refusal (API.md). Never rename.
-NOT_TEAM_SUPERVISOR = "not_team_supervisor"
-CONVERSATION_NOT_ACTIVE = "conversation_not_active"
-MONITOR_CANNOT_MESSAGE_CUSTOMER = "monitor_cannot_message_customer"
-MONITOR_CANNOT_TRANSFER = "monitor_cannot_transfer"
-MONITOR_CANNOT_CONFERENCE = "monitor_cannot_conference"
-WHISPER_CHAT_ONLY = "whisper_chat_only"
-BARGE_CHAT_ONLY = "barge_chat_only"
-VOICE_MONITOR_BUSY = "voice_monitor_busy"
-OUTBOUND_NOT_SUPPORTED = "outbound_not_supported"
-TRANSFERRED_NOT_SUPPORTED = "transferred_not_supported"
-MONITOR_ENDED = "monitor_ended"
-ALREADY_MONITORING = "already_monitoring"
+from gateway.errors import ErrorCode, GatewayError
 
 # Reasons voice was not granted to a monitor (``voice_blocked_reason``).
 VOICE_NOT_ACTIVE = "voice_not_active"
@@ -59,20 +45,20 @@ def supervisor_teams(username: str, group_attributes: Iterable[tuple[str, dict[s
 def check_may_monitor(conversation: Conversation, supervisor_teams: frozenset[str]) -> None:
     """R1, R3, R10: may this supervisor start monitoring this conversation at all?"""
     if conversation.team is None or conversation.team not in supervisor_teams:
-        raise GatewayError(403, NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
+        raise GatewayError(ErrorCode.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
     if conversation.direction is Direction.OUTBOUND:
-        raise GatewayError(409, OUTBOUND_NOT_SUPPORTED, "outbound conversations can not be monitored")
+        raise GatewayError(ErrorCode.OUTBOUND_NOT_SUPPORTED, "outbound conversations can not be monitored")
     if conversation.transferred:
-        raise GatewayError(409, TRANSFERRED_NOT_SUPPORTED, "transferred conversations can not be monitored")
+        raise GatewayError(ErrorCode.TRANSFERRED_NOT_SUPPORTED, "transferred conversations can not be monitored")
     if not conversation.active:
-        raise GatewayError(409, CONVERSATION_NOT_ACTIVE, "the conversation has no active session")
+        raise GatewayError(ErrorCode.CONVERSATION_NOT_ACTIVE, "the conversation has no active session")
 
 
 def check_still_supervises(conversation: Conversation, supervisor_teams: frozenset[str]) -> None:
     """R1 again on every action of a running monitor: rights are those of the caller's login
     session (R2), which may be a newer one than the monitor was started from."""
     if not may_see(conversation, supervisor_teams):
-        raise GatewayError(403, NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
+        raise GatewayError(ErrorCode.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
 
 
 def may_see(conversation: Conversation, teams: frozenset[str]) -> bool:
@@ -96,7 +82,7 @@ def grant_channels(conversation: Conversation, wants_voice: bool, voice_holder: 
     if not conversation.session_active("voice"):
         return ChannelGrant(["chat"], VOICE_NOT_ACTIVE)
     if voice_holder is not None and voice_holder.active:
-        raise GatewayError(409, VOICE_MONITOR_BUSY, "another supervisor is already listening to this call")
+        raise GatewayError(ErrorCode.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call")
     return ChannelGrant(["chat", "voice"], None)
 
 
@@ -111,38 +97,38 @@ def check_may_whisper(conversation: Conversation, monitor: Monitor) -> None:
     """R5: whisper is chat only."""
     _check_active_monitor(monitor)
     if not conversation.session_active("chat"):
-        raise GatewayError(409, WHISPER_CHAT_ONLY, "whisper is only available for chat")
+        raise GatewayError(ErrorCode.WHISPER_CHAT_ONLY, "whisper is only available for chat")
 
 
 def check_may_barge(conversation: Conversation, monitor: Monitor) -> None:
     """R6: barge-in is chat only."""
     _check_active_monitor(monitor)
     if not conversation.session_active("chat"):
-        raise GatewayError(409, BARGE_CHAT_ONLY, "barge-in is only available for chat")
+        raise GatewayError(ErrorCode.BARGE_CHAT_ONLY, "barge-in is only available for chat")
 
 
 def check_may_message_customer(conversation: Conversation, monitor: Monitor) -> None:
     """R4: a silent monitor can not message the customer; a barged one can (chat only)."""
     _check_active_monitor(monitor)
     if monitor.mode is not MonitorMode.BARGED:
-        raise GatewayError(403, MONITOR_CANNOT_MESSAGE_CUSTOMER, "a silent monitor can not message the customer; barge in first")
+        raise GatewayError(ErrorCode.MONITOR_CANNOT_MESSAGE_CUSTOMER, "a silent monitor can not message the customer; barge in first")
     if not conversation.session_active("chat"):
-        raise GatewayError(409, BARGE_CHAT_ONLY, "messages are only available for chat")
+        raise GatewayError(ErrorCode.BARGE_CHAT_ONLY, "messages are only available for chat")
 
 
 def refuse_transfer() -> GatewayError:
     """R4: monitors never transfer."""
-    return GatewayError(403, MONITOR_CANNOT_TRANSFER, "a monitoring supervisor can not transfer the conversation")
+    return GatewayError(ErrorCode.MONITOR_CANNOT_TRANSFER, "a monitoring supervisor can not transfer the conversation")
 
 
 def refuse_conference() -> GatewayError:
     """R4: monitors never conference."""
-    return GatewayError(403, MONITOR_CANNOT_CONFERENCE, "a monitoring supervisor can not start a conference")
+    return GatewayError(ErrorCode.MONITOR_CANNOT_CONFERENCE, "a monitoring supervisor can not start a conference")
 
 
 def _check_active_monitor(monitor: Monitor) -> None:
     if not monitor.active:
-        raise GatewayError(409, MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
+        raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
 
 
 def monitors_ending_on(event: str, monitors: Sequence[Monitor], conversation: Conversation) -> list[tuple[Monitor, str]]:

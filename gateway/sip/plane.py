@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import PROJECT_DIR, Settings
-from ..errors import GatewayError
+from ..errors import ErrorCode, GatewayError
 from ..media.frames import LegFrame, decode_leg_frame
 from .front import SipFront
 from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, uri_user, valid_sip_uri
@@ -363,7 +363,7 @@ class SipPlane:
         w.writer = None
         for fut in w.replies.values():
             if not fut.done():
-                fut.set_exception(GatewayError(503, "media_failure", "SIP media worker died"))
+                fut.set_exception(GatewayError(ErrorCode.MEDIA_FAILURE, "SIP media worker died"))
         w.replies.clear()
         if self.stopping:
             reason_leg, reason_phone = "shutdown", "shutdown"
@@ -552,7 +552,7 @@ class SipPlane:
 
     async def _request(self, w: _Worker, cmd: dict[str, Any]) -> dict[str, Any]:
         if w.writer is None or not w.ready:
-            raise GatewayError(503, "media_failure", "SIP media worker not ready")
+            raise GatewayError(ErrorCode.MEDIA_FAILURE, "SIP media worker not ready")
         re_ = w.next_re
         w.next_re += 1
         cmd["re"] = re_
@@ -577,17 +577,17 @@ class SipPlane:
         ``hooks.on_phone_ended`` (``phone_unreachable`` if it never answers).
         """
         if not valid_sip_uri(uri):
-            raise GatewayError(422, "invalid_sip_uri", f"not a SIP URI: {uri[:80]!r}")
+            raise GatewayError(ErrorCode.INVALID_SIP_URI, f"not a SIP URI: {uri[:80]!r}")
         conv = self.convs.get(cid)
         if conv is None or not conv.legs:
-            raise GatewayError(409, "voice_not_active", "no voice legs are connected for this conversation")
+            raise GatewayError(ErrorCode.VOICE_NOT_ACTIVE, "no voice legs are connected for this conversation")
         if conv.phone is not None:
-            raise GatewayError(409, "voice_monitor_busy", "a phone already listens to this conversation")
+            raise GatewayError(ErrorCode.VOICE_MONITOR_BUSY, "a phone already listens to this conversation")
         if monitor_id in self.phones:
-            raise GatewayError(409, "voice_monitor_busy", "this monitor already has a phone call")
+            raise GatewayError(ErrorCode.VOICE_MONITOR_BUSY, "this monitor already has a phone call")
         w = self.workers[conv.worker]
         if not RESERVE_PHONE_SLOT and self._free(w) < 1:
-            raise GatewayError(503, "voice_capacity", "the media worker of this conversation is full")
+            raise GatewayError(ErrorCode.VOICE_CAPACITY, "the media worker of this conversation is full")
         conv.phone = monitor_id
         self.phones[monitor_id] = cid
         w.phones.add(monitor_id)
@@ -600,8 +600,8 @@ class SipPlane:
             self._phone_forget(conv, w, monitor_id)
             err = str(rep.get("error", ""))
             if "URI" in err.upper():
-                raise GatewayError(422, "invalid_sip_uri", f"the phone URI was refused: {err}")
-            raise GatewayError(502, "phone_unreachable", f"calling the phone failed: {err}")
+                raise GatewayError(ErrorCode.INVALID_SIP_URI, f"the phone URI was refused: {err}")
+            raise GatewayError(ErrorCode.PHONE_UNREACHABLE, f"calling the phone failed: {err}")
 
     def _phone_forget(self, conv: _Conv, w: _Worker, mid: str) -> None:
         if conv.phone == mid:
