@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make run` and `make test`. Each sets itself up.
-.PHONY: run test test-fast bench bench-smoke setup clean
+.PHONY: run test test-fast lint bench bench-smoke setup clean
 
 PY := .venv/bin/python
 PYTEST_ARGS ?=
@@ -8,13 +8,19 @@ run:
 	@scripts/setup.sh run
 	GATEWAY_DEMO=true $(PY) -m gateway serve
 
-test:
+test: lint
 	@scripts/setup.sh test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Unit and API tests only (no SIP, browser or Keycloak peers): quick feedback while coding.
-test-fast:
+# ruff (lint + format check, one line length) and mypy (strict on the domain, errors and policy).
+lint:
 	@scripts/setup.sh run
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# Unit and API tests only (no SIP, browser or Keycloak peers): quick feedback while coding.
+test-fast: lint
 	$(PY) -m pytest -q -m "not sip and not browser and not keycloak and not slow" $(PYTEST_ARGS)
 
 bench:

@@ -31,13 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
-from aiohttp import WSMsgType, web  # noqa: E402
+import aiohttp
+from aiohttp import WSMsgType, web
 
-from gateway.api.chat_ws import serve_chat_stream  # noqa: E402
-from gateway.chat.log import SqliteChatLog  # noqa: E402
-from gateway.chat.service import ChatService  # noqa: E402
-from gateway.config import Settings  # noqa: E402
+from gateway.api.chat_ws import serve_chat_stream
+from gateway.chat.log import SqliteChatLog
+from gateway.chat.service import ChatService
+from gateway.config import Settings
 
 
 def rss_mb(field: str = "VmRSS") -> float:

@@ -51,10 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gateway.sip.plane as plane_mod  # noqa: E402
+from devtools.siprec_source import metadata  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.sip.message import SipParseError, parse_message, parse_sdp  # noqa: E402
 from gateway.sip.plane import RESERVE_PHONE_SLOT, SipPlane  # noqa: E402
-from gateway.sip.source import metadata  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -251,7 +251,7 @@ class Call:
         try:
             self.sip_t.sendto(self._req("BYE", self.uri, 3, self.to_tag), self.worker)
             await self._final(2.0)
-        except (asyncio.TimeoutError, AttributeError):
+        except (TimeoutError, AttributeError):
             pass
         self.sip_t.close()
         for st in self.streams:
@@ -539,7 +539,7 @@ async def run(n: int, seconds: float, workers: int, mode: str, monitor: str) -> 
             row["tap_drops"] = stats["frames_dropped_tap"] - stats0["frames_dropped_tap"]
             row["restarts"] = stats["worker_restarts"] + stats["worker_hung_kills"]
             row["ended"] = len(hooks.ended)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:200]
             return row
         finally:

@@ -1,7 +1,8 @@
 """The application factory: every long-lived resource is a cleanup context.
 
 Start-up and shutdown of each resource sit together in one generator, in dependency order:
-core (store, audit, bus) → identity → chat → SIP → WebRTC → wiring → demo platform.
+core (store, audit, bus) → identity → chat → SIP → WebRTC → wiring (→ dev tools: the
+embedded identity provider and the demo platform, from ``devtools/``).
 """
 
 from __future__ import annotations
@@ -126,15 +127,6 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def demo_ctx(app: web.Application) -> AsyncIterator[None]:
-    from gateway.demo import DemoPlatform
-
-    demo = DemoPlatform(app[SETTINGS])
-    await demo.start()
-    yield
-    await demo.stop()
-
-
 def create_app(settings: Settings | None = None) -> web.Application:
     """Build the gateway for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
@@ -155,14 +147,23 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_routes(ops.routes)
     app.router.add_routes(routes.routes)
     app.router.add_routes(whep_routes.routes)
-    if settings.embedded_idp:
-        from gateway.idp import add_idp_routes
-
-        add_idp_routes(app, settings)
     _add_console(app)
-    if settings.demo:
-        app.cleanup_ctx.append(demo_ctx)
+    if settings.embedded_idp or settings.demo:
+        _add_dev_tools(app, settings)
     return app
+
+
+def _add_dev_tools(app: web.Application, settings: Settings) -> None:
+    """The embedded identity provider and the demo platform are development tools
+    (``devtools/`` in the repository), not part of the shipped package."""
+    try:
+        import devtools
+    except ImportError:
+        raise RuntimeError(
+            "no identity provider: set GATEWAY_KEYCLOAK_URL (the embedded provider and the demo "
+            "are development tools that this installation does not include)"
+        ) from None
+    devtools.install(app, settings)
 
 
 def _add_console(app: web.Application) -> None:

@@ -8,9 +8,10 @@ loopback addresses.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -121,11 +122,11 @@ class Settings:
     def chat_path(self) -> Path:
         return self.data_path("chat.sqlite3", self.chat_db)
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``GATEWAY_*`` variables; unknown variables are ignored."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 from gateway.domain import Conversation, Direction, Monitor, MonitorMode, VoiceKind
 from gateway.policy.rules import END_MEDIA_FAILURE
 
-
 #: Seconds an ended monitor of an ended conversation stays readable.
 ENDED_MONITOR_RETENTION = 3600.0
 

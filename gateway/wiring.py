@@ -31,7 +31,7 @@ def background(app: web.Application, coro: Any) -> None:
     task.add_done_callback(tasks.discard)
 
 
-def _log_failure(task: "asyncio.Task[Any]") -> None:
+def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task failed", exc_info=task.exception())
 

@@ -6,4 +6,4 @@ set -eu
 cd "$(dirname "$0")/.."
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-exec "$PY" -m tests.keycloak_harness --serve "$@"
+exec "$PY" -m devtools.keycloak --serve "$@"

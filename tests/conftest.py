@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.keycloak_harness import KeycloakServer, start_keycloak
+from devtools.keycloak import KeycloakServer, start_keycloak
 from tests.support import GatewayClient, make_settings, running_gateway
 
 

@@ -1,7 +1,7 @@
 """Helpers for the SIP tests: real peers (sipp, pjsua2 phone, pjsua2 SIPREC client), raw SIP, audio checks.
 
 The test process itself never imports pjsua2 (like the gateway's main process): the SIPREC
-client runs as ``python -m gateway.sip.source ...`` in a child process.
+client runs as ``python -m devtools.siprec_source ...`` in a child process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
-from gateway.sip.source import metadata as source_metadata  # no pjsua2 at import time
+from devtools.siprec_source import metadata as source_metadata  # no pjsua2 at import time
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "fixtures" / "audio"
@@ -115,7 +115,7 @@ class FakeHooks:
                 raise AssertionError(f"{ev} not seen in {timeout}s; events: {self.events}")
             try:
                 await asyncio.wait_for(self.changed.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return time.monotonic() - t0
 
@@ -164,7 +164,7 @@ class Proc:
             self._new.clear()
             try:
                 await asyncio.wait_for(self._new.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def stop(self) -> None:
@@ -175,17 +175,17 @@ class Proc:
                 pass
             try:
                 await asyncio.wait_for(self.proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
         await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def start_phone(port: int, record: Path, *extra: str) -> Proc:
-    """Start ``python -m gateway.sip.phone`` and wait for READY."""
+    """Start ``python -m devtools.sip_phone`` and wait for READY."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "gateway.sip.phone", "--port", str(port), "--rtp-port", str(port + 2),
+        PYTHON, "-m", "devtools.sip_phone", "--port", str(port), "--rtp-port", str(port + 2),
         "--record", str(record), *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env, cwd=str(ROOT),
     )  # fmt: skip
@@ -237,11 +237,11 @@ async def start_siprec(
     front_port: int, cid: str | None, agent: str, agent_wav: Path, customer_wav: Path, duration: float,
     *, swap: bool = False, cid_in_metadata: bool = True, record_prefix: Path | None = None,
 ) -> Proc:
-    """Start the pjsua2 SIPREC client (``python -m gateway.sip.source``, one conversation, no
+    """Start the pjsua2 SIPREC client (``python -m devtools.siprec_source``, one conversation, no
     redial: it hangs up ``duration`` s after media is up and exits)."""
     port = free_udp_block(40, 40000, 59000)
     args = [
-        PYTHON, "-m", "gateway.sip.source", "--front", f"127.0.0.1:{front_port}", "--port", str(port),
+        PYTHON, "-m", "devtools.siprec_source", "--front", f"127.0.0.1:{front_port}", "--port", str(port),
         "--agent", agent, "--agent-wav", str(agent_wav), "--customer-wav", str(customer_wav), "--duration", str(duration),
     ]  # fmt: skip
     if cid:
@@ -306,7 +306,7 @@ class RawSip:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(loop.sock_recv(self.sock, 70000), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     async def request(self, data: bytes, front_port: int, timeout: float = 3.0, ack: bool = True) -> tuple[int, str]:

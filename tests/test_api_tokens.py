@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from jwcrypto import jwk, jws
 
+from devtools.idp.keys import load_or_create_key
 from gateway.api.context import JWKS, SETTINGS
-from gateway.idp.keys import load_or_create_key
 from tests.support import GatewayClient, make_settings, running_gateway
 
 pytestmark = pytest.mark.api

@@ -18,14 +18,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from devtools.fake_taps import PollableToneTap
 from gateway.api.context import SIP, WHEP
 from gateway.app import create_app, make_runner
-from gateway.media.fake import PollableToneTap
 from tests.support import GatewayClient, _wait_ready, make_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api  # noqa: E402
 
 # Counts getUserMedia calls: the console must never ask for the microphone.
 NO_MIC_SCRIPT = """

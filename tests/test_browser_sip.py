@@ -27,8 +27,8 @@ import pytest
 
 from gateway.api.context import SIP, WHEP
 
-from .sip_support import AUDIO, free_udp_block, require_tool, start_sipp_leg, wait_until
 from .browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
+from .sip_support import AUDIO, free_udp_block, require_tool, start_sipp_leg, wait_until
 from .support import GatewayClient, make_settings, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.sip, pytest.mark.slow]
@@ -126,7 +126,7 @@ class ChatView:
         self.task = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, gw: GatewayClient, view: str, token: str) -> "ChatView":
+    async def open(cls, gw: GatewayClient, view: str, token: str) -> ChatView:
         ws = await gw.http.ws_connect(gw.ws_url(f"/v1/conversations/{CID}/chat?view={view}&after=0"), headers={"Authorization": f"Bearer {token}"})
         return cls(ws)
 

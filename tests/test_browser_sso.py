@@ -1,7 +1,7 @@
 """Single sign-on in the supervisor console: authorization code + PKCE (S256) in headless Chromium.
 
 Against the gateway's embedded identity provider (its ``/auth`` login form) and against a real
-Keycloak (``tests/keycloak_harness.py``): the console sends the browser to the realm's
+Keycloak (``devtools/keycloak.py``): the console sends the browser to the realm's
 authorization endpoint, comes back with ``?code=&state=``, checks the state, exchanges the code
 with the verifier and lands on the Ongoing Conversations dashboard, team-scoped as after a
 password sign-in. Playwright drives the Debian Chromium (never a downloaded browser).
@@ -18,12 +18,12 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import pytest
 
-from tests.keycloak_harness import KeycloakServer
+from devtools.keycloak import KeycloakServer
 from tests.support import GatewayClient, make_settings, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api  # noqa: E402
 
 
 @asynccontextmanager

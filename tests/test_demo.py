@@ -1,5 +1,5 @@
 """The ``make run`` demo carries live audio: its voice conversations get SIPREC legs from the
-fixture speech (gateway/sip/demo_legs.py), a supervisor's SIP phone hears them, the chat bots
+fixture speech (devtools/demo_legs.py), a supervisor's SIP phone hears them, the chat bots
 talk, and stopping the gateway leaves no source process behind."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _our_sources() -> list[int]:
         except OSError:
             continue
         args = [a.decode(errors="replace") for a in argv]
-        if "gateway.sip.source" in args and "--parent-pid" in args and args[args.index("--parent-pid") + 1] == me:
+        if "devtools.siprec_source" in args and "--parent-pid" in args and args[args.index("--parent-pid") + 1] == me:
             pids.append(int(entry.name))
     return pids
 
@@ -57,7 +57,7 @@ async def _chat_entries(gw: GatewayClient, mid: str, token: str, timeout: float)
                 break
             try:
                 msg = await ws.receive(timeout=left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if msg.type.name != "TEXT":
                 break

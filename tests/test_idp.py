@@ -1,8 +1,8 @@
 """The embedded identity provider against the real thing.
 
-Every test taking ``provider`` runs twice: against the embedded provider (``gateway.idp`` alone
+Every test taking ``provider`` runs twice: against the embedded provider (``devtools.idp`` alone
 on an aiohttp server on a free loopback port) and against a real Keycloak started by
-``tests/keycloak_harness.py`` with the same ``fixtures/realm-cx.json`` (marker ``keycloak``).
+``devtools/keycloak.py`` with the same ``fixtures/realm-cx.json`` (marker ``keycloak``).
 Both must answer the same way to the calls the gateway, its console and python-keycloak make.
 """
 
@@ -27,9 +27,9 @@ from jwcrypto import jwk, jwt
 from keycloak import KeycloakAdmin, KeycloakOpenID, KeycloakOpenIDConnection
 from keycloak.exceptions import KeycloakAuthenticationError, KeycloakError
 
+from devtools.idp import add_idp_routes
+from devtools.keycloak import KeycloakServer, free_port
 from gateway.config import Settings
-from gateway.idp import add_idp_routes
-from tests.keycloak_harness import KeycloakServer, free_port
 
 TEAM_A = "fa8fc6d6-f8dd-568f-a69e-7d404d5cdb5a"
 
@@ -421,7 +421,7 @@ async def test_embedded_never_answers_500_to_garbage(embedded: Provider, http: a
 
 
 def test_embedded_redirect_uri_patterns() -> None:
-    from gateway.idp.realm import load_realm
+    from devtools.idp.realm import load_realm
 
     client = load_realm(Path(__file__).parent.parent / "fixtures" / "realm-cx.json").clients["gateway-console"]
     assert client.redirect_allowed("http://127.0.0.1:8080/")

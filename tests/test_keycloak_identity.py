@@ -1,4 +1,4 @@
-"""Identity against a real Keycloak (started once per run by ``tests/keycloak_harness.py``).
+"""Identity against a real Keycloak (started once per run by ``devtools/keycloak.py``).
 
 Covers team scoping, rule R2 (rights come from the login session), token checks that only a real
 Keycloak can exercise (its own ID and refresh tokens, another issuer), and fail-closed lookups
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.keycloak_harness import KeycloakServer
+from devtools.keycloak import KeycloakServer
 from tests.support import GatewayClient, make_settings, running_gateway
 
 pytestmark = [pytest.mark.keycloak, pytest.mark.slow]

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from gateway.media.fake import PollableToneTap, ToneTap, tone
+from devtools.fake_taps import PollableToneTap, ToneTap, tone
 from gateway.media.levels import FLOOR_DBFS, LevelMeter, rms_dbfs
 from gateway.media.mixer import Upsampler, interleave_stereo, mix_mono
 from gateway.media.opus import OpusPacketEncoder

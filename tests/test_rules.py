@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.domain import Conversation, Direction, Monitor, MonitorMode
-from gateway.errors import GatewayError
-from gateway.errors import ErrorCode
+from gateway.errors import ErrorCode, GatewayError
 from gateway.policy import rules
 
 pytestmark = pytest.mark.unit

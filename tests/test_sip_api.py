@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.api.context import SIP
+
 from .sip_support import (
     AUDIO,
     RawSip,
@@ -22,8 +24,6 @@ from .sip_support import (
     tone_levels,
     wait_until,
 )
-from gateway.api.context import SIP
-
 from .support import make_settings, running_gateway
 
 pytestmark = [pytest.mark.sip, pytest.mark.api]

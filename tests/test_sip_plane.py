@@ -11,8 +11,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import numpy as np
 import pytest
@@ -26,8 +26,8 @@ from .sip_support import (
     AUDIO,
     FakeHooks,
     RawSip,
-    median_correlation,
     free_udp_block,
+    median_correlation,
     metadata,
     multipart,
     raw_leg_call,
@@ -37,9 +37,9 @@ from .sip_support import (
     require_tool,
     sdp,
     start_phone,
-    start_siprec,
-    start_sipp_siprec,
     start_sipp_leg,
+    start_sipp_siprec,
+    start_siprec,
     tone_levels,
     wait_until,
 )
@@ -72,7 +72,7 @@ async def collect(tap, seconds: float) -> list:  # type: ignore[no-untyped-def]
     try:
         while time.monotonic() < end:
             frames.append(await asyncio.wait_for(tap.next_frame(), max(0.01, end - time.monotonic())))
-    except (asyncio.TimeoutError, EOFError):
+    except (TimeoutError, EOFError):
         pass
     return frames
 

@@ -16,8 +16,8 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from devtools.fake_taps import ToneTap
 from gateway.config import Settings
-from gateway.media.fake import ToneTap
 from gateway.media.frames import LegFrame
 from gateway.media.ice import host_addresses
 from gateway.media.whep import WhepError, WhepSession, answer_whep

@@ -201,7 +201,7 @@ class _ChatStream:
                     await asyncio.wait_for(
                         self.ws.close(code=code, message=message.encode()), CLOSE_TIMEOUT * 2
                     )
-                except (asyncio.TimeoutError, ConnectionError):
+                except (TimeoutError, ConnectionError):
                     pass
             if not reader.done():
                 await asyncio.wait({reader}, timeout=CLOSE_TIMEOUT)

@@ -17,8 +17,8 @@ from gateway.api.routes import refuse_when_draining
 from gateway.api.validation import read_limited
 from gateway.domain import DomainEvent, EventType, VoiceKind
 from gateway.errors import ErrorCode, GatewayError
-from gateway.policy import rules
 from gateway.media.whep import WhepError, answer_whep
+from gateway.policy import rules
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()

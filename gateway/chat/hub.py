@@ -13,7 +13,7 @@ Everything here is synchronous and runs on the event loop.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from gateway.chat.log import ChatEntry
 
@@ -37,7 +37,7 @@ class Subscription:
 
     def __init__(
         self,
-        hub: "ChatHub",
+        hub: ChatHub,
         conversation: str,
         cap: int,
         wake: Callable[[], None],

@@ -39,10 +39,11 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 KINDS = frozenset({"message", "whisper", "system"})
 SENDERS = frozenset({"customer", "agent", "supervisor", "system"})
@@ -279,7 +280,7 @@ class SqliteChatLog:
             for fn, _ in batch:
                 results.append((True, fn(conn)))
             conn.execute("COMMIT")
-        except Exception:  # noqa: BLE001
+        except Exception:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._heads.clear()
@@ -291,7 +292,7 @@ class SqliteChatLog:
                     value = fn(conn)
                     conn.execute("COMMIT")
                     results.append((True, value))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                     self._heads.clear()  # reloaded from the table on next use
@@ -342,7 +343,7 @@ class SqliteChatLog:
                         raise
                 fut.set_result(value)
                 self._maybe_finish_checkpoint(db)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 fut.set_exception(exc)
         else:
             if self._db is None:

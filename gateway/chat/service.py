@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from gateway.chat.hub import ChatHub, Subscription
 from gateway.chat.log import KINDS, SENDERS, VISIBILITIES, ChatEntry, ChatLog

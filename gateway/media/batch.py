@@ -22,7 +22,8 @@ import asyncio
 import logging
 import random
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from aiortc import RTCPeerConnection
@@ -199,7 +200,7 @@ class BatchTrack(MediaStreamTrack, TapReader):
         self._marker = False
         try:
             transport.sendto(srtp.protect(header + self._header_ext + payload), addr)
-        except Exception:  # noqa: BLE001 - a closing transport: the session's close() follows
+        except Exception:
             log.debug("batched send failed", exc_info=True)
         self._seq = (self._seq + 1) & 0xFFFF
         self._ts = (self._ts + self._ticks) & 0xFFFFFFFF
@@ -235,10 +236,10 @@ class BatchTrack(MediaStreamTrack, TapReader):
 class BatchSender:
     """The process-wide ticker (one per event loop)."""
 
-    _instances: dict[int, "BatchSender"] = {}
+    _instances: dict[int, BatchSender] = {}
 
     @classmethod
-    def instance(cls) -> "BatchSender":
+    def instance(cls) -> BatchSender:
         loop = asyncio.get_running_loop()
         sender = cls._instances.get(id(loop))
         if sender is None or sender._loop is not loop:

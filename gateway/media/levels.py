@@ -8,7 +8,7 @@ value is always a finite JSON number.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,6 +69,6 @@ class LevelMeter:
         self.last = levels
         try:
             self._cb(*levels)
-        except Exception:  # noqa: BLE001 - a broken observer must not stop the audio
+        except Exception:
             self._cb = None
         return levels

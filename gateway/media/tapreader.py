@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .frames import LegFrame, LegTap
 
@@ -84,7 +84,7 @@ class TapReader:
             self._ended()
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a broken tap ends the pump, the track sends silence
+        except Exception:
             self._ended(failed=True)
 
     def _drain(self) -> None:
@@ -95,7 +95,7 @@ class TapReader:
                 self._push(frame)
         except EOFError:
             self._ended()
-        except Exception:  # noqa: BLE001
+        except Exception:
             self._ended(failed=True)
 
 

@@ -22,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .frames import FRAME_MS, LegTap
+from .g711 import G711_RATE, G711PacketEncoder
 from .levels import LevelMeter, LevelsCallback
 from .mixer import interleave_stereo, mix_mono
-from .g711 import G711_RATE, G711PacketEncoder
 from .opus import OpusPacketEncoder
 from .tapreader import TapReader, TrackStats
 
@@ -170,11 +171,11 @@ class LegTapTrack(MediaStreamTrack, TapReader):
                 self._arrived.clear()
                 if not self._buffer:
                     await asyncio.wait_for(self._arrived.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         except EOFError:
             self._ended()
-        except Exception:  # noqa: BLE001
+        except Exception:
             self._ended(failed=True)
 
     def _encode(self, pcm: np.ndarray) -> av.Packet | None:

@@ -23,16 +23,18 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from ..config import Settings
+from .batch import BATCH_CODECS, BatchSender, BatchTrack
+from .batch import supported as batch_supported
 from .frames import LegTap
 from .ice import filter_offer_candidates, host_addresses, loopback_only, rtc_configuration, split_csv
 from .levels import LevelsCallback
-from .batch import BATCH_CODECS, BatchSender, BatchTrack, supported as batch_supported
 from .track import LegTapTrack, TrackStats
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ class WhepSession:
         if self._on_inbound_rtp is not None:
             try:
                 self._on_inbound_rtp(self.inbound_rtp_packets)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 self._on_inbound_rtp = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -143,11 +145,11 @@ class WhepSession:
         self.track.stop()
         try:
             self.tap.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("closing leg tap failed")
         try:
             await self.pc.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("closing peer connection failed")
         self._closed.set()
         log.info("whep session %s closed (%s), %s", self.id, reason, self.describe())
@@ -156,7 +158,7 @@ class WhepSession:
                 res = cb(reason)
                 if asyncio.iscoroutine(res):
                     await res
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("on_closed callback failed")
         self._close_callbacks.clear()
 
@@ -228,7 +230,7 @@ async def answer_whep(
     """
     try:
         parsed = SessionDescription.parse(offer_sdp)
-    except Exception as exc:  # noqa: BLE001 - aiortc's parser raises assorted errors
+    except Exception as exc:
         tap.close()
         raise WhepError("invalid_sdp", f"the offer is not valid SDP: {exc}") from exc
     if not any(m.kind == "audio" for m in parsed.media):
@@ -284,7 +286,7 @@ async def answer_whep(
     except WhepError:
         await session.close("rejected")
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         await session.close("rejected")
         raise WhepError("invalid_sdp", f"the offer could not be answered: {exc}") from exc
 

@@ -194,7 +194,7 @@ class Directory:
     async def _call(self, call: Awaitable[T]) -> T:
         try:
             return await asyncio.wait_for(call, self._timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise identity_unavailable("identity provider did not answer in time") from exc
         except GatewayError:
             raise

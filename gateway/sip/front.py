@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from .message import MAX_MESSAGE_BYTES, SipMessage, SipParseError, build_response, parse_message
 
@@ -53,7 +53,7 @@ class SipFront(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
             self._received(data, addr)
-        except Exception:  # noqa: BLE001 - the front must survive anything
+        except Exception:
             self.counts["malformed"] += 1
             log.exception("sip front: unexpected error on a datagram from %s", addr)
 
@@ -113,7 +113,7 @@ class SipFront(asyncio.DatagramProtocol):
                 status, reason, extra = self.decide(msg)
             except SipParseError as exc:
                 status, reason, extra = exc.status, str(exc), []
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("sip front: decide failed")
                 status, reason, extra = 500, None, []
             self.counts["redirects" if status == 302 else "rejected"] += 1

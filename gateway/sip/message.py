@@ -7,8 +7,8 @@ raises :class:`SipParseError`; nothing else escapes. No pjsua2 here: the main pr
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
@@ -457,7 +457,7 @@ class InviteInfo:
     leg: str | None = None  # per-leg mode only
 
 
-def classify_invite(msg: SipMessage, agent_of: "callable[[str], str | None]") -> InviteInfo:  # type: ignore[valid-type]
+def classify_invite(msg: SipMessage, agent_of: callable[[str], str | None]) -> InviteInfo:  # type: ignore[valid-type]
     """Validate an ingress INVITE and decide which stream is which leg.
 
     Raises :class:`SipParseError` with the SIP status to answer: 400 malformed, 404 unknown

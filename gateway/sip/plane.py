@@ -71,7 +71,7 @@ class SipHooks(Protocol):  # implemented by the control plane; all called on the
 class Tap:
     """A bounded, drop-oldest stream of one conversation's :class:`LegFrame` (a ``LegTap``)."""
 
-    def __init__(self, plane: "SipPlane", cid: str, maxsize: int) -> None:
+    def __init__(self, plane: SipPlane, cid: str, maxsize: int) -> None:
         self.plane = plane
         self.conversation = cid
         self.frames: collections.deque[LegFrame] = collections.deque(maxlen=max(1, maxsize))
@@ -155,7 +155,7 @@ class _Reservation:
 
 
 class _FrameProtocol(asyncio.DatagramProtocol):
-    def __init__(self, plane: "SipPlane") -> None:
+    def __init__(self, plane: SipPlane) -> None:
         self.plane = plane
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -224,7 +224,7 @@ class SipPlane:
             w.task = asyncio.create_task(self._supervise(w), name=f"sip-worker-{w.index}")
         try:
             await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in self.workers)), max(_READY_TIMEOUT, 0.2 * len(self.workers)))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             errors = "; ".join(f"worker {w.index}: {w.last_error or 'not ready'}" for w in self.workers if not w.ready)
             await self.stop()
             raise RuntimeError(f"SIP workers did not start: {errors}") from None
@@ -246,14 +246,14 @@ class SipPlane:
             if w.proc is not None and w.proc.returncode is None:
                 try:
                     await asyncio.wait_for(w.proc.wait(), 3.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     w.proc.kill()
         for w in self.workers:
             if w.task is not None:
                 w.task.cancel()
                 try:
                     await w.task
-                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                except (asyncio.CancelledError, Exception):
                     pass
         for taps in list(self.taps.values()):
             for t in list(taps):
@@ -279,7 +279,7 @@ class SipPlane:
                 if w.proc is not None and w.proc.returncode is None:
                     w.proc.kill()
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 w.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("sip worker %d failed", w.index)
             self._worker_died(w)
@@ -336,7 +336,7 @@ class SipPlane:
                     continue
                 try:
                     self._event(w, ev)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("sip worker %d: bad event %r", w.index, ev.get("ev"))
         finally:
             writer.close()
@@ -345,7 +345,7 @@ class SipPlane:
             if w.proc.returncode is None:
                 try:
                     await asyncio.wait_for(w.proc.wait(), 2.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     w.proc.kill()
                     await w.proc.wait()
 
@@ -625,7 +625,7 @@ class SipPlane:
         w = self.workers[conv.worker]
         try:
             await self._request(w, {"op": "phone_hangup", "mid": monitor_id})
-        except (GatewayError, asyncio.TimeoutError):
+        except (TimeoutError, GatewayError):
             pass
 
     def open_tap(self, cid: str, maxsize: int = 50) -> Tap:
@@ -709,6 +709,6 @@ class SipPlane:
     def _safe(fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except Exception:  # noqa: BLE001 - a hook bug must not break SIP
+        except Exception:
             log.exception("sip hook %s failed", getattr(fn, "__name__", fn))
             return None

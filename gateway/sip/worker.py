@@ -1,6 +1,6 @@
 """A pjsua2 media worker process: ``python -m gateway.sip.worker --ctl-fd N --frame-fd M ...``.
 
-Only this module (and :mod:`gateway.sip.phone`) imports pjsua2, and only inside a child
+Only this module (and :mod:`devtools.sip_phone`) imports pjsua2, and only inside a child
 process. One thread owns the Endpoint and every pj object (``threadCnt=0``,
 ``mainThreadOnly``): it loops ``libHandleEvents`` and applies commands that a reader thread
 puts on a queue. The reader thread never touches pj objects.
@@ -82,13 +82,13 @@ class Worker:
         self.ctl.setblocking(True)
         self.frames = socket.socket(fileno=args.frame_fd)
         self.frames.setblocking(False)
-        self.commands: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
+        self.commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.send_lock = threading.Lock()
         self.running = True
         self.ep: Any = None
         self.acc: Any = None
         self.next_key = 1
-        self.calls: dict[int, "GwCall"] = {}  # key → call
+        self.calls: dict[int, GwCall] = {}  # key → call
         self.graveyard: list[Any] = []
         self.convs: dict[str, Conv] = {}
         self.frames_sent = 0
@@ -203,7 +203,7 @@ class Worker:
                     self.handle(cmd)
                 except pj.Error as exc:
                     self.reply(cmd, False, f"pj: {exc.info()}")
-                except Exception as exc:  # noqa: BLE001 - a bad command must not kill the calls
+                except Exception as exc:
                     self.reply(cmd, False, f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             for call in list(self.calls.values()):
@@ -235,7 +235,7 @@ class Worker:
         try:
             # Calls are already hung up above: skip pjsua's fixed 1 s wait for late messages.
             self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
     def check_media(self, now: float) -> None:
@@ -333,13 +333,13 @@ class Worker:
         else:
             self.reply(cmd, False, f"unknown op {op!r}")
 
-    def conv(self, cid: str) -> "Conv":
+    def conv(self, cid: str) -> Conv:
         conv = self.convs.get(cid)
         if conv is None:
             conv = self.convs[cid] = Conv(self, cid)
         return conv
 
-    def call_gone(self, call: "GwCall") -> None:
+    def call_gone(self, call: GwCall) -> None:
         self.calls.pop(call.key, None)
         self.graveyard.append(call)  # pj objects die outside their own callbacks
         conv = self.convs.get(call.conv_id or "")
@@ -380,7 +380,7 @@ class Conv:
         self.pending: dict[str, bytes] = {}
         self.seq = 0
 
-    def leg_up(self, leg: str, media: Any, owner: "GwCall") -> None:
+    def leg_up(self, leg: str, media: Any, owner: GwCall) -> None:
         self.legs[leg] = media
         self.leg_owner[leg] = owner
         if self.phone_media is not None:
@@ -451,7 +451,7 @@ class TapPort(pj.AudioMediaPort):
         self.conv = conv
         self.leg = leg
 
-    def onFrameReceived(self, frame: Any) -> None:  # noqa: N802 - pj callback name
+    def onFrameReceived(self, frame: Any) -> None:
         # The bridge calls every port once per tick, with a NONE frame when the mix is digital
         # silence: count those as silence so the two legs stay paired tick by tick.
         data = _buf_bytes(frame) if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO else b""
@@ -463,7 +463,7 @@ class GwAccount(pj.Account):
         super().__init__()
         self.w = worker
 
-    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
+    def onIncomingCall(self, prm: Any) -> None:
         call = GwCall(self.w, self, prm.callId)
         call.pending_since = time.monotonic()
         self.w.calls[call.key] = call
@@ -516,7 +516,7 @@ class GwCall(pj.Call):
         except pj.Error:
             pass
 
-    def onCallState(self, prm: Any) -> None:  # noqa: N802
+    def onCallState(self, prm: Any) -> None:
         ci = self.getInfo()
         if ci.state == pj.PJSIP_INV_STATE_CONFIRMED and self.phone_mid is not None:
             self.w.emit("phone_state", mid=self.phone_mid, state="answered")
@@ -538,7 +538,7 @@ class GwCall(pj.Call):
             self.w.emit("call_ended", call=self.key, reason=reason, code=ci.lastStatusCode)
         self.w.call_gone(self)
 
-    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
+    def onCallMediaState(self, prm: Any) -> None:
         ci = self.getInfo()
         conv = self.w.convs.get(self.conv_id or "")
         if conv is None:

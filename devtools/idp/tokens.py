@@ -27,7 +27,7 @@ from jwcrypto.common import JWException, json_decode
 
 from .realm import Client, Realm, User
 
-log = logging.getLogger("gateway.idp")
+log = logging.getLogger("devtools.idp")
 
 #: Client scopes Keycloak attaches by default (the token's ``scope`` shows the ones with claims).
 DEFAULT_SCOPES = ("profile", "email")

@@ -15,9 +15,10 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 #: Namespace for ids the export leaves out, so they are stable across restarts.
 _ID_NAMESPACE = uuid.UUID("6f1c2e0a-3c1b-4f5e-9d3a-2b7c8e9f0a11")
@@ -61,7 +62,7 @@ class Group:
     realm_roles: list[str] = field(default_factory=list)
     client_roles: dict[str, list[str]] = field(default_factory=dict)
     parent_id: str | None = None
-    children: list["Group"] = field(default_factory=list)
+    children: list[Group] = field(default_factory=list)
 
     def representation(self, brief: bool) -> dict[str, Any]:
         """The group as Keycloak's admin API shows it (attributes only when not ``brief``)."""

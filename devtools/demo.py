@@ -87,7 +87,7 @@ class DemoPlatform:
                  {idp}/realms/{self.settings.realm}/protocol/openid-connect/token
     API:       {base}/openapi.json    metrics: {base}/metrics    audit: {self.settings.audit_path}
     SIP:       platforms INVITE sip:{self.settings.sip_host}:{self.settings.sip_port}; a phone to listen with:
-                 .venv/bin/python -m gateway.sip.phone --port 5090 --record heard.wav
+                 .venv/bin/python -m devtools.sip_phone --port 5090 --record heard.wav
                then POST /v1/conversations/demo-a1/monitors {{"voice":{{"kind":"sip","uri":"sip:sam@127.0.0.1:5090"}}}}
 """
 
@@ -150,7 +150,7 @@ class DemoPlatform:
         if not self.settings.enable_sip:
             return
         try:
-            from gateway.sip.demo_legs import DemoLegs
+            from devtools.demo_legs import DemoLegs
         except ImportError:
             log.info("demo: no SIP leg player available; conversations have chat only audio-less voice")
             return

@@ -6,7 +6,7 @@ conversation to the gateway's SIP front (``settings.sip_host:settings.sip_port``
 stream playing ``fixtures/audio/agent_speech.wav`` and the customer stream
 ``customer_speech.wav``, each in a loop.
 
-The client is ``python -m gateway.sip.source`` (pjsua2 lives only in child processes: a
+The client is ``python -m devtools.siprec_source`` (pjsua2 lives only in child processes: a
 per-process singleton capped at 4 calls, and a C assert kills the whole process), one per
 group of at most 4 conversations. It re-dials a call the gateway ended (a leg hung up, a
 restart of the worker, a 503 while the workers come up) by itself, 1 s later, backing off
@@ -45,7 +45,7 @@ STOP_GRACE_SECONDS = 3.0
 
 
 def _default_agents() -> dict[str, str]:
-    from gateway.demo import CONVERSATIONS
+    from devtools.demo import CONVERSATIONS
 
     return {c.id: c.agent for c in CONVERSATIONS}
 
@@ -105,7 +105,7 @@ class DemoLegs:
                 self._tasks.append(asyncio.create_task(self._supervise(i // PER_PROCESS, group), name=f"demo-legs-{i // PER_PROCESS}"))
             if convs:
                 log.info("demo voice: SIPREC legs for %s -> %s:%d", ", ".join(c for c, _ in convs), self.settings.sip_host, self.settings.sip_port)
-        except Exception:  # noqa: BLE001 - the demo must never take the gateway down
+        except Exception:
             log.exception("demo voice: could not start")
 
     async def stop(self) -> None:
@@ -121,7 +121,7 @@ class DemoLegs:
                 self._signal(proc, signal.SIGKILL)
                 try:
                     await asyncio.wait_for(proc.wait(), 2.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.warning("demo voice: source %d did not die", proc.pid)
         for task in self._tasks:
             task.cancel()
@@ -169,7 +169,7 @@ class DemoLegs:
                 await self._run_once(index, group)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.warning("demo voice: source %d failed: %s: %s", index, type(exc).__name__, exc)
             for cid, _ in group:
                 self.connected.discard(cid)
@@ -184,7 +184,7 @@ class DemoLegs:
         s = self.settings
         port = self._port_block()
         args = [
-            sys.executable, "-m", "gateway.sip.source", "--front", f"{s.sip_host}:{s.sip_port}", "--host", s.sip_host,
+            sys.executable, "-m", "devtools.siprec_source", "--front", f"{s.sip_host}:{s.sip_port}", "--host", s.sip_host,
             "--port", str(port), "--agent-wav", str(self.agent_wav), "--customer-wav", str(self.customer_wav),
             "--redial", str(REDIAL_SECONDS), "--probe", str(PROBE_SECONDS), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
@@ -225,5 +225,5 @@ class DemoLegs:
                 self._signal(proc, signal.SIGKILL)
                 try:
                     await asyncio.wait_for(proc.wait(), 2.0)
-                except (asyncio.TimeoutError, asyncio.CancelledError):
+                except (TimeoutError, asyncio.CancelledError):
                     pass

@@ -1,6 +1,6 @@
 """A pjsua2 SIPREC recording client (SRC): plays fixture audio into the gateway's SIP front.
 
-    python -m gateway.sip.source --front 127.0.0.1:5060 --port 5200 \\
+    python -m devtools.siprec_source --front 127.0.0.1:5060 --port 5200 \\
         --conv demo-a1:alice --conv demo-b1:bob \\
         --agent-wav fixtures/audio/agent_speech.wav --customer-wav fixtures/audio/customer_speech.wav \\
         [--duration 0] [--redial 1] [--swap] [--cid-header] [--record-prefix out]
@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
             self.conv = conv
             self.media_up = False
 
-        def onCallRedirected(self, prm: Any) -> int:  # noqa: N802
+        def onCallRedirected(self, prm: Any) -> int:
             say(f"REDIRECTED {prm.targetUri}{tag(self.conv)}")
             return pj.PJSIP_REDIRECT_ACCEPT
 
-        def onCallSdpCreated(self, prm: Any) -> None:  # noqa: N802
+        def onCallSdpCreated(self, prm: Any) -> None:
             # pjsua writes no a=label; SIPREC needs one per stream.
             out, n = [], 0
             for line in prm.sdp.wholeSdp.replace("\r\n", "\n").split("\n"):
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
                     out.append(f"a=label:{n}")
             prm.sdp.wholeSdp = "\r\n".join(out)
 
-        def onCallState(self, prm: Any) -> None:  # noqa: N802
+        def onCallState(self, prm: Any) -> None:
             ci = self.getInfo()
             if ci.state != pj.PJSIP_INV_STATE_DISCONNECTED:
                 return
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
                 conv.connected_at = None
                 conv.next_dial = time.monotonic() + conv.backoff
 
-        def onCallTsxState(self, prm: Any) -> None:  # noqa: N802
+        def onCallTsxState(self, prm: Any) -> None:
             # Answers to our liveness probes (in-dialog OPTIONS). The gateway never sends RTP
             # to a SIPREC client, so a worker that died or restarted shows only here: 481
             # (dialog unknown), 408 or no answer within PROBE_TIMEOUT_SECONDS.
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
             elif not conv.dead:
                 conv.dead = f"probe {tsx.statusCode}"
 
-        def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
+        def onCallMediaState(self, prm: Any) -> None:
             if self.media_up:
                 return
             ci = self.getInfo()

@@ -2,7 +2,7 @@
 
 Usage from ``tests/conftest.py``::
 
-    from tests.keycloak_harness import start_keycloak
+    from devtools.keycloak import start_keycloak
 
     @pytest.fixture(scope="session")
     def keycloak(tmp_path_factory):
@@ -38,10 +38,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 REALM_FILE = PROJECT_DIR / "fixtures" / "realm-cx.json"
@@ -404,7 +405,7 @@ def start_keycloak(
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
-    """``python -m tests.keycloak_harness [--serve] [--port N]``: start, print, (serve,) stop."""
+    """``python -m devtools.keycloak [--serve] [--port N]``: start, print, (serve,) stop."""
     import argparse
     import tempfile
 

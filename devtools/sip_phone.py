@@ -1,6 +1,6 @@
 """A pjsua2 SIP phone that plays the supervisor: answers calls and records what it hears.
 
-    python -m gateway.sip.phone --port 5090 --record out.wav [--tone 1500] [--hangup-after 5]
+    python -m devtools.sip_phone --port 5090 --record out.wav [--tone 1500] [--hangup-after 5]
 
 It prints one line per event on stdout (``READY``, ``INCOMING <from>``, ``CONNECTED dir=<n>``,
 ``DISCONNECTED <code>``) so scripts and tests can follow it. The recording is a 8 kHz mono WAV
@@ -104,7 +104,7 @@ class PhoneAccount(pj.Account):
         super().__init__()
         self.phone = phone
 
-    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
+    def onIncomingCall(self, prm: Any) -> None:
         call = PhoneCall(self.phone, self, prm.callId)
         self.phone.calls.append(call)
         say(f"INCOMING {call.getInfo().remoteUri}")
@@ -122,14 +122,14 @@ class PhoneCall(pj.Call):
         self.phone = phone
         self.wired = False
 
-    def onCallState(self, prm: Any) -> None:  # noqa: N802
+    def onCallState(self, prm: Any) -> None:
         ci = self.getInfo()
         if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             say(f"DISCONNECTED {ci.lastStatusCode}")
             if self.phone.args.once:
                 self.phone.stop = True
 
-    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
+    def onCallMediaState(self, prm: Any) -> None:
         ci = self.getInfo()
         for mi in ci.media:
             if mi.type != pj.PJMEDIA_TYPE_AUDIO or mi.status == pj.PJSUA_CALL_MEDIA_NONE or self.wired:

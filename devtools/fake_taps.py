@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .frames import FRAME_MS, LegFrame
+from gateway.media.frames import FRAME_MS, LegFrame
 
 
 def tone(freq: float, n: int, rate: int, start: int = 0, amplitude: float = 8000.0) -> np.ndarray:

@@ -3,7 +3,7 @@ gateway's own origin, loaded from a Keycloak realm export (``fixtures/realm-cx.j
 
 Used when no Keycloak is configured (``Settings.embedded_idp``)::
 
-    from gateway.idp import add_idp_routes
+    from devtools.idp import add_idp_routes
     if settings.embedded_idp:
         add_idp_routes(app, settings)
 """

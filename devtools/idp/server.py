@@ -15,19 +15,21 @@ import hmac
 import html
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import unquote, urlencode
 
 from aiohttp import web
 
-from ..config import Settings
+from gateway.config import Settings
+
 from .keys import load_or_create_key, public_jwks
 from .realm import Client, Group, Realm, RealmError, User, load_realm
 from .tokens import TokenError, TokenService, new_code
 
-log = logging.getLogger("gateway.idp")
+log = logging.getLogger("devtools.idp")
 
 _FORM = "application/x-www-form-urlencoded"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -56,7 +58,7 @@ class EmbeddedIdp:
     codes: dict[str, _Code] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "EmbeddedIdp":
+    def from_settings(cls, settings: Settings) -> EmbeddedIdp:
         realm = load_realm(settings.realm_file)
         if realm.name != settings.realm:
             raise RealmError(
