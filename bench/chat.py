@@ -104,15 +104,20 @@ async def client_main(url: str, n: int) -> None:
         print("READY", flush=True)
         await asyncio.gather(*tasks)
         cpu1 = cpu_seconds()
-    print(json.dumps({
-        "received": len(latencies),
-        "latencies_ms": [round(x * 1000, 3) for x in latencies],
-        "cpu_s": cpu1 - cpu0,
-        "rss_mb": rss_mb(),
-        "hwm_mb": rss_mb("VmHWM"),
-        "problems": problems,
-        "final_seqs_sum": sum(seqs.values()),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "received": len(latencies),
+                "latencies_ms": [round(x * 1000, 3) for x in latencies],
+                "cpu_s": cpu1 - cpu0,
+                "rss_mb": rss_mb(),
+                "hwm_mb": rss_mb("VmHWM"),
+                "problems": problems,
+                "final_seqs_sum": sum(seqs.values()),
+            }
+        ),
+        flush=True,
+    )
 
 
 # --- server side -----------------------------------------------------------------------------
@@ -127,9 +132,15 @@ async def append_cost(path: Path, count: int = 3000) -> dict[str, tuple[float, f
         times: list[float] = []
         for i in range(count):
             t = time.perf_counter()
-            await log.append(f"x{i % 1000}", kind="message", sender="agent", author="a",
-                             text="1795608176.386921 hello, I have a question about my order",
-                             visibility="all", client_id=f"i{i}")
+            await log.append(
+                f"x{i % 1000}",
+                kind="message",
+                sender="agent",
+                author="a",
+                text="1795608176.386921 hello, I have a question about my order",
+                visibility="all",
+                client_id=f"i{i}",
+            )
             times.append(time.perf_counter() - t)
             if i % 10 == 9:
                 await asyncio.sleep(0.008)
@@ -150,8 +161,9 @@ async def server_main(args: argparse.Namespace) -> None:
 
     async def monitor(request: web.Request) -> web.StreamResponse:
         cid = request.match_info["mid"]
-        return await serve_chat_stream(request, chat, cid, "monitor",
-                                       int(request.query.get("after", "0")), expires_at=time.time() + 3600)
+        return await serve_chat_stream(
+            request, chat, cid, "monitor", int(request.query.get("after", "0")), expires_at=time.time() + 3600
+        )
 
     app.router.add_get("/v1/monitors/{mid}/chat", monitor)
     runner = web.AppRunner(app, access_log=None)
@@ -162,7 +174,13 @@ async def server_main(args: argparse.Namespace) -> None:
     rss_idle = rss_mb()
     n = args.conversations
     child = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--client", "--url", f"http://127.0.0.1:{port}", "--conversations", str(n),
+        sys.executable,
+        __file__,
+        "--client",
+        "--url",
+        f"http://127.0.0.1:{port}",
+        "--conversations",
+        str(n),
         stdout=subprocess.PIPE,
     )
     assert child.stdout is not None
@@ -195,8 +213,14 @@ async def server_main(args: argparse.Namespace) -> None:
     async def post(cid: str) -> None:
         t0 = time.time()
         p0 = time.perf_counter()
-        await chat.post(cid, kind="message", sender="customer", author=None,
-                        text=f"{t0:.6f} hello, I have a question about my order", visibility="all")
+        await chat.post(
+            cid,
+            kind="message",
+            sender="customer",
+            author=None,
+            text=f"{t0:.6f} hello, I have a question about my order",
+            visibility="all",
+        )
         post_times.append(time.perf_counter() - p0)
         inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
 
@@ -241,29 +265,44 @@ async def server_main(args: argparse.Namespace) -> None:
         ("conversations / monitor websockets", f"{n}"),
         ("messages posted (rate)", f"{sent} ({sent / elapsed:.0f} msg/s over {elapsed:.1f} s)"),
         ("messages received by monitors", f"{res['received']}  problems={res['problems']}"),
-        ("mirror latency p50 / p90 / p99 / max (ms)",
-         f"{pct(lat, .5):.2f} / {pct(lat, .9):.2f} / {pct(lat, .99):.2f} / {max(lat) if lat else float('nan'):.2f}"),
-        ("post() incl. SQLite commit p50 / p99 / max (µs)",
-         f"{pct(post_times, .5) * 1e6:.0f} / {pct(post_times, .99) * 1e6:.0f} / {max(post_times) * 1e6:.0f}"),
+        (
+            "mirror latency p50 / p90 / p99 / max (ms)",
+            f"{pct(lat, 0.5):.2f} / {pct(lat, 0.9):.2f} / {pct(lat, 0.99):.2f} / {max(lat) if lat else float('nan'):.2f}",
+        ),
+        (
+            "post() incl. SQLite commit p50 / p99 / max (µs)",
+            f"{pct(post_times, 0.5) * 1e6:.0f} / {pct(post_times, 0.99) * 1e6:.0f} / {max(post_times) * 1e6:.0f}",
+        ),
         ("posts slower than 2 ms", f"{sum(1 for t in post_times if t > 0.002)}"),
-        *[(f"append {name} mean / p99 / max (µs)", f"{a:.0f} / {b:.0f} / {c:.0f}") for name, (a, b, c) in costs.items()],
-        ("driver tick lag p50 / p99 / max (ms)",
-         f"{pct(lags, .5) * 1000:.2f} / {pct(lags, .99) * 1000:.2f} / {max(lags) * 1000:.2f}"),
-        ("GC runs gen0/1/2; max pause (ms)",
-         "/".join(str(sum(1 for g, _ in gc_pauses if g == gen)) for gen in (0, 1, 2))
-         + f"; {max((p for _, p in gc_pauses), default=0) * 1000:.2f}"),
+        *[
+            (f"append {name} mean / p99 / max (µs)", f"{a:.0f} / {b:.0f} / {c:.0f}")
+            for name, (a, b, c) in costs.items()
+        ],
+        (
+            "driver tick lag p50 / p99 / max (ms)",
+            f"{pct(lags, 0.5) * 1000:.2f} / {pct(lags, 0.99) * 1000:.2f} / {max(lags) * 1000:.2f}",
+        ),
+        (
+            "GC runs gen0/1/2; max pause (ms)",
+            "/".join(str(sum(1 for g, _ in gc_pauses if g == gen)) for gen in (0, 1, 2))
+            + f"; {max((p for _, p in gc_pauses), default=0) * 1000:.2f}",
+        ),
         ("server CPU (% of one core, incl. driver)", f"{(cpu1 - cpu0) / (elapsed + 0.5) * 100:.1f}"),
         ("client CPU (% of one core)", f"{res['cpu_s'] / (elapsed + 0.5) * 100:.1f}"),
-        ("server RSS idle / connected / end / peak (MB)",
-         f"{rss_idle:.1f} / {rss_connected:.1f} / {rss_end:.1f} / {rss_mb('VmHWM'):.1f}"),
+        (
+            "server RSS idle / connected / end / peak (MB)",
+            f"{rss_idle:.1f} / {rss_connected:.1f} / {rss_end:.1f} / {rss_mb('VmHWM'):.1f}",
+        ),
         ("client RSS end / peak (MB)", f"{res['rss_mb']:.1f} / {res['hwm_mb']:.1f}"),
         ("hub buffered entries peak (all subscribers)", f"{buffered_peak}"),
     ]
     width = max(len(r[0]) for r in rows)
     mode = "writer thread" if args.writer_thread else "writes on the loop"
-    print(f"\nchat mirroring bench ({'smoke' if args.smoke else 'full'}; {mode}; "
-          f"switchinterval {sys.getswitchinterval() * 1000:g} ms), python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    print(
+        f"\nchat mirroring bench ({'smoke' if args.smoke else 'full'}; {mode}; "
+        f"switchinterval {sys.getswitchinterval() * 1000:g} ms), python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
+    )
     print("-" * (width + 40))
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

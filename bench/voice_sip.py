@@ -195,7 +195,9 @@ class Call:
     def _offer(self) -> tuple[bytes, str]:
         sdp = "v=0\r\no=p 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
         for i, st in enumerate(self.streams):
-            sdp += f"m=audio {st.sock.getsockname()[1]} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\na=sendonly\r\n"
+            sdp += (
+                f"m=audio {st.sock.getsockname()[1]} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\na=sendonly\r\n"
+            )
             if self.siprec:
                 sdp += f"a=label:{i + 1}\r\n"
         if not self.siprec:
@@ -228,11 +230,16 @@ class Call:
             s.setblocking(False)
             self.streams.append(Stream(self.cid, leg, self.offset, s))
         body, ctype = self._offer()
-        self.sip_t.sendto(self._req("INVITE", f"sip:gw@{self.front[0]}:{self.front[1]}", 1, body=body, ctype=ctype), self.front)
+        self.sip_t.sendto(
+            self._req("INVITE", f"sip:gw@{self.front[0]}:{self.front[1]}", 1, body=body, ctype=ctype), self.front
+        )
         r = await self._final()
         if r.status != 302:
             raise RuntimeError(f"front answered {r.status} {r.reason}")
-        self.sip_t.sendto(self._req("ACK", f"sip:gw@{self.front[0]}:{self.front[1]}", 1, (r.get("to") or "").split("tag=")[-1]), self.front)
+        self.sip_t.sendto(
+            self._req("ACK", f"sip:gw@{self.front[0]}:{self.front[1]}", 1, (r.get("to") or "").split("tag=")[-1]),
+            self.front,
+        )
         contact = (r.get("contact") or "").strip("<>")
         host, port = contact.split("@", 1)[1].split(":")
         self.worker = (host, int(port))
@@ -419,7 +426,15 @@ async def read_tap(tap: Any, cid: str, bank: dict[str, Any]) -> None:
                 continue
             now = time.time()
             arrivals.append((now, f.seq))
-            loud = max(abs(int(f.agent.max())), abs(int(f.agent.min())), abs(int(f.customer.max())), abs(int(f.customer.min()))) > 8000
+            loud = (
+                max(
+                    abs(int(f.agent.max())),
+                    abs(int(f.agent.min())),
+                    abs(int(f.customer.max())),
+                    abs(int(f.customer.min())),
+                )
+                > 8000
+            )
             if loud and not loud_prev:
                 onsets.append(now)
             loud_prev = loud
@@ -490,7 +505,9 @@ async def run(n: int, seconds: float, workers: int, mode: str, monitor: str) -> 
                 deadline = time.monotonic() + 20
                 while any(plane.legs(cid) != {"agent", "customer"} for cid in cids):
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"legs not up: {sum(plane.legs(c) == {'agent', 'customer'} for c in cids)}/{n}")
+                        raise RuntimeError(
+                            f"legs not up: {sum(plane.legs(c) == {'agent', 'customer'} for c in cids)}/{n}"
+                        )
                     await asyncio.sleep(0.1)
                 if phones is not None:
                     phones.start()

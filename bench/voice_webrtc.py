@@ -310,7 +310,13 @@ def _batch_stats() -> dict[str, Any]:
     from gateway.media.batch import BatchSender
 
     b = BatchSender.instance()
-    stats = {"batch_ticks": b.ticks, "batch_lagged": b.lagged_ticks, "batch_max_lag_ms": 1000 * b.max_lag, "phase_shifts": b.phase_shifts, "batch_resyncs": b.late_ticks}
+    stats = {
+        "batch_ticks": b.ticks,
+        "batch_lagged": b.lagged_ticks,
+        "batch_max_lag_ms": 1000 * b.max_lag,
+        "phase_shifts": b.phase_shifts,
+        "batch_resyncs": b.late_ticks,
+    }
     b.max_lag = 0.0  # per window
     return stats
 
@@ -344,11 +350,19 @@ async def _sender(port_q: mp.Queue[int], index: int, codec: str | None, batch: b
         offer = await request.text()
         # as gateway/api/whep_routes.py calls it; codec/batch only when overridden
         sdp, session = await answer_whep(
-            offer, ticker.new_tap(tap_kind, f"c-{len(sessions)}"), settings=settings, stereo=settings.webrtc_stereo,
-            on_levels=on_levels, on_inbound_rtp=on_inbound_rtp, codec=codec, batch=batch,
+            offer,
+            ticker.new_tap(tap_kind, f"c-{len(sessions)}"),
+            settings=settings,
+            stereo=settings.webrtc_stereo,
+            on_levels=on_levels,
+            on_inbound_rtp=on_inbound_rtp,
+            codec=codec,
+            batch=batch,
         )
         sessions.append(session)
-        return web.Response(status=201, text=sdp, content_type="application/sdp", headers={"Location": f"/whep/{session.id}"})
+        return web.Response(
+            status=201, text=sdp, content_type="application/sdp", headers={"Location": f"/whep/{session.id}"}
+        )
 
     async def stats(request: web.Request) -> web.Response:
         st = [s.track.stats for s in sessions]
@@ -510,7 +524,9 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
             deliver(data, component)
 
         conn.data_received = on_data
-        async with http.post(f"http://127.0.0.1:{port}/whep", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as res:
+        async with http.post(
+            f"http://127.0.0.1:{port}/whep", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+        ) as res:
             answer = await res.text()
             if res.status != 201:
                 raise RuntimeError(f"whep {res.status}: {answer[:200]}")
@@ -539,7 +555,15 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
 def _analyse(rec: Listen, t0: float, t1: float) -> dict[str, Any]:
     pts = [a for a in rec.arrivals if t0 <= a[0] <= t1]
     join = None if rec.first_audio is None else rec.first_audio - rec.join_start
-    base = {"join": join, "codec": rec.codec, "bad_srtp": rec.bad_srtp, "verified": rec.verified, "bad_audio": rec.bad_audio, "silent": rec.silent, "added": []}
+    base = {
+        "join": join,
+        "codec": rec.codec,
+        "bad_srtp": rec.bad_srtp,
+        "verified": rec.verified,
+        "bad_audio": rec.bad_audio,
+        "silent": rec.silent,
+        "added": [],
+    }
     if len(pts) < 2:
         n = int((t1 - t0) * 50)
         return {**base, "expected": n, "late": n, "lost": 0, "stamped": 0, "unstamped": 0}
@@ -578,6 +602,8 @@ def _analyse(rec: Listen, t0: float, t1: float) -> dict[str, Any]:
         "stamped": len(added),
         "unstamped": unstamped,
     }
+
+
 # ================================================================== floor
 def transport_floor(streams: int = 200, seconds: float = 1.0) -> dict[str, float]:
     """CPU per packet of the irreducible part -- RTP header, SRTP protect, one UDP send --
@@ -646,8 +672,16 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def run_size(
-    n: int, *, senders: int, receivers: int, duration: float, warmup: float, join_rate: float,
-    codec: str | None = None, batch: bool | None = None, tap: str = "plane",
+    n: int,
+    *,
+    senders: int,
+    receivers: int,
+    duration: float,
+    warmup: float,
+    join_rate: float,
+    codec: str | None = None,
+    batch: bool | None = None,
+    tap: str = "plane",
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_q: mp.Queue[int] = ctx.Queue()
@@ -662,7 +696,10 @@ def run_size(
         jobs[i % receivers].append((ports[i % senders], f"c-{i}"))
     out_q: mp.Queue[Any] = ctx.Queue()
     pipes = [ctx.Pipe() for _ in range(receivers)]
-    rprocs = [ctx.Process(target=receiver_main, args=(jobs[i], join_rate / receivers, pipes[i][1], out_q), daemon=True) for i in range(receivers)]
+    rprocs = [
+        ctx.Process(target=receiver_main, args=(jobs[i], join_rate / receivers, pipes[i][1], out_q), daemon=True)
+        for i in range(receivers)
+    ]
     for p in rprocs:
         p.start()
     joined, errors = 0, []
@@ -760,12 +797,21 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--join-rate", type=float, default=40.0, help="joins per second (all receivers)")
-    ap.add_argument("--codec", default=None, choices=["opus", "pcmu"], help="override settings.webrtc_codec (default: as shipped)")
+    ap.add_argument(
+        "--codec", default=None, choices=["opus", "pcmu"], help="override settings.webrtc_codec (default: as shipped)"
+    )
     ap.add_argument("--batch", dest="batch", action="store_true", default=None, help="force the batched sender")
     ap.add_argument("--no-batch", dest="batch", action="store_false", help="use aiortc's own sender per listener")
-    ap.add_argument("--tap", default="plane", choices=["plane", "nowait"], help="plane: gateway.sip.plane.Tap (as shipped); nowait: a tap with next_frame_nowait()")
+    ap.add_argument(
+        "--tap",
+        default="plane",
+        choices=["plane", "nowait"],
+        help="plane: gateway.sip.plane.Tap (as shipped); nowait: a tap with next_frame_nowait()",
+    )
     ap.add_argument("--late-ms", type=float, default=LATE_MS)
-    ap.add_argument("--smoke", action="store_true", help="4 monitors, 3 s, one of each process; exits 1 if no audio was verified")
+    ap.add_argument(
+        "--smoke", action="store_true", help="4 monitors, 3 s, one of each process; exits 1 if no audio was verified"
+    )
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first failing size")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
@@ -795,8 +841,15 @@ def main() -> None:
     broken = False
     for n in sizes:
         row = run_size(
-            n, senders=args.senders, receivers=args.receivers, duration=args.duration, warmup=args.warmup,
-            join_rate=args.join_rate, codec=args.codec, batch=args.batch, tap=args.tap,
+            n,
+            senders=args.senders,
+            receivers=args.receivers,
+            duration=args.duration,
+            warmup=args.warmup,
+            join_rate=args.join_rate,
+            codec=args.codec,
+            batch=args.batch,
+            tap=args.tap,
         )
         rows.append(row)
         ok = row["late_pct"] < 0.1 and row["joined"] == n and row["bad_audio"] == 0 and row["bad_srtp"] == 0
@@ -816,10 +869,14 @@ def main() -> None:
             f"{row['stamped']} stamped / {row['unstamped']} unstamped, RSS {row['rx_rss_mb']:.0f} MB; slot max {fmt(row['slot_max_ms'])} ms, added max {fmt(row['added_max_ms'], 1)} ms",
             flush=True,
         )
-        misses = [m for m, bad in (
-            ("added latency p99 > 40 ms", row["added_p99_ms"] is not None and row["added_p99_ms"] > 40.0),
-            ("join -> first audio p99 > 300 ms", row["join_p99_ms"] is None or row["join_p99_ms"] > 300.0),
-        ) if bad]
+        misses = [
+            m
+            for m, bad in (
+                ("added latency p99 > 40 ms", row["added_p99_ms"] is not None and row["added_p99_ms"] > 40.0),
+                ("join -> first audio p99 > 300 ms", row["join_p99_ms"] is None or row["join_p99_ms"] > 300.0),
+            )
+            if bad
+        ]
         if misses:
             print("     target missed:", "; ".join(misses))
         if row["errors"]:

@@ -94,7 +94,11 @@ class DemoPlatform:
     async def _token(self, http: aiohttp.ClientSession) -> str:
         idp = self.settings.keycloak_url or self.settings.base_url
         url = f"{idp}/realms/{self.settings.realm}/protocol/openid-connect/token"
-        data = {"grant_type": "client_credentials", "client_id": "cx-platform", "client_secret": self.settings.admin_client_secret}
+        data = {
+            "grant_type": "client_credentials",
+            "client_id": "cx-platform",
+            "client_secret": self.settings.admin_client_secret,
+        }
         async with http.post(url, data=data) as response:
             response.raise_for_status()
             return str((await response.json())["access_token"])
@@ -140,7 +144,9 @@ class DemoPlatform:
                     for sender, text in (("customer", customer_line), ("agent", agent_line)):
                         await asyncio.sleep(random.uniform(0.2, 0.8))
                         async with http.post(
-                            f"{base}/v1/conversations/{conv.id}/messages", json={"from": sender, "text": text}, headers=headers
+                            f"{base}/v1/conversations/{conv.id}/messages",
+                            json={"from": sender, "text": text},
+                            headers=headers,
                         ) as response:
                             if response.status >= 300:
                                 log.debug("demo message refused: %s", await response.text())
@@ -154,5 +160,8 @@ class DemoPlatform:
         except ImportError:
             log.info("demo: no SIP leg player available; conversations have chat only audio-less voice")
             return
-        self._voice = DemoLegs(self.settings, [c.id for c in CONVERSATIONS if "voice" in c.sessions and c.direction == "inbound" and not c.transferred])
+        self._voice = DemoLegs(
+            self.settings,
+            [c.id for c in CONVERSATIONS if "voice" in c.sessions and c.direction == "inbound" and not c.transferred],
+        )
         await self._voice.start()

@@ -102,9 +102,16 @@ class DemoLegs:
                     convs.append((cid, agent))
             for i in range(0, len(convs), PER_PROCESS):
                 group = convs[i : i + PER_PROCESS]
-                self._tasks.append(asyncio.create_task(self._supervise(i // PER_PROCESS, group), name=f"demo-legs-{i // PER_PROCESS}"))
+                self._tasks.append(
+                    asyncio.create_task(self._supervise(i // PER_PROCESS, group), name=f"demo-legs-{i // PER_PROCESS}")
+                )
             if convs:
-                log.info("demo voice: SIPREC legs for %s -> %s:%d", ", ".join(c for c, _ in convs), self.settings.sip_host, self.settings.sip_port)
+                log.info(
+                    "demo voice: SIPREC legs for %s -> %s:%d",
+                    ", ".join(c for c, _ in convs),
+                    self.settings.sip_host,
+                    self.settings.sip_port,
+                )
         except Exception:
             log.exception("demo voice: could not start")
 

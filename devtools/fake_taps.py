@@ -55,8 +55,16 @@ class ToneTap:
 
     def _frame(self, seq: int) -> LegFrame:
         start = seq * self.samples
-        agent = tone(self._agent_hz, self.samples, self.sample_rate, start, self._amp) if self._agent_hz else np.zeros(self.samples, np.int16)
-        customer = tone(self._customer_hz, self.samples, self.sample_rate, start, self._amp) if self._customer_hz else np.zeros(self.samples, np.int16)
+        agent = (
+            tone(self._agent_hz, self.samples, self.sample_rate, start, self._amp)
+            if self._agent_hz
+            else np.zeros(self.samples, np.int16)
+        )
+        customer = (
+            tone(self._customer_hz, self.samples, self.sample_rate, start, self._amp)
+            if self._customer_hz
+            else np.zeros(self.samples, np.int16)
+        )
         return LegFrame(self.conversation, seq, self.sample_rate, agent, customer)
 
     async def _run(self) -> None:

@@ -110,7 +110,11 @@ def _download(version: str, cache: Path) -> None:
             f"{version}.tar.gz into {cache} (GATEWAY_KEYCLOAK_CACHE)"
         )
     cmd = [
-        mvn, "-B", "-q", "-Dstyle.color=never", "dependency:copy",
+        mvn,
+        "-B",
+        "-q",
+        "-Dstyle.color=never",
+        "dependency:copy",
         f"-Dartifact={ARTIFACT.format(version=version)}",
         f"-DoutputDirectory={cache}",
     ]
@@ -185,8 +189,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _http(method: str, url: str, data: dict[str, str] | None = None, token: str | None = None,
-          body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+def _http(
+    method: str,
+    url: str,
+    data: dict[str, str] | None = None,
+    token: str | None = None,
+    body: Any = None,
+    timeout: float = 30.0,
+) -> tuple[int, Any]:
     headers = {}
     payload = None
     if data is not None:
@@ -234,39 +244,56 @@ class KeycloakServer:
     def token_url(self) -> str:
         return f"{self.issuer}/protocol/openid-connect/token"
 
-    def token(self, username: str, password: str, client_id: str = "gateway-console",
-              **extra: str) -> dict[str, Any]:
+    def token(self, username: str, password: str, client_id: str = "gateway-console", **extra: str) -> dict[str, Any]:
         """Password grant (raises on refusal); returns the token endpoint's JSON."""
-        status, body = _http("POST", self.token_url, {
-            "grant_type": "password", "client_id": client_id,
-            "username": username, "password": password, **extra,
-        })
+        status, body = _http(
+            "POST",
+            self.token_url,
+            {
+                "grant_type": "password",
+                "client_id": client_id,
+                "username": username,
+                "password": password,
+                **extra,
+            },
+        )
         if status != 200:
             raise KeycloakHarnessError(f"password grant for {username} refused: {status} {body}")
         return body
 
     def client_token(self, client_id: str = "cx-platform", secret: str = "dev-secret") -> dict[str, Any]:
-        status, body = _http("POST", self.token_url, {
-            "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret,
-        })
+        status, body = _http(
+            "POST",
+            self.token_url,
+            {
+                "grant_type": "client_credentials",
+                "client_id": client_id,
+                "client_secret": secret,
+            },
+        )
         if status != 200:
             raise KeycloakHarnessError(f"client_credentials for {client_id} refused: {status} {body}")
         return body
 
     def admin_token(self) -> str:
         """An access token of the bootstrap admin (master realm, ``admin-cli``): full rights."""
-        status, body = _http("POST", f"{self.url}/realms/master/protocol/openid-connect/token", {
-            "grant_type": "password", "client_id": "admin-cli",
-            "username": self.admin_username, "password": self.admin_password,
-        })
+        status, body = _http(
+            "POST",
+            f"{self.url}/realms/master/protocol/openid-connect/token",
+            {
+                "grant_type": "password",
+                "client_id": "admin-cli",
+                "username": self.admin_username,
+                "password": self.admin_password,
+            },
+        )
         if status != 200:
             raise KeycloakHarnessError(f"bootstrap admin login refused: {status} {body}")
         return str(body["access_token"])
 
     def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """Call ``/admin/realms/<realm><path>`` as the bootstrap admin."""
-        return _http(method, f"{self.url}/admin/realms/{self.realm}{path}",
-                     token=self.admin_token(), body=body)
+        return _http(method, f"{self.url}/admin/realms/{self.realm}{path}", token=self.admin_token(), body=body)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -365,19 +392,43 @@ def start_keycloak(
     env.pop("JAVA_OPTS", None)
     env.pop("KC_DB", None)
     cmd = [
-        str(home / "bin" / "kc.sh"), "start-dev", "--import-realm",
-        "--http-host", "127.0.0.1", "--http-port", str(port),
-        "--hostname-strict", "false", "--health-enabled", "false", "--metrics-enabled", "false",
-        "--cache", "local",
+        str(home / "bin" / "kc.sh"),
+        "start-dev",
+        "--import-realm",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--hostname-strict",
+        "false",
+        "--health-enabled",
+        "false",
+        "--metrics-enabled",
+        "false",
+        "--cache",
+        "local",
     ]
     log_file = open(log_path, "wb")
-    server = KeycloakServer(url=url, realm=realm, home=home, log_path=log_path,
-                            java_home=java_home, java_version=java_version, _log_file=log_file)
+    server = KeycloakServer(
+        url=url,
+        realm=realm,
+        home=home,
+        log_path=log_path,
+        java_home=java_home,
+        java_version=java_version,
+        _log_file=log_file,
+    )
     started = time.monotonic()
     nice = ["nice", "-n", "5"] if shutil.which("nice") else []
     server.process = subprocess.Popen(
-        nice + cmd, cwd=home, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        nice + cmd,
+        cwd=home,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     try:
         well_known = f"{server.issuer}/.well-known/openid-configuration"
@@ -414,9 +465,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
     parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gw-keycloak-") as d, start_keycloak(d, port=args.port) as kc:
-        print(f"Keycloak {KEYCLOAK_VERSION} ready at {kc.url} in {kc.start_seconds:.1f}s "
-              f"(Java {kc.java_version}, {kc.java_home}); admin {kc.admin_username}/{kc.admin_password}",
-              flush=True)
+        print(
+            f"Keycloak {KEYCLOAK_VERSION} ready at {kc.url} in {kc.start_seconds:.1f}s "
+            f"(Java {kc.java_version}, {kc.java_home}); admin {kc.admin_username}/{kc.admin_password}",
+            flush=True,
+        )
         if args.serve:
             print(f"gateway: GATEWAY_KEYCLOAK_URL={kc.url}  (Ctrl-C stops Keycloak)", flush=True)
             try:
@@ -427,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
         else:
             claims = kc.token("sam", "demo")["access_token"].split(".")[1]
             import base64
+
             print(json.dumps(json.loads(base64.urlsafe_b64decode(claims + "==")), indent=1))
     return 0
 

@@ -39,7 +39,11 @@ PROBE_TIMEOUT_SECONDS = 4.0
 def metadata(agent_aor: str, customer_aor: str, cid: str | None = None, agent_label: str = "1") -> str:
     """RFC 7865 recording metadata: agent and customer participants, one stream each."""
     cust_label = "2" if agent_label == "1" else "1"
-    ext = f"<extensiondata xmlns:cx='urn:x-cx'><cx:conversation-id>{cid}</cx:conversation-id></extensiondata>" if cid else ""
+    ext = (
+        f"<extensiondata xmlns:cx='urn:x-cx'><cx:conversation-id>{cid}</cx:conversation-id></extensiondata>"
+        if cid
+        else ""
+    )
     return f"""<?xml version="1.0" encoding="UTF-8"?>
 <recording xmlns="urn:ietf:params:xml:ns:recording:1">
   <datamode>complete</datamode>
@@ -94,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
     ap.add_argument("--customer-wav", required=True)
     ap.add_argument("--duration", type=float, default=0.0, help="hang up S seconds after media is up (0: never)")
     ap.add_argument("--redial", type=float, default=0.0, help="dial again S seconds after a call ended (0: no)")
-    ap.add_argument("--probe", type=float, default=0.0, help="send an in-dialog OPTIONS every S s; hang up on 481/408/no answer")
+    ap.add_argument(
+        "--probe", type=float, default=0.0, help="send an in-dialog OPTIONS every S s; hang up on 481/408/no answer"
+    )
     ap.add_argument("--swap", action="store_true", help="customer on the first m-line")
     ap.add_argument("--record-prefix", help="record what the gateway sends back, per leg (single conversation)")
     ap.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
@@ -214,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
             if self.media_up:
                 return
             ci = self.getInfo()
-            audio = [mi for mi in ci.media if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status != pj.PJSUA_CALL_MEDIA_NONE]
+            audio = [
+                mi for mi in ci.media if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status != pj.PJSUA_CALL_MEDIA_NONE
+            ]
             if len(audio) < 2:
                 return
             self.media_up = True
@@ -250,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
         ct.subType = "rs-metadata+xml"
         part.contentType = ct
         part.body = metadata(
-            f"sip:{conv.agent}@pbx.example", "sip:+15551234@pstn.example", conv.cid if conv.cid and not a.cid_header else None, agent_label
+            f"sip:{conv.agent}@pbx.example",
+            "sip:+15551234@pstn.example",
+            conv.cid if conv.cid and not a.cid_header else None,
+            agent_label,
         )
         hdr = pj.SipHeader()
         hdr.hName = "Content-Disposition"
@@ -293,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
             if conv.call is None:
                 if a.redial and now >= conv.next_dial:
                     dial(conv)
-            elif a.probe and conv.connected_at is not None and not conv.hangup_sent and (
-                conv.dead or (conv.probe_sent and now - conv.probe_sent > PROBE_TIMEOUT_SECONDS)
+            elif (
+                a.probe
+                and conv.connected_at is not None
+                and not conv.hangup_sent
+                and (conv.dead or (conv.probe_sent and now - conv.probe_sent > PROBE_TIMEOUT_SECONDS))
             ):
                 conv.hangup_sent = True
                 say(f"GONE {conv.dead or 'probe timeout'}{tag(conv)}")
@@ -310,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
                     conv.call.sendRequest(req)
                 except pj.Error:
                     conv.dead = "probe not sent"
-            elif a.duration and conv.connected_at is not None and not conv.hangup_sent and now - conv.connected_at > a.duration:
+            elif (
+                a.duration
+                and conv.connected_at is not None
+                and not conv.hangup_sent
+                and now - conv.connected_at > a.duration
+            ):
                 conv.hangup_sent = True
                 try:
                     conv.call.hangup(pj.CallOpParam())

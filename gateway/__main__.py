@@ -80,13 +80,23 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = Settings.from_env().with_overrides(
-        host=getattr(args, "host", None), port=getattr(args, "port", None), sip_port=getattr(args, "sip_port", None), demo=getattr(args, "demo", None)
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        sip_port=getattr(args, "sip_port", None),
+        demo=getattr(args, "demo", None),
     )
     setup_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
     except OSError as exc:  # a port taken by another process: say which, no traceback
-        log.error("cannot start: %s (HTTP %s:%s, SIP %s:%s)", exc, settings.host, settings.port, settings.sip_host, settings.sip_port)
+        log.error(
+            "cannot start: %s (HTTP %s:%s, SIP %s:%s)",
+            exc,
+            settings.host,
+            settings.port,
+            settings.sip_host,
+            settings.sip_port,
+        )
         raise SystemExit(2) from None
 
 

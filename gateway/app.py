@@ -135,7 +135,13 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[METRICS] = Metrics()
     app[BUS] = EventBus()
     app[WHEP] = {}
-    app[STATE] = {"draining": False, "tasks": set(), "monitor_end_futures": {}, "event_sockets": set(), "pending_phones": {}}
+    app[STATE] = {
+        "draining": False,
+        "tasks": set(),
+        "monitor_end_futures": {},
+        "event_sockets": set(),
+        "pending_phones": {},
+    }
 
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(identity_ctx)
@@ -185,4 +191,6 @@ MAX_HEADER_BYTES = 32 * 1024
 
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner every entry point uses (``python -m gateway``, tests, benchmarks)."""
-    return web.AppRunner(app, handle_signals=False, access_log=None, max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_HEADER_BYTES)
+    return web.AppRunner(
+        app, handle_signals=False, access_log=None, max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_HEADER_BYTES
+    )

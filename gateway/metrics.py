@@ -11,20 +11,28 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gateway_http_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "gateway_http_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.latency = Histogram("gateway_http_request_seconds", "HTTP request latency", ["route"], registry=r)
         self.refusals = Counter("gateway_refusals_total", "Refused requests by error code", ["code"], registry=r)
         self.token_rejections = Counter("gateway_token_rejections_total", "Access tokens rejected", registry=r)
         self.monitors_started = Counter("gateway_monitors_started_total", "Monitors started", ["voice"], registry=r)
-        self.monitors_ended = Counter("gateway_monitors_ended_total", "Monitors ended by reason", ["reason"], registry=r)
+        self.monitors_ended = Counter(
+            "gateway_monitors_ended_total", "Monitors ended by reason", ["reason"], registry=r
+        )
         self.active_conversations = Gauge("gateway_conversations_active", "Ongoing conversations", registry=r)
         self.active_monitors = Gauge("gateway_monitors_active", "Active monitors", registry=r)
         self.jwks_fetches = Gauge("gateway_jwks_fetches", "JWKS fetches since start", registry=r)
         self.events_clients = Gauge("gateway_events_clients", "Connected /v1/events websockets", registry=r)
         self.inbound_rtp_dropped = Counter(
-            "gateway_webrtc_inbound_rtp_dropped_total", "RTP packets a WebRTC monitor sent and the gateway dropped", registry=r
+            "gateway_webrtc_inbound_rtp_dropped_total",
+            "RTP packets a WebRTC monitor sent and the gateway dropped",
+            registry=r,
         )
-        self.plane_stats = Gauge("gateway_plane_stat", "Counters reported by the media planes", ["plane", "stat"], registry=r)
+        self.plane_stats = Gauge(
+            "gateway_plane_stat", "Counters reported by the media planes", ["plane", "stat"], registry=r
+        )
         self._collectors: list[Callable[[], None]] = []
 
     def on_scrape(self, collect: Callable[[], None]) -> None:

@@ -54,7 +54,12 @@ def conversation_json(conversation: Conversation, monitors: list[Monitor]) -> di
 
 
 def monitor_brief(monitor: Monitor) -> dict[str, Any]:
-    return {"id": monitor.id, "supervisor": monitor.supervisor, "channels": list(monitor.channels), "mode": monitor.mode.value}
+    return {
+        "id": monitor.id,
+        "supervisor": monitor.supervisor,
+        "channels": list(monitor.channels),
+        "mode": monitor.mode.value,
+    }
 
 
 def monitor_json(monitor: Monitor) -> dict[str, Any]:
@@ -118,7 +123,9 @@ class MonitoringService:
         existing = self.store.get_conversation(cid)
         created = existing is None or existing.ended
         if created:
-            conversation = Conversation(id=cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred)
+            conversation = Conversation(
+                id=cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred
+            )
             for channel in sessions:
                 conversation.sessions[channel] = conversation.created_at
             self.store.put_conversation(conversation)
@@ -226,7 +233,9 @@ class MonitoringService:
             grant = rules.grant_channels(conversation, voice is not None, self.store.voice_holder(cid))
             for other in self.store.monitors_of(cid):
                 if other.active and other.supervisor == principal.username:
-                    raise GatewayError(ErrorCode.ALREADY_MONITORING, "you already monitor this conversation", monitor=other.id)
+                    raise GatewayError(
+                        ErrorCode.ALREADY_MONITORING, "you already monitor this conversation", monitor=other.id
+                    )
             monitor = Monitor(
                 id=new_id("m"),
                 conversation=cid,
@@ -237,17 +246,28 @@ class MonitoringService:
             if "voice" in monitor.channels:
                 assert voice is not None
                 if not self.store.claim_voice(cid, monitor):  # R8, atomic in the store
-                    raise GatewayError(ErrorCode.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call")
+                    raise GatewayError(
+                        ErrorCode.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call"
+                    )
                 monitor.voice_kind = VoiceKind(voice["kind"])
                 monitor.voice_uri = voice.get("uri") if monitor.voice_kind is VoiceKind.SIP else None
         except GatewayError as exc:
-            self.audit.record("monitor_start", outcome="refused", actor=principal.username, conversation=cid, code=exc.code)
+            self.audit.record(
+                "monitor_start", outcome="refused", actor=principal.username, conversation=cid, code=exc.code
+            )
             raise
         self.store.put_monitor(monitor)
         self.audit.record(
-            "monitor_start", actor=principal.username, conversation=cid, monitor=monitor.id, channels=monitor.channels, voice=monitor.voice_kind
+            "monitor_start",
+            actor=principal.username,
+            conversation=cid,
+            monitor=monitor.id,
+            channels=monitor.channels,
+            voice=monitor.voice_kind,
         )
-        log.info("monitor started", extra={"conversation": cid, "monitor": monitor.id, "supervisor": principal.username})
+        log.info(
+            "monitor started", extra={"conversation": cid, "monitor": monitor.id, "supervisor": principal.username}
+        )
         self._publish_monitor(EventType.MONITOR_STARTED, conversation, monitor)
         self._publish_conversation(conversation)
         return monitor
@@ -296,7 +316,14 @@ class MonitoringService:
         """R4: transfer and conference are always refused (and audited)."""
         monitor = self.monitor_of(principal, mid)
         error = rules.refuse_transfer() if action == "transfer" else rules.refuse_conference()
-        self.audit.record(action, outcome="refused", actor=principal.username, conversation=monitor.conversation, monitor=mid, code=error.code)
+        self.audit.record(
+            action,
+            outcome="refused",
+            actor=principal.username,
+            conversation=monitor.conversation,
+            monitor=mid,
+            code=error.code,
+        )
         return error
 
     def _checked(self, principal: Principal, mid: str, action: str, check: Any) -> tuple[Conversation, Monitor]:
@@ -308,7 +335,14 @@ class MonitoringService:
             rules.check_still_supervises(conversation, principal.teams)
             check(conversation, monitor)
         except GatewayError as exc:
-            self.audit.record(action, outcome="refused", actor=principal.username, conversation=monitor.conversation, monitor=mid, code=exc.code)
+            self.audit.record(
+                action,
+                outcome="refused",
+                actor=principal.username,
+                conversation=monitor.conversation,
+                monitor=mid,
+                code=exc.code,
+            )
             raise
         return conversation, monitor
 
@@ -323,10 +357,23 @@ class MonitoringService:
         monitor.end_reason = reason
         self.store.release_voice(monitor.conversation, monitor.id)
         self.store.put_monitor(monitor)
-        self.audit.record("monitor_end", actor=monitor.supervisor, conversation=monitor.conversation, monitor=monitor.id, reason=reason)
+        self.audit.record(
+            "monitor_end",
+            actor=monitor.supervisor,
+            conversation=monitor.conversation,
+            monitor=monitor.id,
+            reason=reason,
+        )
         log.info("monitor ended", extra={"conversation": monitor.conversation, "monitor": monitor.id, "reason": reason})
         team = conversation.team if conversation else None
-        self.bus.publish(DomainEvent(EventType.MONITOR_ENDED, monitor.conversation, team, {"monitor": monitor_json(monitor), "reason": reason}))
+        self.bus.publish(
+            DomainEvent(
+                EventType.MONITOR_ENDED,
+                monitor.conversation,
+                team,
+                {"monitor": monitor_json(monitor), "reason": reason},
+            )
+        )
         if conversation is not None and not conversation.ended:
             self._publish_conversation(conversation)
 
@@ -335,14 +382,27 @@ class MonitoringService:
         monitor.voice_blocked_reason = reason
         self.store.release_voice(monitor.conversation, monitor.id)
         self.store.put_monitor(monitor)
-        self.audit.record("monitor_voice_end", actor=monitor.supervisor, conversation=monitor.conversation, monitor=monitor.id, reason=reason)
+        self.audit.record(
+            "monitor_voice_end",
+            actor=monitor.supervisor,
+            conversation=monitor.conversation,
+            monitor=monitor.id,
+            reason=reason,
+        )
         if conversation is not None:
             self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
             self._publish_conversation(conversation)
 
     def _publish_conversation(self, conversation: Conversation) -> None:
         self.store.put_conversation(conversation)  # every change is published, so saved, here
-        self.bus.publish(DomainEvent(EventType.CONVERSATION_UPDATED, conversation.id, conversation.team, {"item": self.describe(conversation)}))
+        self.bus.publish(
+            DomainEvent(
+                EventType.CONVERSATION_UPDATED,
+                conversation.id,
+                conversation.team,
+                {"item": self.describe(conversation)},
+            )
+        )
 
     def _publish_monitor(self, kind: EventType, conversation: Conversation, monitor: Monitor) -> None:
         self.store.put_monitor(monitor)

@@ -106,7 +106,9 @@ class SqliteStore(MemoryStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS monitors (id TEXT PRIMARY KEY, conversation TEXT NOT NULL, data TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS monitors (id TEXT PRIMARY KEY, conversation TEXT NOT NULL, data TEXT NOT NULL)"
+        )
         self._load()
 
     def _load(self) -> None:
@@ -125,12 +127,16 @@ class SqliteStore(MemoryStore):
 
     def put_conversation(self, conversation: Conversation) -> None:
         super().put_conversation(conversation)
-        self._db.execute("INSERT OR REPLACE INTO conversations (id, data) VALUES (?, ?)", (conversation.id, json.dumps(_plain(conversation))))
+        self._db.execute(
+            "INSERT OR REPLACE INTO conversations (id, data) VALUES (?, ?)",
+            (conversation.id, json.dumps(_plain(conversation))),
+        )
 
     def put_monitor(self, monitor: Monitor) -> None:
         super().put_monitor(monitor)
         self._db.execute(
-            "INSERT OR REPLACE INTO monitors (id, conversation, data) VALUES (?, ?, ?)", (monitor.id, monitor.conversation, json.dumps(_plain(monitor)))
+            "INSERT OR REPLACE INTO monitors (id, conversation, data) VALUES (?, ?, ?)",
+            (monitor.id, monitor.conversation, json.dumps(_plain(monitor))),
         )
 
     def forget_conversation(self, cid: str) -> None:

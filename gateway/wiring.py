@@ -58,8 +58,12 @@ def attach_planes(app: web.Application) -> None:
                 background(
                     app,
                     app[CHAT].post(
-                        event.conversation, kind="system", sender="system", author=monitor["supervisor"],
-                        text=f"supervisor {monitor['supervisor']} left", visibility="all" if monitor["mode"] == "barged" else "agent",
+                        event.conversation,
+                        kind="system",
+                        sender="system",
+                        author=monitor["supervisor"],
+                        text=f"supervisor {monitor['supervisor']} left",
+                        visibility="all" if monitor["mode"] == "barged" else "agent",
                     ),
                 )
         elif event.type is EventType.MONITOR_UPDATED:

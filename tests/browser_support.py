@@ -26,6 +26,9 @@ if not os.path.exists(CHROMIUM):
 try:
     import playwright.async_api as playwright_api
 except ImportError:
-    pytest.fail("playwright is not installed: .venv/bin/pip install 'playwright>=1.40' (it drives the Debian chromium; no browser download)", pytrace=False)
+    pytest.fail(
+        "playwright is not installed: .venv/bin/pip install 'playwright>=1.40' (it drives the Debian chromium; no browser download)",
+        pytrace=False,
+    )
 
 __all__ = ["CHROMIUM", "CHROMIUM_ARGS", "playwright_api"]

@@ -48,7 +48,9 @@ def require_pjsua2() -> None:
     if importlib.util.find_spec("pjsua2") is None:
         import pytest
 
-        pytest.fail("pjsua2 is not installed: pip install 'pjsua2-python>=2.15,<2.16' (Python 3.11/3.12)", pytrace=False)
+        pytest.fail(
+            "pjsua2 is not installed: pip install 'pjsua2-python>=2.15,<2.16' (Python 3.11/3.12)", pytrace=False
+        )
 
 
 # --- ports -----------------------------------------------------------------------------------
@@ -223,19 +225,31 @@ async def start_sipp_leg(
     tmp: Path, front_port: int, cid: str, leg: str, rtp_file: Path, duration_ms: int = 4000
 ) -> asyncio.subprocess.Process:
     """A per-leg platform call with sipp: INVITE → 302 → INVITE worker → rtp_stream → BYE."""
-    return await _start_sipp(tmp, front_port, "leg_uac.xml", rtp_file, duration_ms, {"cid": cid, "leg": leg}, f"{cid}_{leg}")
+    return await _start_sipp(
+        tmp, front_port, "leg_uac.xml", rtp_file, duration_ms, {"cid": cid, "leg": leg}, f"{cid}_{leg}"
+    )
 
 
 async def start_sipp_siprec(
     tmp: Path, front_port: int, cid: str, agent: str, rtp_file: Path, duration_ms: int = 3000
 ) -> asyncio.subprocess.Process:
     """A SIPREC recording client with sipp (fixtures/sipp/siprec_uac.xml); audio on the first stream only."""
-    return await _start_sipp(tmp, front_port, "siprec_uac.xml", rtp_file, duration_ms, {"cid": cid, "agent": agent}, f"siprec_{cid}")
+    return await _start_sipp(
+        tmp, front_port, "siprec_uac.xml", rtp_file, duration_ms, {"cid": cid, "agent": agent}, f"siprec_{cid}"
+    )
 
 
 async def start_siprec(
-    front_port: int, cid: str | None, agent: str, agent_wav: Path, customer_wav: Path, duration: float,
-    *, swap: bool = False, cid_in_metadata: bool = True, record_prefix: Path | None = None,
+    front_port: int,
+    cid: str | None,
+    agent: str,
+    agent_wav: Path,
+    customer_wav: Path,
+    duration: float,
+    *,
+    swap: bool = False,
+    cid_in_metadata: bool = True,
+    record_prefix: Path | None = None,
 ) -> Proc:
     """Start the pjsua2 SIPREC client (``python -m devtools.siprec_source``, one conversation, no
     redial: it hangs up ``duration`` s after media is up and exits)."""
@@ -253,7 +267,11 @@ async def start_siprec(
     if record_prefix is not None:
         args += ["--record-prefix", str(record_prefix)]
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT)
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=str(ROOT),
     )
     p = Proc(proc)
     await p.wait_line("READY", 10)
@@ -276,8 +294,15 @@ class RawSip:
         self.sock.close()
 
     def invite(
-        self, front_port: int, *, body: bytes = b"", ctype: str = "application/sdp", headers: dict[str, str] | None = None,
-        call_id: str | None = None, method: str = "INVITE", branch: str | None = None,
+        self,
+        front_port: int,
+        *,
+        body: bytes = b"",
+        ctype: str = "application/sdp",
+        headers: dict[str, str] | None = None,
+        call_id: str | None = None,
+        method: str = "INVITE",
+        branch: str | None = None,
     ) -> tuple[bytes, str, str]:
         call_id = call_id or uuid.uuid4().hex
         branch = branch or "z9hG4bK" + uuid.uuid4().hex[:12]
@@ -350,20 +375,26 @@ async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str) -> tupl
 
     Returns ``(worker_port, Call-ID)``.
     """
-    data, _, _ = sip.invite(front_port, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg})
+    data, _, _ = sip.invite(
+        front_port, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg}
+    )
     code, text = await sip.request(data, front_port)
     assert code == 302, text
     contact = text.split("Contact: <sip:", 1)[1].split(">", 1)[0]
     token, hostport = contact.split("@")
     wport = int(hostport.split(":")[1])
-    data, call_id, _ = sip.invite(wport, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg})
+    data, call_id, _ = sip.invite(
+        wport, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg}
+    )
     data = data.replace(b"INVITE sip:gateway@", f"INVITE sip:{token}@".encode(), 1)
     code, text = await sip.request(data, wport)
     assert code == 200, text
     return wport, call_id
 
 
-def sdp(audio_pts: str = "0 8", *, audio: bool = True, streams: int = 1, labels: bool = False, port: int = 49170) -> bytes:
+def sdp(
+    audio_pts: str = "0 8", *, audio: bool = True, streams: int = 1, labels: bool = False, port: int = 49170
+) -> bytes:
     lines = ["v=0", "o=p 1 1 IN IP4 127.0.0.1", "s=-", "c=IN IP4 127.0.0.1", "t=0 0"]
     for i in range(streams):
         if audio:

@@ -53,7 +53,13 @@ class GatewayClient:
         """A password-grant access token from the identity provider (cached per user)."""
         if not fresh and username in self._tokens:
             return self._tokens[username]
-        data = {"grant_type": "password", "client_id": "gateway-console", "username": username, "password": password, "scope": "openid"}
+        data = {
+            "grant_type": "password",
+            "client_id": "gateway-console",
+            "username": username,
+            "password": password,
+            "scope": "openid",
+        }
         async with self.http.post(self.token_url, data=data) as response:
             body = await response.json()
             assert response.status == 200, body
@@ -61,7 +67,13 @@ class GatewayClient:
         return str(body["access_token"])
 
     async def token_response(self, username: str, password: str = PASSWORD) -> dict[str, Any]:
-        data = {"grant_type": "password", "client_id": "gateway-console", "username": username, "password": password, "scope": "openid"}
+        data = {
+            "grant_type": "password",
+            "client_id": "gateway-console",
+            "username": username,
+            "password": password,
+            "scope": "openid",
+        }
         async with self.http.post(self.token_url, data=data) as response:
             assert response.status == 200
             return dict(await response.json())
@@ -79,11 +91,22 @@ class GatewayClient:
     def token_url(self) -> str:
         return f"{self.idp_url}/realms/{self.realm}/protocol/openid-connect/token"
 
-    async def call(self, method: str, path: str, token: str | None = None, json: Any = None, *, data: Any = None, headers: dict[str, str] | None = None) -> Answer:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        json: Any = None,
+        *,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
         all_headers = dict(headers or {})
         if token is not None:
             all_headers["Authorization"] = f"Bearer {token}"
-        async with self.http.request(method, self.base_url + path, json=json, data=data, headers=all_headers) as response:
+        async with self.http.request(
+            method, self.base_url + path, json=json, data=data, headers=all_headers
+        ) as response:
             raw = await response.read()
             try:
                 body: Any = await response.json(content_type=None) if raw else None
@@ -92,7 +115,13 @@ class GatewayClient:
             return Answer(response.status, body, response.headers)
 
     async def conversation(self, cid: str, **overrides: Any) -> Answer:
-        body = {"direction": "inbound", "transferred": False, "agent": "alice", "customer": {"id": "c-1", "name": "Ann"}, "sessions": ["chat", "voice"]}
+        body = {
+            "direction": "inbound",
+            "transferred": False,
+            "agent": "alice",
+            "customer": {"id": "c-1", "name": "Ann"},
+            "sessions": ["chat", "voice"],
+        }
         body.update(overrides)
         return await self.call("PUT", f"/v1/conversations/{cid}", await self.platform(), body)
 
@@ -130,7 +159,9 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayClient]:
     await site.start()
     try:
         async with aiohttp.ClientSession() as http:
-            client = GatewayClient(settings.base_url, settings.keycloak_url or settings.base_url, http, settings.realm, app)
+            client = GatewayClient(
+                settings.base_url, settings.keycloak_url or settings.base_url, http, settings.realm, app
+            )
             await _wait_ready(client)
             yield client
     finally:

@@ -13,14 +13,18 @@ from tests.support import GatewayClient
 pytestmark = pytest.mark.api
 
 
-async def _open(gateway: GatewayClient, path: str, token: str, *, query_token: bool = False) -> aiohttp.ClientWebSocketResponse:
+async def _open(
+    gateway: GatewayClient, path: str, token: str, *, query_token: bool = False
+) -> aiohttp.ClientWebSocketResponse:
     if query_token:  # how a browser does it: it can not set headers on a websocket
         sep = "&" if "?" in path else "?"
         return await gateway.http.ws_connect(gateway.ws_url(f"{path}{sep}access_token={token}"))
     return await gateway.http.ws_connect(gateway.ws_url(path), headers={"Authorization": f"Bearer {token}"})
 
 
-async def _entries_until(ws: aiohttp.ClientWebSocketResponse, predicate: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
+async def _entries_until(
+    ws: aiohttp.ClientWebSocketResponse, predicate: Any, timeout: float = 5.0
+) -> list[dict[str, Any]]:
     """Read frames until one satisfies ``predicate``; return every entry and end seen."""
     seen: list[dict[str, Any]] = []
     deadline = asyncio.get_running_loop().time() + timeout
@@ -50,13 +54,17 @@ async def test_whisper_reaches_agent_and_monitor_never_customer(gateway: Gateway
     await gateway.conversation("w1", sessions=["chat"])
     platform, sam = await gateway.platform(), await gateway.login("sam")
     alice = await gateway.login("alice")
-    post = lambda sender, text: gateway.call("POST", "/v1/conversations/w1/messages", platform, {"from": sender, "text": text})  # noqa: E731
+    post = lambda sender, text: gateway.call(
+        "POST", "/v1/conversations/w1/messages", platform, {"from": sender, "text": text}
+    )  # noqa: E731
     assert (await post("customer", "my order is late")).status == 201
     mid = (await gateway.monitor("sam", "w1")).body["id"]
     mirror = await _open(gateway, f"/v1/monitors/{mid}/chat?after=0", sam, query_token=True)
     whisper = await gateway.call("POST", f"/v1/monitors/{mid}/whisper", sam, {"text": "offer a voucher"})
     assert whisper.status == 201
-    agent_post = await gateway.call("POST", "/v1/conversations/w1/messages", alice, {"from": "agent", "text": "here is a voucher"})
+    agent_post = await gateway.call(
+        "POST", "/v1/conversations/w1/messages", alice, {"from": "agent", "text": "here is a voucher"}
+    )
     assert agent_post.status == 201, agent_post.body
     last = agent_post.body["seq"]
 
@@ -85,7 +93,9 @@ async def test_barge_in_reaches_the_customer(gateway: GatewayClient) -> None:
     assert (await gateway.call("POST", f"/v1/monitors/{mid}/barge", sam)).body["mode"] == "barged"
     sent = await gateway.call("POST", f"/v1/monitors/{mid}/messages", sam, {"text": "Hello, I am Sam, the team lead."})
     assert sent.status == 201
-    customer = await _texts_of_view(gateway, "/v1/conversations/b1/chat?view=customer&after=0", platform, sent.body["seq"])
+    customer = await _texts_of_view(
+        gateway, "/v1/conversations/b1/chat?view=customer&after=0", platform, sent.body["seq"]
+    )
     texts = [f["text"] for f in customer]
     assert "Hello, I am Sam, the team lead." in texts
     assert "hello" not in texts  # the refused one was never stored
@@ -133,8 +143,14 @@ async def test_chat_views_are_guarded(gateway: GatewayClient) -> None:
 async def test_idempotent_ingest(gateway: GatewayClient) -> None:
     await gateway.conversation("i1", sessions=["chat"])
     platform = await gateway.platform()
-    first = await gateway.call("POST", "/v1/conversations/i1/messages", platform, {"from": "customer", "text": "hi", "client_id": "up-123"})
-    again = await gateway.call("POST", "/v1/conversations/i1/messages", platform, {"from": "customer", "text": "hi", "client_id": "up-123"})
+    first = await gateway.call(
+        "POST", "/v1/conversations/i1/messages", platform, {"from": "customer", "text": "hi", "client_id": "up-123"}
+    )
+    again = await gateway.call(
+        "POST", "/v1/conversations/i1/messages", platform, {"from": "customer", "text": "hi", "client_id": "up-123"}
+    )
     assert first.status == again.status == 201 and first.body["seq"] == again.body["seq"]
-    other = await gateway.call("POST", "/v1/conversations/i1/messages", platform, {"from": "customer", "text": "hi", "client_id": "up-124"})
+    other = await gateway.call(
+        "POST", "/v1/conversations/i1/messages", platform, {"from": "customer", "text": "hi", "client_id": "up-124"}
+    )
     assert other.body["seq"] == first.body["seq"] + 1

@@ -16,7 +16,14 @@ async def test_malformed_bodies(gateway: GatewayClient) -> None:
         ("PUT", "/v1/conversations/a1", b"{not json", json_header, 400, "malformed_json"),
         ("PUT", "/v1/conversations/a1", b"[1,2]", json_header, 422, "invalid_body"),
         ("PUT", "/v1/conversations/a1", b"", json_header, 400, "empty_body"),
-        ("PUT", "/v1/conversations/a1", b'{"agent":"alice"}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        (
+            "PUT",
+            "/v1/conversations/a1",
+            b'{"agent":"alice"}',
+            {"Content-Type": "text/plain"},
+            415,
+            "unsupported_media_type",
+        ),
         ("PUT", "/v1/conversations/a1", b'{"agent": 5}', json_header, 422, "invalid_field"),
         ("PUT", "/v1/conversations/a1", b'{"agent":"alice","transferred":"yes"}', json_header, 422, "invalid_field"),
         ("PUT", "/v1/conversations/a1", b'{"agent":"alice","sessions":["fax"]}', json_header, 422, "invalid_field"),
@@ -39,7 +46,9 @@ async def test_events_and_messages_validation(gateway: GatewayClient) -> None:
     assert (answer.status, answer.code) == (404, "not_found")
     answer = await gateway.call("POST", "/v1/conversations/a1/messages", platform, {"from": "customer", "text": ""})
     assert (answer.status, answer.code) == (422, "empty_message")
-    answer = await gateway.call("POST", "/v1/conversations/a1/messages", platform, {"from": "customer", "text": "x" * 5000})
+    answer = await gateway.call(
+        "POST", "/v1/conversations/a1/messages", platform, {"from": "customer", "text": "x" * 5000}
+    )
     assert (answer.status, answer.code) == (413, "message_too_long")
     answer = await gateway.call("POST", "/v1/conversations/a1/messages", platform, {"from": "robot", "text": "hi"})
     assert (answer.status, answer.code) == (422, "invalid_field")
@@ -50,7 +59,9 @@ async def test_monitor_validation_and_unknown_ids(gateway: GatewayClient) -> Non
     sam = await gateway.login("sam")
     answer = await gateway.call("POST", "/v1/conversations/a1/monitors", sam, {"voice": {"kind": "carrier-pigeon"}})
     assert (answer.status, answer.code) == (422, "invalid_field")
-    answer = await gateway.call("POST", "/v1/conversations/a1/monitors", sam, {"voice": {"kind": "sip", "uri": "http://x"}})
+    answer = await gateway.call(
+        "POST", "/v1/conversations/a1/monitors", sam, {"voice": {"kind": "sip", "uri": "http://x"}}
+    )
     assert (answer.status, answer.code) == (422, "invalid_sip_uri")
     answer = await gateway.call("POST", "/v1/conversations/a1/monitors", sam, {"voice": "webrtc"})
     assert (answer.status, answer.code) == (422, "invalid_field")

@@ -29,9 +29,17 @@ async def test_restart_resumes_monitor_chat_exactly_once(tmp_path: Path) -> None
         platform, sam = await gateway.platform(), await gateway.login("sam")
         mid = (await gateway.monitor("sam", "rs")).body["id"]
         for i in range(3):
-            await gateway.call("POST", "/v1/conversations/rs/messages", platform, {"from": "customer", "text": f"before {i}"})
-        ws = await gateway.http.ws_connect(gateway.ws_url(f"/v1/monitors/{mid}/chat?after=0"), headers={"Authorization": f"Bearer {sam}"})
-        head = (await gateway.call("POST", "/v1/conversations/rs/messages", platform, {"from": "agent", "text": "last before"})).body["seq"]
+            await gateway.call(
+                "POST", "/v1/conversations/rs/messages", platform, {"from": "customer", "text": f"before {i}"}
+            )
+        ws = await gateway.http.ws_connect(
+            gateway.ws_url(f"/v1/monitors/{mid}/chat?after=0"), headers={"Authorization": f"Bearer {sam}"}
+        )
+        head = (
+            await gateway.call(
+                "POST", "/v1/conversations/rs/messages", platform, {"from": "agent", "text": "last before"}
+            )
+        ).body["seq"]
         before = await _read_entries(ws, head)
         await ws.close()
 
@@ -40,9 +48,13 @@ async def test_restart_resumes_monitor_chat_exactly_once(tmp_path: Path) -> None
         assert state.status == 200 and state.body["ended_at"] is None, state.body
         listing = await gateway.call("GET", "/v1/conversations", sam)
         assert listing.body[0]["id"] == "rs" and listing.body[0]["monitored"] is True
-        after = await gateway.call("POST", "/v1/conversations/rs/messages", platform, {"from": "customer", "text": "after restart"})
+        after = await gateway.call(
+            "POST", "/v1/conversations/rs/messages", platform, {"from": "customer", "text": "after restart"}
+        )
         assert after.body["seq"] == head + 1
-        ws = await gateway.http.ws_connect(gateway.ws_url(f"/v1/monitors/{mid}/chat?after={head}"), headers={"Authorization": f"Bearer {sam}"})
+        ws = await gateway.http.ws_connect(
+            gateway.ws_url(f"/v1/monitors/{mid}/chat?after={head}"), headers={"Authorization": f"Bearer {sam}"}
+        )
         resumed = await _read_entries(ws, head + 1)
         await ws.close()
     seqs = [e["seq"] for e in before + resumed]

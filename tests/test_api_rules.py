@@ -15,7 +15,9 @@ pytestmark = pytest.mark.api
 
 
 async def _events(gateway: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
-    ws = await gateway.http.ws_connect(gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"})
+    ws = await gateway.http.ws_connect(
+        gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"}
+    )
     hello = await ws.receive_json(timeout=5)
     assert hello["type"] == "hello"
     return ws
@@ -79,7 +81,9 @@ async def test_r8_fifty_concurrent_voice_requests_one_wins(gateway: GatewayClien
     sam, tom = await gateway.login("sam"), await gateway.login("tom")
 
     async def attempt(i: int) -> Any:
-        return await gateway.call("POST", "/v1/conversations/v1/monitors", sam if i % 2 else tom, {"voice": {"kind": "webrtc"}})
+        return await gateway.call(
+            "POST", "/v1/conversations/v1/monitors", sam if i % 2 else tom, {"voice": {"kind": "webrtc"}}
+        )
 
     answers = await asyncio.gather(*(attempt(i) for i in range(50)))
     created = [a for a in answers if a.status == 201]
@@ -284,7 +288,10 @@ async def test_actions_recheck_rights_of_the_current_login(gateway: GatewayClien
     await gateway.conversation("rc", sessions=["chat"])
     old = await gateway.login("sam")
     mid = (await gateway.monitor("sam", "rc")).body["id"]
-    admin = await gateway.http.post(gateway.token_url, data={"grant_type": "client_credentials", "client_id": "cx-admin", "client_secret": "dev-admin-secret"})
+    admin = await gateway.http.post(
+        gateway.token_url,
+        data={"grant_type": "client_credentials", "client_id": "cx-admin", "client_secret": "dev-admin-secret"},
+    )
     admin_token = (await admin.json())["access_token"]
     groups = await gateway.call("GET", "/admin/realms/cx/groups?briefRepresentation=false", admin_token)
     team_a = next(g for g in groups.body if g["name"] == "team-a")
@@ -294,7 +301,9 @@ async def test_actions_recheck_rights_of_the_current_login(gateway: GatewayClien
     for path, body in [("whisper", {"text": "x"}), ("barge", None), ("messages", {"text": "x"})]:
         answer = await gateway.call("POST", f"/v1/monitors/{mid}/{path}", new, body)
         assert (answer.status, answer.code) == (403, "not_team_supervisor"), path
-    whep = await gateway.call("POST", f"/v1/monitors/{mid}/whep", new, data="v=0", headers={"Content-Type": "application/sdp"})
+    whep = await gateway.call(
+        "POST", f"/v1/monitors/{mid}/whep", new, data="v=0", headers={"Content-Type": "application/sdp"}
+    )
     assert whep.code == "not_team_supervisor"
     # The old login session keeps its old rights (R2).
     assert (await gateway.call("POST", f"/v1/monitors/{mid}/whisper", old, {"text": "still allowed"})).status == 201
@@ -302,7 +311,9 @@ async def test_actions_recheck_rights_of_the_current_login(gateway: GatewayClien
 
 async def test_conversation_ids_are_not_reused(gateway: GatewayClient) -> None:
     await gateway.conversation("once", sessions=["chat"])
-    await gateway.call("POST", "/v1/conversations/once/messages", await gateway.platform(), {"from": "customer", "text": "private"})
+    await gateway.call(
+        "POST", "/v1/conversations/once/messages", await gateway.platform(), {"from": "customer", "text": "private"}
+    )
     mid = (await gateway.monitor("sam", "once")).body["id"]
     await gateway.event("once", "ended")
     again = await gateway.conversation("once", agent="bob", sessions=["chat"])

@@ -85,7 +85,9 @@ async def test_token_attacks_are_refused_without_fetching_keys(gateway: GatewayC
     header_none = _b64(json.dumps({"alg": "none", "kid": kid}).encode())
     attacks = {
         "alg none": f"{header_none}.{_b64(json.dumps(_claims(gateway)).encode())}.",
-        "HS256 with the public key": _sign(jwk.JWK(kty="oct", k=_b64(public_pem)), _claims(gateway), alg="HS256", kid=kid),
+        "HS256 with the public key": _sign(
+            jwk.JWK(kty="oct", k=_b64(public_pem)), _claims(gateway), alg="HS256", kid=kid
+        ),
         "foreign key, realm kid": _sign(foreign, _claims(gateway), kid=kid),
         "expired": _sign(realm_key, _claims(gateway, exp=now - 120, iat=now - 420)),
         "nbf in the future": _sign(realm_key, _claims(gateway, nbf=now + 600)),
@@ -115,7 +117,9 @@ async def test_unknown_kid_refetches_once_per_interval(tmp_path: Path) -> None:
             await _expect_401(gateway, _sign(foreign, _claims(gateway), kid=f"unknown-{i}"))
         assert await _fetches(gateway) - before == 1
         # The genuine key is still known afterwards.
-        assert (await gateway.call("GET", "/v1/conversations", _sign(_realm_key(gateway), _claims(gateway)))).status == 200
+        assert (
+            await gateway.call("GET", "/v1/conversations", _sign(_realm_key(gateway), _claims(gateway)))
+        ).status == 200
 
 
 async def test_missing_and_malformed_authorization(gateway: GatewayClient) -> None:
@@ -128,7 +132,9 @@ async def test_missing_and_malformed_authorization(gateway: GatewayClient) -> No
     token = await gateway.login("sam")
     answer = await gateway.call("GET", f"/v1/conversations?access_token={token}")
     assert answer.status == 401
-    answer = await gateway.call("GET", f"/v1/conversations?access_token={token}", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+    answer = await gateway.call(
+        "GET", f"/v1/conversations?access_token={token}", headers={"Upgrade": "websocket", "Connection": "Upgrade"}
+    )
     assert answer.status == 401
     # A JSON-serialised JWS of a genuine token is not a Bearer token.
     header, payload, signature = token.split(".")

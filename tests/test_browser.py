@@ -106,7 +106,14 @@ async def _audio_energy(page: Any) -> float:
 async def test_console_monitor_listen_whisper_barge_and_agent_left(tmp_path: Path) -> None:
     async with gateway_with_fake_sip(tmp_path) as (gw, app, sip):
         assert (await gw.conversation("c-b1")).status == 201
-        assert (await gw.call("POST", "/v1/conversations/c-b1/messages", await gw.platform(), {"from": "customer", "text": "My parcel is late", "client_id": "u1"})).status == 201
+        assert (
+            await gw.call(
+                "POST",
+                "/v1/conversations/c-b1/messages",
+                await gw.platform(),
+                {"from": "customer", "text": "My parcel is late", "client_id": "u1"},
+            )
+        ).status == 201
 
         async with playwright_api.async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -131,8 +138,12 @@ async def test_console_monitor_listen_whisper_barge_and_agent_left(tmp_path: Pat
                         break
                     await asyncio.sleep(0.1)
                 assert await _audio_energy(sam) > 0
-                await sam.wait_for_function("Number(document.getElementById('meter-agent').dataset.dbfs) > -30", timeout=5000)
-                await sam.wait_for_function("Number(document.getElementById('meter-customer').dataset.dbfs) > -30", timeout=5000)
+                await sam.wait_for_function(
+                    "Number(document.getElementById('meter-agent').dataset.dbfs) > -30", timeout=5000
+                )
+                await sam.wait_for_function(
+                    "Number(document.getElementById('meter-customer').dataset.dbfs) > -30", timeout=5000
+                )
 
                 # Receive-only: no microphone asked for, nothing sent back to the gateway.
                 assert await sam.evaluate("window.__gum") == 0
@@ -150,7 +161,9 @@ async def test_console_monitor_listen_whisper_barge_and_agent_left(tmp_path: Pat
                 await tom.click("[data-testid='monitor-c-b1']")
                 await tom.wait_for_selector("[data-testid='error-banner']", state="visible")
                 assert await tom.get_attribute("[data-testid='error-banner']", "data-code") == "voice_monitor_busy"
-                assert "Another supervisor is already listening to this call" in (await tom.text_content("[data-testid='error-text']") or "")
+                assert "Another supervisor is already listening to this call" in (
+                    await tom.text_content("[data-testid='error-text']") or ""
+                )
                 # ... and may follow the chat instead (R8: chat may have several monitors).
                 await tom.click("[data-testid='monitor-chat-only']")
                 await tom.wait_for_selector("[data-testid='monitor-panel']", state="visible")
@@ -171,9 +184,13 @@ async def test_console_monitor_listen_whisper_barge_and_agent_left(tmp_path: Pat
 
                 # The agent leaves: the monitor ends, the console says why and stops the audio.
                 assert (await gw.event("c-b1", "agent_left")).status == 202
-                await sam.wait_for_selector("[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000)
+                await sam.wait_for_selector(
+                    "[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000
+                )
                 assert "agent left" in (await sam.text_content("[data-testid='monitor-ended']") or "").lower()
-                await tom.wait_for_selector("[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000)
+                await tom.wait_for_selector(
+                    "[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000
+                )
                 await sam.wait_for_selector("[data-testid='voice-state'][data-state='stopped']")
                 for _ in range(50):
                     if all(s.closed for s in sessions):
@@ -202,7 +219,9 @@ async def test_console_leave_releases_voice_and_shows_refusals(tmp_path: Path) -
                 await sam.click("[data-testid='monitor-c-b3']")
                 await sam.wait_for_selector("[data-testid='error-banner']", state="visible")
                 assert await sam.get_attribute("[data-testid='error-banner']", "data-code") == "outbound_not_supported"
-                assert "Outbound conversations can not be monitored" in (await sam.text_content("[data-testid='error-text']") or "")
+                assert "Outbound conversations can not be monitored" in (
+                    await sam.text_content("[data-testid='error-text']") or ""
+                )
 
                 await sam.click("[data-testid='monitor-c-b2']")
                 await sam.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
@@ -236,7 +255,6 @@ async def test_console_leave_releases_voice_and_shows_refusals(tmp_path: Path) -
                 await browser.close()
 
 
-
 @pytest.mark.parametrize("codec", ["opus", "pcmu"])
 async def test_console_hears_the_batched_sender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str) -> None:
     """The batched media path (gateway.media.batch) plays in Chromium, Opus and PCMU."""
@@ -263,7 +281,9 @@ async def test_console_hears_the_batched_sender(tmp_path: Path, monkeypatch: pyt
                         break
                     await asyncio.sleep(0.1)
                 assert await _audio_energy(sam) > 0
-                await sam.wait_for_function("Number(document.getElementById('meter-customer').dataset.dbfs) > -30", timeout=5000)
+                await sam.wait_for_function(
+                    "Number(document.getElementById('meter-customer').dataset.dbfs) > -30", timeout=5000
+                )
                 get_stats = "async () => { const s = await window.consoleState.monitor.voice.stats(); return {lost: s.packetsLost, got: s.packetsReceived}; }"
                 for _ in range(50):
                     stats = await sam.evaluate(get_stats)

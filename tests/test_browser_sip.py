@@ -113,7 +113,11 @@ def _tone_report(snap: dict[str, Any]) -> dict[str, float]:
 
 def _tones_heard(r: dict[str, float]) -> bool:
     # both pure tones stand well out of the floor, and each is loud in absolute terms
-    return min(r["agent_600"], r["customer_1000"]) - r["floor"] > 30 and min(r["agent_600"], r["customer_1000"]) > -50 and r["rms"] > 0.01
+    return (
+        min(r["agent_600"], r["customer_1000"]) - r["floor"] > 30
+        and min(r["agent_600"], r["customer_1000"]) > -50
+        and r["rms"] > 0.01
+    )
 
 
 class ChatView:
@@ -127,7 +131,9 @@ class ChatView:
 
     @classmethod
     async def open(cls, gw: GatewayClient, view: str, token: str) -> ChatView:
-        ws = await gw.http.ws_connect(gw.ws_url(f"/v1/conversations/{CID}/chat?view={view}&after=0"), headers={"Authorization": f"Bearer {token}"})
+        ws = await gw.http.ws_connect(
+            gw.ws_url(f"/v1/conversations/{CID}/chat?view={view}&after=0"), headers={"Authorization": f"Bearer {token}"}
+        )
         return cls(ws)
 
     async def _read(self) -> None:
@@ -183,24 +189,42 @@ async def test_console_monitors_real_sip_legs(tmp_path: Path) -> None:
     async_playwright = _require_browser()
     sip_port = free_udp_block(3)
     settings = make_settings(
-        tmp_path, enable_sip=True, sip_port=sip_port, sip_workers=1, rtp_port_base=free_udp_block(40, 30000, 39000), ice_host_addresses="127.0.0.1"
+        tmp_path,
+        enable_sip=True,
+        sip_port=sip_port,
+        sip_workers=1,
+        rtp_port_base=free_udp_block(40, 30000, 39000),
+        ice_host_addresses="127.0.0.1",
     )
     sipp_legs: list[asyncio.subprocess.Process] = []
     views: list[ChatView] = []
     async with running_gateway(settings) as gw:
         try:
             assert (await gw.conversation(CID)).status == 201
-            assert (await gw.conversation(OTHER_TEAM_CID, agent="bob", customer={"id": "c-2", "name": "Bea"})).status == 201
+            assert (
+                await gw.conversation(OTHER_TEAM_CID, agent="bob", customer={"id": "c-2", "name": "Bea"})
+            ).status == 201
             platform = await gw.platform()
-            assert (await gw.call("POST", f"/v1/conversations/{CID}/messages", platform, {"from": "customer", "text": "My parcel is late", "client_id": "u1"})).status == 201
+            assert (
+                await gw.call(
+                    "POST",
+                    f"/v1/conversations/{CID}/messages",
+                    platform,
+                    {"from": "customer", "text": "My parcel is late", "client_id": "u1"},
+                )
+            ).status == 201
             customer_view = await ChatView.open(gw, "customer", platform)
             agent_view = await ChatView.open(gw, "agent", await gw.login("alice"))
             views += [customer_view, agent_view]
 
             # The two legs: real SIP (INVITE -> 302 -> worker -> 200/ACK) and real RTP from sipp.
             sipp_legs.append(await start_sipp_leg(tmp_path, sip_port, CID, "agent", AUDIO / "agent_600.ulaw", SIPP_MS))
-            sipp_legs.append(await start_sipp_leg(tmp_path, sip_port, CID, "customer", AUDIO / "customer_1000.ulaw", SIPP_MS))
-            await wait_until(lambda: gw.app[SIP].legs(CID) == {"agent", "customer"}, 10, "both sipp legs in the SIP plane")
+            sipp_legs.append(
+                await start_sipp_leg(tmp_path, sip_port, CID, "customer", AUDIO / "customer_1000.ulaw", SIPP_MS)
+            )
+            await wait_until(
+                lambda: gw.app[SIP].legs(CID) == {"agent", "customer"}, 10, "both sipp legs in the SIP plane"
+            )
 
             async with async_playwright() as pw:
                 browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -209,7 +233,9 @@ async def test_console_monitors_real_sip_legs(tmp_path: Path) -> None:
                 finally:
                     await browser.close()
             # The legs were still up all along: the silence after Leave was the console's doing.
-            assert all(p.returncode is None for p in sipp_legs), "a sipp leg ended early (see sipp_*_err.log in tmp_path)"
+            assert all(p.returncode is None for p in sipp_legs), (
+                "a sipp leg ended early (see sipp_*_err.log in tmp_path)"
+            )
         finally:
             for v in views:
                 await v.close()
@@ -227,7 +253,9 @@ async def test_console_monitors_real_sip_legs(tmp_path: Path) -> None:
     whisper = next((e for e in agent_view.entries if e["text"] == "offer a voucher"), None)
     assert whisper and whisper["kind"] == "whisper" and whisper.get("visibility") == "agent", agent_view.entries
     assert "offer a voucher" not in customer_view.texts(), customer_view.entries
-    assert not [e for e in customer_view.entries if e["kind"] == "whisper" or e.get("visibility") == "agent"], customer_view.entries
+    assert not [e for e in customer_view.entries if e["kind"] == "whisper" or e.get("visibility") == "agent"], (
+        customer_view.entries
+    )
     barge = next(e for e in customer_view.entries if e["text"] == "Hello Ann, Sam here")
     assert barge["sender"] == "supervisor" and barge["kind"] == "message" and barge["author"] == "sam", barge
     assert max(e["seq"] for e in customer_view.entries) > whisper["seq"]  # the customer view got past the whisper's seq
@@ -291,7 +319,9 @@ async def _run_console(gw: GatewayClient, browser: Any, agent_view: ChatView, cu
     await tom.click(f"[data-testid='monitor-{CID}']")
     await tom.wait_for_selector("[data-testid='error-banner']", state="visible")
     assert await tom.get_attribute("[data-testid='error-banner']", "data-code") == "voice_monitor_busy"
-    assert "Another supervisor is already listening to this call" in (await tom.text_content("[data-testid='error-text']") or "")
+    assert "Another supervisor is already listening to this call" in (
+        await tom.text_content("[data-testid='error-text']") or ""
+    )
     assert len(app[WHEP][mid]) == 1  # sam still the only listener
     await tom.click("[data-testid='monitor-chat-only']")
     await tom.wait_for_selector("[data-testid='monitor-panel']", state="visible")
@@ -323,7 +353,9 @@ async def _run_console(gw: GatewayClient, browser: Any, agent_view: ChatView, cu
     assert after["track"] == "ended" and after["rms"] < 1e-4, {"track": after["track"], "rms": after["rms"]}
     silent = _tone_report(after)
     assert max(silent["agent_600"], silent["customer_1000"]) < -100, silent
-    assert await sam.evaluate("(() => { const a = document.getElementById('monitor-audio'); return a.srcObject === null && a.paused; })()")
+    assert await sam.evaluate(
+        "(() => { const a = document.getElementById('monitor-audio'); return a.srcObject === null && a.paused; })()"
+    )
     await wait_until(lambda: not app[WHEP].get(mid), 5, "the WHEP session to be deleted")
     assert session.closed
     assert gw.app[SIP].legs(CID) == {"agent", "customer"}  # the source did not stop: the console did
@@ -339,10 +371,15 @@ async def _run_console(gw: GatewayClient, browser: Any, agent_view: ChatView, cu
 
     assert (await gw.event(CID, "agent_left")).status == 202
     for page in (sam, tom):
-        await page.wait_for_selector("[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000)
+        await page.wait_for_selector(
+            "[data-testid='monitor-ended'][data-reason='agent_left']", state="visible", timeout=5000
+        )
         assert "agent left" in (await page.text_content("[data-testid='monitor-ended']") or "").lower()
         assert await page.is_hidden("[data-testid='whisper-form']")
         assert await page.is_hidden("[data-testid='message-form']")
     await sam.wait_for_selector("[data-testid='voice-state'][data-state='stopped']")
-    await wait_until(lambda: all(s.closed for s in sessions2) and not app[WHEP].get(mid2), 5, "the WHEP session to close on agent_left")
-
+    await wait_until(
+        lambda: all(s.closed for s in sessions2) and not app[WHEP].get(mid2),
+        5,
+        "the WHEP session to close on agent_left",
+    )

@@ -63,10 +63,18 @@ async def _dashboard_rows(page: Any) -> list[str]:
     try:
         await page.wait_for_selector("[data-testid='dashboard-view']", state="visible", timeout=15000)
     except playwright_api.TimeoutError:
-        error = await page.text_content("[data-testid='sso-error']") if await page.query_selector("[data-testid='sso-error']") else None
-        raise AssertionError(f"no dashboard at {page.url}; sign-in error: {error!r}; console: {getattr(page, 'console_log', [])}") from None
+        error = (
+            await page.text_content("[data-testid='sso-error']")
+            if await page.query_selector("[data-testid='sso-error']")
+            else None
+        )
+        raise AssertionError(
+            f"no dashboard at {page.url}; sign-in error: {error!r}; console: {getattr(page, 'console_log', [])}"
+        ) from None
     await page.wait_for_selector("[data-testid^='conv-row-']")
-    return sorted(await page.eval_on_selector_all("[data-testid^='conv-row-']", "rows => rows.map(r => r.dataset.conversation)"))
+    return sorted(
+        await page.eval_on_selector_all("[data-testid^='conv-row-']", "rows => rows.map(r => r.dataset.conversation)")
+    )
 
 
 async def _assert_clean_return(page: Any, base_url: str) -> None:

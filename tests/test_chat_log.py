@@ -104,8 +104,9 @@ async def test_rate_limit_per_author(tmp_path):
     chat = ChatService(settings, SqliteChatLog(settings.chat_path), clock=lambda: t[0])
 
     async def post(author: str, client_id: str | None = None):
-        return await chat.post("c", kind="message", sender="agent", author=author, text="hi",
-                               visibility="all", client_id=client_id)
+        return await chat.post(
+            "c", kind="message", sender="agent", author=author, text="hi", visibility="all", client_id=client_id
+        )
 
     await post("alice", "k1")
     await post("alice")
@@ -168,8 +169,9 @@ async def test_concurrent_posts_stay_ordered(tmp_path, writer_thread):
     subs = {cid: chat.subscribe(cid, lambda: None) for cid in seen}
 
     async def post(cid: str, n: int):
-        return await chat.post(cid, kind="message", sender="agent", author=f"a{n % 3}", text=f"{n}",
-                               visibility="all", client_id=f"k{n}")
+        return await chat.post(
+            cid, kind="message", sender="agent", author=f"a{n % 3}", text=f"{n}", visibility="all", client_id=f"k{n}"
+        )
 
     results = await asyncio.gather(*(post(f"c{n % 5}", n) for n in range(200)))
     # the same client_id posted concurrently: one entry, everybody gets its seq
@@ -192,13 +194,15 @@ async def test_a_failing_write_fails_only_itself(tmp_path, writer_thread):
 
     bad = log._submit(boom)  # type: ignore[attr-defined]
     good = log.append(  # queued right behind it, likely in the same batch
-        "a", kind="message", sender="agent", author="x", text="fine", visibility="all")
+        "a", kind="message", sender="agent", author="x", text="fine", visibility="all"
+    )
     entry, created = await good
     assert created and entry.seq == 1
     with pytest.raises(RuntimeError):
         bad.result(timeout=5)
-    assert (await log.append("a", kind="message", sender="agent", author="x", text="next",
-                             visibility="all"))[0].seq == 2
+    assert (await log.append("a", kind="message", sender="agent", author="x", text="next", visibility="all"))[
+        0
+    ].seq == 2
     await log.close()
 
 

@@ -89,8 +89,13 @@ async def scenario(ops: list[tuple[str, str, bool]]) -> None:
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return await serve_chat_stream(
-            request, chat, request.match_info["cid"], request.query["view"],
-            int(request.query["after"]), expires_at=time.time() + 600, heartbeat=5.0,
+            request,
+            chat,
+            request.match_info["cid"],
+            request.query["view"],
+            int(request.query["after"]),
+            expires_at=time.time() + 600,
+            heartbeat=5.0,
         )
 
     app.router.add_get("/v1/conversations/{cid}/chat", handler)

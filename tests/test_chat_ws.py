@@ -232,8 +232,9 @@ async def test_restart_new_process_same_file_resumes(tmp_path, session):
     srv2 = TestServer(make_app(chat2), host="127.0.0.1", port=0)
     await srv2.start_server()
     client.url = str(srv2.make_url("/v1/conversations/c1/chat?view=customer"))
-    e, created = await chat2.post("c1", kind="message", sender="customer", author=None, text="again",
-                                  visibility="all", client_id="k2")
+    e, created = await chat2.post(
+        "c1", kind="message", sender="customer", author=None, text="again", visibility="all", client_id="k2"
+    )
     assert not created and e.seq == 2
     for i in range(4, 7):
         assert (await say(chat2, "c1", f"after{i}")).seq == i
@@ -265,7 +266,12 @@ async def test_views_whisper_barge_system_and_monitor_marks(chat, server, sessio
     assert all(f["kind"] != "whisper" and "visibility" not in f for f in cf)
     assert [f["seq"] for f in af] == [1, 2, 3, 4, 5]
     assert [(f["kind"], f["visibility"]) for f in mf] == [
-        ("message", "all"), ("system", "agent"), ("whisper", "agent"), ("message", "all"), ("message", "all")]
+        ("message", "all"),
+        ("system", "agent"),
+        ("whisper", "agent"),
+        ("message", "all"),
+        ("message", "all"),
+    ]
     assert mf[3]["sender"] == "supervisor" and mf[3]["author"] == "sam"
     # one monitor ends (it left): only that stream gets `end`
     mon_end.set_result("left")
@@ -353,10 +359,12 @@ async def test_malformed_frames_close_only_their_connection(chat, server, sessio
 async def test_idempotent_client_id_is_delivered_once(chat, server, session):
     ws = await session.ws_connect(server.make_url("/v1/conversations/c1/chat?view=customer&after=0"))
     await asyncio.sleep(0.05)
-    a, created_a = await chat.post("c1", kind="message", sender="customer", author=None, text="hi",
-                                   visibility="all", client_id="up-123")
-    b, created_b = await chat.post("c1", kind="message", sender="customer", author=None, text="hi",
-                                   visibility="all", client_id="up-123")
+    a, created_a = await chat.post(
+        "c1", kind="message", sender="customer", author=None, text="hi", visibility="all", client_id="up-123"
+    )
+    b, created_b = await chat.post(
+        "c1", kind="message", sender="customer", author=None, text="hi", visibility="all", client_id="up-123"
+    )
     await say(chat, "c1", "next")
     frames = await frames_until(ws, lambda f: f.get("seq") == 2)
     assert created_a and not created_b and a == b

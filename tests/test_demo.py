@@ -47,7 +47,9 @@ async def _legs(gw: GatewayClient, token: str, cid: str) -> list[str]:
 
 async def _chat_entries(gw: GatewayClient, mid: str, token: str, timeout: float) -> list[dict[str, Any]]:
     """Entries of the monitor's chat mirror until both bots have spoken (or ``timeout``)."""
-    ws = await gw.http.ws_connect(gw.ws_url(f"/v1/monitors/{mid}/chat?after=0"), headers={"Authorization": f"Bearer {token}"})
+    ws = await gw.http.ws_connect(
+        gw.ws_url(f"/v1/monitors/{mid}/chat?after=0"), headers={"Authorization": f"Bearer {token}"}
+    )
     entries: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     try:
@@ -140,4 +142,6 @@ async def test_demo_voice_reaches_a_sip_phone_and_bots_chat(tmp_path: Path) -> N
         await wait_until(lambda: bool(_our_sources()) and _our_sources() != sources, 5, "a new source process")
     # The gateway stopped: DemoLegs.stop() ended every source process (no orphans).
     await wait_until(lambda: not _our_sources(), 3, "source processes gone")
-    print(f"legs after {t_legs:.1f}s, rms {rms:.0f}, corr {corr:.2f}, back after worker kill {t_back:.1f}s, total {time.monotonic() - t_start:.1f}s")
+    print(
+        f"legs after {t_legs:.1f}s, rms {rms:.0f}, corr {corr:.2f}, back after worker kill {t_back:.1f}s, total {time.monotonic() - t_start:.1f}s"
+    )

@@ -49,13 +49,17 @@ class Provider:
         return f"{self.issuer}/protocol/openid-connect"
 
     def openid(self, client_id: str = "gateway-console", secret: str | None = None) -> KeycloakOpenID:
-        return KeycloakOpenID(server_url=self.url, realm_name=self.realm, client_id=client_id,
-                              client_secret_key=secret)
+        return KeycloakOpenID(server_url=self.url, realm_name=self.realm, client_id=client_id, client_secret_key=secret)
 
     def admin(self, client_id: str = "cx-platform", secret: str = "dev-secret") -> KeycloakAdmin:
-        conn = KeycloakOpenIDConnection(server_url=self.url, realm_name=self.realm,
-                                        user_realm_name=self.realm, client_id=client_id,
-                                        client_secret_key=secret, timeout=30)
+        conn = KeycloakOpenIDConnection(
+            server_url=self.url,
+            realm_name=self.realm,
+            user_realm_name=self.realm,
+            client_id=client_id,
+            client_secret_key=secret,
+            timeout=30,
+        )
         return KeycloakAdmin(connection=conn)
 
 
@@ -144,7 +148,11 @@ async def test_password_grant_claims(provider: Provider, http: aiohttp.ClientSes
     assert claims["sid"] == tokens["session_state"]
     assert str(uuid.UUID(claims["sub"])) == claims["sub"]
     assert claims["exp"] - claims["iat"] == 300
-    assert claims["jti"] and set(claims["scope"].split()) == {"openid", "profile", "email"}  # python-keycloak asks for openid; order varies
+    assert claims["jti"] and set(claims["scope"].split()) == {
+        "openid",
+        "profile",
+        "email",
+    }  # python-keycloak asks for openid; order varies
     assert claims["email"] == "sam@cx.example" and claims["name"] == "Sam Supervisor"
     # Same realm file, same ids in both providers.
     assert claims["sub"] == "81163178-083b-596d-8851-7247a117e581"
@@ -165,17 +173,24 @@ async def test_openid_scope_id_token_userinfo_refresh_logout(provider: Provider,
     assert claims["realm_access"]["roles"] == ["agent"] and claims["sid"] == id_claims["sid"]
 
     await oidc.a_logout(refreshed["refresh_token"])
-    status, body = await _post(http, f"{provider.oidc}/token", {
-        "grant_type": "refresh_token", "client_id": "gateway-console",
-        "refresh_token": refreshed["refresh_token"],
-    })
+    status, body = await _post(
+        http,
+        f"{provider.oidc}/token",
+        {
+            "grant_type": "refresh_token",
+            "client_id": "gateway-console",
+            "refresh_token": refreshed["refresh_token"],
+        },
+    )
     assert status == 400 and body["error"] == "invalid_grant"
 
 
 async def test_client_credentials_has_platform_role(provider: Provider, http: aiohttp.ClientSession) -> None:
-    basic = {"Authorization": aiohttp.encode_basic_auth("cx-platform", "dev-secret")} \
-        if hasattr(aiohttp, "encode_basic_auth") else \
-        {"Authorization": "Basic " + base64.b64encode(b"cx-platform:dev-secret").decode()}
+    basic = (
+        {"Authorization": aiohttp.encode_basic_auth("cx-platform", "dev-secret")}
+        if hasattr(aiohttp, "encode_basic_auth")
+        else {"Authorization": "Basic " + base64.b64encode(b"cx-platform:dev-secret").decode()}
+    )
     for kw in ({"headers": basic}, {}):
         form = {"grant_type": "client_credentials"}
         if not kw:
@@ -190,30 +205,62 @@ async def test_client_credentials_has_platform_role(provider: Provider, http: ai
         assert claims["preferred_username"] == "service-account-cx-platform"
         assert "sid" not in claims
         assert set(claims["resource_access"]["realm-management"]["roles"]) == {
-            "view-users", "query-users", "query-groups", "view-realm"}
+            "view-users",
+            "query-users",
+            "query-groups",
+            "view-realm",
+        }
 
 
 async def test_wrong_credentials_refused(provider: Provider, http: aiohttp.ClientSession) -> None:
     token_url = f"{provider.oidc}/token"
     for user, password in (("sam", "wrong"), ("nobody", "demo"), ("sam", "")):
-        status, body = await _post(http, token_url, {
-            "grant_type": "password", "client_id": "gateway-console", "username": user, "password": password})
+        status, body = await _post(
+            http,
+            token_url,
+            {"grant_type": "password", "client_id": "gateway-console", "username": user, "password": password},
+        )
         assert (status, body["error"]) == (401, "invalid_grant"), (user, body)
         assert body["error_description"] == "Invalid user credentials"
     with pytest.raises(KeycloakAuthenticationError):
         await provider.openid().a_token("sam", "not-the-password")
 
     cases = [
-        ({"grant_type": "client_credentials", "client_id": "cx-platform", "client_secret": "nope"}, 401, "unauthorized_client"),
+        (
+            {"grant_type": "client_credentials", "client_id": "cx-platform", "client_secret": "nope"},
+            401,
+            "unauthorized_client",
+        ),
         ({"grant_type": "client_credentials", "client_id": "gateway-console"}, 401, "unauthorized_client"),
         ({"grant_type": "password", "client_id": "nope", "username": "sam", "password": "demo"}, 401, "invalid_client"),
-        ({"grant_type": "password", "client_id": "cx-platform", "client_secret": "dev-secret",
-          "username": "sam", "password": "demo"}, 400, "unauthorized_client"),
-        ({"grant_type": "password", "client_id": "gateway-console", "username": "service-account-cx-platform",
-          "password": ""}, 401, "invalid_grant"),
+        (
+            {
+                "grant_type": "password",
+                "client_id": "cx-platform",
+                "client_secret": "dev-secret",
+                "username": "sam",
+                "password": "demo",
+            },
+            400,
+            "unauthorized_client",
+        ),
+        (
+            {
+                "grant_type": "password",
+                "client_id": "gateway-console",
+                "username": "service-account-cx-platform",
+                "password": "",
+            },
+            401,
+            "invalid_grant",
+        ),
         ({"grant_type": "magic", "client_id": "gateway-console"}, 400, "unsupported_grant_type"),
         ({"client_id": "gateway-console"}, 400, "invalid_request"),
-        ({"grant_type": "refresh_token", "client_id": "gateway-console", "refresh_token": "a.b.c"}, 400, "invalid_grant"),
+        (
+            {"grant_type": "refresh_token", "client_id": "gateway-console", "refresh_token": "a.b.c"},
+            400,
+            "invalid_grant",
+        ),
     ]
     for form, status, error in cases:
         got, body = await _post(http, token_url, form)
@@ -224,13 +271,24 @@ async def test_console_redirect_uris(provider: Provider, http: aiohttp.ClientSes
     """The console's loopback redirect URIs (any port) are accepted; others are not."""
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    base = {"client_id": "gateway-console", "response_type": "code", "scope": "openid",
-            "code_challenge": challenge, "code_challenge_method": "S256", "state": "s"}
-    for uri, ok in (("http://127.0.0.1:8080/", True), ("http://127.0.0.1:5173/console/cb", True),
-                    ("http://localhost:8080/console/", True), ("http://evil.example/", False),
-                    ("http://127.0.0.1.evil.example/", False)):
-        async with http.get(f"{provider.oidc}/auth", params={**base, "redirect_uri": uri},
-                            allow_redirects=False) as resp:
+    base = {
+        "client_id": "gateway-console",
+        "response_type": "code",
+        "scope": "openid",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "state": "s",
+    }
+    for uri, ok in (
+        ("http://127.0.0.1:8080/", True),
+        ("http://127.0.0.1:5173/console/cb", True),
+        ("http://localhost:8080/console/", True),
+        ("http://evil.example/", False),
+        ("http://127.0.0.1.evil.example/", False),
+    ):
+        async with http.get(
+            f"{provider.oidc}/auth", params={**base, "redirect_uri": uri}, allow_redirects=False
+        ) as resp:
             await resp.read()
             assert (resp.status == 200) == ok, (uri, resp.status)
 
@@ -287,7 +345,9 @@ async def test_admin_api_refuses_without_rights(provider: Provider, http: aiohtt
     user_token = (await provider.openid().a_token("sam", "demo"))["access_token"]
     async with http.get(groups, headers={"Authorization": f"Bearer {user_token}"}) as resp:
         assert resp.status == 403
-    platform = (await provider.openid("cx-platform", "dev-secret").a_token(grant_type="client_credentials"))["access_token"]
+    platform = (await provider.openid("cx-platform", "dev-secret").a_token(grant_type="client_credentials"))[
+        "access_token"
+    ]
     async with http.get(f"{groups}/{uuid.uuid4()}", headers={"Authorization": f"Bearer {platform}"}) as resp:
         assert resp.status == 404
 
@@ -320,9 +380,15 @@ async def test_embedded_key_survives_restart(tmp_path: Path, http: aiohttp.Clien
         refreshed = await second.openid().a_refresh_token(tokens["refresh_token"])
         assert refreshed["access_token"]
         # ... but a session ended by logout stays ended.
-        status, body = await _post(http, f"{second.oidc}/token", {
-            "grant_type": "refresh_token", "client_id": "gateway-console",
-            "refresh_token": logged_out["refresh_token"]})
+        status, body = await _post(
+            http,
+            f"{second.oidc}/token",
+            {
+                "grant_type": "refresh_token",
+                "client_id": "gateway-console",
+                "refresh_token": logged_out["refresh_token"],
+            },
+        )
         assert (status, body["error"]) == (400, "invalid_grant")
     finally:
         await agen.aclose()
@@ -330,9 +396,12 @@ async def test_embedded_key_survives_restart(tmp_path: Path, http: aiohttp.Clien
 
 
 async def test_embedded_issuer_ignores_host_header(embedded: Provider, http: aiohttp.ClientSession) -> None:
-    status, body = await _post(http, f"{embedded.oidc}/token", {
-        "grant_type": "password", "client_id": "gateway-console", "username": "sue", "password": "demo"},
-        headers={"Host": "evil.example"})
+    status, body = await _post(
+        http,
+        f"{embedded.oidc}/token",
+        {"grant_type": "password", "client_id": "gateway-console", "username": "sue", "password": "demo"},
+        headers={"Host": "evil.example"},
+    )
     assert status == 200
     _, claims = await _claims(http, embedded, body["access_token"])
     assert claims["iss"] == embedded.issuer
@@ -342,23 +411,33 @@ async def test_embedded_authorization_code_with_pkce(embedded: Provider, http: a
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     redirect = "http://127.0.0.1:5173/console/callback"
-    params = {"client_id": "gateway-console", "redirect_uri": redirect, "response_type": "code",
-              "scope": "openid", "state": "st-1", "nonce": "n-1",
-              "code_challenge": challenge, "code_challenge_method": "S256"}
+    params = {
+        "client_id": "gateway-console",
+        "redirect_uri": redirect,
+        "response_type": "code",
+        "scope": "openid",
+        "state": "st-1",
+        "nonce": "n-1",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
     async with http.get(f"{embedded.oidc}/auth", params=params) as resp:
         assert resp.status == 200 and "<form" in await resp.text()
     # Without PKCE the console client is refused (pkce.code.challenge.method=S256).
     plain = {k: v for k, v in params.items() if not k.startswith("code_")}
     async with http.get(f"{embedded.oidc}/auth", params=plain, allow_redirects=False) as resp:
         assert resp.status == 302 and "error=invalid_request" in resp.headers["Location"]
-    async with http.get(f"{embedded.oidc}/auth", params={**params, "redirect_uri": "http://evil.example/"},
-                        allow_redirects=False) as resp:
+    async with http.get(
+        f"{embedded.oidc}/auth", params={**params, "redirect_uri": "http://evil.example/"}, allow_redirects=False
+    ) as resp:
         assert resp.status == 400
-    async with http.post(f"{embedded.oidc}/auth", data={**params, "username": "sam", "password": "bad"},
-                         allow_redirects=False) as resp:
+    async with http.post(
+        f"{embedded.oidc}/auth", data={**params, "username": "sam", "password": "bad"}, allow_redirects=False
+    ) as resp:
         assert resp.status == 401 and "Location" not in resp.headers
-    async with http.post(f"{embedded.oidc}/auth", data={**params, "username": "sam", "password": "demo"},
-                         allow_redirects=False) as resp:
+    async with http.post(
+        f"{embedded.oidc}/auth", data={**params, "username": "sam", "password": "demo"}, allow_redirects=False
+    ) as resp:
         assert resp.status == 302
         location = resp.headers["Location"]
     assert location.startswith(redirect + "?")
@@ -370,8 +449,9 @@ async def test_embedded_authorization_code_with_pkce(embedded: Provider, http: a
     status, body = await _post(http, token_url, {**base, "code_verifier": "x" * 50})
     assert (status, body["error"]) == (400, "invalid_grant")
     # The code was used up by the failed attempt, as in Keycloak: log in again.
-    async with http.post(f"{embedded.oidc}/auth", data={**params, "username": "sam", "password": "demo"},
-                         allow_redirects=False) as resp:
+    async with http.post(
+        f"{embedded.oidc}/auth", data={**params, "username": "sam", "password": "demo"}, allow_redirects=False
+    ) as resp:
         code = parse_qs(urlsplit(resp.headers["Location"]).query)["code"][0]
     status, body = await _post(http, token_url, {**base, "code": code, "code_verifier": verifier})
     assert status == 200, body
@@ -382,35 +462,97 @@ async def test_embedded_authorization_code_with_pkce(embedded: Provider, http: a
 
 
 async def test_embedded_never_answers_500_to_garbage(embedded: Provider, http: aiohttp.ClientSession) -> None:
-    platform = (await embedded.openid("cx-platform", "dev-secret").a_token(grant_type="client_credentials"))["access_token"]
-    admin = (await embedded.openid("cx-admin", "dev-admin-secret").a_token(grant_type="client_credentials"))["access_token"]
+    platform = (await embedded.openid("cx-platform", "dev-secret").a_token(grant_type="client_credentials"))[
+        "access_token"
+    ]
+    admin = (await embedded.openid("cx-admin", "dev-admin-secret").a_token(grant_type="client_credentials"))[
+        "access_token"
+    ]
     token_url = f"{embedded.oidc}/token"
     adm = f"{embedded.url}/admin/realms/cx"
     requests: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", token_url, {"data": "grant_type=password", "headers": {"Content-Type": "text/plain"}}),
         ("POST", token_url, {"json": {"grant_type": "password"}}),
-        ("POST", token_url, {"data": "grant_type=%ff%fe&client_id=%", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
-        ("POST", token_url, {"data": {"grant_type": "password", "client_id": "gateway-console", "username": "s" * 5000, "password": "x"}}),
+        (
+            "POST",
+            token_url,
+            {"data": "grant_type=%ff%fe&client_id=%", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        ),
+        (
+            "POST",
+            token_url,
+            {
+                "data": {
+                    "grant_type": "password",
+                    "client_id": "gateway-console",
+                    "username": "s" * 5000,
+                    "password": "x",
+                }
+            },
+        ),
         ("POST", token_url, {"data": {"grant_type": "client_credentials"}, "headers": {"Authorization": "Basic !!!"}}),
-        ("POST", token_url, {"data": {"grant_type": "client_credentials"}, "headers": {"Authorization": "Basic " + base64.b64encode(b"nocolon").decode()}}),
-        ("POST", token_url, {"data": {"grant_type": "refresh_token", "client_id": "gateway-console", "refresh_token": "x" * 20000}}),
+        (
+            "POST",
+            token_url,
+            {
+                "data": {"grant_type": "client_credentials"},
+                "headers": {"Authorization": "Basic " + base64.b64encode(b"nocolon").decode()},
+            },
+        ),
+        (
+            "POST",
+            token_url,
+            {"data": {"grant_type": "refresh_token", "client_id": "gateway-console", "refresh_token": "x" * 20000}},
+        ),
         ("POST", token_url, {"data": {"grant_type": "authorization_code", "client_id": "gateway-console"}}),
         ("GET", f"{embedded.url}/realms/other/.well-known/openid-configuration", {}),
         ("GET", f"{embedded.oidc}/userinfo", {"headers": {"Authorization": "Bearer ..."}}),
-        ("POST", f"{embedded.oidc}/userinfo", {"data": "access_token=" + "x" * 5000, "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
-        ("POST", f"{embedded.oidc}/userinfo", {"data": "%ff=%fe", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}),
+        (
+            "POST",
+            f"{embedded.oidc}/userinfo",
+            {"data": "access_token=" + "x" * 5000, "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        ),
+        (
+            "POST",
+            f"{embedded.oidc}/userinfo",
+            {"data": "%ff=%fe", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        ),
         ("GET", f"{embedded.oidc}/logout", {"params": {"id_token_hint": "garbage"}}),
         ("POST", f"{embedded.oidc}/logout", {"data": {"client_id": "gateway-console", "refresh_token": "garbage"}}),
         ("GET", f"{embedded.oidc}/auth", {"params": {"client_id": "nope"}}),
         ("GET", f"{adm}/groups", {"params": {"first": "x"}, "headers": {"Authorization": f"Bearer {platform}"}}),
-        ("GET", f"{adm}/groups", {"params": {"briefRepresentation": "maybe"}, "headers": {"Authorization": f"Bearer {platform}"}}),
-        ("GET", f"{adm}/users", {"params": {"max": "y", "search": "*"}, "headers": {"Authorization": f"Bearer {platform}"}}),
-        ("PUT", f"{adm}/groups/{TEAM_A}", {"data": "{not json", "headers": {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"}}),
+        (
+            "GET",
+            f"{adm}/groups",
+            {"params": {"briefRepresentation": "maybe"}, "headers": {"Authorization": f"Bearer {platform}"}},
+        ),
+        (
+            "GET",
+            f"{adm}/users",
+            {"params": {"max": "y", "search": "*"}, "headers": {"Authorization": f"Bearer {platform}"}},
+        ),
+        (
+            "PUT",
+            f"{adm}/groups/{TEAM_A}",
+            {"data": "{not json", "headers": {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"}},
+        ),
         ("PUT", f"{adm}/groups/{TEAM_A}", {"json": [1, 2], "headers": {"Authorization": f"Bearer {admin}"}}),
-        ("PUT", f"{adm}/groups/{TEAM_A}", {"json": {"attributes": {"supervisor": [1]}}, "headers": {"Authorization": f"Bearer {admin}"}}),
+        (
+            "PUT",
+            f"{adm}/groups/{TEAM_A}",
+            {"json": {"attributes": {"supervisor": [1]}}, "headers": {"Authorization": f"Bearer {admin}"}},
+        ),
         ("PUT", f"{adm}/groups/{TEAM_A}", {"json": {"name": ""}, "headers": {"Authorization": f"Bearer {admin}"}}),
-        ("PUT", f"{adm}/groups/{TEAM_A}", {"json": {"name": "team-b"}, "headers": {"Authorization": f"Bearer {admin}"}}),
-        ("PUT", f"{adm}/groups/{TEAM_A}", {"data": "x", "headers": {"Authorization": f"Bearer {admin}", "Content-Type": "text/plain"}}),
+        (
+            "PUT",
+            f"{adm}/groups/{TEAM_A}",
+            {"json": {"name": "team-b"}, "headers": {"Authorization": f"Bearer {admin}"}},
+        ),
+        (
+            "PUT",
+            f"{adm}/groups/{TEAM_A}",
+            {"data": "x", "headers": {"Authorization": f"Bearer {admin}", "Content-Type": "text/plain"}},
+        ),
     ]
     for method, url, kw in requests:
         async with http.request(method, url, allow_redirects=False, **kw) as resp:

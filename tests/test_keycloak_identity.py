@@ -84,7 +84,9 @@ async def test_r2_changes_apply_after_a_new_login(kc_gateway: GatewayClient, key
         _set_supervisors(keycloak, "team-b", "sue")
 
 
-async def test_real_keycloak_tokens_of_the_wrong_kind(kc_gateway: GatewayClient, keycloak: KeycloakServer, tmp_path: Path) -> None:
+async def test_real_keycloak_tokens_of_the_wrong_kind(
+    kc_gateway: GatewayClient, keycloak: KeycloakServer, tmp_path: Path
+) -> None:
     tokens = keycloak.token("sam", "demo", scope="openid")
     for name in ("id_token", "refresh_token"):
         answer = await kc_gateway.call("GET", "/v1/conversations", tokens[name])
@@ -135,7 +137,9 @@ class Blackhole:
             self.server.close()
 
 
-async def test_keycloak_unreachable_fails_closed_and_cached_keys_keep_working(tmp_path: Path, keycloak: KeycloakServer) -> None:
+async def test_keycloak_unreachable_fails_closed_and_cached_keys_keep_working(
+    tmp_path: Path, keycloak: KeycloakServer
+) -> None:
     front = Blackhole(int(keycloak.url.rsplit(":", 1)[1]))
     await front.start()
     try:

@@ -53,7 +53,9 @@ def test_upsampler_8k_to_48k_keeps_tone_and_level_across_frames() -> None:
 
 def test_upsampler_stereo_keeps_channels_apart() -> None:
     up = Upsampler(8000, 48000, channels=2)
-    out = [up.process(interleave_stereo(tone(600, 160, 8000, i * 160), tone(1000, 160, 8000, i * 160))) for i in range(10)]
+    out = [
+        up.process(interleave_stereo(tone(600, 160, 8000, i * 160), tone(1000, 160, 8000, i * 160))) for i in range(10)
+    ]
     y = np.concatenate(out).reshape(-1, 2)[960:]
     assert abs(_dominant_hz(y[:, 0].astype(float), 48000) - 600) < 30
     assert abs(_dominant_hz(y[:, 1].astype(float), 48000) - 1000) < 30
@@ -135,7 +137,9 @@ async def test_track_drops_oldest_when_reader_stalls(tap_class: type[ToneTap]) -
 def test_g711_packets_match_ffmpeg(codec: str) -> None:
     from gateway.media.g711 import G711PacketEncoder
 
-    x = np.concatenate([tone(1000, 160, 8000, amplitude=30000)[:80], np.array([-32768, 32767, 0, -1, 1] * 16, dtype=np.int16)])
+    x = np.concatenate(
+        [tone(1000, 160, 8000, amplitude=30000)[:80], np.array([-32768, 32767, 0, -1, 1] * 16, dtype=np.int16)]
+    )
     ctx = av.CodecContext.create({"pcmu": "pcm_mulaw", "pcma": "pcm_alaw"}[codec], "w")
     ctx.sample_rate, ctx.layout, ctx.format = 8000, "mono", "s16"
     frame = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")

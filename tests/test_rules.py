@@ -27,7 +27,12 @@ def _code(call: object, *args: object) -> str:
 
 
 def test_r1_supervisor_attribute_is_a_comma_separated_list() -> None:
-    groups = [("team-a", {"supervisor": ["sam, tom"]}), ("team-b", {"supervisor": ["sue"]}), ("team-c", {"supervisor": ["samuel"]}), ("team-d", {})]
+    groups = [
+        ("team-a", {"supervisor": ["sam, tom"]}),
+        ("team-b", {"supervisor": ["sue"]}),
+        ("team-c", {"supervisor": ["samuel"]}),
+        ("team-d", {}),
+    ]
     assert rules.supervisor_teams("sam", groups) == {"team-a"}
     assert rules.supervisor_teams("tom", groups) == {"team-a"}
     assert rules.supervisor_teams("sue", groups) == {"team-b"}
@@ -38,10 +43,21 @@ def test_r1_supervisor_attribute_is_a_comma_separated_list() -> None:
 def test_may_monitor_order_of_refusals() -> None:
     assert _code(rules.check_may_monitor, _conv(), frozenset({"team-b"})) == ErrorCode.NOT_TEAM_SUPERVISOR
     assert _code(rules.check_may_monitor, _conv(team=None), frozenset({"team-a"})) == ErrorCode.NOT_TEAM_SUPERVISOR
-    assert _code(rules.check_may_monitor, _conv(direction=Direction.OUTBOUND), frozenset({"team-a"})) == ErrorCode.OUTBOUND_NOT_SUPPORTED
-    assert _code(rules.check_may_monitor, _conv(transferred=True), frozenset({"team-a"})) == ErrorCode.TRANSFERRED_NOT_SUPPORTED
-    assert _code(rules.check_may_monitor, _conv(sessions={}), frozenset({"team-a"})) == ErrorCode.CONVERSATION_NOT_ACTIVE
-    assert _code(rules.check_may_monitor, _conv(agent_left=True), frozenset({"team-a"})) == ErrorCode.CONVERSATION_NOT_ACTIVE
+    assert (
+        _code(rules.check_may_monitor, _conv(direction=Direction.OUTBOUND), frozenset({"team-a"}))
+        == ErrorCode.OUTBOUND_NOT_SUPPORTED
+    )
+    assert (
+        _code(rules.check_may_monitor, _conv(transferred=True), frozenset({"team-a"}))
+        == ErrorCode.TRANSFERRED_NOT_SUPPORTED
+    )
+    assert (
+        _code(rules.check_may_monitor, _conv(sessions={}), frozenset({"team-a"})) == ErrorCode.CONVERSATION_NOT_ACTIVE
+    )
+    assert (
+        _code(rules.check_may_monitor, _conv(agent_left=True), frozenset({"team-a"}))
+        == ErrorCode.CONVERSATION_NOT_ACTIVE
+    )
     rules.check_may_monitor(_conv(), frozenset({"team-a"}))
 
 
@@ -73,7 +89,10 @@ def test_r4_r5_r6_chat_only_actions() -> None:
 def test_r7_r10_and_session_ends() -> None:
     monitors = [Monitor(id=f"m{i}", conversation="c", supervisor=f"s{i}", channels=["chat"]) for i in range(3)]
     monitors[2].ended_at = 1.0
-    assert [(m.id, r) for m, r in rules.monitors_ending_on("agent_left", monitors, _conv())] == [("m0", "agent_left"), ("m1", "agent_left")]
+    assert [(m.id, r) for m, r in rules.monitors_ending_on("agent_left", monitors, _conv())] == [
+        ("m0", "agent_left"),
+        ("m1", "agent_left"),
+    ]
     assert {r for _, r in rules.monitors_ending_on("transferred", monitors, _conv())} == {"transferred"}
     assert rules.monitors_ending_on("voice_ended", monitors, _conv(sessions={"chat": 1.0})) == []
     assert {r for _, r in rules.monitors_ending_on("voice_ended", monitors, _conv(sessions={}))} == {"voice_ended"}

@@ -30,7 +30,14 @@ async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
         "GATEWAY_SIP_PORT": str(free_port(socket.SOCK_DGRAM)),
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        cwd=ROOT,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -61,7 +68,9 @@ async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
             assert refused.headers.get("Retry-After")
             assert proc.returncode is None, "stopped while a monitor was still active"
             # The last monitor leaves: the gateway stops well before drain_seconds.
-            assert (await client.call("DELETE", f"/v1/monitors/{monitor.body['id']}", await client.login("sam"))).status == 204
+            assert (
+                await client.call("DELETE", f"/v1/monitors/{monitor.body['id']}", await client.login("sam"))
+            ).status == 204
             await asyncio.wait_for(proc.wait(), 10)
             closing = await events.receive(timeout=5)
             while closing.type is aiohttp.WSMsgType.TEXT:  # the last events, then the close

@@ -35,20 +35,32 @@ def invite(body: bytes = b"", ctype: str = "application/sdp", headers: dict[str,
 
 
 def test_per_leg_invite_is_classified() -> None:
-    info = classify_invite(parse_message(invite(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "Customer"})), AGENTS.get)
+    info = classify_invite(
+        parse_message(invite(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "Customer"})), AGENTS.get
+    )
     assert (info.conversation, info.kind, info.streams, info.leg) == ("c-1", "leg", ["customer"], "customer")
 
 
 @pytest.mark.parametrize("agent_label", ["1", "2"])
 def test_siprec_metadata_names_the_agent_stream(agent_label: str) -> None:
-    body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", metadata("sip:Alice@pbx", "sip:+1555@pstn", "c-1", agent_label))])
+    body, ct = multipart(
+        [
+            ("application/sdp", sdp(streams=2, labels=True)),
+            ("application/rs-metadata+xml", metadata("sip:Alice@pbx", "sip:+1555@pstn", "c-1", agent_label)),
+        ]
+    )
     info = classify_invite(parse_message(invite(body, ct)), AGENTS.get)
     assert info.kind == "siprec" and info.conversation == "c-1"
     assert info.streams == (["agent", "customer"] if agent_label == "1" else ["customer", "agent"])
 
 
 def test_siprec_conversation_from_header_wins() -> None:
-    body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", metadata("sip:alice@pbx", "sip:c@x", None))])
+    body, ct = multipart(
+        [
+            ("application/sdp", sdp(streams=2, labels=True)),
+            ("application/rs-metadata+xml", metadata("sip:alice@pbx", "sip:c@x", None)),
+        ]
+    )
     info = classify_invite(parse_message(invite(body, ct, {"X-Conversation-ID": "c-1"})), AGENTS.get)
     assert info.conversation == "c-1"
 
@@ -67,14 +79,20 @@ def test_siprec_conversation_from_header_wins() -> None:
     ],
 )
 def test_bad_invites(body: bytes, ctype: str, headers: dict[str, str] | None, status: int) -> None:
-    msg = parse_message(invite(body, ctype, headers if headers is not None else {"X-Conversation-ID": "c-1", "X-Leg": "agent"}))
+    msg = parse_message(
+        invite(body, ctype, headers if headers is not None else {"X-Conversation-ID": "c-1", "X-Leg": "agent"})
+    )
     with pytest.raises(SipParseError) as e:
         classify_invite(msg, AGENTS.get)
     assert e.value.status == status
 
 
 def test_metadata_refuses_entities_and_garbage() -> None:
-    for xml in (b"<recording", b"<?xml version='1.0'?><!DOCTYPE r [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><recording>&e;</recording>", b"<other/>"):
+    for xml in (
+        b"<recording",
+        b"<?xml version='1.0'?><!DOCTYPE r [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><recording>&e;</recording>",
+        b"<other/>",
+    ):
         with pytest.raises(SipParseError):
             parse_metadata(xml)
 
@@ -86,7 +104,11 @@ def test_sdp_labels_and_directions() -> None:
 
 def test_uris() -> None:
     assert uri_user("<sip:t-abc@127.0.0.1:5061;transport=udp>") == "t-abc"
-    assert valid_sip_uri("sip:sam@10.0.0.1:5090") and valid_sip_uri("sips:sam@example.com") and valid_sip_uri("sip:pbx.example")
+    assert (
+        valid_sip_uri("sip:sam@10.0.0.1:5090")
+        and valid_sip_uri("sips:sam@example.com")
+        and valid_sip_uri("sip:pbx.example")
+    )
     for bad in ("tel:1", "sip:a b@c", "sip:x@h:0", "http://x", "sip:x@h\r\nVia: y"):
         assert not valid_sip_uri(bad)
 
@@ -100,7 +122,9 @@ class _Transport:
 
 
 def _front() -> tuple[SipFront, _Transport]:
-    front = SipFront(lambda msg: classify_invite(msg, AGENTS.get) and (302, None, [("Contact", "<sip:t@127.0.0.1:1>")]), lambda: True)
+    front = SipFront(
+        lambda msg: classify_invite(msg, AGENTS.get) and (302, None, [("Contact", "<sip:t@127.0.0.1:1>")]), lambda: True
+    )
     t = _Transport()
     front.connection_made(t)  # type: ignore[arg-type]
     return front, t
@@ -110,7 +134,14 @@ VALID = invite(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=600), st.tuples(st.integers(0, len(VALID)), st.binary(max_size=40)).map(lambda t: VALID[: t[0]] + t[1] + VALID[t[0] :])))
+@given(
+    st.one_of(
+        st.binary(max_size=600),
+        st.tuples(st.integers(0, len(VALID)), st.binary(max_size=40)).map(
+            lambda t: VALID[: t[0]] + t[1] + VALID[t[0] :]
+        ),
+    )
+)
 async def test_front_survives_any_datagram(data: bytes) -> None:
     front, t = _front()
     front._received(data, ("127.0.0.1", 5999))  # the unguarded path: must not raise

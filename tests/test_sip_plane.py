@@ -196,7 +196,9 @@ async def test_siprec_speech_per_leg_and_phone_hangup(gw: tuple[SipPlane, FakeHo
         assert np.abs(back).max(initial=0) < 50, f"the gateway sent audio back on the {leg} stream"
 
 
-async def test_sipp_siprec_metadata_names_the_conversation_and_agent(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
+async def test_sipp_siprec_metadata_names_the_conversation_and_agent(
+    gw: tuple[SipPlane, FakeHooks], tmp_path: Path
+) -> None:
     plane, hooks = gw
     tap = plane.open_tap("c-3")
     src = await start_sipp_siprec(tmp_path, plane.settings.sip_port, "c-3", "bob", AUDIO / "agent_600.ulaw", 2500)
@@ -208,7 +210,9 @@ async def test_sipp_siprec_metadata_names_the_conversation_and_agent(gw: tuple[S
     c = np.concatenate([f.customer for f in frames]).astype(float)
     assert tone_levels(a, 8000, [AGENT_HZ])[AGENT_HZ] > 0.9
     assert np.abs(c).max() < 50, "sipp sends nothing on the customer stream"
-    assert await src.wait() == 0, (tmp_path / "sipp_siprec_c-3_err.log").read_text() if (tmp_path / "sipp_siprec_c-3_err.log").exists() else ""
+    assert await src.wait() == 0, (
+        (tmp_path / "sipp_siprec_c-3_err.log").read_text() if (tmp_path / "sipp_siprec_c-3_err.log").exists() else ""
+    )
     await hooks.wait_for("leg_ended", "c-3", "agent", "bye", timeout=2)
     await hooks.wait_for("leg_ended", "c-3", "customer", "bye", timeout=2)
 
@@ -255,7 +259,12 @@ async def test_leg_without_rtp_times_out(tmp_path: Path, monkeypatch: pytest.Mon
     require_pjsua2()
     monkeypatch.setattr(plane_mod, "MEDIA_TIMEOUT_SECONDS", 2.0)
     hooks = FakeHooks({"c-1": "alice"})
-    settings = Settings(sip_port=free_udp_block(2), sip_workers=1, rtp_port_base=free_udp_block(40, 30000, 39000), data_dir=str(tmp_path))
+    settings = Settings(
+        sip_port=free_udp_block(2),
+        sip_workers=1,
+        rtp_port_base=free_udp_block(40, 30000, 39000),
+        data_dir=str(tmp_path),
+    )
     plane = SipPlane(settings, hooks)
     await plane.start()
     sip = RawSip()
@@ -269,7 +278,9 @@ async def test_leg_without_rtp_times_out(tmp_path: Path, monkeypatch: pytest.Mon
         await plane.stop()
 
 
-async def test_hung_worker_is_killed_and_restarted(gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_hung_worker_is_killed_and_restarted(
+    gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch
+) -> None:
     plane, _hooks = gw
     monkeypatch.setattr(plane_mod, "HUNG_SECONDS", 2.0)
     victim = plane.worker_pids()[0]
@@ -284,7 +295,9 @@ async def test_hung_worker_is_killed_and_restarted(gw: tuple[SipPlane, FakeHooks
     assert plane.stats()["worker_hung_kills"] == 1
 
 
-async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bad_input_gets_4xx_and_leaks_no_slot(
+    gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch
+) -> None:
     plane, hooks = gw
     port = plane.settings.sip_port
     monkeypatch.setattr(plane_mod, "RESERVATION_SECONDS", 2.0)
@@ -303,12 +316,21 @@ async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHook
         assert await status(b"", "multipart/mixed;boundary=x") == 400  # empty multipart
         assert await status(b"--x\r\nno headers here", "multipart/mixed;boundary=x") == 400
         assert await status(b"garbage", "multipart/mixed") == 400  # no boundary
-        body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", b"<recording><oops")])
+        body, ct = multipart(
+            [("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", b"<recording><oops")]
+        )
         assert await status(body, ct, {"X-Conversation-ID": "c-1"}) == 400  # invalid XML
-        bomb = b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><recording>&b;</recording>'
+        bomb = (
+            b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><recording>&b;</recording>'
+        )
         body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", bomb)])
         assert await status(body, ct, {"X-Conversation-ID": "c-1"}) == 400  # entities refused
-        body, ct = multipart([("application/sdp", sdp(streams=2, labels=True)), ("application/rs-metadata+xml", metadata("sip:zed@x", "sip:c@x", "c-1"))])
+        body, ct = multipart(
+            [
+                ("application/sdp", sdp(streams=2, labels=True)),
+                ("application/rs-metadata+xml", metadata("sip:zed@x", "sip:c@x", "c-1")),
+            ]
+        )
         assert await status(body, ct, {}) == 404  # the agent is not a participant
         assert await status(sdp(), headers={"X-Conversation-ID": "nope", "X-Leg": "agent"}) == 404
         assert await status(sdp(), headers={"X-Leg": "agent"}) == 404
@@ -330,7 +352,12 @@ async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHook
         assert (await sip.request(forged, wport))[0] == 403
         await wait_until(lambda: plane.stats()["calls"] == 0, 3, "refused calls gone")
         # Garbage and truncated datagrams: no answer, no crash.
-        for junk in (b"\x00\xff" * 100, b"INVITE", b"SIP/2.0 200 OK\r\n\r\n", b"INVITE sip:x SIP/2.0\r\nVia: x\r\n\r\n"):
+        for junk in (
+            b"\x00\xff" * 100,
+            b"INVITE",
+            b"SIP/2.0 200 OK\r\n\r\n",
+            b"INVITE sip:x SIP/2.0\r\nVia: x\r\n\r\n",
+        ):
             sip.send(junk, port)
         data, _, _ = sip.invite(port, body=sdp(), headers=hdr)
         bad_len = data.replace(b"Content-Length: ", b"Content-Length: 9")
@@ -344,7 +371,9 @@ async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHook
         code, text = await sip.request(sip.invite(port, body=sdp(), headers=hdr)[0], port)
         assert code == 503 and "Retry-After:" in text
         plane.set_draining(False)
-        await wait_until(lambda: plane.stats()["conversations"] == 0 and plane.stats()["reservations"] == 0, 12, "no slot held")
+        await wait_until(
+            lambda: plane.stats()["conversations"] == 0 and plane.stats()["reservations"] == 0, 12, "no slot held"
+        )
 
         # An INVITE whose 302 is never ACKed: the 302 is retransmitted, the slot comes back.
         mute = RawSip()
@@ -359,19 +388,29 @@ async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHook
             assert plane.stats()["reservations"] == 1
         finally:
             mute.close()
-        await wait_until(lambda: plane.stats()["reservations"] == 0 and plane.stats()["conversations"] == 0, 4, "reservation expiry")
+        await wait_until(
+            lambda: plane.stats()["reservations"] == 0 and plane.stats()["conversations"] == 0, 4, "reservation expiry"
+        )
 
         # Capacity: 2 workers x 4 calls = 2 per-leg conversations (3 calls each with the phone slot).
         for cid in ("c-1", "c-2"):
-            code, _ = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": cid, "X-Leg": "agent"})[0], port)
+            code, _ = await sip.request(
+                sip.invite(port, body=sdp(), headers={"X-Conversation-ID": cid, "X-Leg": "agent"})[0], port
+            )
             assert code == 302
-        code, text = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-3", "X-Leg": "agent"})[0], port)
+        code, text = await sip.request(
+            sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-3", "X-Leg": "agent"})[0], port
+        )
         assert code == 503 and "Retry-After:" in text
         assert (await sip.request(sip.invite(port, method="OPTIONS")[0], port))[0] == 503  # full
         # The same leg twice is refused, the other leg of c-1 is welcome on the same worker.
-        code, _ = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})[0], port)
+        code, _ = await sip.request(
+            sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})[0], port
+        )
         assert code == 486
-        code, text = await sip.request(sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "customer"})[0], port)
+        code, text = await sip.request(
+            sip.invite(port, body=sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "customer"})[0], port
+        )
         assert code == 302 and f":{plane.workers[plane.worker_of('c-1')].sip_port}>" in text  # type: ignore[index]
         await wait_until(lambda: plane.stats()["conversations"] == 0, 4, "reservation expiry")
         assert plane.ready and plane.stats()["front_malformed"] >= 1

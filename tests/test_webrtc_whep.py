@@ -24,7 +24,9 @@ from gateway.media.whep import WhepError, WhepSession, answer_whep
 
 pytestmark = pytest.mark.webrtc
 
-SETTINGS = Settings(ice_host_addresses="127.0.0.1", webrtc_codec="opus", webrtc_batch=False)  # each test picks codec and sender itself
+SETTINGS = Settings(
+    ice_host_addresses="127.0.0.1", webrtc_codec="opus", webrtc_batch=False
+)  # each test picks codec and sender itself
 LISTEN_SECONDS = 1.2
 
 
@@ -131,7 +133,14 @@ async def _listen(
     with host_addresses(["127.0.0.1"]):
         await client.setLocalDescription(offer)
     answer_sdp, session = await answer_whep(
-        client.localDescription.sdp, tap, settings=SETTINGS, stereo=stereo, on_levels=None, on_inbound_rtp=None, codec=codec, batch=batch
+        client.localDescription.sdp,
+        tap,
+        settings=SETTINGS,
+        stereo=stereo,
+        on_levels=None,
+        on_inbound_rtp=None,
+        codec=codec,
+        batch=batch,
     )
     client_answer = answer_sdp.replace("a=sendonly", "a=sendrecv") if force_answer_sendrecv else answer_sdp
     await client.setRemoteDescription(RTCSessionDescription(sdp=client_answer, type="answer"))
@@ -248,7 +257,9 @@ async def test_audio_a_misbehaving_peer_sends_is_counted_and_dropped() -> None:
     )
     try:
         assert _media_direction(answer) == "sendonly"
-        await client.setRemoteDescription(RTCSessionDescription(sdp=answer.replace("a=sendonly", "a=sendrecv"), type="answer"))
+        await client.setRemoteDescription(
+            RTCSessionDescription(sdp=answer.replace("a=sendonly", "a=sendrecv"), type="answer")
+        )
         received: list[np.ndarray] = []
         await _collect(await asyncio.wait_for(got, 5), LISTEN_SECONDS, received)
         assert session.inbound_rtp_packets > 10  # the browser's RTP arrived ...
@@ -275,7 +286,12 @@ async def test_levels_reported_ten_times_a_second() -> None:
     with host_addresses(["127.0.0.1"]):
         await client.setLocalDescription(offer)
     answer, session = await answer_whep(
-        client.localDescription.sdp, tap, settings=SETTINGS, stereo=False, on_levels=lambda a, c: levels.append((a, c)), on_inbound_rtp=None
+        client.localDescription.sdp,
+        tap,
+        settings=SETTINGS,
+        stereo=False,
+        on_levels=lambda a, c: levels.append((a, c)),
+        on_inbound_rtp=None,
     )
     try:
         await client.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))

@@ -41,15 +41,11 @@ class Credential:
     def matches(self, password: str) -> bool:
         if self.value is not None:
             return hmac.compare_digest(self.value.encode(), password.encode())
-        digest = {"pbkdf2-sha256": "sha256", "pbkdf2-sha512": "sha512", "pbkdf2": "sha1"}.get(
-            self.algorithm
-        )
+        digest = {"pbkdf2-sha256": "sha256", "pbkdf2-sha512": "sha512", "pbkdf2": "sha1"}.get(self.algorithm)
         if digest is None or not self.hashed or self.iterations <= 0:
             # argon2 (Keycloak's default since 24) needs a library we do not ship.
             return False
-        candidate = hashlib.pbkdf2_hmac(
-            digest, password.encode(), self.salt, self.iterations, len(self.hashed)
-        )
+        candidate = hashlib.pbkdf2_hmac(digest, password.encode(), self.salt, self.iterations, len(self.hashed))
         return hmac.compare_digest(candidate, self.hashed)
 
 
@@ -283,15 +279,11 @@ class Realm:
         user = self.user_by_name(login)
         if user is None and "@" in login:
             wanted = login.lower()
-            user = next(
-                (u for u in self.users.values() if u.email and u.email.lower() == wanted), None
-            )
+            user = next((u for u in self.users.values() if u.email and u.email.lower() == wanted), None)
         return user
 
     def service_account(self, client_id: str) -> User | None:
-        return next(
-            (u for u in self.users.values() if u.service_account_client == client_id), None
-        )
+        return next((u for u in self.users.values() if u.service_account_client == client_id), None)
 
     def user_groups(self, user: User) -> list[Group]:
         return [g for g in (self.group(gid) for gid in user.group_ids) if g is not None]
@@ -328,8 +320,7 @@ class Realm:
         attributes = _attributes(raw_attributes, "attributes") if raw_attributes is not None else None
         if attributes is not None:
             if len(attributes) > 100 or any(
-                len(k) > 255 or len(v) > 100 or any(len(x) > 2000 for x in v)
-                for k, v in attributes.items()
+                len(k) > 255 or len(v) > 100 or any(len(x) > 2000 for x in v) for k, v in attributes.items()
             ):
                 raise RealmError("attributes too large")
         if name is not None and name != group.name:
@@ -441,9 +432,7 @@ def parse_realm(raw: Any) -> Realm:
                 raise RealmError(f"{where}: unknown group {gpath!r}")
             group_ids.append(group.id)
         creds = [
-            c
-            for c in (_credential(c) for c in rep.get("credentials") or [] if isinstance(c, dict))
-            if c is not None
+            c for c in (_credential(c) for c in rep.get("credentials") or [] if isinstance(c, dict)) if c is not None
         ]
         user = User(
             id=str(rep.get("id") or uuid.uuid5(_ID_NAMESPACE, f"{name}/user/{username}")),

@@ -61,9 +61,7 @@ class EmbeddedIdp:
     def from_settings(cls, settings: Settings) -> EmbeddedIdp:
         realm = load_realm(settings.realm_file)
         if realm.name != settings.realm:
-            raise RealmError(
-                f"{settings.realm_file} holds realm {realm.name!r}, settings ask for {settings.realm!r}"
-            )
+            raise RealmError(f"{settings.realm_file} holds realm {realm.name!r}, settings ask for {settings.realm!r}")
         key = load_or_create_key(settings.data_dir)
         ended = Path(settings.data_dir) / "idp-ended-sessions.json"
         return cls(settings, realm, TokenService(realm, key, settings.issuer, ended_path=ended))
@@ -102,9 +100,7 @@ def _admin_error(status: int, message: str | None = None) -> web.Response:
 def _idp(request: web.Request) -> EmbeddedIdp:
     idp = request.app[IDP_KEY]
     if request.match_info.get("realm") != idp.realm.name:
-        raise web.HTTPNotFound(
-            text='{"error":"Realm does not exist"}', content_type="application/json"
-        )
+        raise web.HTTPNotFound(text='{"error":"Realm does not exist"}', content_type="application/json")
     return idp
 
 
@@ -185,7 +181,10 @@ async def well_known(request: web.Request) -> web.Response:
             "end_session_endpoint": f"{base}/logout",
             "jwks_uri": f"{base}/certs",
             "grant_types_supported": [
-                "authorization_code", "refresh_token", "password", "client_credentials",
+                "authorization_code",
+                "refresh_token",
+                "password",
+                "client_credentials",
             ],
             "response_types_supported": ["code"],
             "response_modes_supported": ["query"],
@@ -196,8 +195,19 @@ async def well_known(request: web.Request) -> web.Response:
             "code_challenge_methods_supported": ["S256"],
             "scopes_supported": ["openid", "profile", "email"],
             "claims_supported": [
-                "aud", "sub", "iss", "auth_time", "name", "given_name", "family_name",
-                "preferred_username", "email", "email_verified", "acr", "azp", "sid",
+                "aud",
+                "sub",
+                "iss",
+                "auth_time",
+                "name",
+                "given_name",
+                "family_name",
+                "preferred_username",
+                "email",
+                "email_verified",
+                "acr",
+                "azp",
+                "sid",
             ],
             "frontchannel_logout_supported": False,
             "backchannel_logout_supported": False,
@@ -237,9 +247,7 @@ def _grant_password(idp: EmbeddedIdp, client: Client, form: dict[str, str]) -> d
     return idp.tokens.token_response(user, client, scope, session)
 
 
-def _grant_client_credentials(
-    idp: EmbeddedIdp, client: Client, form: dict[str, str]
-) -> dict[str, Any]:
+def _grant_client_credentials(idp: EmbeddedIdp, client: Client, form: dict[str, str]) -> dict[str, Any]:
     if client.public:
         raise OAuthError(401, "unauthorized_client", "Public client not allowed to retrieve service account")
     if not client.service_accounts:
@@ -320,9 +328,12 @@ async def userinfo(request: web.Request) -> web.Response:
         return web.Response(status=401, headers={"WWW-Authenticate": challenge})
     if "openid" not in str(claims.get("scope", "")).split():
         # Keycloak 26 answers 403 without a body for a token lacking the openid scope.
-        return web.Response(status=403, headers={
-            "WWW-Authenticate": f'Bearer realm="{idp.realm.name}", error="insufficient_scope", error_description="Missing openid scope"'
-        })
+        return web.Response(
+            status=403,
+            headers={
+                "WWW-Authenticate": f'Bearer realm="{idp.realm.name}", error="insufficient_scope", error_description="Missing openid scope"'
+            },
+        )
     user = idp.realm.users.get(str(claims.get("sub")))
     if user is None or not user.enabled:
         return web.Response(status=401, headers={"WWW-Authenticate": challenge})
@@ -356,16 +367,22 @@ async def logout(request: web.Request) -> web.StreamResponse:
         redirect = params.get("post_logout_redirect_uri")
         client = idp.realm.clients.get(str(claims.get("azp")))
         if redirect and client is not None:
-            allowed = client.redirect_allowed(redirect) if "+" in client.post_logout_redirect_uris else any(
-                redirect == p or (p.endswith("*") and redirect.startswith(p[:-1]))
-                for p in client.post_logout_redirect_uris
+            allowed = (
+                client.redirect_allowed(redirect)
+                if "+" in client.post_logout_redirect_uris
+                else any(
+                    redirect == p or (p.endswith("*") and redirect.startswith(p[:-1]))
+                    for p in client.post_logout_redirect_uris
+                )
             )
             if not allowed:
                 raise OAuthError(400, "invalid_redirect_uri", "Invalid redirect uri")
             state = params.get("state")
             target = redirect + (("&" if "?" in redirect else "?") + urlencode({"state": state}) if state else "")
             raise web.HTTPFound(target)
-        return web.Response(text="<!doctype html><title>Logged out</title><p>You are logged out.</p>", content_type="text/html")
+        return web.Response(
+            text="<!doctype html><title>Logged out</title><p>You are logged out.</p>", content_type="text/html"
+        )
     except OAuthError as exc:
         return exc.response()
 
@@ -378,8 +395,16 @@ _LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Sign in
 <label>Password <input name="password" type="password" autocomplete="current-password" required></label>
 <button type="submit">Sign in</button></form></body></html>"""
 
-_AUTH_PARAMS = ("client_id", "redirect_uri", "response_type", "scope", "state", "nonce",
-                "code_challenge", "code_challenge_method")
+_AUTH_PARAMS = (
+    "client_id",
+    "redirect_uri",
+    "response_type",
+    "scope",
+    "state",
+    "nonce",
+    "code_challenge",
+    "code_challenge_method",
+)
 
 
 async def authorize(request: web.Request) -> web.StreamResponse:
@@ -424,15 +449,26 @@ async def authorize(request: web.Request) -> web.StreamResponse:
             now = time.time()
             for k in [k for k, c in idp.codes.items() if c.expires < now]:
                 del idp.codes[k]
-            idp.codes[code] = _Code(client.client_id, user.id, redirect, params.get("scope", ""),
-                                    params.get("nonce"), challenge, now + _CODE_TTL)
+            idp.codes[code] = _Code(
+                client.client_id,
+                user.id,
+                redirect,
+                params.get("scope", ""),
+                params.get("nonce"),
+                challenge,
+                now + _CODE_TTL,
+            )
             raise back(code=code)
     hidden = "\n".join(
         f'<input type="hidden" name="{k}" value="{html.escape(v, quote=True)}">' for k, v in params.items()
     )
     page = _LOGIN_PAGE.format(realm=html.escape(idp.realm.name), error=error, hidden=hidden)
-    return web.Response(text=page, content_type="text/html", status=200 if not error else 401,
-                        headers={"X-Frame-Options": "DENY", "Cache-Control": "no-store"})
+    return web.Response(
+        text=page,
+        content_type="text/html",
+        status=200 if not error else 401,
+        headers={"X-Frame-Options": "DENY", "Cache-Control": "no-store"},
+    )
 
 
 # --- admin API (the part the gateway uses) ------------------------------------------------------
@@ -507,8 +543,7 @@ async def admin_groups(request: web.Request, idp: EmbeddedIdp) -> web.Response:
     if search:
         needle = search.lower()
         groups = [
-            g for g in idp.realm.all_groups()
-            if (g.name.lower() == needle if exact else needle in g.name.lower())
+            g for g in idp.realm.all_groups() if (g.name.lower() == needle if exact else needle in g.name.lower())
         ]
     query = request.query.get("q")
     if query:
@@ -554,8 +589,10 @@ async def admin_users(request: web.Request, idp: EmbeddedIdp) -> web.Response:
     exact = _flag(request, "exact", False)
     users = list(idp.realm.users.values())
     filters = {
-        "username": lambda u: u.username, "email": lambda u: u.email,
-        "firstName": lambda u: u.first_name, "lastName": lambda u: u.last_name,
+        "username": lambda u: u.username,
+        "email": lambda u: u.email,
+        "firstName": lambda u: u.first_name,
+        "lastName": lambda u: u.last_name,
     }
     used = False
     for name, get in filters.items():
@@ -570,9 +607,9 @@ async def admin_users(request: web.Request, idp: EmbeddedIdp) -> web.Response:
         used = True
         needle = search.lower().strip("*")
         users = [
-            u for u in users
-            if not u.service_account_client
-            and any(f(u).lower().startswith(needle) for f in filters.values())
+            u
+            for u in users
+            if not u.service_account_client and any(f(u).lower().startswith(needle) for f in filters.values())
         ]
     if not (used and exact):
         # Keycloak hides service-account users from listings unless asked for exactly.

@@ -82,14 +82,10 @@ class TokenService:
     # --- signing --------------------------------------------------------------------------
     def sign(self, claims: dict[str, Any]) -> str:
         token = jws.JWS(json.dumps(claims, separators=(",", ":")).encode())
-        token.add_signature(
-            self.key, alg="RS256", protected={"alg": "RS256", "typ": "JWT", "kid": self.kid}
-        )
+        token.add_signature(self.key, alg="RS256", protected={"alg": "RS256", "typ": "JWT", "kid": self.kid})
         return token.serialize(compact=True)
 
-    def verify(
-        self, token: str, typ: str, leeway: int = 0, check_exp: bool = True
-    ) -> dict[str, Any]:
+    def verify(self, token: str, typ: str, leeway: int = 0, check_exp: bool = True) -> dict[str, Any]:
         """Check signature, ``iss``, ``exp`` (unless ``check_exp`` is false) and ``typ``."""
         if not isinstance(token, str) or not token or len(token) > 16384 or token.count(".") != 2:
             raise TokenError("malformed token")
@@ -150,7 +146,11 @@ class TokenService:
             if not isinstance(started, int):
                 return None
             session = Session(
-                sid, str(claims.get("sub")), str(claims.get("azp")), started, now,
+                sid,
+                str(claims.get("sub")),
+                str(claims.get("azp")),
+                started,
+                now,
                 str(claims.get("scope", "")),
             )
             self.sessions[sid] = session
@@ -267,14 +267,18 @@ class TokenService:
             body["id_token"] = self.sign(id_claims)
         if session is not None and with_refresh:
             session.last_refresh = now
-            refresh_exp = min(
-                now + self.realm.sso_session_idle, session.started + self.realm.sso_session_max
-            )
+            refresh_exp = min(now + self.realm.sso_session_idle, session.started + self.realm.sso_session_max)
             refresh = self._base(now, "")
             refresh["jti"] = str(uuid.uuid4())
             refresh.update(
-                exp=refresh_exp, aud=self.issuer, sub=user.id, typ="Refresh",
-                azp=client.client_id, sid=session.id, scope=scope, sess_start=session.started,
+                exp=refresh_exp,
+                aud=self.issuer,
+                sub=user.id,
+                typ="Refresh",
+                azp=client.client_id,
+                sid=session.id,
+                scope=scope,
+                sess_start=session.started,
             )
             body["refresh_token"] = self.sign(refresh)
             body["refresh_expires_in"] = refresh_exp - now

@@ -174,9 +174,7 @@ class _ChatStream:
         reader = asyncio.ensure_future(self._read())
         decision: tuple[int, str] | None = None
         try:
-            done, _ = await asyncio.wait(
-                {writer, reader, self.kill}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({writer, reader, self.kill}, return_when=asyncio.FIRST_COMPLETED)
             if self.kill.done():
                 decision = self.kill.result()
             elif writer in done:
@@ -198,9 +196,7 @@ class _ChatStream:
             if decision is not None and not self.ws.closed:
                 code, message = decision
                 try:
-                    await asyncio.wait_for(
-                        self.ws.close(code=code, message=message.encode()), CLOSE_TIMEOUT * 2
-                    )
+                    await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), CLOSE_TIMEOUT * 2)
                 except (TimeoutError, ConnectionError):
                     pass
             if not reader.done():

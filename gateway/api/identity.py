@@ -40,5 +40,3 @@ async def authenticate(request: web.Request, *roles: str, websocket: bool = Fals
 
 async def authenticate_supervisor(request: web.Request) -> Principal:
     return await authenticate(request, "supervisor")
-
-

@@ -14,6 +14,7 @@ from gateway.errors import CODE_OF_STATUS, ERRORS, ErrorCode, GatewayError, http
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 

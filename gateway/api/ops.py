@@ -28,7 +28,9 @@ async def readyz(request: web.Request) -> web.Response:
     if sip is not None:
         checks["sip_workers"] = bool(sip.ready)
     ready = all(checks.values())
-    return web.json_response({"status": "ready" if ready else "not_ready", "checks": checks}, status=200 if ready else 503)
+    return web.json_response(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, status=200 if ready else 503
+    )
 
 
 @routes.get("/metrics")
@@ -47,4 +49,6 @@ async def console_config(request: web.Request) -> web.Response:
     """What the browser console needs to sign in."""
     settings = request.app[SETTINGS]
     idp = settings.keycloak_url or ""  # empty: same origin (the embedded provider)
-    return web.json_response({"idp_url": idp, "realm": settings.realm, "client_id": "gateway-console", "embedded_idp": settings.embedded_idp})
+    return web.json_response(
+        {"idp_url": idp, "realm": settings.realm, "client_id": "gateway-console", "embedded_idp": settings.embedded_idp}
+    )

@@ -108,7 +108,9 @@ async def post_message(request: web.Request) -> web.Response:
     conversation = request.app[SERVICE].conversation(cid)
     if not principal.has_role("platform"):
         if sender != "agent" or conversation.agent != principal.username:
-            raise GatewayError(ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only post as agent in its own conversations")
+            raise GatewayError(
+                ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only post as agent in its own conversations"
+            )
     if not conversation.session_active("chat"):
         raise GatewayError(ErrorCode.CHAT_NOT_ACTIVE, "the conversation has no active chat session")
     author = conversation.agent if sender == "agent" else str(conversation.customer.get("id") or "customer")
@@ -128,7 +130,9 @@ async def conversation_chat(request: web.Request) -> web.StreamResponse:
         raise GatewayError(ErrorCode.INVALID_VIEW, "view is 'customer' or 'agent'")
     conversation = request.app[SERVICE].conversation(cid)
     if not principal.has_role("platform") and (view != "agent" or conversation.agent != principal.username):
-        raise GatewayError(ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only read the agent view of its own conversations")
+        raise GatewayError(
+            ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only read the agent view of its own conversations"
+        )
     return await _serve_chat(request, principal, cid, view, ended=None)
 
 
@@ -143,10 +147,14 @@ def _after(request: web.Request) -> int:
     return after
 
 
-async def _serve_chat(request: web.Request, principal: Principal, cid: str, view: str, ended: asyncio.Future[str] | None) -> web.StreamResponse:
+async def _serve_chat(
+    request: web.Request, principal: Principal, cid: str, view: str, ended: asyncio.Future[str] | None
+) -> web.StreamResponse:
     from gateway.api.chat_ws import serve_chat_stream
 
-    return await serve_chat_stream(request, request.app[CHAT], cid, view, _after(request), expires_at=principal.expires_at, ended=ended)
+    return await serve_chat_stream(
+        request, request.app[CHAT], cid, view, _after(request), expires_at=principal.expires_at, ended=ended
+    )
 
 
 # ---------------------------------------------------------------------------- supervisor side
@@ -188,7 +196,14 @@ async def start_monitor(request: web.Request) -> web.Response:
     # The note to the agent's view is not part of the answer: a chat hiccup must not undo the monitor.
     background(
         request.app,
-        request.app[CHAT].post(cid, kind="system", sender="system", author=principal.username, text=f"supervisor {principal.username} joined silently", visibility="agent"),
+        request.app[CHAT].post(
+            cid,
+            kind="system",
+            sender="system",
+            author=principal.username,
+            text=f"supervisor {principal.username} joined silently",
+            visibility="agent",
+        ),
     )
     if monitor.voice_kind is not None and monitor.voice_kind.value == "sip":
         await call_supervisor_phone(request.app, monitor.id)
@@ -236,10 +251,17 @@ async def whisper(request: web.Request) -> web.Response:
     text = field(body, "text", str)
     conversation, monitor = request.app[SERVICE].check_whisper(principal, request.match_info["mid"])
     entry, _ = await request.app[CHAT].post(
-        conversation.id, kind="whisper", sender="supervisor", author=principal.username, text=text, visibility="agent",
+        conversation.id,
+        kind="whisper",
+        sender="supervisor",
+        author=principal.username,
+        text=text,
+        visibility="agent",
         client_id=field(body, "client_id", str, default=None),
     )
-    request.app[AUDIT].record("whisper", actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq)
+    request.app[AUDIT].record(
+        "whisper", actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq
+    )
     return _json({"seq": entry.seq}, 201)
 
 
@@ -249,8 +271,12 @@ async def barge(request: web.Request) -> web.Response:
     monitor, changed = request.app[SERVICE].barge(principal, request.match_info["mid"])
     if changed:
         await request.app[CHAT].post(
-            monitor.conversation, kind="system", sender="system", author=principal.username,
-            text=f"supervisor {principal.username} joined the conversation", visibility="all",
+            monitor.conversation,
+            kind="system",
+            sender="system",
+            author=principal.username,
+            text=f"supervisor {principal.username} joined the conversation",
+            visibility="all",
         )
     return _json(monitor_json(monitor))
 
@@ -264,10 +290,17 @@ async def supervisor_message(request: web.Request) -> web.Response:
     body = await read_json(request, max_bytes=settings.max_body_bytes)
     text = field(body, "text", str)
     entry, _ = await request.app[CHAT].post(
-        conversation.id, kind="message", sender="supervisor", author=principal.username, text=text, visibility="all",
+        conversation.id,
+        kind="message",
+        sender="supervisor",
+        author=principal.username,
+        text=text,
+        visibility="all",
         client_id=field(body, "client_id", str, default=None),
     )
-    request.app[AUDIT].record("barged_message", actor=principal.username, conversation=conversation.id, monitor=mid, seq=entry.seq)
+    request.app[AUDIT].record(
+        "barged_message", actor=principal.username, conversation=conversation.id, monitor=mid, seq=entry.seq
+    )
     return _json({"seq": entry.seq}, 201)
 
 

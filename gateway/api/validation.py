@@ -46,7 +46,14 @@ async def read_limited(request: web.Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, default: Any = _MISSING, choices: tuple[Any, ...] | None = None) -> Any:
+def field(
+    body: dict[str, Any],
+    name: str,
+    kind: type | tuple[type, ...],
+    *,
+    default: Any = _MISSING,
+    choices: tuple[Any, ...] | None = None,
+) -> Any:
     """``body[name]`` checked against ``kind`` (and ``choices``); 422 ``invalid_field`` otherwise."""
     if name not in body or body[name] is None and default is not _MISSING:
         if default is _MISSING:
@@ -66,5 +73,7 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, def
 def conversation_id(raw: str) -> str:
     """Conversation ids appear in SIP headers and logs: keep them printable and short."""
     if not raw or len(raw) > 128 or not all(c.isalnum() or c in "-_.:@" for c in raw):
-        raise GatewayError(ErrorCode.INVALID_CONVERSATION_ID, "conversation ids are 1-128 characters of [A-Za-z0-9-_.:@]")
+        raise GatewayError(
+            ErrorCode.INVALID_CONVERSATION_ID, "conversation ids are 1-128 characters of [A-Za-z0-9-_.:@]"
+        )
     return raw

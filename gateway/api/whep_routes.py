@@ -36,7 +36,11 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
     rules.check_still_supervises(conversation, principal.teams)
     if not monitor.has_voice or monitor.voice_kind is not VoiceKind.WEBRTC:
-        raise GatewayError(ErrorCode.VOICE_NOT_GRANTED, "this monitor does not hold the conversation's voice over WebRTC", voice_blocked_reason=monitor.voice_blocked_reason)
+        raise GatewayError(
+            ErrorCode.VOICE_NOT_GRANTED,
+            "this monitor does not hold the conversation's voice over WebRTC",
+            voice_blocked_reason=monitor.voice_blocked_reason,
+        )
     if request.content_type != "application/sdp":
         raise GatewayError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the offer as application/sdp")
     offer = (await read_limited(request, settings.max_body_bytes)).decode("utf-8", errors="replace")
@@ -48,7 +52,19 @@ async def whep_offer(request: web.Request) -> web.Response:
     bus, metrics, audit = app[BUS], app[METRICS], app[AUDIT]
 
     def on_levels(agent_dbfs: float, customer_dbfs: float) -> None:
-        bus.publish(DomainEvent(EventType.LEVELS, cid, team, {"monitor": mid, "supervisor": supervisor, "agent": round(agent_dbfs, 1), "customer": round(customer_dbfs, 1)}))
+        bus.publish(
+            DomainEvent(
+                EventType.LEVELS,
+                cid,
+                team,
+                {
+                    "monitor": mid,
+                    "supervisor": supervisor,
+                    "agent": round(agent_dbfs, 1),
+                    "customer": round(customer_dbfs, 1),
+                },
+            )
+        )
 
     def on_inbound_rtp(total: int) -> None:
         # The answer is sendonly, so a browser should send nothing; whatever comes is dropped.
@@ -58,7 +74,14 @@ async def whep_offer(request: web.Request) -> web.Response:
 
     tap = sip.open_tap(cid)
     try:
-        answer, session = await answer_whep(offer, tap, settings=settings, stereo=_stereo(request, settings.webrtc_stereo), on_levels=on_levels, on_inbound_rtp=on_inbound_rtp)
+        answer, session = await answer_whep(
+            offer,
+            tap,
+            settings=settings,
+            stereo=_stereo(request, settings.webrtc_stereo),
+            on_levels=on_levels,
+            on_inbound_rtp=on_inbound_rtp,
+        )
     except WhepError as exc:
         raise GatewayError(ErrorCode(exc.code), str(exc)) from exc
     sessions = app[WHEP].setdefault(mid, {})

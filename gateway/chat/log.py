@@ -442,9 +442,7 @@ class SqliteChatLog:
         if visibility not in VISIBILITIES:
             raise ValueError(f"unknown visibility {visibility!r}")
         return self._submit(
-            lambda conn: self._op_append(
-                conn, conversation, kind, sender, author, text, visibility, client_id, ts
-            ),
+            lambda conn: self._op_append(conn, conversation, kind, sender, author, text, visibility, client_id, ts),
             target,
             one_write=True,  # a SELECT (client_id) and one INSERT; only this process writes
         )
@@ -462,8 +460,7 @@ class SqliteChatLog:
 
     def read_sync(self, conversation: str, after: int, limit: int = 500) -> list[ChatEntry]:
         rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM chat_entry WHERE conversation = ? AND seq > ? "
-            "ORDER BY seq LIMIT ?",
+            f"SELECT {_COLUMNS} FROM chat_entry WHERE conversation = ? AND seq > ? ORDER BY seq LIMIT ?",
             (conversation, after, limit),
         ).fetchall()
         return [_row(r) for r in rows]
@@ -481,9 +478,7 @@ class SqliteChatLog:
             _lru_set(self._read_heads, conversation, head, self.HEAD_CACHE)
 
     def low_water_sync(self, conversation: str) -> int:
-        row = self.db.execute(
-            "SELECT low FROM chat_conversation WHERE conversation = ?", (conversation,)
-        ).fetchone()
+        row = self.db.execute("SELECT low FROM chat_conversation WHERE conversation = ?", (conversation,)).fetchone()
         return int(row[0]) if row else 1
 
     def trim_sync(self, conversation: str, below: int) -> int:
@@ -564,12 +559,8 @@ def _resolve_all(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 
 
 def _stored_head(conn: sqlite3.Connection, conversation: str) -> int:
-    (top,) = conn.execute(
-        "SELECT max(seq) FROM chat_entry WHERE conversation = ?", (conversation,)
-    ).fetchone()
-    row = conn.execute(
-        "SELECT head FROM chat_conversation WHERE conversation = ?", (conversation,)
-    ).fetchone()
+    (top,) = conn.execute("SELECT max(seq) FROM chat_entry WHERE conversation = ?", (conversation,)).fetchone()
+    row = conn.execute("SELECT head FROM chat_conversation WHERE conversation = ?", (conversation,)).fetchone()
     return max(int(top or 0), int(row[0]) if row else 0)
 
 

@@ -125,8 +125,7 @@ class ChatService:
             raise GatewayError(ErrorCode.EMPTY_MESSAGE, "the message is empty")
         limit = self.settings.max_message_chars
         if len(text) > limit:
-            raise GatewayError(ErrorCode.MESSAGE_TOO_LONG, f"a message has at most {limit} characters", max_chars=limit
-            )
+            raise GatewayError(ErrorCode.MESSAGE_TOO_LONG, f"a message has at most {limit} characters", max_chars=limit)
         if kind != "system":
             self._take_token(cid, sender, author)
         lock = self._locks.get(cid)
@@ -179,9 +178,7 @@ class ChatService:
 
     visible = staticmethod(visible)
 
-    async def read(
-        self, cid: str, after: int, limit: int = 500
-    ) -> tuple[tuple[int, int] | None, list[ChatEntry]]:
+    async def read(self, cid: str, after: int, limit: int = 500) -> tuple[tuple[int, int] | None, list[ChatEntry]]:
         """``(gap, entries)``: entries after ``after``; ``gap=(from, to)`` when the entries
         right after ``after`` were trimmed away."""
         low = await self.log.low_water(cid)

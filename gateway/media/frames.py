@@ -51,7 +51,12 @@ def encode_leg_frame(frame: LegFrame) -> bytes:
         raise ValueError("conversation id longer than 255 bytes")
     header = _HEADER.pack(_VERSION, len(cid), frame.sample_rate // 100, frame.seq & 0xFFFFFFFF, frame.samples)
     return b"".join(
-        (header, cid, frame.agent.astype("<i2", copy=False).tobytes(), frame.customer.astype("<i2", copy=False).tobytes())
+        (
+            header,
+            cid,
+            frame.agent.astype("<i2", copy=False).tobytes(),
+            frame.customer.astype("<i2", copy=False).tobytes(),
+        )
     )
 
 

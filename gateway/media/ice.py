@@ -29,7 +29,9 @@ from aiortc import RTCConfiguration, RTCIceServer
 
 from ..config import Settings
 
-_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("gateway_ice_host_addresses", default=None)
+_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "gateway_ice_host_addresses", default=None
+)
 _installed = False
 
 

@@ -97,5 +97,3 @@ class TapReader:
             self._ended()
         except Exception:
             self._ended(failed=True)
-
-

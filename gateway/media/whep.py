@@ -62,7 +62,15 @@ class WhepSession:
     :attr:`tap_ended`; the monitor's end closes the session).
     """
 
-    def __init__(self, pc: RTCPeerConnection, track: LegTapTrack | BatchTrack, tap: LegTap, *, stereo: bool, on_inbound_rtp: InboundRtpCallback | None) -> None:
+    def __init__(
+        self,
+        pc: RTCPeerConnection,
+        track: LegTapTrack | BatchTrack,
+        tap: LegTap,
+        *,
+        stereo: bool,
+        on_inbound_rtp: InboundRtpCallback | None,
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.pc = pc
         self.track = track
@@ -178,7 +186,9 @@ def _offered_codecs(offer: SessionDescription) -> list[str]:
 def _munge_stereo(answer_sdp: str) -> str:
     """Tell the browser the Opus stream is stereo (``stereo=1; sprop-stereo=1``)."""
     lines = answer_sdp.splitlines()
-    opus_pts = [ln.split(":", 1)[1].split()[0] for ln in lines if ln.startswith("a=rtpmap:") and "opus/48000" in ln.lower()]
+    opus_pts = [
+        ln.split(":", 1)[1].split()[0] for ln in lines if ln.startswith("a=rtpmap:") and "opus/48000" in ln.lower()
+    ]
     out: list[str] = []
     done = set()
     for ln in lines:
@@ -257,9 +267,13 @@ async def answer_whep(
     use_batch = use_batch and chosen in BATCH_CODECS and (chosen == "opus" or sample_rate == 8000)
     track: LegTapTrack | BatchTrack
     if use_batch:
-        track = BatchTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+        track = BatchTrack(
+            tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended
+        )
     else:
-        track = LegTapTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+        track = LegTapTrack(
+            tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended
+        )
     session = WhepSession(pc, track, tap, stereo=stereo, on_inbound_rtp=on_inbound_rtp)
     session_ref.append(session)
 
@@ -321,13 +335,21 @@ async def answer_whep(
             BatchSender.instance().add(track)
         else:  # this aiortc lacks the internals batching needs: the stock path instead
             log.warning("batched sending not supported by this aiortc; using the per-track sender")
-            plain = LegTapTrack(tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended)
+            plain = LegTapTrack(
+                tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended
+            )
             pc.getTransceivers()[0].sender.replaceTrack(plain)
             track.stop()
             session.track = track = plain
     if track.stereo and chosen == "opus":
         sdp = _munge_stereo(sdp)
-    log.info("whep session %s answered (codec %s, %s, %s)", session.id, chosen, "stereo" if track.stereo else "mono", track.mode)
+    log.info(
+        "whep session %s answered (codec %s, %s, %s)",
+        session.id,
+        chosen,
+        "stereo" if track.stereo else "mono",
+        track.mode,
+    )
     return sdp, session
 
 

@@ -50,10 +50,21 @@ class AuditLog:
     ) -> None:
         self._db.execute(
             "INSERT INTO audit (ts, action, outcome, actor, conversation, monitor, code, detail) VALUES (?,?,?,?,?,?,?,?)",
-            (time.time(), action, outcome, actor, conversation, monitor, code, json.dumps(detail, default=str) if detail else None),
+            (
+                time.time(),
+                action,
+                outcome,
+                actor,
+                conversation,
+                monitor,
+                code,
+                json.dumps(detail, default=str) if detail else None,
+            ),
         )
 
-    def query(self, *, conversation: str | None = None, action: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def query(
+        self, *, conversation: str | None = None, action: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
         sql = "SELECT ts, action, outcome, actor, conversation, monitor, code, detail FROM audit WHERE 1=1"
         args: list[Any] = []
         if conversation is not None:

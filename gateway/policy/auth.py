@@ -178,7 +178,12 @@ class Directory:
             timeout=max(1, int(settings.identity_timeout)),
         )
         self._admin = KeycloakAdmin(connection=connection)
-        self._openid = KeycloakOpenID(server_url=server.rstrip("/") + "/", realm_name=settings.realm, client_id=settings.admin_client_id, timeout=max(1, int(settings.identity_timeout)))
+        self._openid = KeycloakOpenID(
+            server_url=server.rstrip("/") + "/",
+            realm_name=settings.realm,
+            client_id=settings.admin_client_id,
+            timeout=max(1, int(settings.identity_timeout)),
+        )
 
     async def certs(self) -> dict[str, Any]:
         return await self._openid.a_certs()
@@ -263,7 +268,9 @@ class Authenticator:
             teams=teams,
         )
 
-    async def _session_rights(self, key: str, username: str, roles: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+    async def _session_rights(
+        self, key: str, username: str, roles: frozenset[str]
+    ) -> tuple[frozenset[str], frozenset[str]]:
         """Roles and teams as they were at the first request of this login session (R2): a
         token refreshed within the session keeps them even if Keycloak changed since."""
         cached = self._sessions.get(key)

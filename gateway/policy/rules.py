@@ -111,7 +111,9 @@ def check_may_message_customer(conversation: Conversation, monitor: Monitor) -> 
     """R4: a silent monitor can not message the customer; a barged one can (chat only)."""
     _check_active_monitor(monitor)
     if monitor.mode is not MonitorMode.BARGED:
-        raise GatewayError(ErrorCode.MONITOR_CANNOT_MESSAGE_CUSTOMER, "a silent monitor can not message the customer; barge in first")
+        raise GatewayError(
+            ErrorCode.MONITOR_CANNOT_MESSAGE_CUSTOMER, "a silent monitor can not message the customer; barge in first"
+        )
     if not conversation.session_active("chat"):
         raise GatewayError(ErrorCode.BARGE_CHAT_ONLY, "messages are only available for chat")
 
@@ -131,7 +133,9 @@ def _check_active_monitor(monitor: Monitor) -> None:
         raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
 
 
-def monitors_ending_on(event: str, monitors: Sequence[Monitor], conversation: Conversation) -> list[tuple[Monitor, str]]:
+def monitors_ending_on(
+    event: str, monitors: Sequence[Monitor], conversation: Conversation
+) -> list[tuple[Monitor, str]]:
     """R7, R10 and session ends: which active monitors end because of a platform event, and why.
 
     ``conversation`` is the state *after* the event was applied.

@@ -125,7 +125,9 @@ class SipFront(asyncio.DatagramProtocol):
         else:
             self._final(msg, addr, 405, None, [("Allow", _ALLOW)])
 
-    def _final(self, msg: SipMessage, addr: tuple[str, int], status: int, reason: str | None, extra: list[tuple[str, str]]) -> None:
+    def _final(
+        self, msg: SipMessage, addr: tuple[str, int], status: int, reason: str | None, extra: list[tuple[str, str]]
+    ) -> None:
         data = build_response(msg, status, reason, extra, to_tag=uuid.uuid4().hex[:10])
         method = msg.method or ""
         self.answered[(msg.call_id, msg.branch, method)] = (data, time.monotonic() + _TIMER_H)
@@ -133,7 +135,9 @@ class SipFront(asyncio.DatagramProtocol):
         if method == "INVITE" and status >= 300:
             self._retransmit((msg.call_id, msg.branch), data, addr, _T1, time.monotonic() + _TIMER_H)
 
-    def _retransmit(self, key: tuple[str, str], data: bytes, addr: tuple[str, int], interval: float, deadline: float) -> None:
+    def _retransmit(
+        self, key: tuple[str, str], data: bytes, addr: tuple[str, int], interval: float, deadline: float
+    ) -> None:
         loop = asyncio.get_running_loop()
 
         def fire() -> None:

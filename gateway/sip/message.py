@@ -192,7 +192,7 @@ def uri_user(uri: str) -> str:
 
 def valid_sip_uri(uri: str) -> bool:
     """True for a plain ``sip:``/``sips:`` URI this gateway is willing to call."""
-    if not isinstance(uri, str) or len(uri) > 256 or any(c in uri for c in "<>\"\r\n \t"):
+    if not isinstance(uri, str) or len(uri) > 256 or any(c in uri for c in '<>"\r\n \t'):
         return False
     m = _SIP_URI.match(uri)
     if not m:

@@ -54,7 +54,9 @@ HUNG_SECONDS = 6.0
 
 
 class SipHooks(Protocol):  # implemented by the control plane; all called on the asyncio loop thread
-    def conversation_agent(self, cid: str) -> str | None: ...  # agent username, or None if the conversation is unknown/not accepting voice (→ SIP 404)
+    def conversation_agent(
+        self, cid: str
+    ) -> str | None: ...  # agent username, or None if the conversation is unknown/not accepting voice (→ SIP 404)
 
     def accepting(self) -> bool: ...  # False while draining (→ 503)
 
@@ -62,7 +64,9 @@ class SipHooks(Protocol):  # implemented by the control plane; all called on the
 
     def on_leg_ended(self, cid: str, leg: str, reason: str) -> None: ...  # reason e.g. 'bye', 'media_failure'
 
-    def on_phone_ended(self, monitor_id: str, reason: str) -> None: ...  # phone hung up: 'left'; worker died: 'media_failure'; call failed: 'phone_unreachable'
+    def on_phone_ended(
+        self, monitor_id: str, reason: str
+    ) -> None: ...  # phone hung up: 'left'; worker died: 'media_failure'; call failed: 'phone_unreachable'
 
 
 # --- taps ------------------------------------------------------------------------------------
@@ -195,7 +199,8 @@ class SipPlane:
         self.capacity = max(1, min(4, settings.calls_per_worker))
         base = settings.sip_worker_base_port or settings.sip_port + 1
         self.workers = [
-            _Worker(i, base + i, settings.rtp_port_base + i * _RTP_PORTS_PER_WORKER) for i in range(max(1, settings.sip_workers))
+            _Worker(i, base + i, settings.rtp_port_base + i * _RTP_PORTS_PER_WORKER)
+            for i in range(max(1, settings.sip_workers))
         ]
         self.front: SipFront | None = None
         self._front_transport: asyncio.DatagramTransport | None = None
@@ -216,14 +221,18 @@ class SipPlane:
         loop = asyncio.get_running_loop()
         self.front = SipFront(self._decide_invite, self._options_ok)
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: self.front, local_addr=(self.settings.sip_host, self.settings.sip_port)  # type: ignore[return-value]
+            lambda: self.front,
+            local_addr=(self.settings.sip_host, self.settings.sip_port),  # type: ignore[return-value]
         )
         self._front_transport = transport  # type: ignore[assignment]
         self._started = True
         for w in self.workers:
             w.task = asyncio.create_task(self._supervise(w), name=f"sip-worker-{w.index}")
         try:
-            await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in self.workers)), max(_READY_TIMEOUT, 0.2 * len(self.workers)))
+            await asyncio.wait_for(
+                asyncio.gather(*(w.ready_event.wait() for w in self.workers)),
+                max(_READY_TIMEOUT, 0.2 * len(self.workers)),
+            )
         except TimeoutError:
             errors = "; ".join(f"worker {w.index}: {w.last_error or 'not ready'}" for w in self.workers if not w.ready)
             await self.stop()
@@ -509,7 +518,9 @@ class SipPlane:
             w = min(fits, key=self._free)  # best fit: keep workers full, idle ones idle
             conv = self.convs[info.conversation] = _Conv(info.conversation, w.index, footprint, info.kind)
         token = "t" + secrets.token_hex(8)
-        self.reservations[token] = _Reservation(token, info.conversation, w.index, wanted, time.monotonic() + RESERVATION_SECONDS)
+        self.reservations[token] = _Reservation(
+            token, info.conversation, w.index, wanted, time.monotonic() + RESERVATION_SECONDS
+        )
         conv.tokens.add(token)
         conv.expected |= wanted
         contact = f"<sip:{token}@{self.settings.sip_host}:{w.sip_port}>"

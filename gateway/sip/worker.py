@@ -437,7 +437,12 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        pkt = _HEADER.pack(1, len(self.cid_b), CLOCK_RATE // 100, self.seq, len(agent) // 2) + self.cid_b + agent + customer
+        pkt = (
+            _HEADER.pack(1, len(self.cid_b), CLOCK_RATE // 100, self.seq, len(agent) // 2)
+            + self.cid_b
+            + agent
+            + customer
+        )
         try:
             self.w.frames.send(pkt)
             self.w.frames_sent += 1
@@ -580,7 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-calls", type=int, default=4)
     p.add_argument("--poll-ms", type=int, default=100)
     p.add_argument("--ring-timeout", type=float, default=30.0, help="seconds a supervisor phone may ring")
-    p.add_argument("--media-timeout", type=float, default=20.0, help="hang up an ingress call after this long without RTP (0: never)")
+    p.add_argument(
+        "--media-timeout",
+        type=float,
+        default=20.0,
+        help="hang up an ingress call after this long without RTP (0: never)",
+    )
     p.add_argument("--log-level", type=int, default=1)
     args = p.parse_args(argv)
     w = Worker(args)
