@@ -54,9 +54,10 @@ async def test_whisper_reaches_agent_and_monitor_never_customer(gateway: Gateway
     await gateway.conversation("w1", sessions=["chat"])
     platform, sam = await gateway.platform(), await gateway.login("sam")
     alice = await gateway.login("alice")
-    post = lambda sender, text: gateway.call(
-        "POST", "/v1/conversations/w1/messages", platform, {"from": sender, "text": text}
-    )  # noqa: E731
+
+    def post(sender: str, text: str) -> Any:
+        return gateway.call("POST", "/v1/conversations/w1/messages", platform, {"from": sender, "text": text})
+
     assert (await post("customer", "my order is late")).status == 201
     mid = (await gateway.monitor("sam", "w1")).body["id"]
     mirror = await _open(gateway, f"/v1/monitors/{mid}/chat?after=0", sam, query_token=True)
