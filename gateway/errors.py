@@ -57,7 +57,6 @@ class ErrorCode(StrEnum):
     MESSAGE_TOO_LONG = "message_too_long"
     BODY_TOO_LARGE = "body_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-    WEBSOCKET_REQUIRED = "websocket_required"
     INVALID_SDP = "invalid_sdp"
     NO_AUDIO = "no_audio"
     NO_COMMON_CODEC = "no_common_codec"
@@ -122,7 +121,6 @@ ERRORS: dict[ErrorCode, ErrorInfo] = {
     E.MESSAGE_TOO_LONG: ErrorInfo(413, "the message is too long"),
     E.BODY_TOO_LARGE: ErrorInfo(413, "the body is too large"),
     E.UNSUPPORTED_MEDIA_TYPE: ErrorInfo(415, "unsupported content type"),
-    E.WEBSOCKET_REQUIRED: ErrorInfo(400, "this path is a websocket: send an Upgrade request"),
     E.INVALID_SDP: ErrorInfo(400, "the offer is not valid SDP"),
     E.NO_AUDIO: ErrorInfo(422, "the offer has no audio"),
     E.NO_COMMON_CODEC: ErrorInfo(422, "the offer has no codec in common with the gateway"),

@@ -1,6 +1,9 @@
 // Plain-words explanations for the API's stable error codes and monitor end reasons.
+// tests/test_errors.py checks every key of GATEWAY_ERRORS against gateway/errors.py, and the
+// reasons against gateway/policy/rules.py.
 
-const ERRORS = {
+/** Codes the gateway answers ({"error": {"code": ...}}). */
+const GATEWAY_ERRORS = {
   voice_monitor_busy: "Another supervisor is already listening to this call.",
   not_team_supervisor: "You are not a supervisor of this agent's team.",
   conversation_not_active: "This conversation has no active session any more, so it can not be monitored.",
@@ -12,22 +15,28 @@ const ERRORS = {
   monitor_cannot_transfer: "A silent monitor can not transfer the conversation.",
   monitor_cannot_conference: "A silent monitor can not start a conference.",
   invalid_token: "Your sign-in has expired. Please sign in again.",
-  invalid_grant: "Wrong username or password.",
-  invalid_client: "The console is not registered with the identity provider.",
-  unauthorized_client: "This console may not sign in with a password.",
   forbidden: "You are not allowed to do that.",
   not_found: "That conversation or monitor no longer exists.",
-  network_error: "The gateway can not be reached. Check your connection.",
-  webrtc_failed: "The audio connection could not be set up.",
   monitor_ended: "This monitoring session has already ended.",
   already_monitoring: "You are already monitoring this conversation.",
   rate_limited: "Too many messages at once. Please wait a moment.",
   message_too_long: "That message is too long.",
+  identity_unavailable: "The identity service is not answering. Try again shortly.",
+};
+
+/** Codes of the identity provider (OAuth 2.0 errors) and of the console itself. */
+const CONSOLE_ERRORS = {
+  invalid_grant: "Wrong username or password.",
+  invalid_client: "The console is not registered with the identity provider.",
+  unauthorized_client: "This console may not sign in with a password.",
+  network_error: "The gateway can not be reached. Check your connection.",
+  webrtc_failed: "The audio connection could not be set up.",
   sso_state_mismatch: "Sign-in was refused: the answer from the identity provider did not match this sign-in attempt. Please sign in again.",
   sso_failed: "Single sign-on failed. Please sign in again.",
   sso_insecure_context: "Single sign-on needs a secure connection (https or localhost).",
-  identity_unavailable: "The identity service is not answering. Try again shortly.",
 };
+
+const ERRORS = { ...GATEWAY_ERRORS, ...CONSOLE_ERRORS };
 
 const END_REASONS = {
   left: "You left the conversation.",
