@@ -458,17 +458,22 @@ function selectTab(tab) {
   if (tab === "whisper") $("whisper-input").focus();
 }
 
-async function onWhisper(ev) {
+/** Send the text of one of the monitor's input boxes with `send(mid, text)`; clear it once sent. */
+async function sendInput(ev, inputId, send) {
   ev.preventDefault();
-  const text = $("whisper-input").value.trim();
+  const text = $(inputId).value.trim();
   if (!text || !state.monitor) return;
   try {
-    await api.whisper(state.monitor.mid, text);
-    $("whisper-input").value = "";
+    await send(state.monitor.mid, text);
+    $(inputId).value = "";
     clearError();
   } catch (e) {
     showError(e);
   }
+}
+
+function onWhisper(ev) {
+  return sendInput(ev, "whisper-input", api.whisper);
 }
 
 async function onBarge() {
@@ -483,17 +488,8 @@ async function onBarge() {
   }
 }
 
-async function onMessage(ev) {
-  ev.preventDefault();
-  const text = $("message-input").value.trim();
-  if (!text || !state.monitor) return;
-  try {
-    await api.sendMessage(state.monitor.mid, text);
-    $("message-input").value = "";
-    clearError();
-  } catch (e) {
-    showError(e);
-  }
+function onMessage(ev) {
+  return sendInput(ev, "message-input", api.sendMessage);
 }
 
 async function leave() {
