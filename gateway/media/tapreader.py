@@ -35,7 +35,11 @@ class TrackStats:
 
 class TapReader:
     """Mixin: ``self._buffer`` holds at most ``max_delay`` frames (oldest dropped and counted
-    in ``self.stats.dropped``); ``self.tap_ended`` turns true once, when the tap ends or fails."""
+    in ``self.stats.dropped``); ``self.tap_ended`` turns true once, when the tap ends or fails.
+
+    A track calls :meth:`_start_reading` once, then per tick :meth:`_drain`, perhaps
+    :meth:`_wait_for_frame`, and :meth:`_next_frame`; :meth:`_stop_reading` at the end.
+    """
 
     tap: LegTap
     stats: TrackStats

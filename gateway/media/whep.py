@@ -60,8 +60,8 @@ class WhepSession:
 
     ``id`` names the WHEP resource (the control plane puts it in ``Location``).
     ``on_closed`` callbacks run once, with the reason (``deleted``, ``failed``,
-    ``connect_timeout``, ``tap_ended`` is *not* a close reason: the tap ending only sets
-    :attr:`tap_ended`; the monitor's end closes the session).
+    ``connect_timeout``; the tap ending is *not* a close reason: it only sets the track's
+    ``tap_ended``, and the monitor's end closes the session).
     """
 
     def __init__(
