@@ -29,7 +29,7 @@ from aiortc import RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .aiortc_compat import SrtpRoute, sender_ssrc, srtp_route
-from .encoder import ListenerEncoder
+from .encoder import ListenerEncoder, pre_encodable
 from .frames import LegTap
 from .levels import LevelsCallback
 from .tapreader import TapReader, TrackStats
@@ -38,7 +38,6 @@ from .track import ARRIVAL_GRACE, FRAME_SECONDS, RESYNC_AFTER
 log = logging.getLogger(__name__)
 
 _RTP = struct.Struct("!BBHII")
-BATCH_CODECS = frozenset({"opus", "pcmu", "pcma"})
 #: Ticks with a frame left over after sending before one frame is dropped to catch up.
 CATCH_UP_AFTER_TICKS = 25
 
@@ -82,8 +81,8 @@ class BatchTrack(MediaStreamTrack, TapReader):
         on_tap_ended: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        if codec not in BATCH_CODECS:
-            raise ValueError(f"batched sending does not do {codec}")
+        if not pre_encodable(codec, sample_rate):
+            raise ValueError(f"batched sending does not do {codec} at {sample_rate} Hz")
         self._encoder = ListenerEncoder(codec, stereo=stereo, sample_rate=sample_rate, on_levels=on_levels)
         self.codec = codec
         self.stereo = self._encoder.stereo

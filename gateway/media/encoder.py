@@ -30,8 +30,6 @@ from .opus import OpusPacketEncoder
 
 log = logging.getLogger(__name__)
 
-#: Codecs encoded here, once per frame; anything else goes to aiortc as AudioFrames.
-PACKET_CODECS = frozenset({"opus", "pcmu", "pcma"})
 G711_CODECS = frozenset({"pcmu", "pcma"})
 
 
@@ -46,11 +44,16 @@ class PacketEncoder(Protocol):
     def payload(self, samples: np.ndarray, index: int) -> bytes | None: ...
 
 
+def pre_encodable(codec: str | None, sample_rate: int) -> bool:
+    """Whether frames of this codec and leg rate are encoded here (Opus; G.711 at 8 kHz)."""
+    return codec == "opus" or (codec in G711_CODECS and sample_rate == G711_RATE)
+
+
 def packet_encoder(codec: str | None, *, stereo: bool, sample_rate: int) -> PacketEncoder | None:
     """The encoder for ``codec`` at this leg rate, or ``None`` when aiortc has to encode."""
     if codec == "opus":
         return OpusPacketEncoder(sample_rate, channels=2 if stereo else 1)
-    if codec in G711_CODECS and sample_rate == G711_RATE:
+    if codec is not None and pre_encodable(codec, sample_rate):
         return G711PacketEncoder(codec)
     return None
 

@@ -49,7 +49,6 @@ class G711PacketEncoder:
     ticks_per_frame = G711_RATE * FRAME_MS // 1000
 
     def __init__(self, codec: str) -> None:
-        self.codec = codec
         lut = table(codec)
         # Re-ordered so the int16 sample's own bit pattern (viewed as uint16) is the index:
         # no conversion of the samples per frame.

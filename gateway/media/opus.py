@@ -43,7 +43,6 @@ class OpusPacketEncoder:
         bitrate: int | None = None,
         complexity: int = 0,
     ) -> None:
-        self.channels = channels
         self.layout = "mono" if channels == 1 else "stereo"
         if in_rate in OPUS_NATIVE_RATES:
             self.rate = in_rate

@@ -31,7 +31,8 @@ from aiortc.sdp import SessionDescription
 
 from ..config import Settings
 from .aiortc_compat import can_send_rtp_itself, divert_inbound_rtp
-from .batch import BATCH_CODECS, BatchSender, BatchTrack
+from .batch import BatchSender, BatchTrack
+from .encoder import pre_encodable
 from .frames import LegTap
 from .ice import filter_offer_candidates, host_addresses, loopback_only, rtc_configuration, split_csv
 from .levels import LevelsCallback
@@ -291,7 +292,7 @@ async def answer_whep(
         log.info("leg tap of whep session %s ended", session.id)
 
     use_batch = settings.webrtc_batch if batch is None else batch
-    use_batch = use_batch and chosen in BATCH_CODECS and (chosen == "opus" or sample_rate == 8000)
+    use_batch = use_batch and pre_encodable(chosen, sample_rate)  # the batched sender only sends packets
     if use_batch and not can_send_rtp_itself(audio.sender):
         log.warning("batched sending not supported by this aiortc; using the per-track sender")
         use_batch = False
