@@ -381,3 +381,23 @@ async def test_close_ends_a_connected_session_once() -> None:
     await session.close("replaced")  # idempotent: the first reason stays, callbacks ran once
     assert session.close_reason == "deleted" and reasons == ["deleted"]
     await client.close()
+
+
+async def test_batch_falls_back_to_the_track_when_aiortc_lacks_the_internals(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.media.whep as whep
+
+    monkeypatch.setattr(whep, "can_send_rtp_itself", lambda sender: False)
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="recvonly")
+    offer = await client.createOffer()
+    with host_addresses(["127.0.0.1"]):
+        await client.setLocalDescription(offer)
+    _, session = await answer_whep(
+        client.localDescription.sdp, ToneTap("c-9"), settings=SETTINGS, stereo=False, codec="pcmu", batch=True
+    )
+    try:
+        assert session.track.mode == "packet" and session.track.codec == "pcmu"
+        assert session.pc.getTransceivers()[0].sender.track is session.track
+    finally:
+        await session.close()
+        await client.close()

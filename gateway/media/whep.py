@@ -1,8 +1,9 @@
 """WHEP-style WebRTC listener: one browser offer in, one send-only answer out.
 
-The control plane calls :func:`answer_whep` with the SDP offer it received on ``POST /v1/monitors/{mid}/whep`` and a :class:`LegTap` from the SIP
-plane, answers ``201`` with the returned SDP and ``Location: .../whep/{session.id}``, and
-calls :meth:`WhepSession.close` on ``DELETE`` of that location or when the monitor ends.
+The control plane calls :func:`answer_whep` with the SDP offer it received on
+``POST /v1/monitors/{mid}/whep`` and a :class:`LegTap` from the SIP plane, answers ``201``
+with the returned SDP and ``Location: .../whep/{session.id}``, keeps the session by monitor,
+and calls :meth:`WhepSession.close` on ``DELETE`` of that location or when the monitor ends.
 
 Rules this module enforces (DESIGN.md section 4, rule R4):
 
