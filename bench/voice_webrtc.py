@@ -25,8 +25,9 @@ the UDP socket's ``datagram_received``) takes every SRTP packet (first byte 128-
 RTCP payload type) before aiortc's queue and DTLS task would, and
 
 1. time-stamps it (``time.monotonic()``),
-2. SRTP-unprotects it with aiortc's own receive context (``RTCDtlsTransport._rx_srtp``,
-   libsrtp: authentication tag checked, replay checked, payload decrypted); a packet that
+2. SRTP-unprotects it with aiortc's own receive context (``RTCDtlsTransport._rx_srtp``, read
+   through ``gateway.media.aiortc_compat``; libsrtp: authentication tag checked, replay
+   checked, payload decrypted); a packet that
    arrives before aiortc has processed the last DTLS flight waits (with its arrival time) for
    the context; one that fails to unprotect counts as ``bad`` and is lost,
 3. parses the RTP header (CSRCs, header extension): sequence number, RTP timestamp,
@@ -438,6 +439,7 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
     import av
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+    from gateway.media.aiortc_compat import ice_connection, srtp_receive_context
     from gateway.media.ice import host_addresses
 
     logging.disable(logging.WARNING)
@@ -503,14 +505,14 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
         with host_addresses(["127.0.0.1"]):
             await pc.setLocalDescription(offer)
         dtls = pc.getTransceivers()[0].receiver.transport
-        conn = dtls.transport._connection
+        conn = ice_connection(dtls)
         deliver = conn.data_received
 
         def on_data(data: bytes, component: int) -> None:
             # SRTP (not SRTCP): handled here, straight off the socket; the rest goes to aiortc.
             if len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223:
                 now = monotonic()
-                srtp = dtls._rx_srtp
+                srtp = srtp_receive_context(dtls)
                 if srtp is None:  # aiortc has not processed the last DTLS flight yet
                     if len(rec.early) < 50:
                         rec.early.append((data, now))

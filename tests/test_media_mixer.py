@@ -1,4 +1,4 @@
-"""Mixer, level meter, upsampler and the pre-encoded Opus path: pure functions, no network."""
+"""Mixer, level meter, upsampler, the pre-encoded Opus and G.711 paths and the track: no network."""
 
 from __future__ import annotations
 
@@ -148,5 +148,7 @@ def test_g711_packets_match_ffmpeg(codec: str) -> None:
     pkt = G711PacketEncoder(codec).encode(x, 3)
     assert bytes(pkt) == expected
     half = (x // 2).astype(np.int16)
-    assert G711PacketEncoder(codec).encode_mix(half, (x - half).astype(np.int16)) == expected  # mix then encode
+    assert (
+        G711PacketEncoder(codec).payload(mix_mono(half, (x - half).astype(np.int16)), 0) == expected
+    )  # mix then encode
     assert pkt.pts == 3 * 160 and pkt.time_base.denominator == 8000

@@ -340,12 +340,7 @@ async def test_rejects_offer_without_audio() -> None:
     assert err.value.code in {"invalid_sdp", "no_audio"}
 
 
-async def test_listener_bookkeeping_and_close_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.media.whep as whep
-    from gateway.media.whep import WhepListener
-
-    monkeypatch.setattr(whep, "CONNECT_TIMEOUT", 0.3)
-    listener = WhepListener(SETTINGS)
+async def test_unconnected_session_times_out_and_runs_close_callbacks() -> None:
     client = RTCPeerConnection()
     client.addTransceiver("audio", direction="recvonly")
     offer = await client.createOffer()
@@ -353,37 +348,56 @@ async def test_listener_bookkeeping_and_close_callbacks(monkeypatch: pytest.Monk
         await client.setLocalDescription(offer)
     tap = ToneTap("c-7")
     reasons: list[str] = []
-    _, session = await listener.answer(client.localDescription.sdp, tap)
+    _, session = await answer_whep(
+        client.localDescription.sdp, tap, settings=SETTINGS, stereo=False, connect_timeout=0.3
+    )
     session.on_closed(reasons.append)
-    assert listener.get(session.id) is session
     # The browser never applies the answer: no ICE, so the session times out and cleans up.
     for _ in range(40):
         if session.closed:
             break
         await asyncio.sleep(0.05)
     assert session.closed and reasons == ["connect_timeout"] and tap.closed
-    assert listener.get(session.id) is None
-    assert await listener.delete(session.id) is False
     await client.close()
 
 
-async def test_delete_closes_a_connected_session() -> None:
-    from gateway.media.whep import WhepListener
-
-    listener = WhepListener(SETTINGS)
+async def test_close_ends_a_connected_session_once() -> None:
     client = RTCPeerConnection()
     client.addTransceiver("audio", direction="recvonly")
     offer = await client.createOffer()
     with host_addresses(["127.0.0.1"]):
         await client.setLocalDescription(offer)
-    answer, session = await listener.answer(client.localDescription.sdp, ToneTap("c-8"))
+    answer, session = await answer_whep(client.localDescription.sdp, ToneTap("c-8"), settings=SETTINGS, stereo=False)
+    reasons: list[str] = []
+    session.on_closed(reasons.append)
     await client.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
     for _ in range(100):
         if session.state == "connected":
             break
         await asyncio.sleep(0.05)
     assert session.state == "connected"
-    assert await listener.delete(session.id) is True
+    await session.close("deleted")
     assert session.closed and session.close_reason == "deleted"
-    await listener.close_all()
+    await session.close("replaced")  # idempotent: the first reason stays, callbacks ran once
+    assert session.close_reason == "deleted" and reasons == ["deleted"]
     await client.close()
+
+
+async def test_batch_falls_back_to_the_track_when_aiortc_lacks_the_internals(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.media.whep as whep
+
+    monkeypatch.setattr(whep, "can_send_rtp_itself", lambda sender: False)
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="recvonly")
+    offer = await client.createOffer()
+    with host_addresses(["127.0.0.1"]):
+        await client.setLocalDescription(offer)
+    _, session = await answer_whep(
+        client.localDescription.sdp, ToneTap("c-9"), settings=SETTINGS, stereo=False, codec="pcmu", batch=True
+    )
+    try:
+        assert session.track.mode == "packet" and session.track.codec == "pcmu"
+        assert session.pc.getTransceivers()[0].sender.track is session.track
+    finally:
+        await session.close()
+        await client.close()

@@ -9,10 +9,10 @@ ICE, DTLS, RTCP) and does the media itself: one timer for all listeners of the p
 per listener a struct-packed RTP header, ``libsrtp`` protect with the DTLS-derived key and
 one ``sendto`` on the nominated ICE pair.
 
-This reaches into aiortc 1.x internals (``RTCDtlsTransport._tx_srtp``, the aioice
-``Connection._nominated`` pair, ``RTCRtpSender._ssrc``); :func:`supported` checks they exist
-and :func:`gateway.media.whep.answer_whep` uses the plain :class:`~.track.LegTapTrack`
-otherwise. aiortc's own sender loop for the transceiver stays parked on a track whose
+The SSRC, the SRTP context and the ICE pair are aiortc internals, read through
+:mod:`.aiortc_compat` (:func:`~.aiortc_compat.can_send_rtp_itself` tells
+:func:`gateway.media.whep.answer_whep` whether to use the plain :class:`~.track.LegTapTrack`
+instead). aiortc's own sender loop for the transceiver stays parked on a track whose
 ``recv()`` never returns, so it sends nothing and costs nothing; its RTCP task still runs.
 """
 
@@ -25,35 +25,21 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from aiortc import RTCPeerConnection
+from aiortc import RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .frames import FRAME_MS, LegTap
-from .g711 import G711PacketEncoder
-from .levels import LevelMeter, LevelsCallback
-from .mixer import interleave_stereo, mix_mono
-from .opus import OpusPacketEncoder
+from .aiortc_compat import SrtpRoute, sender_ssrc, srtp_route
+from .encoder import ListenerEncoder, pre_encodable
+from .frames import LegTap
+from .levels import LevelsCallback
 from .tapreader import TapReader, TrackStats
-from .track import ARRIVAL_GRACE, RESYNC_AFTER
+from .track import ARRIVAL_GRACE, FRAME_SECONDS, RESYNC_AFTER
 
 log = logging.getLogger(__name__)
 
-FRAME_SECONDS = FRAME_MS / 1000.0
 _RTP = struct.Struct("!BBHII")
-BATCH_CODECS = frozenset({"opus", "pcmu", "pcma"})
 #: Ticks with a frame left over after sending before one frame is dropped to catch up.
 CATCH_UP_AFTER_TICKS = 25
-
-
-def supported(pc: RTCPeerConnection) -> bool:
-    """Whether this aiortc exposes what batched sending needs."""
-    try:
-        t = pc.getTransceivers()[0]
-        dtls = t.sender.transport
-        return hasattr(t.sender, "_ssrc") and hasattr(dtls, "_tx_srtp") and hasattr(dtls.transport, "_connection")
-    except (IndexError, AttributeError):
-        return False
 
 
 def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
@@ -95,28 +81,18 @@ class BatchTrack(MediaStreamTrack, TapReader):
         on_tap_ended: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        if codec not in BATCH_CODECS:
-            raise ValueError(f"batched sending does not do {codec}")
+        if not pre_encodable(codec, sample_rate):
+            raise ValueError(f"batched sending does not do {codec} at {sample_rate} Hz")
+        self._encoder = ListenerEncoder(codec, stereo=stereo, sample_rate=sample_rate, on_levels=on_levels)
         self.codec = codec
-        self.stereo = stereo and codec == "opus"
+        self.stereo = self._encoder.stereo
         self.stats = TrackStats()
-        self._rate = sample_rate
-        self._samples = sample_rate * FRAME_MS // 1000
-        self._silence = np.zeros(self._samples, dtype=np.int16)
-        self._meter = LevelMeter(on_levels)
         self._backlog_ticks = 0
         self._parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._start_reading(tap, max_delay_frames, on_tap_ended)
-        self._g711 = codec != "opus"
-        if codec == "opus":
-            self._encoder: Any = OpusPacketEncoder(sample_rate, channels=2 if self.stereo else 1)
-            self._ticks = 960
-        else:
-            self._encoder = G711PacketEncoder(codec)
-            self._ticks = self._samples
-        # RTP state, bound once the peer connection is connected (bind()).
-        self._pc: RTCPeerConnection | None = None
-        self._dest: tuple[Any, Any, Any] | None = None
+        # RTP state, bound once the answer is made (attach()).
+        self._sender: RTCRtpSender | None = None
+        self._route: SrtpRoute | None = None
         self._seq = random.randint(0, 0xFFFF)
         self._ts = random.randint(0, 0xFFFFFFFF)
         self._header_ext = b""
@@ -130,11 +106,11 @@ class BatchTrack(MediaStreamTrack, TapReader):
         await asyncio.shield(self._parked)
         raise MediaStreamError
 
-    def attach(self, pc: RTCPeerConnection, answer_sdp: str) -> None:
-        """Remember the peer connection and the negotiated payload type, mid and extension."""
-        self._pc = pc
+    def attach(self, sender: RTCRtpSender, answer_sdp: str) -> None:
+        """Remember the sender and the negotiated payload type, mid and extension."""
+        self._sender = sender
         self._pt, mid, ext = _answer_params(answer_sdp)
-        self._ssrc = pc.getTransceivers()[0].sender._ssrc
+        self._ssrc = sender_ssrc(sender)
         if mid is not None and ext is not None and 0 < ext < 15:
             data = mid.encode()
             element = bytes([(ext << 4) | (len(data) - 1)]) + data
@@ -142,68 +118,46 @@ class BatchTrack(MediaStreamTrack, TapReader):
             self._header_ext = struct.pack("!HH", 0xBEDE, len(element) // 4) + element
 
     # --- one tick ---------------------------------------------------------------------------
-    def _destination(self) -> tuple[Any, Any, Any] | None:
-        dest = self._dest
-        if dest is not None and not dest[1].is_closing():
-            return dest
-        self._dest = None
-        pc = self._pc
-        if pc is None:
+    def _connected_route(self) -> SrtpRoute | None:
+        if self._route is not None and not self._route.closed:
+            return self._route
+        self._route = None
+        if self._sender is None:
             return None
-        dtls = pc.getTransceivers()[0].sender.transport
-        if dtls is None or dtls.state != "connected" or dtls._tx_srtp is None:
-            return None
-        pair = dtls.transport._connection._nominated.get(1)
-        if pair is None:
+        route = srtp_route(self._sender.transport)
+        if route is None:
             return None
         # Cached: WHEP has no ICE restart, so the pair and the SRTP context live as long
         # as the session (a closed socket invalidates it above).
-        self._dest = (dtls._tx_srtp, pair.protocol.transport, pair.remote_addr)
-        # First send: frames queued while connecting are old; keep the newest only.
-        while len(self._buffer) > 1:
-            self._buffer.popleft()
-            self.stats.dropped += 1
-        return self._dest
+        self._route = route
+        self._keep_newest()  # first send: frames queued while connecting are old
+        return route
 
     def tick(self, may_defer: bool) -> bool:
         """Send this tick's packet; returns False (nothing sent) to be retried after the grace."""
         self._drain()
-        dest = self._destination()
-        if dest is None:  # not connected yet: keep only the newest frames
+        route = self._connected_route()
+        if route is None:  # not connected yet: keep only the newest frames
             return True
         if not self._buffer and may_defer and not self.tap_ended:
             return False
-        if self._buffer:
-            frame = self._buffer.popleft()
+        frame = self._next_frame()
+        if frame is not None:
             self._catch_up()
-            agent, customer = frame.agent, frame.customer
-            self.stats.frames_in += 1
-            if self.stats.first_frame_at is None:
-                self.stats.first_frame_at = asyncio.get_running_loop().time()
-        else:
-            agent = customer = self._silence
-            self.stats.underruns += 1
-        self._meter.feed(agent, customer)
-        if self._g711:
-            payload = self._encoder.encode_mix(agent, customer)
-        else:
-            pcm = interleave_stereo(agent, customer) if self.stereo else mix_mono(agent, customer)
-            packet = self._encoder.encode(pcm, self._index)
-            if packet is None:
-                return True
-            payload = bytes(packet)
+        payload = self._encoder.payload(self._encoder.pcm(frame), self._index)
+        if payload is None:
+            return True
         self._index += 1
         self.stats.frames_out += 1
-        srtp, transport, addr = dest
         first = 0x90 if self._header_ext else 0x80
         header = _RTP.pack(first, self._pt | (0x80 if self._marker else 0), self._seq, self._ts, self._ssrc)
         self._marker = False
         try:
-            transport.sendto(srtp.protect(header + self._header_ext + payload), addr)
+            route.send(header + self._header_ext + payload)
         except Exception:
             log.debug("batched send failed", exc_info=True)
         self._seq = (self._seq + 1) & 0xFFFF
-        self._ts = (self._ts + self._ticks) & 0xFFFFFFFF
+        self._ts = (self._ts + self._encoder.ticks_per_frame) & 0xFFFFFFFF
         return True
 
     def _catch_up(self) -> None:
@@ -222,7 +176,7 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def skip(self, frames: int) -> None:
         """The sender stalled for ``frames`` ticks: advance the RTP clock past them."""
         self._index += frames
-        self._ts = (self._ts + frames * self._ticks) & 0xFFFFFFFF
+        self._ts = (self._ts + frames * self._encoder.ticks_per_frame) & 0xFFFFFFFF
         self.stats.resyncs += 1
 
     def stop(self) -> None:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import fractions
 from functools import lru_cache
+from typing import Any
 
 import av
 import numpy as np
+
+from .frames import FRAME_MS
 
 G711_RATE = 8000
 TIME_BASE = fractions.Fraction(1, G711_RATE)
@@ -23,6 +26,7 @@ def table(codec: str) -> np.ndarray:
     """``table('pcmu')[x + 32768]`` is the G.711 byte for int16 sample ``x``."""
     name = {"pcmu": "pcm_mulaw", "pcma": "pcm_alaw"}[codec]
     ctx = av.CodecContext.create(name, "w")
+    assert isinstance(ctx, av.AudioCodecContext)
     ctx.sample_rate = G711_RATE
     ctx.layout = "mono"
     ctx.format = "s16"
@@ -40,28 +44,24 @@ def table(codec: str) -> np.ndarray:
 
 
 class G711PacketEncoder:
-    """int16 mono 8 kHz in, one ``av.Packet`` (pts in 8 kHz ticks) per 20 ms out."""
+    """int16 mono 8 kHz in, one 20 ms payload (or ``av.Packet``, pts in 8 kHz ticks) out."""
+
+    ticks_per_frame = G711_RATE * FRAME_MS // 1000
 
     def __init__(self, codec: str) -> None:
-        self.codec = codec
         lut = table(codec)
         # Re-ordered so the int16 sample's own bit pattern (viewed as uint16) is the index:
         # no conversion of the samples per frame.
         self._lut = np.ascontiguousarray(np.concatenate((lut[32768:], lut[:32768])))
-        self._lut_offset = lut  # indexed by sample + 32768
 
-    def encode_mix(self, agent: np.ndarray, customer: np.ndarray) -> bytes:
-        """Mix two int16 legs (saturating) and encode, in one pass: the batched sender's path."""
-        total = agent.astype(np.int32)
-        total += customer
-        np.minimum(total, 32767, out=total)
-        np.maximum(total, -32768, out=total)
-        total += 32768
-        return self._lut_offset[total].tobytes()
-
-    def encode(self, samples: np.ndarray, index: int) -> av.Packet:
+    def payload(self, samples: np.ndarray, index: int) -> bytes:
+        """The G.711 bytes of one frame (``index`` is unused: G.711 has no state)."""
         pcm = samples if samples.dtype == np.int16 else samples.astype(np.int16)
-        packet = av.Packet(self._lut[pcm.view(np.uint16)].tobytes())
-        packet.pts = index * samples.shape[0]
+        return self._lut[pcm.view(np.uint16)].tobytes()
+
+    def encode(self, samples: np.ndarray, index: int) -> av.Packet[Any]:
+        """The frame as a packet for aiortc's pre-encoded path (``index`` is the frame number)."""
+        packet = av.Packet(self.payload(samples, index))
+        packet.pts = index * self.ticks_per_frame
         packet.time_base = TIME_BASE
         return packet

@@ -6,9 +6,9 @@
 * ``Settings.ice_host_addresses`` (comma-separated IPs) chooses the addresses the gateway
   binds and advertises as host candidates. aioice's ``Connection`` has no option for it and
   aiortc passes only servers/policy/credentials to it, while aioice's
-  ``get_host_addresses()`` always leaves ``127.0.0.1`` out. So this module installs, once, a
-  thin wrapper around ``aioice.ice.get_host_addresses`` that returns the addresses held in a
-  :class:`contextvars.ContextVar` when one is set and defers to the original otherwise.
+  ``get_host_addresses()`` always leaves ``127.0.0.1`` out. So this module has aioice ask,
+  once per process (:func:`.aiortc_compat.override_host_addresses`), for the addresses held
+  in a :class:`contextvars.ContextVar` when one is set, and keep its own choice otherwise.
   :func:`host_addresses` sets the variable around ``setLocalDescription`` (where aiortc
   gathers, in tasks that inherit the context), so only the peer connections that ask for it
   are affected -- other aiortc users in the process keep aioice's behaviour.
@@ -24,15 +24,14 @@ import contextvars
 import ipaddress
 from collections.abc import Iterator
 
-import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
 
 from ..config import Settings
+from .aiortc_compat import override_host_addresses
 
 _addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
     "gateway_ice_host_addresses", default=None
 )
-_installed = False
 
 
 def split_csv(value: str) -> list[str]:
@@ -45,21 +44,12 @@ def rtc_configuration(settings: Settings) -> RTCConfiguration:
     return RTCConfiguration(iceServers=servers)
 
 
-def _install() -> None:
-    global _installed
-    if _installed:
-        return
-    original = aioice.ice.get_host_addresses
-
-    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        chosen = _addresses.get()
-        if chosen is None:
-            return original(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
-        return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
-
-    get_host_addresses.__wrapped__ = original  # type: ignore[attr-defined]
-    aioice.ice.get_host_addresses = get_host_addresses
-    _installed = True
+def _chosen_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str] | None:
+    """The addresses of the enclosing :func:`host_addresses` block of this family, if any."""
+    chosen = _addresses.get()
+    if chosen is None:
+        return None
+    return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
 
 @contextlib.contextmanager
@@ -70,7 +60,7 @@ def host_addresses(addresses: list[str] | tuple[str, ...] | str | None) -> Itera
     if not addresses:
         yield
         return
-    _install()
+    override_host_addresses(_chosen_addresses)
     token = _addresses.set(tuple(addresses))
     try:
         yield

@@ -48,8 +48,6 @@ class LevelMeter:
         self._count = 0
         self._agent = 0.0
         self._customer = 0.0
-        #: The last reported ``(agent, customer)`` pair, for stats and tests.
-        self.last: tuple[float, float] = (FLOOR_DBFS, FLOOR_DBFS)
 
     def feed(self, agent: np.ndarray, customer: np.ndarray) -> tuple[float, float] | None:
         """Add one frame; returns the levels when a report is due, else ``None``."""
@@ -66,7 +64,6 @@ class LevelMeter:
         levels = (_db(self._agent, self._count), _db(self._customer, self._count))
         self._frames = self._count = 0
         self._agent = self._customer = 0.0
-        self.last = levels
         try:
             self._cb(*levels)
         except Exception:

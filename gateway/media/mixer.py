@@ -12,8 +12,8 @@ Pure numpy, no I/O. Three operations, each cheap enough to run per 20 ms frame p
 
 Note on Opus: libopus accepts 8/12/16/24/48 kHz input natively and its RTP clock is always
 48 kHz, so the WebRTC track feeds telephony audio to the encoder at its own rate (cheaper, and
-the content above 4 kHz is empty anyway). :class:`Upsampler` is used for the AudioFrame
-fallback path and for leg rates libopus does not accept.
+the content above 4 kHz is empty anyway). :class:`Upsampler` is there for leg rates libopus
+does not accept (:class:`~.opus.OpusPacketEncoder`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _lowpass(factor: int, taps_per_phase: int) -> np.ndarray:
     n_taps = factor * taps_per_phase
     n = np.arange(n_taps) - (n_taps - 1) / 2.0
     cutoff = 0.45 / factor  # cycles per output sample: just under the input Nyquist
-    h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(n_taps, 8.0)
+    h: np.ndarray = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(n_taps, 8.0)
     h *= factor / h.sum()  # zero-stuffing divides the level by `factor`; give it back
     return h
 
@@ -93,8 +93,3 @@ class Upsampler:
             out[:, c] = (windows @ self._phases).reshape(-1)
         np.clip(out, -32768, 32767, out=out)
         return np.rint(out).astype(np.int16).reshape(-1)
-
-
-def upsample(samples: np.ndarray, in_rate: int, out_rate: int = OPUS_RATE) -> np.ndarray:
-    """One-shot mono resampling (a fresh :class:`Upsampler`, no state across calls)."""
-    return Upsampler(in_rate, out_rate).process(samples)

@@ -11,11 +11,12 @@ makes those packets (mono at 24 kb/s, or stereo at 48 kb/s, 20 ms each).
 from __future__ import annotations
 
 import fractions
-from typing import Literal
+from typing import Any, Literal
 
 import av
 import numpy as np
 
+from .frames import FRAME_MS
 from .mixer import OPUS_RATE, Upsampler
 
 #: Input rates libopus accepts as they are (its RTP clock is 48 kHz regardless).
@@ -31,6 +32,9 @@ class OpusPacketEncoder:
     frame index, so inserted silence and dropped frames keep the RTP timestamps regular.
     """
 
+    #: 20 ms on Opus's 48 kHz RTP clock, whatever the input rate.
+    ticks_per_frame = OPUS_RATE * FRAME_MS // 1000
+
     def __init__(
         self,
         in_rate: int,
@@ -39,7 +43,6 @@ class OpusPacketEncoder:
         bitrate: int | None = None,
         complexity: int = 0,
     ) -> None:
-        self.channels = channels
         self.layout = "mono" if channels == 1 else "stereo"
         if in_rate in OPUS_NATIVE_RATES:
             self.rate = in_rate
@@ -48,6 +51,7 @@ class OpusPacketEncoder:
             self.rate = OPUS_RATE
             self._resampler = Upsampler(in_rate, OPUS_RATE, channels=channels)
         ctx = av.CodecContext.create("libopus", "w")
+        assert isinstance(ctx, av.AudioCodecContext)
         ctx.sample_rate = self.rate
         ctx.layout = self.layout
         ctx.format = "s16"
@@ -58,20 +62,24 @@ class OpusPacketEncoder:
         ctx.options = {"application": "voip", "frame_duration": "20", "compression_level": str(complexity)}
         ctx.open()
         self._ctx = ctx
-        self._ticks_per_frame = OPUS_RATE // 50
 
-    def encode(self, samples: np.ndarray, index: int) -> av.Packet | None:
+    def encode(self, samples: np.ndarray, index: int) -> av.Packet[Any] | None:
         """Encode 20 ms (interleaved when stereo); ``index`` is the frame number (pts source)."""
         if self._resampler is not None:
             samples = self._resampler.process(samples)
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout=self.layout)
         frame.sample_rate = self.rate
-        frame.pts = index * (self.rate // 50)
+        frame.pts = index * (self.rate * FRAME_MS // 1000)
         frame.time_base = self._ctx.time_base
         packets = self._ctx.encode(frame)
         if not packets:
             return None
         packet = packets[-1]
-        packet.pts = index * self._ticks_per_frame
+        packet.pts = index * self.ticks_per_frame
         packet.time_base = RTP_TIME_BASE
         return packet
+
+    def payload(self, samples: np.ndarray, index: int) -> bytes | None:
+        """The Opus bytes of one frame, as :meth:`encode` makes them."""
+        packet = self.encode(samples, index)
+        return None if packet is None else bytes(packet)

@@ -1,9 +1,11 @@
-"""Reading a :class:`~.frames.LegTap` into a small drop-oldest buffer, for the listener tracks.
+"""Reading a :class:`~.frames.LegTap` into a small drop-oldest buffer: the only code that
+calls a tap's ``next_frame``.
 
 Both senders (:class:`~.track.LegTapTrack`, aiortc's own sender loop, and
 :class:`~.batch.BatchTrack`, the process-wide ticker) take frames the same way: a tap with
 ``next_frame_nowait()`` (frame, ``None`` when empty, ``EOFError`` at the end) is drained on
-each tick, with no task per listener; any other tap is read by a pump task.
+each tick, with no task per listener; any other tap is read by a pump task. Each tick then
+takes one frame (:meth:`TapReader._next_frame`), or counts an underrun.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ class TrackStats:
 
 class TapReader:
     """Mixin: ``self._buffer`` holds at most ``max_delay`` frames (oldest dropped and counted
-    in ``self.stats.dropped``); ``self.tap_ended`` turns true once, when the tap ends or fails."""
+    in ``self.stats.dropped``); ``self.tap_ended`` turns true once, when the tap ends or fails.
+
+    A track calls :meth:`_start_reading` once, then per tick :meth:`_drain`, perhaps
+    :meth:`_wait_for_frame`, and :meth:`_next_frame`; :meth:`_stop_reading` at the end.
+    """
 
     tap: LegTap
     stats: TrackStats
@@ -45,6 +51,7 @@ class TapReader:
         self._max_delay = max(1, max_delay)
         self._on_tap_ended = on_tap_ended
         self._nowait: Callable[[], LegFrame | None] | None = getattr(tap, "next_frame_nowait", None)
+        self._arrived = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
         if self._nowait is None:
             self._pump_task = asyncio.get_running_loop().create_task(self._pump())
@@ -54,15 +61,12 @@ class TapReader:
             self._pump_task.cancel()
             self._pump_task = None
 
-    def _frame_arrived(self) -> None:
-        """Hook for a consumer that waits for frames (called after each push)."""
-
     def _push(self, frame: LegFrame) -> None:
         if len(self._buffer) >= self._max_delay:
             self._buffer.popleft()
             self.stats.dropped += 1
         self._buffer.append(frame)
-        self._frame_arrived()
+        self._arrived.set()
 
     def _ended(self, failed: bool = False) -> None:
         if self.tap_ended:
@@ -97,3 +101,37 @@ class TapReader:
             self._ended()
         except Exception:
             self._ended(failed=True)
+
+    async def _wait_for_frame(self, timeout: float) -> None:
+        """Give a frame that is a few ms late up to ``timeout`` seconds to arrive."""
+        try:
+            if self._nowait is not None:
+                self._push(await asyncio.wait_for(self.tap.next_frame(), timeout))
+            else:
+                self._arrived.clear()
+                if not self._buffer:
+                    await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            pass
+        except EOFError:
+            self._ended()
+        except Exception:
+            self._ended(failed=True)
+
+    def _keep_newest(self) -> None:
+        """Frames queued while the listener connected are old: keep only the newest, or they
+        would stay in the buffer as extra latency for the rest of the session."""
+        while len(self._buffer) > 1:
+            self._buffer.popleft()
+            self.stats.dropped += 1
+
+    def _next_frame(self) -> LegFrame | None:
+        """This tick's frame, counted in :attr:`stats`; ``None`` (an underrun) when none came."""
+        if not self._buffer:
+            self.stats.underruns += 1
+            return None
+        frame = self._buffer.popleft()
+        self.stats.frames_in += 1
+        if self.stats.first_frame_at is None:
+            self.stats.first_frame_at = asyncio.get_running_loop().time()
+        return frame

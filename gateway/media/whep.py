@@ -1,9 +1,9 @@
 """WHEP-style WebRTC listener: one browser offer in, one send-only answer out.
 
-The control plane calls :func:`answer_whep` (or :meth:`WhepListener.answer`) with the SDP
-offer it received on ``POST /v1/monitors/{mid}/whep`` and a :class:`LegTap` from the SIP
-plane, answers ``201`` with the returned SDP and ``Location: .../whep/{session.id}``, and
-calls :meth:`WhepSession.close` on ``DELETE`` of that location or when the monitor ends.
+The control plane calls :func:`answer_whep` with the SDP offer it received on
+``POST /v1/monitors/{mid}/whep`` and a :class:`LegTap` from the SIP plane, answers ``201``
+with the returned SDP and ``Location: .../whep/{session.id}``, keeps the session by monitor,
+and calls :meth:`WhepSession.close` on ``DELETE`` of that location or when the monitor ends.
 
 Rules this module enforces (DESIGN.md section 4, rule R4):
 
@@ -12,7 +12,8 @@ Rules this module enforces (DESIGN.md section 4, rule R4):
   m-line (video, a second audio) is answered ``inactive``;
 * the remote track is never read (a ``sendrecv`` offer still creates one; reading it would
   decode the supervisor's microphone for nothing). RTP the browser sends anyway is counted
-  and dropped before parsing (:attr:`WhepSession.inbound_rtp_packets`, ``on_inbound_rtp``);
+  and dropped before parsing (:attr:`WhepSession.inbound_rtp_packets`, ``on_inbound_rtp``;
+  :func:`.aiortc_compat.divert_inbound_rtp`);
 * ``RTCConfiguration`` has the configured ICE servers or none -- never a public STUN host;
   host candidates come from ``Settings.ice_host_addresses`` (see :mod:`gateway.media.ice`).
 """
@@ -26,21 +27,24 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from ..config import Settings
-from .batch import BATCH_CODECS, BatchSender, BatchTrack
-from .batch import supported as batch_supported
+from .aiortc_compat import can_send_rtp_itself, divert_inbound_rtp
+from .batch import BatchSender, BatchTrack
+from .encoder import pre_encodable
 from .frames import LegTap
 from .ice import filter_offer_candidates, host_addresses, loopback_only, rtc_configuration, split_csv
 from .levels import LevelsCallback
-from .track import LegTapTrack, TrackStats
+from .tapreader import TrackStats
+from .track import LegTapTrack
 
 log = logging.getLogger(__name__)
 
 InboundRtpCallback = Callable[[int], None]
-#: Seconds a session may stay unconnected before it is closed (the browser went away).
+#: Seconds a session may stay unconnected before it is closed (the browser went away);
+#: ``answer_whep(connect_timeout=...)`` overrides it.
 CONNECT_TIMEOUT = 30.0
 
 
@@ -58,8 +62,8 @@ class WhepSession:
 
     ``id`` names the WHEP resource (the control plane puts it in ``Location``).
     ``on_closed`` callbacks run once, with the reason (``deleted``, ``failed``,
-    ``connect_timeout``, ``tap_ended`` is *not* a close reason: the tap ending only sets
-    :attr:`tap_ended`; the monitor's end closes the session).
+    ``connect_timeout``; the tap ending is *not* a close reason: it only sets the track's
+    ``tap_ended``, and the monitor's end closes the session).
     """
 
     def __init__(
@@ -76,7 +80,6 @@ class WhepSession:
         self.track = track
         self.tap = tap
         self.stereo = stereo
-        self.created_at = time.monotonic()
         self.connected_at: float | None = None
         self.inbound_rtp_packets = 0
         self.close_reason: str | None = None
@@ -100,19 +103,12 @@ class WhepSession:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    @property
-    def tap_ended(self) -> bool:
-        return self.track.tap_ended
-
     def on_closed(self, callback: Callable[[str], Any]) -> None:
         """Register ``callback(reason)``; runs once when the session closes for any reason."""
         if self.closed:
             callback(self.close_reason or "closed")
         else:
             self._close_callbacks.append(callback)
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly status (for logs, metrics, a debug endpoint)."""
@@ -132,7 +128,7 @@ class WhepSession:
 
     # --- inbound RTP: count and drop -----------------------------------------------------
     async def _count_inbound(self, data: bytes, arrival_time_ms: int = 0) -> None:
-        """Stands in for ``RTCDtlsTransport._handle_rtp_data``: count, never parse or route."""
+        """Stands in for aiortc's inbound RTP handling: count, never parse or route."""
         self.inbound_rtp_packets += 1
         if self._on_inbound_rtp is not None:
             try:
@@ -141,6 +137,28 @@ class WhepSession:
                 self._on_inbound_rtp = None
 
     # --- lifecycle -----------------------------------------------------------------------
+    def _watch(self, connect_timeout: float) -> None:
+        """Count and drop inbound RTP; close on ICE/DTLS failure or when nothing connects in time."""
+        for dtls in {t.sender.transport for t in self.pc.getTransceivers() if t.sender.transport is not None}:
+            divert_inbound_rtp(dtls, self._count_inbound)
+
+        @self.pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            state = self.pc.connectionState
+            log.info("whep session %s connection %s", self.id, state)
+            if state == "connected" and self.connected_at is None:
+                self.connected_at = time.monotonic()
+                if self._timeout is not None:
+                    self._timeout.cancel()
+            elif state in ("failed", "closed") and not self._closing:
+                await self.close(state)
+
+        def _timed_out() -> None:
+            if self.connected_at is None and not self._closing:
+                asyncio.ensure_future(self.close("connect_timeout"))
+
+        self._timeout = asyncio.get_running_loop().call_later(connect_timeout, _timed_out)
+
     async def close(self, reason: str = "deleted") -> None:
         """Stop sending, close the peer connection and the tap; idempotent."""
         if self._closing:
@@ -218,6 +236,7 @@ async def answer_whep(
     sample_rate: int = 8000,
     codec: str | None = None,
     batch: bool | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[str, WhepSession]:
     """Answer a WHEP offer with a send-only audio stream of ``tap``'s conversation.
 
@@ -234,6 +253,9 @@ async def answer_whep(
     ``batch`` (default ``settings.webrtc_batch``) sends the
     media from the process-wide :class:`~.batch.BatchSender` instead of aiortc's per-track
     sender loop: same packets, a fraction of the CPU per listener (see :mod:`.batch`).
+
+    The session closes itself (``connect_timeout``) if the browser has not connected after
+    ``connect_timeout`` seconds.
 
     Raises :class:`WhepError` (``code`` ``invalid_sdp`` / ``no_audio`` / ``no_common_codec``)
     for an offer that can not be answered; the tap is closed in that case.
@@ -258,89 +280,42 @@ async def answer_whep(
     offer_sdp = filter_offer_candidates(offer_sdp, keep_loopback_only=loopback_only(addresses))
 
     pc = RTCPeerConnection(rtc_configuration(settings))
-    session_ref: list[WhepSession] = []
+    try:
+        audio = await _take_offer(pc, offer_sdp, chosen, first_offered=offered[0])
+    except Exception as exc:
+        tap.close()
+        await pc.close()
+        if isinstance(exc, WhepError):
+            raise
+        raise WhepError("invalid_sdp", f"the offer could not be answered: {exc}") from exc
 
     def tap_ended() -> None:
-        log.info("leg tap of whep session %s ended", session_ref[0].id if session_ref else "?")
+        log.info("leg tap of whep session %s ended", session.id)
 
     use_batch = settings.webrtc_batch if batch is None else batch
-    use_batch = use_batch and chosen in BATCH_CODECS and (chosen == "opus" or sample_rate == 8000)
-    track: LegTapTrack | BatchTrack
-    if use_batch:
-        track = BatchTrack(
-            tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended
-        )
-    else:
-        track = LegTapTrack(
-            tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended
-        )
+    use_batch = use_batch and pre_encodable(chosen, sample_rate)  # the batched sender only sends packets
+    if use_batch and not can_send_rtp_itself(audio.sender):
+        log.warning("batched sending not supported by this aiortc; using the per-track sender")
+        use_batch = False
+    track: LegTapTrack | BatchTrack = (BatchTrack if use_batch else LegTapTrack)(
+        tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended
+    )
+    # No await between the track and the session: tap_ended() can not run before this.
     session = WhepSession(pc, track, tap, stereo=stereo, on_inbound_rtp=on_inbound_rtp)
-    session_ref.append(session)
-
+    audio.sender.replaceTrack(track)
     try:
-        if chosen != offered[0]:
-            # aiortc sends the offer's first common codec unless the transceiver that will
-            # take the first audio m-line prefers another: create that transceiver up front.
-            caps = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == f"audio/{chosen}"]
-            pc.addTransceiver("audio", direction="sendonly").setCodecPreferences(caps)
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        audio = None
-        for t in pc.getTransceivers():
-            if t.kind == "audio" and audio is None:
-                audio = t
-                t.direction = "sendonly"
-                t.sender.replaceTrack(track)
-            else:
-                t.direction = "inactive"  # video or a second audio line: nothing flows
-        if audio is None:  # pragma: no cover - guarded by the parse above
-            raise WhepError("no_audio", "the offer has no audio m-line")
         answer = await pc.createAnswer()
         with host_addresses(addresses):
             await pc.setLocalDescription(answer)
-    except WhepError:
-        await session.close("rejected")
-        raise
     except Exception as exc:
         await session.close("rejected")
         raise WhepError("invalid_sdp", f"the offer could not be answered: {exc}") from exc
-
-    # Count-and-drop anything the browser sends (it should send nothing). Replacing the DTLS
-    # transport's RTP handler per instance skips parsing and routing; with a send-only
-    # transceiver aiortc would parse each packet and then discard it for want of a receiver.
-    for dtls in {t.sender.transport for t in pc.getTransceivers() if t.sender.transport is not None}:
-        if hasattr(dtls, "_handle_rtp_data"):
-            dtls._handle_rtp_data = session._count_inbound  # type: ignore[method-assign]
-
-    @pc.on("connectionstatechange")
-    async def _on_state() -> None:
-        state = pc.connectionState
-        log.info("whep session %s connection %s", session.id, state)
-        if state == "connected" and session.connected_at is None:
-            session.connected_at = time.monotonic()
-            if session._timeout is not None:
-                session._timeout.cancel()
-        elif state in ("failed", "closed") and not session._closing:
-            await session.close(state)
-
-    def _timeout() -> None:
-        if session.connected_at is None and not session._closing:
-            asyncio.ensure_future(session.close("connect_timeout"))
-
-    session._timeout = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, _timeout)
+    session._watch(connect_timeout)
 
     sdp = pc.localDescription.sdp
     if isinstance(track, BatchTrack):
-        if batch_supported(pc):
-            track.attach(pc, sdp)
-            BatchSender.instance().add(track)
-        else:  # this aiortc lacks the internals batching needs: the stock path instead
-            log.warning("batched sending not supported by this aiortc; using the per-track sender")
-            plain = LegTapTrack(
-                tap, stereo=stereo, codec=chosen, sample_rate=sample_rate, on_levels=on_levels, on_tap_ended=tap_ended
-            )
-            pc.getTransceivers()[0].sender.replaceTrack(plain)
-            track.stop()
-            session.track = track = plain
+        track.attach(audio.sender, sdp)
+        BatchSender.instance().add(track)
     if track.stereo and chosen == "opus":
         sdp = _munge_stereo(sdp)
     log.info(
@@ -353,50 +328,22 @@ async def answer_whep(
     return sdp, session
 
 
-class WhepListener:
-    """Owns the WHEP sessions of one gateway process (use it as an aiohttp cleanup_ctx).
-
-    ``answer()`` is :func:`answer_whep` plus bookkeeping by session id; ``delete(id)`` is the
-    ``DELETE`` of the ``Location``; ``close_all()`` runs at shutdown.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.sessions: dict[str, WhepSession] = {}
-
-    async def answer(
-        self,
-        offer_sdp: str,
-        tap: LegTap,
-        *,
-        stereo: bool | None = None,
-        on_levels: LevelsCallback | None = None,
-        on_inbound_rtp: InboundRtpCallback | None = None,
-    ) -> tuple[str, WhepSession]:
-        sdp, session = await answer_whep(
-            offer_sdp,
-            tap,
-            settings=self.settings,
-            stereo=self.settings.webrtc_stereo if stereo is None else stereo,
-            on_levels=on_levels,
-            on_inbound_rtp=on_inbound_rtp,
-        )
-        self.sessions[session.id] = session
-        session.on_closed(lambda _reason: self.sessions.pop(session.id, None))
-        return sdp, session
-
-    def get(self, session_id: str) -> WhepSession | None:
-        return self.sessions.get(session_id)
-
-    async def delete(self, session_id: str, reason: str = "deleted") -> bool:
-        """Close one session; ``False`` if there is no such session (answer 404)."""
-        session = self.sessions.pop(session_id, None)
-        if session is None:
-            return False
-        await session.close(reason)
-        return True
-
-    async def close_all(self, reason: str = "shutdown") -> None:
-        sessions = list(self.sessions.values())
-        self.sessions.clear()
-        await asyncio.gather(*(s.close(reason) for s in sessions), return_exceptions=True)
+async def _take_offer(pc: RTCPeerConnection, offer_sdp: str, codec: str, *, first_offered: str) -> RTCRtpTransceiver:
+    """Apply the offer; returns the transceiver that will send (the first audio m-line's),
+    ``sendonly``, with every other m-line ``inactive``."""
+    if codec != first_offered:
+        # aiortc sends the offer's first common codec unless the transceiver that will
+        # take the first audio m-line prefers another: create that transceiver up front.
+        caps = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == f"audio/{codec}"]
+        pc.addTransceiver("audio", direction="sendonly").setCodecPreferences(caps)
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+    audio = None
+    for t in pc.getTransceivers():
+        if t.kind == "audio" and audio is None:
+            audio = t
+            t.direction = "sendonly"
+        else:
+            t.direction = "inactive"  # video or a second audio line: nothing flows
+    if audio is None:  # pragma: no cover - guarded by the parse in answer_whep
+        raise WhepError("no_audio", "the offer has no audio m-line")
+    return audio
