@@ -7,6 +7,7 @@ is a 400/413/415/422, never a 500.
 
 from __future__ import annotations
 
+import codecs
 from typing import TypeVar
 
 from aiohttp import web
@@ -36,7 +37,7 @@ async def read_body(request: web.Request, model: type[Body], *, max_bytes: int, 
         raise GatewayError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json")
     try:
         # pydantic's JSON parser caps nesting depth itself: deep nesting is malformed, not a crash
-        return model.model_validate_json(raw)
+        return model.model_validate_json(raw.removeprefix(codecs.BOM_UTF8))
     except ValidationError as exc:
         raise refusal(exc) from None
 
