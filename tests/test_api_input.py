@@ -152,6 +152,15 @@ async def test_refusals_name_the_field(gateway: GatewayClient) -> None:
             "invalid_sip_uri",
             None,
         ),
+        (
+            "POST",
+            "/v1/conversations/f1/monitors",
+            sam,
+            {"voice": {"kind": "sip", "uri": "sip:a\n"}},
+            422,
+            "invalid_sip_uri",
+            None,
+        ),
         ("POST", "/v1/conversations/f1/monitors", sam, {"voice": 1}, 422, "invalid_field", "voice"),
     ]
     for method, path, token, body, status, code, field in cases:

@@ -125,7 +125,7 @@ class WebRtcVoice(RequestBody):
 
 
 def _sip_uri(uri: str) -> str:
-    if len(uri) > SIP_URI_MAX_LENGTH or not _SIP_URI.match(uri):
+    if len(uri) > SIP_URI_MAX_LENGTH or not _SIP_URI.fullmatch(uri):
         raise PydanticCustomError(ErrorCode.INVALID_SIP_URI.value, "voice.uri must be a sip: URI")
     return uri
 
