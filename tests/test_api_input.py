@@ -80,3 +80,123 @@ async def test_monitor_validation_and_unknown_ids(gateway: GatewayClient) -> Non
     # Nothing leaked: the conversation is still monitorable with voice.
     ok = await gateway.monitor("sam", "a1", {"kind": "webrtc"})
     assert ok.status == 201 and ok.body["channels"] == ["chat", "voice"]
+
+
+async def test_refusals_name_the_field(gateway: GatewayClient) -> None:
+    """Strict types (a flag is never a number and a number never a flag) and the field named
+    as the API always named it: the key in the object that holds the error."""
+    await gateway.conversation("f1", sessions=["chat"])
+    platform, sam, alice = await gateway.platform(), await gateway.login("sam"), await gateway.login("alice")
+    cases: list[tuple[str, str, str, object, int, str, str | None]] = [
+        (
+            "PUT",
+            "/v1/conversations/f2",
+            platform,
+            {"agent": "alice", "transferred": 1},
+            422,
+            "invalid_field",
+            "transferred",
+        ),
+        ("PUT", "/v1/conversations/f2", platform, {"agent": True}, 422, "invalid_field", "agent"),
+        ("PUT", "/v1/conversations/f2", platform, {"agent": "  "}, 422, "invalid_field", "agent"),
+        ("PUT", "/v1/conversations/f2", platform, {"agent": "a" * 257}, 422, "invalid_field", "agent"),
+        (
+            "PUT",
+            "/v1/conversations/f2",
+            platform,
+            {"agent": "alice", "sessions": ["chat", 1]},
+            422,
+            "invalid_field",
+            "sessions",
+        ),
+        ("PUT", "/v1/conversations/f2", platform, {"agent": "alice", "customer": []}, 422, "invalid_field", "customer"),
+        ("PUT", "/v1/conversations/f2", platform, {"direction": "sideways"}, 422, "invalid_field", "direction"),
+        ("POST", "/v1/conversations/f1/events", platform, {}, 422, "missing_field", "type"),
+        ("POST", "/v1/conversations/f1/messages", platform, {"text": "hi"}, 422, "missing_field", "from"),
+        (
+            "POST",
+            "/v1/conversations/f1/messages",
+            platform,
+            {"from": "customer", "text": 5},
+            422,
+            "invalid_field",
+            "text",
+        ),
+        (
+            "POST",
+            "/v1/conversations/f1/messages",
+            alice,
+            {"text": "hi", "client_id": 7},
+            422,
+            "invalid_field",
+            "client_id",
+        ),
+        ("POST", "/v1/conversations/f1/monitors", sam, {"voice": {}}, 422, "missing_field", "kind"),
+        ("POST", "/v1/conversations/f1/monitors", sam, {"voice": {"kind": 1}}, 422, "invalid_field", "kind"),
+        ("POST", "/v1/conversations/f1/monitors", sam, {"voice": {"kind": "sip"}}, 422, "missing_field", "uri"),
+        (
+            "POST",
+            "/v1/conversations/f1/monitors",
+            sam,
+            {"voice": {"kind": "sip", "uri": 5}},
+            422,
+            "invalid_field",
+            "uri",
+        ),
+        (
+            "POST",
+            "/v1/conversations/f1/monitors",
+            sam,
+            {"voice": {"kind": "sip", "uri": "sip:a b"}},
+            422,
+            "invalid_sip_uri",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/conversations/f1/monitors",
+            sam,
+            {"voice": {"kind": "sip", "uri": "sip:a\n"}},
+            422,
+            "invalid_sip_uri",
+            None,
+        ),
+        ("POST", "/v1/conversations/f1/monitors", sam, {"voice": 1}, 422, "invalid_field", "voice"),
+    ]
+    for method, path, token, body, status, code, field in cases:
+        answer = await gateway.call(method, path, token, body)
+        assert (answer.status, answer.code) == (status, code), (path, body, answer.body)
+        assert answer.body["error"].get("field") == field, (path, body, answer.body)
+
+
+async def test_null_and_absent_mean_the_default(gateway: GatewayClient) -> None:
+    platform, sam, alice = await gateway.platform(), await gateway.login("sam"), await gateway.login("alice")
+    body = {"agent": "alice", "direction": None, "transferred": None, "customer": None, "sessions": None, "team": None}
+    answer = await gateway.call("PUT", "/v1/conversations/n1", platform, body)
+    assert answer.status == 201 and answer.body["direction"] == "inbound" and answer.body["team"] == "team-a"
+    await gateway.conversation("n2", sessions=["chat"])
+    # an agent's own token writes as the agent; unknown fields are ignored
+    answer = await gateway.call(
+        "POST", "/v1/conversations/n2/messages", alice, {"text": "hi", "client_id": None, "x": 1}
+    )
+    assert answer.status == 201, answer.body
+    # no body at all, or a null voice: a chat-only monitor
+    answer = await gateway.call("POST", "/v1/conversations/n2/monitors", sam, data=b"")
+    assert answer.status == 201 and answer.body["channels"] == ["chat"], answer.body
+    # a UTF-8 byte order mark is not an error
+    answer = await gateway.call(
+        "PUT",
+        "/v1/conversations/n3",
+        platform,
+        data=b'\xef\xbb\xbf{"agent":"alice"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status == 201, answer.body
+
+
+async def test_deeply_nested_json_is_malformed_not_a_crash(gateway: GatewayClient) -> None:
+    platform = await gateway.platform()
+    json_header = {"Content-Type": "application/json"}
+    for raw in [b"[" * 20000, b'{"agent":"alice","customer":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}"]:
+        answer = await gateway.call("PUT", "/v1/conversations/d1", platform, data=raw, headers=json_header)
+        assert (answer.status, answer.code) == (400, "malformed_json"), answer.body

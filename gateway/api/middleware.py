@@ -13,6 +13,8 @@ from gateway.errors import CODE_OF_STATUS, ERRORS, ErrorCode, GatewayError, http
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Headers of an HTTP exception's own text body, replaced by the JSON error's.
+_BODY_HEADERS = frozenset({"content-type", "content-length"})
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -35,7 +37,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code = CODE_OF_STATUS.get(exc.status, ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.UNAVAILABLE)
-        response = error_response(exc.status, code.value, exc.reason)
+        # keep what the exception says besides its text body, e.g. a 405's `Allow`
+        headers = {name: value for name, value in exc.headers.items() if name.lower() not in _BODY_HEADERS}
+        response = error_response(exc.status, code.value, exc.reason, headers)
     except Exception:
         log.exception("unhandled error", extra={"route": route})
         response = error_response(500, ErrorCode.INTERNAL_ERROR.value, ERRORS[ErrorCode.INTERNAL_ERROR].message)

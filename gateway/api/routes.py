@@ -9,10 +9,11 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from gateway.api import models
 from gateway.api.context import AUDIT, BUS, CHAT, DIRECTORY, METRICS, SERVICE, SETTINGS, STATE
 from gateway.api.identity import authenticate, authenticate_supervisor
-from gateway.api.validation import conversation_id, field, read_json
-from gateway.domain import Channel, Direction, DomainEvent, EventType, PlatformEventType
+from gateway.api.validation import conversation_id, read_body, sequence_number
+from gateway.domain import DomainEvent, EventType
 from gateway.errors import ErrorCode, GatewayError, not_found
 from gateway.policy import rules
 from gateway.policy.auth import Principal
@@ -21,8 +22,6 @@ from gateway.wiring import background, call_supervisor_phone
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
-
-SIP_URI_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()%;:@&=+$,/?[]")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -50,18 +49,9 @@ async def put_conversation(request: web.Request) -> web.Response:
     await authenticate(request, "platform")
     cid = _cid(request)
     settings = request.app[SETTINGS]
-    body = await read_json(request, max_bytes=settings.max_body_bytes)
-    direction = Direction(field(body, "direction", str, default="inbound", choices=("inbound", "outbound")))
-    transferred = field(body, "transferred", bool, default=False)
-    agent = field(body, "agent", str)
-    if not agent.strip() or len(agent) > 256:
-        raise GatewayError(ErrorCode.INVALID_FIELD, "field 'agent' must be a username", field="agent")
-    customer = field(body, "customer", dict, default={})
-    sessions_raw = field(body, "sessions", list, default=[])
-    if not all(s in ("chat", "voice") for s in sessions_raw):
-        raise GatewayError(ErrorCode.INVALID_FIELD, "sessions are 'chat' and/or 'voice'", field="sessions")
-    sessions: list[Channel] = list(dict.fromkeys(sessions_raw))
-    team = field(body, "team", str, default=None)
+    body = await read_body(request, models.ConversationIn, max_bytes=settings.max_body_bytes)
+    direction, transferred, agent, customer = body.direction, body.transferred, body.agent, body.customer
+    sessions, team = body.sessions, body.team
     service = request.app[SERVICE]
     existing = service.store.get_conversation(cid)
     if existing is None or existing.ended:
@@ -86,8 +76,7 @@ async def put_conversation(request: web.Request) -> web.Response:
 async def post_event(request: web.Request) -> web.Response:
     await authenticate(request, "platform")
     cid = _cid(request)
-    body = await read_json(request, max_bytes=request.app[SETTINGS].max_body_bytes)
-    kind = PlatformEventType(field(body, "type", str, choices=tuple(e.value for e in PlatformEventType)))
+    kind = (await read_body(request, models.PlatformEventIn, max_bytes=request.app[SETTINGS].max_body_bytes)).type
     request.app[SERVICE].apply_platform_event(cid, kind)
     return _json({"accepted": kind.value}, 202)
 
@@ -98,13 +87,10 @@ async def post_message(request: web.Request) -> web.Response:
     principal = await authenticate(request, "platform", "agent")
     cid = _cid(request)
     settings = request.app[SETTINGS]
-    body = await read_json(request, max_bytes=settings.max_body_bytes)
-    if principal.has_role("platform"):
-        sender = field(body, "from", str, choices=("customer", "agent"))
-    else:
-        sender = field(body, "from", str, default="agent", choices=("customer", "agent"))
-    text = field(body, "text", str)  # emptiness and length are the chat plane's to judge
-    client_id = field(body, "client_id", str, default=None)
+    # the platform must say who wrote a message; an agent's own token writes as the agent
+    model = models.PlatformChatMessageIn if principal.has_role("platform") else models.ChatMessageIn
+    body = await read_body(request, model, max_bytes=settings.max_body_bytes)
+    sender, text, client_id = body.sender, body.text, body.client_id
     conversation = request.app[SERVICE].conversation(cid)
     if not principal.has_role("platform"):
         if sender != "agent" or conversation.agent != principal.username:
@@ -137,14 +123,7 @@ async def conversation_chat(request: web.Request) -> web.StreamResponse:
 
 
 def _after(request: web.Request) -> int:
-    raw = request.query.get("after", "0")
-    try:
-        after = int(raw)
-    except ValueError:
-        raise GatewayError(ErrorCode.INVALID_AFTER, "after is a sequence number") from None
-    if not 0 <= after < 2**63:
-        raise GatewayError(ErrorCode.INVALID_AFTER, "after is a sequence number")
-    return after
+    return sequence_number(request.query.get("after", "0"))
 
 
 async def _serve_chat(
@@ -182,14 +161,10 @@ async def start_monitor(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     refuse_when_draining(request)
     cid = _cid(request)
-    body = await read_json(request, max_bytes=request.app[SETTINGS].max_body_bytes, required=False)
-    voice = field(body, "voice", dict, default=None)
-    if voice is not None:
-        kind = field(voice, "kind", str, choices=("webrtc", "sip"))
-        if kind == "sip":
-            uri = field(voice, "uri", str)
-            if not uri.startswith(("sip:", "sips:")) or len(uri) > 256 or not set(uri) <= SIP_URI_CHARS:
-                raise GatewayError(ErrorCode.INVALID_SIP_URI, "voice.uri must be a sip: URI")
+    body = await read_body(
+        request, models.MonitorStartIn, max_bytes=request.app[SETTINGS].max_body_bytes, required=False
+    )
+    voice = None if body.voice is None else body.voice.model_dump()
     service = request.app[SERVICE]
     monitor = service.start_monitor(principal, cid, voice)
     request.app[METRICS].monitors_started.labels(voice=monitor.voice_kind.value if monitor.voice_kind else "none").inc()
@@ -247,8 +222,8 @@ async def monitor_chat(request: web.Request) -> web.StreamResponse:
 async def whisper(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     settings = request.app[SETTINGS]
-    body = await read_json(request, max_bytes=settings.max_body_bytes)
-    text = field(body, "text", str)
+    body = await read_body(request, models.ChatTextIn, max_bytes=settings.max_body_bytes)
+    text = body.text
     conversation, monitor = request.app[SERVICE].check_whisper(principal, request.match_info["mid"])
     entry, _ = await request.app[CHAT].post(
         conversation.id,
@@ -257,7 +232,7 @@ async def whisper(request: web.Request) -> web.Response:
         author=principal.username,
         text=text,
         visibility="agent",
-        client_id=field(body, "client_id", str, default=None),
+        client_id=body.client_id,
     )
     request.app[AUDIT].record(
         "whisper", actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq
@@ -287,8 +262,8 @@ async def supervisor_message(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     mid = request.match_info["mid"]
     conversation, monitor = request.app[SERVICE].check_message(principal, mid)
-    body = await read_json(request, max_bytes=settings.max_body_bytes)
-    text = field(body, "text", str)
+    body = await read_body(request, models.ChatTextIn, max_bytes=settings.max_body_bytes)
+    text = body.text
     entry, _ = await request.app[CHAT].post(
         conversation.id,
         kind="message",
@@ -296,7 +271,7 @@ async def supervisor_message(request: web.Request) -> web.Response:
         author=principal.username,
         text=text,
         visibility="all",
-        client_id=field(body, "client_id", str, default=None),
+        client_id=body.client_id,
     )
     request.app[AUDIT].record(
         "barged_message", actor=principal.username, conversation=conversation.id, monitor=mid, seq=entry.seq

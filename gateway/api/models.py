@@ -1,0 +1,251 @@
+"""The JSON bodies of the control API as pydantic models.
+
+The request models validate what comes in (:func:`gateway.api.validation.read_body`) and, with
+the response models, generate the schemas of the OpenAPI document (:mod:`gateway.api.openapi`),
+so the document and the checks can not drift apart. Every request model is strict: JSON
+`true` is never a number, `1` never a flag, `"yes"` never a boolean.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from gateway.domain import Channel, Direction, Leg, MonitorMode, PlatformEventType, VoiceKind
+from gateway.errors import ErrorCode
+
+#: Conversation ids travel in SIP headers and logs: printable and short.
+CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
+ConversationId = Annotated[str, StringConstraints(pattern=CONVERSATION_ID_PATTERN)]
+
+#: A chat sequence number (`?after=`): what SQLite stores in a signed 64-bit integer.
+MAX_SEQ = 2**63 - 1
+
+#: What a supervisor's phone URI may hold: `sip:`/`sips:` and RFC 3261 URI characters.
+SIP_URI_PATTERN = r"^sips?:[A-Za-z0-9\-_.!~*'()%;:@&=+$,/?\[\]]*$"
+SIP_URI_MAX_LENGTH = 256
+_SIP_URI = re.compile(SIP_URI_PATTERN)
+
+
+class RequestBody(BaseModel):
+    """A JSON object sent to the API. Unknown fields are ignored; `null` for a field that has a
+    default means the default (as the API always answered)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # the model answers "not an object" itself
+        defaulted = {info.alias or name for name, info in cls.model_fields.items() if not info.is_required()}
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
+
+
+# ---------------------------------------------------------------------------- platform side
+
+
+class ConversationIn(RequestBody):
+    """`PUT /v1/conversations/{cid}`: create or update a conversation."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "direction": "inbound",
+                    "transferred": False,
+                    "agent": "alice",
+                    "customer": {"id": "c-1", "name": "Ann"},
+                    "sessions": ["chat", "voice"],
+                }
+            ]
+        }
+    )
+
+    # Field order is the order errors are reported in: the first one is answered.
+    direction: Direction = Direction.INBOUND
+    transferred: bool = False
+    agent: str = Field(min_length=1, max_length=256, description="the agent's username")
+    customer: dict[str, Any] = Field(default_factory=dict, description="opaque to the gateway; `id` names the author")
+    sessions: list[Channel] = Field(default_factory=list, description="the sessions active now")
+    team: str | None = Field(default=None, description="default: the agent's Keycloak group")
+
+    @field_validator("agent")
+    @classmethod
+    def _agent_is_a_username(cls, agent: str) -> str:
+        if not agent.strip():
+            raise PydanticCustomError(ErrorCode.INVALID_FIELD.value, "field 'agent' must be a username")
+        return agent
+
+    @field_validator("sessions")
+    @classmethod
+    def _each_session_once(cls, sessions: list[Channel]) -> list[Channel]:
+        return list(dict.fromkeys(sessions))
+
+
+class PlatformEventIn(RequestBody):
+    """`POST /v1/conversations/{cid}/events`: a fact about the conversation."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"type": "chat_started"}]})
+
+    type: PlatformEventType
+
+
+class ChatMessageIn(RequestBody):
+    """`POST /v1/conversations/{cid}/messages`: chat ingest, idempotent on `client_id`.
+
+    `from` is required with the `platform` role; an agent's own token may leave it out
+    (`agent`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"from": "customer", "text": "My parcel is late", "client_id": "u-1"}]}
+    )
+
+    sender: Literal["customer", "agent"] = Field(default="agent", alias="from")
+    text: str = Field(description="emptiness and length are the chat plane's to judge")
+    client_id: str | None = Field(default=None, description="1-200 characters; a retry with it is answered once")
+
+
+class PlatformChatMessageIn(ChatMessageIn):
+    """A chat message posted with the `platform` role: it must say who wrote it."""
+
+    sender: Literal["customer", "agent"] = Field(alias="from")
+
+
+# ---------------------------------------------------------------------------- supervisor side
+
+
+class WebRtcVoice(RequestBody):
+    """Listen in the browser (then `POST /v1/monitors/{mid}/whep`)."""
+
+    kind: Literal["webrtc"]
+
+
+def _sip_uri(uri: str) -> str:
+    if len(uri) > SIP_URI_MAX_LENGTH or not _SIP_URI.fullmatch(uri):
+        raise PydanticCustomError(ErrorCode.INVALID_SIP_URI.value, "voice.uri must be a sip: URI")
+    return uri
+
+
+class SipVoice(RequestBody):
+    """Listen on a SIP phone: the gateway calls `uri`."""
+
+    kind: Literal["sip"]
+    uri: Annotated[str, AfterValidator(_sip_uri)] = Field(
+        json_schema_extra={"pattern": SIP_URI_PATTERN, "maxLength": SIP_URI_MAX_LENGTH}
+    )
+
+
+Voice = Annotated[WebRtcVoice | SipVoice, Field(discriminator="kind")]
+
+
+class MonitorStartIn(RequestBody):
+    """`POST /v1/conversations/{cid}/monitors`: `voice` null (or no body) monitors the chat only."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"voice": {"kind": "webrtc"}}, {"voice": None}]})
+
+    voice: Voice | None = None
+
+
+class ChatTextIn(RequestBody):
+    """A supervisor's whisper to the agent, or message to the customer after barging in."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"text": "Offer the refund", "client_id": "w-1"}]})
+
+    text: str
+    client_id: str | None = Field(default=None, description="1-200 characters; a retry with it is answered once")
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+class MonitorBrief(BaseModel):
+    """A monitor as a conversation lists it (R11)."""
+
+    id: str
+    supervisor: str
+    channels: list[Channel]
+    mode: MonitorMode
+
+
+class VoiceOut(BaseModel):
+    kind: VoiceKind
+    uri: str | None
+
+
+class MonitorOut(MonitorBrief):
+    """One monitor: what it holds, and how it ended."""
+
+    conversation: str
+    voice_blocked_reason: str | None = Field(description="why voice was not granted or was taken away")
+    voice: VoiceOut | None
+    started_at: float
+    ended_at: float | None
+    end_reason: str | None
+
+
+class SessionsOut(BaseModel):
+    chat: bool
+    voice: bool
+
+
+class ConversationOut(BaseModel):
+    """A conversation with its monitoring status (R11)."""
+
+    id: str
+    agent: str
+    team: str | None
+    direction: Direction
+    transferred: bool
+    customer: dict[str, Any]
+    sessions: SessionsOut
+    session_started: dict[Channel, float] = Field(description="start time (epoch seconds) of each active session")
+    voice_legs: list[Leg]
+    monitored: bool
+    monitors: list[MonitorBrief]
+
+
+class EventAcceptedOut(BaseModel):
+    accepted: PlatformEventType
+
+
+class SeqOut(BaseModel):
+    """Where a chat entry was stored."""
+
+    seq: int
+
+
+class ChatPostedOut(SeqOut):
+    duplicate: bool = Field(description="true when this client_id was posted before: the same seq again")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: ErrorCode
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: a stable code, a human message, and sometimes more fields (`field`, ...)."""
+
+    error: ErrorDetail
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, bool]
+
+
+class ConsoleConfigOut(BaseModel):
+    idp_url: str = Field(description="empty: the same origin (the embedded identity provider)")
+    realm: str
+    client_id: str
+    embedded_idp: bool
