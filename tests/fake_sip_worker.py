@@ -25,7 +25,7 @@ from gateway.sip.protocol import (
     HangUpPhone,
     Incoming,
     LegUp,
-    PhoneState,
+    PhoneEnded,
     ProtocolError,
     Quit,
     Ready,
@@ -95,21 +95,21 @@ class FakeWorker:
         """An INVITE reached this worker (from the platform, after the 302); its call key."""
         key = next(self._keys)
         self.pending.add(key)
-        self.emit(Incoming(call=key, msg=raw.decode(), src="127.0.0.1:5070"))
+        self.emit(Incoming(call=key, msg=raw.decode()))
         return key
 
     def bye(self, call: int, reason: str = "bye") -> None:
         """The platform hangs up ``call`` (or the worker does: ``media_timeout``)."""
         answered = self.calls.pop(call)
-        self.emit(CallEnded(call=call, reason=reason, code=200))
+        self.emit(CallEnded(call=call, reason=reason))
         if not any(a.cid == answered.cid for a in self.calls.values()):
             for mid in [m for m, cid in self.phones.items() if cid == answered.cid]:
                 del self.phones[mid]  # the real worker hangs up a phone that has nothing left to hear
-                self.emit(PhoneState(mid=mid, state="ended", reason="voice_ended"))
+                self.emit(PhoneEnded(mid=mid, reason="voice_ended"))
 
     def phone_hangs_up(self, mid: str) -> None:
         del self.phones[mid]
-        self.emit(PhoneState(mid=mid, state="ended", reason="left", code=200))
+        self.emit(PhoneEnded(mid=mid, reason="left"))
 
     def crash(self) -> None:
         """The process dies (segfault, C assert): no goodbye."""
@@ -155,7 +155,7 @@ class FakeWorker:
             case Reject():
                 if cmd.call in self.pending:
                     self.pending.discard(cmd.call)
-                    self.emit(CallEnded(call=cmd.call, reason="shutdown", code=cmd.code))
+                    self.emit(CallEnded(call=cmd.call, reason="shutdown"))
             case CallPhone():
                 if cmd.cid in self.phones.values():
                     ok, error = False, "phone already in call"
@@ -163,10 +163,9 @@ class FakeWorker:
                     ok, error = False, self.phone_refusal
                 else:
                     self.phones[cmd.mid] = cmd.cid
-                    self.emit(PhoneState(mid=cmd.mid, state="connected"))
             case HangUpPhone():
                 if self.phones.pop(cmd.mid, None) is not None:
-                    self.emit(PhoneState(mid=cmd.mid, state="ended", reason="hung_up"))
+                    self.emit(PhoneEnded(mid=cmd.mid, reason="hung_up"))
             case SetTap():
                 (self.tapped.add if cmd.on else self.tapped.discard)(cmd.cid)
             case Quit():
@@ -181,7 +180,7 @@ class FakeWorker:
     async def _stats(self) -> None:
         while True:
             if not self.frozen:
-                self.emit(Stats(frames=self._seq, drops=0, calls=len(self.calls) + len(self.phones)))
+                self.emit(Stats(frames=self._seq, drops=0))
             await asyncio.sleep(0.1)
 
     async def _send_frames(self) -> None:

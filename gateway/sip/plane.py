@@ -27,7 +27,7 @@ from ..errors import ErrorCode, GatewayError
 from .front import SipFront
 from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, uri_user, valid_sip_uri
 from .placement import Placement, Refusal
-from .protocol import Answer, CallEnded, CallPhone, Event, HangUpPhone, Incoming, LegUp, PhoneState, Reject, SetTap
+from .protocol import Answer, CallEnded, CallPhone, Event, HangUpPhone, Incoming, LegUp, PhoneEnded, Reject, SetTap
 from .supervisor import Spawn, Supervisor, Worker, spawn_subprocess
 from .taps import Tap, TapFanout
 
@@ -184,13 +184,10 @@ class SipPlane:
                 if not conv.legs and conv.had_legs:
                     self.taps.finish(conv.cid)
                 self.placement.release_if_idle(conv)
-            case PhoneState(state="ended"):
+            case PhoneEnded():
                 cid = self.placement.phone_gone(event.mid)
-                reason = event.reason or "left"
-                if reason != "hung_up" and cid is not None:  # our own hang_up_phone is not reported
-                    self._safe(self.hooks.on_phone_ended, event.mid, reason)
-            case _:
-                pass  # phone answered/connected: nothing to do
+                if event.reason != "hung_up" and cid is not None:  # our own hang_up_phone is not reported
+                    self._safe(self.hooks.on_phone_ended, event.mid, event.reason)
 
     def _incoming(self, worker: int, event: Incoming) -> None:
         """A redirected INVITE reached ``worker``: check its reservation, answer or reject."""

@@ -231,7 +231,6 @@ class Incoming(Event):
     TYPE: ClassVar[str] = "incoming"
     call: int
     msg: str
-    src: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,22 +249,17 @@ class CallEnded(Event):
 
     TYPE: ClassVar[str] = "call_ended"
     call: int
-    reason: str = "bye"
-    code: int = 0
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)
-class PhoneState(Event):
-    """Monitor ``mid``'s phone call is ``answered``, ``connected`` (media up) or ``ended``.
+class PhoneEnded(Event):
+    """Monitor ``mid``'s phone call ended: ``left`` (the phone hung up), ``phone_unreachable``,
+    ``voice_ended`` (no leg left to hear), ``hung_up`` (asked for with :class:`HangUpPhone`)."""
 
-    Reasons when ended: ``left``, ``phone_unreachable``, ``voice_ended``, ``hung_up`` (asked for).
-    """
-
-    TYPE: ClassVar[str] = "phone_state"
+    TYPE: ClassVar[str] = "phone_ended"
     mid: str
-    state: str
-    reason: str = ""
-    code: int = 0
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,16 +267,15 @@ class Stats(Event):
     """Counters, sent every second; its silence is how a hung worker is noticed."""
 
     TYPE: ClassVar[str] = "stats"
-    frames: int = 0
-    drops: int = 0
-    calls: int = 0
+    frames: int
+    drops: int
 
 
 Message: TypeAlias = Command | Event
 
 #: Every message that crosses the control socket, by wire tag.
 COMMANDS: tuple[type[Command], ...] = (Answer, Reject, CallPhone, HangUpPhone, SetTap, Quit)
-EVENTS: tuple[type[Event], ...] = (Ready, Fatal, Reply, Incoming, LegUp, CallEnded, PhoneState, Stats)
+EVENTS: tuple[type[Event], ...] = (Ready, Fatal, Reply, Incoming, LegUp, CallEnded, PhoneEnded, Stats)
 MESSAGES: dict[str, type[Message]] = {**{c.TYPE: c for c in COMMANDS}, **{e.TYPE: e for e in EVENTS}}
 
 

@@ -37,7 +37,7 @@ from .protocol import (
     HangUpPhone,
     Incoming,
     LegUp,
-    PhoneState,
+    PhoneEnded,
     ProtocolError,
     Quit,
     Ready,
@@ -230,7 +230,7 @@ class Worker:
             if now - last_stats >= 1.0:
                 last_stats = now
                 self.check_media(now)
-                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped, calls=len(self.calls)))
+                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped))
 
     def check_timers(self, now: float) -> None:
         """Reject calls the main process did not decide on; give up on phones that keep ringing."""
@@ -483,7 +483,7 @@ class GwAccount(pj.Account):  # type: ignore[misc]  # pjsua2 has no type informa
         call.pending_since = time.monotonic()
         self.w.calls[call.key] = call
         msg = prm.rdata.wholeMsg
-        self.w.emit(Incoming(call=call.key, msg=msg, src=prm.rdata.srcAddress))
+        self.w.emit(Incoming(call=call.key, msg=msg))
 
 
 class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
@@ -533,8 +533,6 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
 
     def onCallState(self, prm: Any) -> None:
         ci = self.getInfo()
-        if ci.state == pj.PJSIP_INV_STATE_CONFIRMED and self.phone_mid is not None:
-            self.w.emit(PhoneState(mid=self.phone_mid, state="answered"))
         if ci.state != pj.PJSIP_INV_STATE_DISCONNECTED or self.ended:
             return
         self.ended = True
@@ -547,10 +545,10 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
                 reason = "phone_unreachable"
             else:
                 reason = "left"
-            self.w.emit(PhoneState(mid=self.phone_mid, state="ended", reason=reason, code=ci.lastStatusCode))
+            self.w.emit(PhoneEnded(mid=self.phone_mid, reason=reason))
         else:
             reason = self.end_reason or ("shutdown" if self.local else "bye")
-            self.w.emit(CallEnded(call=self.key, reason=reason, code=ci.lastStatusCode))
+            self.w.emit(CallEnded(call=self.key, reason=reason))
         self.w.call_gone(self)
 
     def onCallMediaState(self, prm: Any) -> None:
@@ -568,7 +566,6 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
                     self.connected = True
                     self.ringing_since = 0.0
                     conv.phone_up(media)
-                    self.w.emit(PhoneState(mid=self.phone_mid, state="connected"))
             elif mi.index < len(self.legs) and self.legs[mi.index]:
                 leg = self.legs[mi.index]
                 if mi.index not in self.media_idx:
