@@ -211,7 +211,7 @@ class SipPlane:
         """Every call of a dead worker ended (``shutdown`` when we stopped it); its taps end."""
         reason = "shutdown" if self.stopping else "media_failure"
         dropped = self.placement.drop_worker(worker)
-        for conv in dropped:
+        for conv in dropped:  # phones first: after a leg ends the domain takes its monitors' voice as voice_ended
             if conv.phone is not None:
                 self._safe(self.hooks.on_phone_ended, conv.phone, reason)
         for conv in dropped:
