@@ -234,3 +234,27 @@ async def test_start_reports_a_worker_that_cannot_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="address in use"):
         await p.start()
     assert not p.ready
+
+
+@pytest.mark.parametrize("plane", [{"sip_command_timeout": 0.3, "sip_hung_seconds": 60.0}], indirect=True)
+async def test_a_command_without_reply_times_out_and_holds_nothing(
+    plane: tuple[SipPlane, FakeWorkers, FakeHooks],
+) -> None:
+    p, fakes, hooks = plane
+    fake, _ = await connect_leg(p, fakes, hooks, "c-1", "agent")
+    fake.freeze()
+    with pytest.raises(TimeoutError):
+        await p.call_phone("c-1", "m-1", "sip:sam@127.0.0.1:5090")
+    assert p.stats()["phones"] == 0 and p.stats()["calls"] == 1
+
+
+async def test_stop_hangs_up_every_call_as_shutdown(tmp_path: Path) -> None:
+    fakes = FakeWorkers()
+    hooks = FakeHooks({"c-1": "alice"})
+    p = SipPlane(Settings(sip_port=0, sip_workers=1, data_dir=str(tmp_path)), hooks, spawn=fakes)
+    await p.start()
+    fake, _ = await connect_leg(p, fakes, hooks, "c-1", "agent")
+    await p.stop()
+    assert ("leg_ended", "c-1", "agent", "shutdown") in hooks.events
+    assert fake.returncode == 0 and not p.ready
+    assert p.stats()["worker_restarts"] == 0
