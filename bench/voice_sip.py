@@ -50,11 +50,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import gateway.sip.plane as plane_mod  # noqa: E402
 from devtools.siprec_source import metadata  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.sip.message import SipParseError, parse_message, parse_sdp  # noqa: E402
-from gateway.sip.plane import RESERVE_PHONE_SLOT, SipPlane  # noqa: E402
+from gateway.sip.placement import Placement  # noqa: E402
+from gateway.sip.plane import SipPlane  # noqa: E402
+from gateway.sip.supervisor import RTP_PORTS_PER_WORKER  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -455,7 +456,7 @@ def unwrap(seqs: list[int]) -> list[int]:
 async def run(n: int, seconds: float, workers: int, mode: str, monitor: str) -> dict[str, Any]:
     siprec = mode == "siprec"
     base = free_port_block(workers + 1)
-    rtp = free_port_block(plane_mod._RTP_PORTS_PER_WORKER * workers, 20000, 59000)
+    rtp = free_port_block(RTP_PORTS_PER_WORKER * workers, 20000, 59000)
     cids = [f"bench-{i}" for i in range(n)]
     row: dict[str, Any] = {"n": n, "workers": workers, "mode": mode, "monitor": monitor, "error": ""}
     calls: list[Call] = []
@@ -463,7 +464,16 @@ async def run(n: int, seconds: float, workers: int, mode: str, monitor: str) -> 
     tapbank: dict[str, Any] = {"arrivals": {}, "onsets": {}, "recording": False}
     readers: list[asyncio.Task[None]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(sip_port=base, sip_workers=workers, calls_per_worker=4, rtp_port_base=rtp, data_dir=tmp)
+        settings = Settings(
+            sip_port=base,
+            sip_workers=workers,
+            calls_per_worker=4,
+            rtp_port_base=rtp,
+            data_dir=tmp,
+            # More workers than the default start-up timeout allows on a small machine: give the
+            # bench room (the table reports how long start-up took; see the SIP README "Benchmark").
+            sip_worker_ready_timeout=300.0,
+        )
         hooks = Hooks(set(cids))
         plane = SipPlane(settings, hooks)
         t_start = time.monotonic()
@@ -646,14 +656,11 @@ def main() -> None:
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first step that does not hold")
     ap.add_argument("--smoke", action="store_true", help="2 conversations, 3 s")
     args = ap.parse_args()
-    # More workers than SipPlane's start-up timeout allows on a small machine: give the bench
-    # room (the table reports how long start-up took; see README "Benchmark").
-    plane_mod._READY_TIMEOUT = 300.0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ns = [2] if args.smoke else (args.conversations or args.sweep)
     seconds = 3.0 if args.smoke else args.seconds
-    footprint = (1 if args.mode == "siprec" else 2) + (1 if RESERVE_PHONE_SLOT else 0)
+    footprint = Placement(1, 4, reserve_phone_slot=Settings().sip_reserve_phone_slot).footprint(args.mode)
     per_worker = max(1, 4 // footprint)
     print(
         f"mode {args.mode}, monitor {args.monitor}, {seconds:.0f} s per step, {NCPU} cores, "

@@ -68,6 +68,21 @@ class Settings:
     rtp_port_base: int = 20000
     media_host: str = "127.0.0.1"
     enable_sip: bool = True
+    #: Count a supervisor-phone call in every conversation's footprint, so that ``call_phone``
+    #: never finds the worker full (off: twice the per-leg density, 503 ``voice_capacity`` when full).
+    sip_reserve_phone_slot: bool = True
+    #: Seconds a 302 reservation waits for the redirected INVITE at the worker.
+    sip_reservation_seconds: float = 8.0
+    #: An ingress call that receives no RTP for this long is hung up (``media_timeout``; 0: never).
+    sip_media_timeout: float = 20.0
+    #: A supervisor phone that does not answer within this long is ``phone_unreachable``.
+    sip_ring_timeout: float = 30.0
+    #: Seconds ``start()`` waits for every worker to report ready (at least 0.2 s per worker).
+    sip_worker_ready_timeout: float = 15.0
+    #: Seconds a command to a worker (phone, hang-up) may take to be answered.
+    sip_command_timeout: float = 5.0
+    #: A ready worker that sends nothing for this long (it reports every second) is killed.
+    sip_hung_seconds: float = 6.0
 
     # --- WebRTC ---------------------------------------------------------------------------
     #: Comma-separated ICE server URLs (``stun:host:port``). Default none: never a public host.

@@ -19,7 +19,6 @@ import pytest
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.sip import plane as plane_mod
 from gateway.sip.plane import SipPlane
 
 from .sip_support import (
@@ -50,13 +49,22 @@ AGENT_HZ, CUSTOMER_HZ, PHONE_HZ = 600.0, 1000.0, 1500.0
 
 
 @pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
+async def gw(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
+    """A started plane with 2 workers; ``@pytest.mark.parametrize("gw", [{setting: value}], indirect=True)``
+    overrides settings."""
     require_pjsua2()
     require_tool("sipp")
     hooks = FakeHooks({"c-1": "alice", "c-2": "alice", "c-3": "bob", "c-4": "bob"})
     base = free_udp_block(3)
     rtp = free_udp_block(80, 30000, 39000)
-    settings = Settings(sip_port=base, sip_workers=2, calls_per_worker=4, rtp_port_base=rtp, data_dir=str(tmp_path))
+    settings = Settings(
+        sip_port=base,
+        sip_workers=2,
+        calls_per_worker=4,
+        rtp_port_base=rtp,
+        data_dir=str(tmp_path),
+        **getattr(request, "param", {}),
+    )
     plane = SipPlane(settings, hooks)
     await plane.start()
     assert plane.ready
@@ -255,15 +263,15 @@ async def test_worker_crash_ends_only_its_calls_and_restarts(gw: tuple[SipPlane,
             await p.wait()
 
 
-async def test_leg_without_rtp_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_leg_without_rtp_times_out(tmp_path: Path) -> None:
     require_pjsua2()
-    monkeypatch.setattr(plane_mod, "MEDIA_TIMEOUT_SECONDS", 2.0)
     hooks = FakeHooks({"c-1": "alice"})
     settings = Settings(
         sip_port=free_udp_block(2),
         sip_workers=1,
         rtp_port_base=free_udp_block(40, 30000, 39000),
         data_dir=str(tmp_path),
+        sip_media_timeout=2.0,
     )
     plane = SipPlane(settings, hooks)
     await plane.start()
@@ -278,11 +286,9 @@ async def test_leg_without_rtp_times_out(tmp_path: Path, monkeypatch: pytest.Mon
         await plane.stop()
 
 
-async def test_hung_worker_is_killed_and_restarted(
-    gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("gw", [{"sip_hung_seconds": 2.0}], indirect=True)
+async def test_hung_worker_is_killed_and_restarted(gw: tuple[SipPlane, FakeHooks]) -> None:
     plane, _hooks = gw
-    monkeypatch.setattr(plane_mod, "HUNG_SECONDS", 2.0)
     victim = plane.worker_pids()[0]
     os.kill(victim, signal.SIGSTOP)
     try:
@@ -295,12 +301,10 @@ async def test_hung_worker_is_killed_and_restarted(
     assert plane.stats()["worker_hung_kills"] == 1
 
 
-async def test_bad_input_gets_4xx_and_leaks_no_slot(
-    gw: tuple[SipPlane, FakeHooks], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("gw", [{"sip_reservation_seconds": 2.0}], indirect=True)
+async def test_bad_input_gets_4xx_and_leaks_no_slot(gw: tuple[SipPlane, FakeHooks]) -> None:
     plane, hooks = gw
     port = plane.settings.sip_port
-    monkeypatch.setattr(plane_mod, "RESERVATION_SECONDS", 2.0)
     sip = RawSip()
     hdr = {"X-Conversation-ID": "c-1", "X-Leg": "agent"}
 
@@ -459,7 +463,7 @@ def test_fixture_tones_are_distinct() -> None:
 
 async def test_tap_is_bounded_drop_oldest() -> None:
     from gateway.media.frames import LegFrame
-    from gateway.sip.plane import Tap
+    from gateway.sip.taps import Tap
 
     class _Plane:
         _tap_drops = 0

@@ -38,7 +38,7 @@ class SipFront(asyncio.DatagramProtocol):
         self.answered: dict[tuple[str, str, str], tuple[bytes, float]] = {}
         #: (call-id, branch) → retransmission timer handle, until the ACK arrives
         self.awaiting_ack: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self.counts = {"received": 0, "malformed": 0, "invites": 0, "redirects": 0, "rejected": 0}
+        self.counts = {"malformed": 0, "invites": 0, "rejected": 0}  # the plane's front_* stats
         self._last_sweep = time.monotonic()
 
     # --- asyncio hooks ---------------------------------------------------------------------
@@ -66,7 +66,6 @@ class SipFront(asyncio.DatagramProtocol):
             self.transport.sendto(data, addr)
 
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.counts["received"] += 1
         now = time.monotonic()
         if now - self._last_sweep > 5.0:
             self._last_sweep = now
@@ -116,7 +115,8 @@ class SipFront(asyncio.DatagramProtocol):
             except Exception:
                 log.exception("sip front: decide failed")
                 status, reason, extra = 500, None, []
-            self.counts["redirects" if status == 302 else "rejected"] += 1
+            if status != 302:
+                self.counts["rejected"] += 1
             self._final(msg, addr, status, reason, extra)
         elif method == "CANCEL":
             self._final(msg, addr, 200, None, [])  # the INVITE was already answered

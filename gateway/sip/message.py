@@ -7,7 +7,7 @@ raises :class:`SipParseError`; nothing else escapes. No pjsua2 here: the main pr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from xml.etree.ElementTree import Element
 
@@ -457,7 +457,7 @@ class InviteInfo:
     leg: str | None = None  # per-leg mode only
 
 
-def classify_invite(msg: SipMessage, agent_of: callable[[str], str | None]) -> InviteInfo:  # type: ignore[valid-type]
+def classify_invite(msg: SipMessage, agent_of: Callable[[str], str | None]) -> InviteInfo:
     """Validate an ingress INVITE and decide which stream is which leg.
 
     Raises :class:`SipParseError` with the SIP status to answer: 400 malformed, 404 unknown

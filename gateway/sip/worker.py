@@ -5,12 +5,9 @@ process. One thread owns the Endpoint and every pj object (``threadCnt=0``,
 ``mainThreadOnly``): it loops ``libHandleEvents`` and applies commands that a reader thread
 puts on a queue. The reader thread never touches pj objects.
 
-Interface with the main process (see :mod:`gateway.sip.plane`):
-
-* control: a unix stream socket (``--ctl-fd``) carrying JSON lines. Commands ``{"op": ...}``
-  in, events ``{"ev": ...}`` out.
-* audio: a unix datagram socket (``--frame-fd``) carrying one :class:`LegFrame` datagram per
-  20 ms per tapped conversation, sent from pj's clock thread.
+Interface with the main process: :mod:`gateway.sip.protocol` (command line, typed control
+messages as JSON lines on ``--ctl-fd``, one LegFrame datagram per 20 ms per tapped
+conversation on ``--frame-fd``, sent from pj's clock thread).
 
 The worker holds no policy: it reports each incoming INVITE (whole message) and waits for the
 main process to answer or reject it.
@@ -18,14 +15,11 @@ main process to answer or reject it.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
-import json
 import os
 import queue
 import socket
-import struct
 import sys
 import threading
 import time
@@ -33,10 +27,33 @@ from typing import Any
 
 import pjsua2 as pj
 
+from .protocol import (
+    Answer,
+    CallEnded,
+    CallPhone,
+    Command,
+    Event,
+    Fatal,
+    HangUpPhone,
+    Incoming,
+    LegUp,
+    PhoneEnded,
+    ProtocolError,
+    Quit,
+    Ready,
+    Reject,
+    Reply,
+    SetTap,
+    Stats,
+    WorkerArgs,
+    decode,
+    encode,
+    encode_leg_frame,
+)
+
 CLOCK_RATE = 8000
 SAMPLES = CLOCK_RATE // 50
-# Same layout as gateway.media.frames (version 1); kept local so per-frame work stays tiny.
-_HEADER = struct.Struct("<BBHIH")
+#: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
 _SILENCE = b"\0" * (2 * SAMPLES)
 
@@ -76,13 +93,13 @@ def _buf_bytes(frame: Any) -> bytes:
 
 
 class Worker:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: WorkerArgs) -> None:
         self.args = args
         self.ctl = socket.socket(fileno=args.ctl_fd)
         self.ctl.setblocking(True)
         self.frames = socket.socket(fileno=args.frame_fd)
         self.frames.setblocking(False)
-        self.commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.commands: queue.Queue[Command | None] = queue.Queue()
         self.send_lock = threading.Lock()
         self.running = True
         self.ep: Any = None
@@ -95,9 +112,8 @@ class Worker:
         self.frames_dropped = 0
 
     # --- plumbing --------------------------------------------------------------------------
-    def emit(self, ev: str, **fields: Any) -> None:
-        fields["ev"] = ev
-        data = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
+    def emit(self, event: Event) -> None:
+        data = encode(event)
         with self.send_lock:
             try:
                 self.ctl.sendall(data)
@@ -120,9 +136,13 @@ class Worker:
                     line, buf = buf.split(b"\n", 1)
                     if line.strip():
                         try:
-                            self.commands.put(json.loads(line))
-                        except ValueError:
+                            message = decode(line)
+                        except ProtocolError as exc:
+                            print(f"sip worker: {exc}", file=sys.stderr, flush=True)
                             continue
+                        if not isinstance(message, Command):
+                            continue
+                        self.commands.put(message)
                         try:
                             waker.sendto(b"\r\n\r\n", wake_to)
                         except OSError:
@@ -184,7 +204,7 @@ class Worker:
         self.acc = GwAccount(self)
         self.acc.create(acfg, True)
         threading.Thread(target=self._reader, name="ctl-reader", daemon=True).start()
-        self.emit("ready", pid=os.getpid(), sip_port=a.sip_port)
+        self.emit(Ready(pid=os.getpid(), sip_port=a.sip_port))
 
     def run(self) -> None:
         last_stats = 0.0
@@ -206,19 +226,22 @@ class Worker:
                 except Exception as exc:
                     self.reply(cmd, False, f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
-            for call in list(self.calls.values()):
-                if call.pending_since and now - call.pending_since > _DECIDE_TIMEOUT:
-                    call.pending_since = 0.0
-                    call.reject(500)
-                elif call.ringing_since and now - call.ringing_since > self.args.ring_timeout:
-                    call.ringing_since = 0.0  # a phone that never answers is unreachable
-                    call.end_reason = "phone_unreachable"
-                    call.local_hangup()
+            self.check_timers(now)  # a method of its own: no pj object may outlive it in this frame
             if now - last_stats >= 1.0:
                 last_stats = now
                 self.check_media(now)
-                self.emit("stats", frames=self.frames_sent, drops=self.frames_dropped, calls=len(self.calls))
-            call = None  # no pj object may outlive the loop in this frame
+                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped))
+
+    def check_timers(self, now: float) -> None:
+        """Reject calls the main process did not decide on; give up on phones that keep ringing."""
+        for call in list(self.calls.values()):
+            if call.pending_since and now - call.pending_since > _DECIDE_TIMEOUT:
+                call.pending_since = 0.0
+                call.reject(500)
+            elif call.ringing_since and now - call.ringing_since > self.args.ring_timeout:
+                call.ringing_since = 0.0  # a phone that never answers is unreachable
+                call.end_reason = "phone_unreachable"
+                call.local_hangup()
 
     def shutdown(self) -> None:
         for call in list(self.calls.values()):
@@ -259,79 +282,72 @@ class Worker:
                 call.local_hangup()
 
     # --- commands --------------------------------------------------------------------------
-    def reply(self, cmd: dict[str, Any], ok: bool, error: str = "", **extra: Any) -> None:
-        if "re" in cmd:
-            self.emit("reply", re=cmd["re"], ok=ok, error=error, **extra)
+    def reply(self, cmd: Command, ok: bool, error: str = "") -> None:
+        if cmd.re:
+            self.emit(Reply(re=cmd.re, ok=ok, error=error))
 
-    def handle(self, cmd: dict[str, Any]) -> None:
-        op = cmd.get("op")
-        if op == "answer":
-            call = self.calls.get(int(cmd["call"]))
-            if call is None or not call.pending_since:
-                self.reply(cmd, False, "no such pending call")
-                return
-            call.pending_since = 0.0
-            call.conv_id = str(cmd["cid"])
-            call.legs = list(cmd["legs"])
-            # Register first: answer() negotiates SDP and fires onCallMediaState synchronously.
-            self.conv(call.conv_id).calls.add(call.key)
-            try:
-                call.accept(len(call.legs))
-            except pj.Error as exc:
-                call.reject(488)  # never leave a call half-answered: it would hold a slot
-                self.reply(cmd, False, f"pj: {exc.info()}")
-                return
-            self.reply(cmd, True)
-        elif op == "reject":
-            call = self.calls.get(int(cmd["call"]))
-            if call is not None and call.pending_since:
+    def handle(self, cmd: Command) -> None:
+        match cmd:
+            case Answer():
+                call = self.calls.get(cmd.call)
+                if call is None or not call.pending_since:
+                    self.reply(cmd, False, "no such pending call")
+                    return
                 call.pending_since = 0.0
-                call.reject(int(cmd.get("code", 403)))
-            self.reply(cmd, True)
-        elif op == "phone":
-            cid, mid, uri = str(cmd["cid"]), str(cmd["mid"]), str(cmd["uri"])
-            conv = self.conv(cid)
-            if conv.phone is not None:
-                self.reply(cmd, False, "phone already in call")
-                return
-            call = GwCall(self, self.acc)
-            call.conv_id = cid
-            call.phone_mid = mid
-            prm = pj.CallOpParam(True)
-            prm.opt.audioCount = 1
-            prm.opt.videoCount = 0
-            prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
-            prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING])
-            call.makeCall(uri, prm)  # raises pj.Error for a URI pj refuses
-            call.ringing_since = time.monotonic()
-            self.calls[call.key] = call
-            conv.phone = call
-            conv.calls.add(call.key)
-            self.reply(cmd, True)
-        elif op == "phone_hangup":
-            mid = str(cmd["mid"])
-            for call in list(self.calls.values()):
-                if call.phone_mid == mid:
-                    call.local_hangup()
-            self.reply(cmd, True)
-        elif op == "tap":
-            conv = self.conv(str(cmd["cid"]))
-            if cmd.get("on"):
-                conv.want_tap = True
-                conv.wire_tap()
-            else:
-                conv.want_tap = False
-                conv.drop_tap()
-            self.reply(cmd, True)
-        elif op == "hangup_all":
-            for call in list(self.calls.values()):
-                call.local_hangup()
-            self.reply(cmd, True)
-        elif op == "quit":
-            self.reply(cmd, True)
-            self.running = False
-        else:
-            self.reply(cmd, False, f"unknown op {op!r}")
+                call.conv_id = cmd.cid
+                call.legs = list(cmd.legs)
+                # Register first: answer() negotiates SDP and fires onCallMediaState synchronously.
+                self.conv(call.conv_id).calls.add(call.key)
+                try:
+                    call.accept(len(call.legs))
+                except pj.Error as exc:
+                    call.reject(488)  # never leave a call half-answered: it would hold a slot
+                    self.reply(cmd, False, f"pj: {exc.info()}")
+                    return
+                self.reply(cmd, True)
+            case Reject():
+                call = self.calls.get(cmd.call)
+                if call is not None and call.pending_since:
+                    call.pending_since = 0.0
+                    call.reject(cmd.code)
+                self.reply(cmd, True)
+            case CallPhone():
+                conv = self.conv(cmd.cid)
+                if conv.phone is not None:
+                    self.reply(cmd, False, "phone already in call")
+                    return
+                call = GwCall(self, self.acc)
+                call.conv_id = cmd.cid
+                call.phone_mid = cmd.mid
+                prm = pj.CallOpParam(True)
+                prm.opt.audioCount = 1
+                prm.opt.videoCount = 0
+                prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
+                prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING])
+                call.makeCall(cmd.uri, prm)  # raises pj.Error for a URI pj refuses
+                call.ringing_since = time.monotonic()
+                self.calls[call.key] = call
+                conv.phone = call
+                conv.calls.add(call.key)
+                self.reply(cmd, True)
+            case HangUpPhone():
+                for call in list(self.calls.values()):
+                    if call.phone_mid == cmd.mid:
+                        call.local_hangup()
+                self.reply(cmd, True)
+            case SetTap():
+                conv = self.conv(cmd.cid)
+                conv.want_tap = cmd.on
+                if cmd.on:
+                    conv.wire_tap()
+                else:
+                    conv.drop_tap()
+                self.reply(cmd, True)
+            case Quit():
+                self.reply(cmd, True)
+                self.running = False
+            case _:
+                self.reply(cmd, False, f"unknown command {cmd.TYPE!r}")
 
     def conv(self, cid: str) -> Conv:
         conv = self.convs.get(cid)
@@ -437,20 +453,14 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        pkt = (
-            _HEADER.pack(1, len(self.cid_b), CLOCK_RATE // 100, self.seq, len(agent) // 2)
-            + self.cid_b
-            + agent
-            + customer
-        )
         try:
-            self.w.frames.send(pkt)
+            self.w.frames.send(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
             self.w.frames_sent += 1
         except (BlockingIOError, OSError):
             self.w.frames_dropped += 1
 
 
-class TapPort(pj.AudioMediaPort):
+class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
     def __init__(self, conv: Conv, leg: str) -> None:
         super().__init__()
         self.conv = conv
@@ -463,7 +473,7 @@ class TapPort(pj.AudioMediaPort):
         self.conv.on_leg_frame(self.leg, data or _SILENCE)
 
 
-class GwAccount(pj.Account):
+class GwAccount(pj.Account):  # type: ignore[misc]  # pjsua2 has no type information
     def __init__(self, worker: Worker) -> None:
         super().__init__()
         self.w = worker
@@ -473,10 +483,10 @@ class GwAccount(pj.Account):
         call.pending_since = time.monotonic()
         self.w.calls[call.key] = call
         msg = prm.rdata.wholeMsg
-        self.w.emit("incoming", call=call.key, msg=msg, src=prm.rdata.srcAddress)
+        self.w.emit(Incoming(call=call.key, msg=msg))
 
 
-class GwCall(pj.Call):
+class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
     def __init__(self, worker: Worker, acc: Any, call_id: int = pj.PJSUA_INVALID_ID) -> None:
         super().__init__(acc, call_id)
         self.w = worker
@@ -523,8 +533,6 @@ class GwCall(pj.Call):
 
     def onCallState(self, prm: Any) -> None:
         ci = self.getInfo()
-        if ci.state == pj.PJSIP_INV_STATE_CONFIRMED and self.phone_mid is not None:
-            self.w.emit("phone_state", mid=self.phone_mid, state="answered")
         if ci.state != pj.PJSIP_INV_STATE_DISCONNECTED or self.ended:
             return
         self.ended = True
@@ -537,10 +545,10 @@ class GwCall(pj.Call):
                 reason = "phone_unreachable"
             else:
                 reason = "left"
-            self.w.emit("phone_state", mid=self.phone_mid, state="ended", reason=reason, code=ci.lastStatusCode)
+            self.w.emit(PhoneEnded(mid=self.phone_mid, reason=reason))
         else:
             reason = self.end_reason or ("shutdown" if self.local else "bye")
-            self.w.emit("call_ended", call=self.key, reason=reason, code=ci.lastStatusCode)
+            self.w.emit(CallEnded(call=self.key, reason=reason))
         self.w.call_gone(self)
 
     def onCallMediaState(self, prm: Any) -> None:
@@ -558,7 +566,6 @@ class GwCall(pj.Call):
                     self.connected = True
                     self.ringing_since = 0.0
                     conv.phone_up(media)
-                    self.w.emit("phone_state", mid=self.phone_mid, state="connected")
             elif mi.index < len(self.legs) and self.legs[mi.index]:
                 leg = self.legs[mi.index]
                 if mi.index not in self.media_idx:
@@ -567,37 +574,19 @@ class GwCall(pj.Call):
                 old = conv.legs.get(leg)
                 if old is None:
                     conv.leg_up(leg, media, self)
-                    self.w.emit("leg_up", call=self.key, cid=conv.cid, leg=leg)
+                    self.w.emit(LegUp(call=self.key, cid=conv.cid, leg=leg))
                 elif conv.leg_owner.get(leg) is self and old.getPortId() != media.getPortId():
                     # A re-INVITE recreated the stream on a new bridge slot: wire it again.
                     conv.leg_up(leg, media, self)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--ctl-fd", type=int, required=True)
-    p.add_argument("--frame-fd", type=int, required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--sip-port", type=int, required=True)
-    p.add_argument("--media-host", default="127.0.0.1")
-    p.add_argument("--rtp-port", type=int, default=20000)
-    p.add_argument("--rtp-range", type=int, default=100)
-    p.add_argument("--max-calls", type=int, default=4)
-    p.add_argument("--poll-ms", type=int, default=100)
-    p.add_argument("--ring-timeout", type=float, default=30.0, help="seconds a supervisor phone may ring")
-    p.add_argument(
-        "--media-timeout",
-        type=float,
-        default=20.0,
-        help="hang up an ingress call after this long without RTP (0: never)",
-    )
-    p.add_argument("--log-level", type=int, default=1)
-    args = p.parse_args(argv)
+    args = WorkerArgs.parse(argv)
     w = Worker(args)
     try:
         w.start()
     except pj.Error as exc:
-        w.emit("fatal", error=str(exc.info()))
+        w.emit(Fatal(error=str(exc.info())))
         return 2
     w.run()
     w.shutdown()

@@ -1,0 +1,105 @@
+"""The process protocol between the main process and a SIP worker (gateway/sip/protocol.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.sip.protocol import (
+    COMMANDS,
+    EVENTS,
+    MESSAGES,
+    Answer,
+    CallEnded,
+    PhoneEnded,
+    ProtocolError,
+    Quit,
+    Stats,
+    WorkerArgs,
+    decode,
+    decode_leg_frame,
+    encode,
+    encode_leg_frame,
+    leg_frame_conversation,
+)
+
+pytestmark = [pytest.mark.unit]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_message_has_one_wire_tag() -> None:
+    assert len(MESSAGES) == len(COMMANDS) + len(EVENTS)
+    assert {cls.TYPE for cls in COMMANDS}.isdisjoint({cls.TYPE for cls in EVENTS})
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Answer(call=3, cid="c-1", legs=["customer", None, "agent"]),
+        Answer(call=3, cid="c-1", legs=["agent"], re=9),
+        Quit(),
+        CallEnded(call=2, reason="media_timeout"),
+        PhoneEnded(mid="m-1", reason="left"),
+        Stats(frames=10, drops=1),
+    ],
+)
+def test_messages_round_trip_as_one_json_line(message: object) -> None:
+    line = encode(message)  # type: ignore[arg-type]
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode(line) == message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"type": "nope"}',
+        b'{"call": 1}',
+        b'{"type": "answer", "cid": "c-1", "legs": []}',  # no call
+        b'{"type": "answer", "call": "1", "cid": "c-1", "legs": []}',  # call is not an int
+        b'{"type": "answer", "call": true, "cid": "c-1", "legs": []}',
+        b'{"type": "stats", "frames": 1.5, "drops": 0}',
+    ],
+)
+def test_malformed_lines_are_refused(line: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(line)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    assert decode(b'{"type": "quit", "later": 1}') == Quit()
+    assert json.loads(encode(Quit())) == {"type": "quit", "re": 0}
+
+
+def test_leg_frame_codec() -> None:
+    agent = np.arange(160, dtype=np.int16)
+    customer = -agent
+    data = encode_leg_frame("c-é".encode(), 7, 8000, agent.tobytes(), customer.tobytes())
+    assert leg_frame_conversation(data) == "c-é"
+    frame = decode_leg_frame(data)
+    assert (frame.conversation, frame.seq, frame.sample_rate, frame.samples) == ("c-é", 7, 8000, 160)
+    assert np.array_equal(frame.agent, agent) and np.array_equal(frame.customer, customer)
+    for bad in (data[:9], data[:-1], b"\x02" + data[1:], data + b"\0\0"):
+        with pytest.raises(ValueError):
+            decode_leg_frame(bad)
+    assert leg_frame_conversation(b"\x02" + data[1:]) is None
+    assert leg_frame_conversation(data[:12]) is None
+    assert leg_frame_conversation(data[:10] + b"\xff\xfe\xfd\xfc") is None
+
+
+def test_worker_args_round_trip_through_argv() -> None:
+    args = WorkerArgs(ctl_fd=5, frame_fd=6, sip_port=5061, media_timeout=2.5, max_calls=3)
+    assert WorkerArgs.parse(args.argv()) == args
+
+
+def test_the_worker_side_of_the_protocol_imports_no_numpy() -> None:
+    """Each worker process imports the protocol; numpy would cost it ~17 MB and ~0.2 s."""
+    code = "import sys, gateway.sip.protocol; assert 'numpy' not in sys.modules, 'numpy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
