@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from gateway.api.context import SERVICE, SIP, STATE
+from gateway.api.context import RUNTIME, SERVICE, SIP
 from gateway.app import create_app, make_runner
 from gateway.config import Settings
 from gateway.logs import setup_logging
@@ -50,7 +50,7 @@ async def serve(settings: Settings) -> None:
                 return
             # Drain: /readyz fails at once so load balancers move on, SIP answers 503, new monitors
             # are refused; running conversations get up to drain_seconds to finish.
-            app[STATE]["draining"] = True
+            app[RUNTIME].draining = True
             sip = app.get(SIP)
             if sip is not None:
                 sip.set_draining(True)

@@ -15,10 +15,9 @@ from gateway.api.context import AUDIT, BUS, METRICS, SERVICE, SETTINGS, SIP, WHE
 from gateway.api.identity import authenticate_supervisor
 from gateway.api.routes import refuse_when_draining
 from gateway.api.validation import read_limited
-from gateway.domain import DomainEvent, EventType, VoiceKind
+from gateway.domain import DomainEvent, EventType
 from gateway.errors import ErrorCode, GatewayError
 from gateway.media.whep import WhepError, answer_whep
-from gateway.policy import rules
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -30,17 +29,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     refuse_when_draining(request)
-    monitor = app[SERVICE].monitor_of(principal, request.match_info["mid"])
-    conversation = app[SERVICE].store.get_conversation(monitor.conversation)
-    if conversation is None or not monitor.active:
-        raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
-    rules.check_still_supervises(conversation, principal.teams)
-    if not monitor.has_voice or monitor.voice_kind is not VoiceKind.WEBRTC:
-        raise GatewayError(
-            ErrorCode.VOICE_NOT_GRANTED,
-            "this monitor does not hold the conversation's voice over WebRTC",
-            voice_blocked_reason=monitor.voice_blocked_reason,
-        )
+    conversation, monitor = app[SERVICE].check_may_listen(principal, request.match_info["mid"])
     if request.content_type != "application/sdp":
         raise GatewayError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the offer as application/sdp")
     offer = (await read_limited(request, settings.max_body_bytes)).decode("utf-8", errors="replace")
