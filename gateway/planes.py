@@ -148,6 +148,19 @@ class Planes:
         for session in self.listeners.pop(mid, {}).values():
             self._background.spawn(session.close())
 
+    async def add_listener(self, mid: str, session: Listener) -> None:
+        """A new WebRTC listener of monitor ``mid`` replaces the previous one (a reloaded console page)."""
+        sessions = self.listeners.setdefault(mid, {})
+        for old_id, old in list(sessions.items()):
+            sessions.pop(old_id)
+            await old.close("replaced")
+        sessions[session.id] = session
+        session.on_closed(lambda _reason: self.listeners.get(mid, {}).pop(session.id, None))
+
+    def take_listener(self, mid: str, session_id: str) -> Listener | None:
+        """The listener ``session_id`` of monitor ``mid``, no longer tracked (the caller closes it)."""
+        return self.listeners.get(mid, {}).pop(session_id, None)
+
     async def close_listeners(self) -> None:
         """Close every WebRTC listener (at shutdown)."""
         for sessions in list(self.listeners.values()):

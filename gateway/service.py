@@ -468,11 +468,54 @@ class MonitoringService:
         )
         return entry
 
+    # ------------------------------------------------------------------ WebRTC listeners
+
     def check_may_listen(self, principal: Principal, mid: str) -> tuple[Conversation, Monitor]:
         """The caller's monitor, if a WebRTC listener may start for it now."""
         monitor = self.monitor_of(principal, mid)
         conversation = self.store.get_conversation(monitor.conversation)
         return rules.check_may_listen_webrtc(conversation, monitor, principal.teams), monitor
+
+    def listener_started(self, monitor: Monitor, session_id: str) -> None:
+        """A listener of ``monitor`` answered; refused if the monitor lost the voice meanwhile."""
+        if self.store.get_monitor(monitor.id) is None or not monitor.has_voice:
+            raise GatewayError(ErrorCode.VOICE_NOT_GRANTED, "the monitor ended while the offer was answered")
+        self.audit.record(
+            "webrtc_listen",
+            actor=monitor.supervisor,
+            conversation=monitor.conversation,
+            monitor=monitor.id,
+            session=session_id,
+        )
+
+    def publish_levels(self, monitor: Monitor, team: str | None, agent_dbfs: float, customer_dbfs: float) -> None:
+        """A listener's audio levels (about ten a second), for its own supervisor's console."""
+        self.bus.publish(
+            DomainEvent(
+                EventType.LEVELS,
+                monitor.conversation,
+                team,
+                {
+                    "monitor": monitor.id,
+                    "supervisor": monitor.supervisor,
+                    "agent": round(agent_dbfs, 1),
+                    "customer": round(customer_dbfs, 1),
+                },
+            )
+        )
+
+    def inbound_rtp_dropped(self, monitor: Monitor, total: int) -> None:
+        """The answer is sendonly, so a browser should send nothing: the first packet it sends
+        anyway (dropped) is audited."""
+        if total == 1:
+            self.audit.record(
+                "webrtc_inbound_rtp_dropped",
+                actor=monitor.supervisor,
+                conversation=monitor.conversation,
+                monitor=monitor.id,
+            )
+
+    # ------------------------------------------------------------------ refusals
 
     def refuse(self, principal: Principal, mid: str, action: str) -> GatewayError:
         """R4: transfer and conference are always refused (and audited)."""

@@ -175,7 +175,8 @@ class _ChatStream:
         reader = asyncio.ensure_future(self._read())
         decision: tuple[int, str] | None = None
         try:
-            done, _ = await asyncio.wait({writer, reader, self.kill}, return_when=asyncio.FIRST_COMPLETED)
+            racing: set[asyncio.Future[Any]] = {writer, reader, self.kill}
+            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
             if self.kill.done():
                 decision = self.kill.result()
             elif writer in done:

@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -67,9 +67,6 @@ class ChatEntry:
     visibility: str
     client_id: str | None
     ts: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @runtime_checkable
@@ -518,7 +515,8 @@ class SqliteChatLog:
 
     async def trim(self, conversation: str, below: int) -> int:
         target: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        return int(await self._submit(lambda conn: self._op_trim(conn, conversation, below), target))
+        self._submit(lambda conn: self._op_trim(conn, conversation, below), target)
+        return await target
 
     def _stop_checkpointer(self) -> None:
         self._stop.set()
