@@ -400,25 +400,7 @@ class SqliteChatLog:
             _lru_set(self._heads, conversation, head, self.HEAD_CACHE)
         return head
 
-    # -- sync API (tests, benches, tools) ---------------------------------------------------
-
-    def append_sync(
-        self,
-        conversation: str,
-        *,
-        kind: str,
-        sender: str,
-        author: str | None,
-        text: str,
-        visibility: str,
-        client_id: str | None = None,
-        ts: float | None = None,
-    ) -> tuple[ChatEntry, bool]:
-        entry, created = self._append_future(
-            conversation, kind, sender, author, text, visibility, client_id, ts
-        ).result()
-        self._committed(entry)
-        return entry, created
+    # -- appends go to the writer; reads run on the caller's thread (WAL readers never wait) ---
 
     def _append_future(
         self,
@@ -478,9 +460,6 @@ class SqliteChatLog:
         row = self.db.execute("SELECT low FROM chat_conversation WHERE conversation = ?", (conversation,)).fetchone()
         return int(row[0]) if row else 1
 
-    def trim_sync(self, conversation: str, below: int) -> int:
-        return int(self._submit(lambda conn: self._op_trim(conn, conversation, below)).result())
-
     # -- ChatLog -----------------------------------------------------------------------------
 
     async def append(
@@ -533,16 +512,6 @@ class SqliteChatLog:
             self._writer = None
         if self._db is not None:
             self._db.close()  # the last connection checkpoints the WAL into the database
-            self._db = None
-
-    def close_sync(self) -> None:
-        self._stop_checkpointer()
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = None
-        if self._db is not None:
-            self._db.close()
             self._db = None
 
 
