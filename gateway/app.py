@@ -112,10 +112,9 @@ async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
 
     plane = SipPlane(app[SETTINGS], DomainSipHooks(app[SERVICE], app[RUNTIME]))
     await plane.start()
-    app[SIP] = app[PLANES].sip = plane
+    app[SIP] = plane
     yield
     await plane.stop()
-    app[PLANES].sip = None
 
 
 async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -143,7 +142,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     listeners: Listeners = {}
     app[RUNTIME] = runtime = Runtime()
     app[WHEP] = listeners
-    app[PLANES] = Planes(runtime.background, listeners)
+    app[PLANES] = Planes(runtime.background, listeners, sip=lambda: app.get(SIP))
 
     app.cleanup_ctx.append(identity_ctx)
     app.cleanup_ctx.append(chat_ctx)

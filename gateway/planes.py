@@ -93,13 +93,17 @@ class Planes:
     #: A phone still hanging up holds the call's slot for a moment: retry that often, 0.1 s apart.
     PHONE_BUSY_RETRIES = 10
 
-    def __init__(self, background: BackgroundTasks, listeners: Listeners) -> None:
+    def __init__(self, background: BackgroundTasks, listeners: Listeners, sip: Callable[[], SipPlane | None]) -> None:
         self._background = background
-        #: The SIP plane while it runs (``None``: SIP is disabled, or not started yet).
-        self.sip: SipPlane | None = None
+        self._sip = sip
         self.listeners = listeners
         #: conversation -> the monitor whose phone is called once the conversation's first leg connects.
         self._pending_phones: dict[str, str] = {}
+
+    @property
+    def sip(self) -> SipPlane | None:
+        """The SIP plane while it runs (``None``: SIP is disabled, or not started yet)."""
+        return self._sip()
 
     async def call_phone(self, cid: str, mid: str, uri: str) -> str | None:
         """Call the phone of monitor ``mid``; ``None`` when ringing (or deferred), else why not.
@@ -143,8 +147,9 @@ class Planes:
         the legs) and the WebRTC listeners."""
         if self._pending_phones.get(cid) == mid:
             del self._pending_phones[cid]
-        if self.sip is not None:
-            self._background.spawn(self.sip.hang_up_phone(mid))
+        sip = self.sip
+        if sip is not None:
+            self._background.spawn(sip.hang_up_phone(mid))
         for session in self.listeners.pop(mid, {}).values():
             self._background.spawn(session.close())
 

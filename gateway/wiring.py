@@ -61,8 +61,9 @@ def attach_planes(app: web.Application) -> None:
         metrics.active_conversations.set(len(conversations))
         metrics.active_monitors.set(sum(1 for c in conversations for m in store.monitors_of(c.id) if m.active))
         metrics.jwks_fetches.set(app[JWKS].fetches)
-        if planes.sip is not None:
-            for name, value in planes.sip.stats().items():
+        sip = planes.sip
+        if sip is not None:
+            for name, value in sip.stats().items():
                 metrics.plane_stats.labels(plane="sip", stat=name).set(value)
 
     metrics.on_scrape(collect)

@@ -100,8 +100,7 @@ class Directory:
 
 def make_service(tmp_path: Path, sip: FakeSip | None) -> tuple[MonitoringService, Planes, FakeChat]:
     background = BackgroundTasks()
-    planes = Planes(background, {})
-    planes.sip = sip  # type: ignore[assignment]
+    planes = Planes(background, {}, sip=lambda: sip)  # type: ignore[arg-type,return-value]
     chat = FakeChat()
     service = MonitoringService(
         MemoryStore(),
