@@ -64,10 +64,8 @@ async def serve(settings: Settings) -> None:
             stop.set()
 
         def busy() -> bool:
-            store = app[SERVICE].store
-            monitoring = any(m.active for c in store.conversations() for m in store.monitors_of(c.id))
             sip = app.get(SIP)
-            return monitoring or (sip is not None and sip.stats().get("calls", 0) > 0)
+            return app[SERVICE].active_monitors() > 0 or (sip is not None and sip.stats().get("calls", 0) > 0)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)

@@ -48,6 +48,8 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 
 @dataclass
 class Runtime:
+    """What the API, the wiring and the entry point share in one process (``app[RUNTIME]``)."""
+
     #: Set on SIGTERM: readiness fails, new monitors, listeners and SIP calls are refused.
     draining: bool = False
     background: BackgroundTasks = field(default_factory=BackgroundTasks)

@@ -140,6 +140,12 @@ class MonitoringService:
             raise not_found("conversation")
         return conversation
 
+    def active_monitors(self) -> int:
+        """How many monitors run now (for the metrics, and a draining gateway waits for them)."""
+        return sum(
+            1 for c in self.store.conversations() if not c.ended for m in self.store.monitors_of(c.id) if m.active
+        )
+
     def describe(self, conversation: Conversation) -> dict[str, Any]:
         return conversation_json(conversation, self.store.monitors_of(conversation.id))
 

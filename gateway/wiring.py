@@ -56,10 +56,9 @@ def attach_planes(app: web.Application) -> None:
     app[BUS].listen(on_event)
 
     def collect() -> None:
-        store = app[SERVICE].store
-        conversations = [c for c in store.conversations() if not c.ended]
-        metrics.active_conversations.set(len(conversations))
-        metrics.active_monitors.set(sum(1 for c in conversations for m in store.monitors_of(c.id) if m.active))
+        service = app[SERVICE]
+        metrics.active_conversations.set(sum(1 for c in service.store.conversations() if not c.ended))
+        metrics.active_monitors.set(service.active_monitors())
         metrics.jwks_fetches.set(app[JWKS].fetches)
         sip = planes.sip
         if sip is not None:
