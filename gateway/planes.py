@@ -90,13 +90,19 @@ Listeners = dict[str, dict[str, Listener]]
 class Planes:
     """The media planes of this process, and the voice actions the service asks of them."""
 
-    #: A phone still hanging up holds the call's slot for a moment: retry that often, 0.1 s apart.
-    PHONE_BUSY_RETRIES = 10
-
-    def __init__(self, background: BackgroundTasks, listeners: Listeners, sip: Callable[[], SipPlane | None]) -> None:
+    def __init__(
+        self,
+        background: BackgroundTasks,
+        listeners: Listeners,
+        sip: Callable[[], SipPlane | None],
+        *,
+        phone_busy_retries: int = 10,
+    ) -> None:
         self._background = background
         self._sip = sip
         self.listeners = listeners
+        #: A phone still hanging up holds the call's slot for a moment: retry that often, 0.1 s apart.
+        self._phone_busy_retries = phone_busy_retries
         #: conversation -> the monitor whose phone is called once the conversation's first leg connects.
         self._pending_phones: dict[str, str] = {}
 
@@ -117,14 +123,14 @@ class Planes:
         try:
             if sip is None:
                 raise GatewayError(ErrorCode.SIP_DISABLED, "SIP is disabled on this gateway")
-            for attempt in range(self.PHONE_BUSY_RETRIES + 1):
+            for attempt in range(self._phone_busy_retries + 1):
                 try:
                     await sip.call_phone(cid, mid, uri)
                     break
                 except GatewayError as exc:
                     # The previous supervisor's phone may still be hanging up (BYE in flight) when
                     # the domain has already handed the voice slot on: give it a moment.
-                    if exc.code != ErrorCode.VOICE_MONITOR_BUSY or attempt == self.PHONE_BUSY_RETRIES:
+                    if exc.code != ErrorCode.VOICE_MONITOR_BUSY or attempt == self._phone_busy_retries:
                         raise
                     await asyncio.sleep(0.1)
         except GatewayError as exc:
