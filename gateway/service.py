@@ -457,6 +457,10 @@ class MonitoringService:
         )
         return monitor
 
+    def check_message(self, principal: Principal, mid: str) -> None:
+        """R4: may this monitor message the customer (audited when refused)?"""
+        self._checked(principal, mid, "message_customer", rules.check_may_message_customer)
+
     async def message_customer(self, principal: Principal, mid: str, text: str, client_id: str | None) -> ChatEntry:
         """R4: a barged monitor's chat line to everyone."""
         conversation, _ = self._checked(principal, mid, "message_customer", rules.check_may_message_customer)

@@ -211,6 +211,7 @@ async def supervisor_message(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     settings = request.app[SETTINGS]
     mid = request.match_info["mid"]
+    request.app[SERVICE].check_message(principal, mid)  # a refusal comes before the body is read
     body = await read_json(request, max_bytes=settings.max_body_bytes)
     text = field(body, "text", str)
     entry = await request.app[SERVICE].message_customer(
