@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from gateway.api.context import SERVICE, SIP, STATE
+from gateway.api.context import RUNTIME, SERVICE, SIP
 from gateway.app import create_app, make_runner
 from gateway.config import Settings
 from gateway.logs import setup_logging
@@ -50,7 +50,7 @@ async def serve(settings: Settings) -> None:
                 return
             # Drain: /readyz fails at once so load balancers move on, SIP answers 503, new monitors
             # are refused; running conversations get up to drain_seconds to finish.
-            app[STATE]["draining"] = True
+            app[RUNTIME].draining = True
             sip = app.get(SIP)
             if sip is not None:
                 sip.set_draining(True)
@@ -64,10 +64,8 @@ async def serve(settings: Settings) -> None:
             stop.set()
 
         def busy() -> bool:
-            store = app[SERVICE].store
-            monitoring = any(m.active for c in store.conversations() for m in store.monitors_of(c.id))
             sip = app.get(SIP)
-            return monitoring or (sip is not None and sip.stats().get("calls", 0) > 0)
+            return app[SERVICE].active_monitors() > 0 or (sip is not None and sip.stats().get("calls", 0) > 0)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)

@@ -1,8 +1,9 @@
 """The application factory: every long-lived resource is a cleanup context.
 
 Start-up and shutdown of each resource sit together in one generator, in dependency order:
-core (store, audit, bus) → identity → chat → SIP → WebRTC → wiring (→ dev tools: the
-embedded identity provider and the demo platform, from ``devtools/``).
+identity → chat → core (store, audit, the service) → SIP → wiring (→ dev tools: the
+embedded identity provider and the demo platform, from ``devtools/``). The event bus, the
+runtime state and the planes' holder exist from the start: later contexts fill them in.
 """
 
 from __future__ import annotations
@@ -23,35 +24,27 @@ from gateway.api.context import (
     DIRECTORY,
     JWKS,
     METRICS,
+    PLANES,
+    RUNTIME,
     SERVICE,
     SETTINGS,
     SIP,
-    STATE,
     WHEP,
 )
 from gateway.api.middleware import errors_middleware
 from gateway.config import PACKAGE_DIR, Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
+from gateway.planes import Listeners, Planes
 from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache, TokenValidator
+from gateway.runtime import Runtime
 from gateway.service import MonitoringService
 from gateway.store import SqliteStore
 from gateway.wiring import DomainSipHooks, attach_planes
 
 log = logging.getLogger(__name__)
 WEB_DIR = PACKAGE_DIR / "web"
-
-
-async def core_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    audit = AuditLog(settings.audit_path)
-    store = SqliteStore(settings.state_path)
-    app[AUDIT] = audit
-    app[SERVICE] = MonitoringService(store, audit, app[BUS])
-    yield
-    store.close()
-    audit.close()
 
 
 async def identity_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -92,14 +85,32 @@ async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
 
     app.on_shutdown.append(close_streams)
     yield
-    await chat.close()
-    await chat.log.close()
+    await chat.close()  # closes the log too
+
+
+async def core_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    audit = AuditLog(settings.audit_path)
+    store = SqliteStore(settings.state_path)
+    app[AUDIT] = audit
+    app[SERVICE] = MonitoringService(
+        store,
+        audit,
+        app[BUS],
+        chat=app[CHAT],
+        directory=app[DIRECTORY],
+        planes=app[PLANES],
+        background=app[RUNTIME].background,
+    )
+    yield
+    store.close()
+    audit.close()
 
 
 async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
     from gateway.sip.plane import SipPlane
 
-    plane = SipPlane(app[SETTINGS], DomainSipHooks(app))
+    plane = SipPlane(app[SETTINGS], DomainSipHooks(app[SERVICE], app[RUNTIME]))
     await plane.start()
     app[SIP] = plane
     yield
@@ -111,20 +122,14 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def close_event_streams(app: web.Application) -> None:
         # on_shutdown runs before the runner waits for open handlers: consoles reconnect elsewhere.
-        for ws in list(app[STATE]["event_sockets"]):
+        for ws in list(app[RUNTIME].event_sockets):
             await ws.close(code=1001, message=b"gateway shutting down")
 
     app.on_shutdown.append(close_event_streams)
     yield
-    for session_map in list(app[WHEP].values()):
-        for session in list(session_map.values()):
-            await session.close()
-    app[WHEP].clear()
+    await app[PLANES].close_listeners()
     # The planes' reactions still running are cancelled while the planes still exist.
-    tasks = list(app[STATE]["tasks"])
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await app[RUNTIME].background.cancel_all()
 
 
 def create_app(settings: Settings | None = None) -> web.Application:
@@ -134,18 +139,14 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[BUS] = EventBus()
-    app[WHEP] = {}
-    app[STATE] = {
-        "draining": False,
-        "tasks": set(),
-        "monitor_end_futures": {},
-        "event_sockets": set(),
-        "pending_phones": {},
-    }
+    listeners: Listeners = {}
+    app[RUNTIME] = runtime = Runtime()
+    app[WHEP] = listeners
+    app[PLANES] = Planes(runtime.background, listeners, sip=lambda: app.get(SIP))
 
-    app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(identity_ctx)
     app.cleanup_ctx.append(chat_ctx)
+    app.cleanup_ctx.append(core_ctx)
     if settings.enable_sip:
         app.cleanup_ctx.append(sip_ctx)
     app.cleanup_ctx.append(wiring_ctx)

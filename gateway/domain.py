@@ -17,6 +17,23 @@ Channel = Literal["chat", "voice"]
 Leg = Literal["agent", "customer"]
 
 
+@dataclass(frozen=True)
+class Principal:
+    """The caller, as its access token and its login session say (``policy.auth`` makes them)."""
+
+    username: str
+    subject: str
+    roles: frozenset[str]
+    session: str
+    expires_at: float
+    client: str
+    #: Teams this principal supervises (empty for other roles).
+    teams: frozenset[str] = field(default=frozenset())
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+
 class Direction(str, Enum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"

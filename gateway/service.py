@@ -1,16 +1,19 @@
 """The domain service: applies the platform's facts and the supervisors' requests.
 
-It asks ``policy.rules`` for every decision, changes the :class:`Store`, writes the audit log
-and publishes :class:`DomainEvent`s. It never imports aiohttp and never touches media: the
-planes listen to the events (a monitor that ends hangs up its phone, closes its WebRTC leg and
-ends its chat stream).
+A request goes down: the API authenticates and parses, then calls one method here, which asks
+``policy.rules`` for every decision, changes the :class:`Store`, writes the audit log, posts to
+the chat plane and publishes :class:`DomainEvent`s. It never imports aiohttp, and reaches media
+only through :class:`~gateway.planes.Planes` (to call a supervisor's phone): the planes listen
+to the events (a monitor that ends hangs up its phone, closes its WebRTC leg and ends its chat
+stream, ``gateway.wiring``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.domain import (
     Channel,
@@ -22,15 +25,20 @@ from gateway.domain import (
     Monitor,
     MonitorMode,
     PlatformEventType,
+    Principal,
     VoiceKind,
     new_id,
 )
 from gateway.errors import ErrorCode, GatewayError, not_found
 from gateway.events import EventBus
+from gateway.planes import ChatPlane, Planes
 from gateway.policy import rules
 from gateway.policy.audit import AuditLog
-from gateway.policy.auth import Principal
+from gateway.runtime import BackgroundTasks
 from gateway.store import Store
+
+if TYPE_CHECKING:
+    from gateway.chat.log import ChatEntry
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +83,31 @@ def monitor_json(monitor: Monitor) -> dict[str, Any]:
     }
 
 
+class TeamDirectory(Protocol):
+    """Where an agent's team comes from (``policy.auth.Directory``: its Keycloak group)."""
+
+    async def agent_team(self, username: str) -> str | None: ...
+
+
 class MonitoringService:
-    def __init__(self, store: Store, audit: AuditLog, bus: EventBus) -> None:
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditLog,
+        bus: EventBus,
+        *,
+        chat: ChatPlane,
+        directory: TeamDirectory,
+        planes: Planes,
+        background: BackgroundTasks,
+    ) -> None:
         self.store = store
         self.audit = audit
         self.bus = bus
+        self._chat = chat
+        self._directory = directory
+        self._planes = planes
+        self._background = background
 
     # ------------------------------------------------------------------ lookups
 
@@ -96,20 +124,34 @@ class MonitoringService:
             raise not_found("monitor")
         return monitor
 
-    def listing(self, teams: frozenset[str] | None) -> list[dict[str, Any]]:
-        """R11: ongoing conversations of these teams (``None``: all), with monitoring status."""
+    def listing(self, principal: Principal) -> list[dict[str, Any]]:
+        """R11: ongoing conversations of the caller's teams (the platform's: all), with monitoring status."""
+        everything = principal.has_role("platform")
         return [
             conversation_json(c, self.store.monitors_of(c.id))
             for c in sorted(self.store.conversations(), key=lambda c: c.created_at)
-            if not c.ended and (teams is None or rules.may_see(c, teams))
+            if not c.ended and (everything or rules.may_see(c, principal.teams))
         ]
+
+    def visible_conversation(self, principal: Principal, cid: str) -> Conversation:
+        """A conversation the caller may see; another team's is as good as unknown."""
+        conversation = self.conversation(cid)
+        if not principal.has_role("platform") and not rules.may_see(conversation, principal.teams):
+            raise not_found("conversation")
+        return conversation
+
+    def active_monitors(self) -> int:
+        """How many monitors run now (for the metrics, and a draining gateway waits for them)."""
+        return sum(
+            1 for c in self.store.conversations() if not c.ended for m in self.store.monitors_of(c.id) if m.active
+        )
 
     def describe(self, conversation: Conversation) -> dict[str, Any]:
         return conversation_json(conversation, self.store.monitors_of(conversation.id))
 
     # ------------------------------------------------------------------ platform side
 
-    def upsert_conversation(
+    async def upsert_conversation(
         self,
         cid: str,
         *,
@@ -120,9 +162,44 @@ class MonitoringService:
         transferred: bool,
         sessions: list[Channel],
     ) -> tuple[Conversation, bool]:
+        """Create or update a conversation; ``(conversation, created)``. Without ``team``, the
+        agent's team is its Keycloak group (503 ``identity_unavailable`` if unreachable)."""
         existing = self.store.get_conversation(cid)
-        created = existing is None or existing.ended
-        if created:
+        if existing is None or existing.ended:
+            # A new conversation may not inherit the chat history of an old one with the same id
+            # (possibly another team's): ids are the platform's, and must not be reused.
+            if self._chat.ended_reason(cid) is not None or await self._chat.head(cid) > 0:
+                raise GatewayError(
+                    ErrorCode.CONVERSATION_ID_REUSED, "this conversation id was used before; use a new one"
+                )
+        if team is None:
+            if existing is not None and existing.agent == agent:
+                team = existing.team
+            else:
+                team = await self._directory.agent_team(agent)
+        return self._apply_conversation(
+            cid,
+            direction=direction,
+            agent=agent,
+            team=team,
+            customer=customer,
+            transferred=transferred,
+            sessions=sessions,
+        )
+
+    def _apply_conversation(
+        self,
+        cid: str,
+        *,
+        direction: Direction,
+        agent: str,
+        team: str | None,
+        customer: dict[str, Any],
+        transferred: bool,
+        sessions: list[Channel],
+    ) -> tuple[Conversation, bool]:
+        existing = self.store.get_conversation(cid)  # again: the awaits above let others change it
+        if existing is None or existing.ended:
             conversation = Conversation(
                 id=cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred
             )
@@ -131,7 +208,6 @@ class MonitoringService:
             self.store.put_conversation(conversation)
             self._publish_conversation(conversation)
             return conversation, True
-        assert existing is not None
         # Another agent or team, or a turn to outbound, is a different conversation as far as
         # the rules go (R1, R10): whoever monitored it must not go on doing so.
         reassigned = (existing.agent, existing.team) != (agent, team)
@@ -179,16 +255,37 @@ class MonitoringService:
             self._publish_conversation(conversation)
         return conversation
 
+    async def post_message(
+        self, principal: Principal, cid: str, sender: str, text: str, client_id: str | None
+    ) -> tuple[ChatEntry, bool]:
+        """Chat ingest from the platform or the agent; ``(entry, created)`` (a repeated
+        ``client_id`` answers the stored entry)."""
+        conversation = self.conversation(cid)
+        rules.check_may_post(principal, conversation, sender)
+        author = conversation.agent if sender == "agent" else str(conversation.customer.get("id") or "customer")
+        return await self._chat.post(
+            cid, kind="message", sender=sender, author=author, text=text, visibility="all", client_id=client_id
+        )
+
+    def chat_view(self, principal: Principal, cid: str, view: str) -> Conversation:
+        """A participant's view of the chat (``customer`` or ``agent``), if the caller may read it."""
+        conversation = self.conversation(cid)
+        rules.check_may_read_chat(principal, conversation, view)
+        return conversation
+
     def leg_started(self, cid: str, leg: Leg) -> None:
-        """SIP ingress of one leg began: voice is active from the first leg."""
+        """SIP ingress of one leg began: voice is active from the first leg, and a supervisor
+        phone that waited for the legs is called now."""
         conversation = self.store.get_conversation(cid)
-        if conversation is None or conversation.ended:
-            return
-        conversation.voice_legs.add(leg)
-        if not conversation.session_active("voice"):
-            self._start_session(conversation, "voice")
-        conversation.touch()
-        self._publish_conversation(conversation)
+        if conversation is not None and not conversation.ended:
+            conversation.voice_legs.add(leg)
+            if not conversation.session_active("voice"):
+                self._start_session(conversation, "voice")
+            conversation.touch()
+            self._publish_conversation(conversation)
+        waiting = self._planes.take_pending_phone(cid)
+        if waiting is not None:
+            self._background.spawn(self._call_phone(waiting))
 
     def leg_ended(self, cid: str, leg: Leg, reason: str) -> None:
         """SIP ingress of one leg ended. The agent's leg hanging up (or the last leg) ends the
@@ -226,7 +323,26 @@ class MonitoringService:
 
     # ------------------------------------------------------------------ supervisor side
 
-    def start_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
+    async def start_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
+        """Start monitoring (R1, R3, R8-R10); a ``kind: sip`` voice calls the supervisor's phone
+        before the answer, so a call that fails at once answers the monitor without voice."""
+        monitor = self._open_monitor(principal, cid, voice)
+        # The note to the agent's view is not part of the answer: a chat hiccup must not undo the monitor.
+        self._background.spawn(
+            self._chat.post(
+                cid,
+                kind="system",
+                sender="system",
+                author=principal.username,
+                text=f"supervisor {principal.username} joined silently",
+                visibility="agent",
+            )
+        )
+        if monitor.voice_kind is VoiceKind.SIP:
+            await self._call_phone(monitor.id)
+        return monitor
+
+    def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
         conversation = self.conversation(cid)
         try:
             rules.check_may_monitor(conversation, principal.teams)
@@ -272,6 +388,16 @@ class MonitoringService:
         self._publish_conversation(conversation)
         return monitor
 
+    async def _call_phone(self, mid: str) -> None:
+        """Call the phone of a monitor that holds the voice with ``kind: sip``; a call that can not
+        be placed takes the voice away, with the failure's code as the reason."""
+        monitor = self.store.get_monitor(mid)
+        if monitor is None or not monitor.has_voice or monitor.voice_uri is None:
+            return
+        failure = await self._planes.call_phone(monitor.conversation, mid, monitor.voice_uri)
+        if failure is not None:
+            self.voice_lost(mid, failure)
+
     def leave(self, principal: Principal, mid: str) -> None:
         """R12: leaving is always allowed, also for a monitor that has already ended."""
         monitor = self.monitor_of(principal, mid)
@@ -279,13 +405,6 @@ class MonitoringService:
             return
         conversation = self.store.get_conversation(monitor.conversation)
         self._end(conversation, monitor, rules.END_LEFT)
-
-    def end_monitor(self, mid: str, reason: str) -> None:
-        """End a monitor for a reason outside the API (its media failed, its session ended)."""
-        monitor = self.store.get_monitor(mid)
-        if monitor is None or not monitor.active:
-            return
-        self._end(self.store.get_conversation(monitor.conversation), monitor, reason)
 
     def voice_lost(self, mid: str, reason: str) -> None:
         """The voice part of a monitor ended (the phone hung up); chat goes on."""
@@ -295,22 +414,118 @@ class MonitoringService:
         conversation = self.store.get_conversation(monitor.conversation)
         self._drop_voice(conversation, monitor, reason)
 
-    def check_whisper(self, principal: Principal, mid: str) -> tuple[Conversation, Monitor]:
-        return self._checked(principal, mid, "whisper", rules.check_may_whisper)
+    def monitor_chat(self, principal: Principal, mid: str) -> Monitor:
+        """The caller's monitor, if its chat may be streamed now (checked on every subscribe)."""
+        monitor = self.monitor_of(principal, mid)
+        conversation = self.store.get_conversation(monitor.conversation)
+        rules.check_may_follow_monitor_chat(conversation, monitor, principal.teams)
+        return monitor
 
-    def barge(self, principal: Principal, mid: str) -> tuple[Monitor, bool]:
-        """Barge in (R6); answers the monitor and whether it just changed to ``barged``."""
+    async def whisper(self, principal: Principal, mid: str, text: str, client_id: str | None) -> ChatEntry:
+        """R5: a chat line to the agent only."""
+        conversation, monitor = self._checked(principal, mid, "whisper", rules.check_may_whisper)
+        entry, _ = await self._chat.post(
+            conversation.id,
+            kind="whisper",
+            sender="supervisor",
+            author=principal.username,
+            text=text,
+            visibility="agent",
+            client_id=client_id,
+        )
+        self.audit.record(
+            "whisper", actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq
+        )
+        return entry
+
+    async def barge(self, principal: Principal, mid: str) -> Monitor:
+        """Barge in (R6): the monitor turns ``barged`` and everyone in the chat is told, once."""
         conversation, monitor = self._checked(principal, mid, "barge", rules.check_may_barge)
-        changed = monitor.mode is not MonitorMode.BARGED
-        if changed:
-            monitor.mode = MonitorMode.BARGED
-            self.audit.record("barge", actor=principal.username, conversation=conversation.id, monitor=mid)
-            self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
-            self._publish_conversation(conversation)
-        return monitor, changed
+        if monitor.mode is MonitorMode.BARGED:
+            return monitor
+        monitor.mode = MonitorMode.BARGED
+        self.audit.record("barge", actor=principal.username, conversation=conversation.id, monitor=mid)
+        self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
+        self._publish_conversation(conversation)
+        await self._chat.post(
+            monitor.conversation,
+            kind="system",
+            sender="system",
+            author=principal.username,
+            text=f"supervisor {principal.username} joined the conversation",
+            visibility="all",
+        )
+        return monitor
 
-    def check_message(self, principal: Principal, mid: str) -> tuple[Conversation, Monitor]:
-        return self._checked(principal, mid, "message_customer", rules.check_may_message_customer)
+    def check_message(self, principal: Principal, mid: str) -> None:
+        """R4: may this monitor message the customer (audited when refused)?"""
+        self._checked(principal, mid, "message_customer", rules.check_may_message_customer)
+
+    async def message_customer(self, principal: Principal, mid: str, text: str, client_id: str | None) -> ChatEntry:
+        """R4: a barged monitor's chat line to everyone."""
+        conversation, _ = self._checked(principal, mid, "message_customer", rules.check_may_message_customer)
+        entry, _ = await self._chat.post(
+            conversation.id,
+            kind="message",
+            sender="supervisor",
+            author=principal.username,
+            text=text,
+            visibility="all",
+            client_id=client_id,
+        )
+        self.audit.record(
+            "barged_message", actor=principal.username, conversation=conversation.id, monitor=mid, seq=entry.seq
+        )
+        return entry
+
+    # ------------------------------------------------------------------ WebRTC listeners
+
+    def check_may_listen(self, principal: Principal, mid: str) -> tuple[Conversation, Monitor]:
+        """The caller's monitor, if a WebRTC listener may start for it now."""
+        monitor = self.monitor_of(principal, mid)
+        conversation = self.store.get_conversation(monitor.conversation)
+        return rules.check_may_listen_webrtc(conversation, monitor, principal.teams), monitor
+
+    def listener_started(self, monitor: Monitor, session_id: str) -> None:
+        """A listener of ``monitor`` answered; refused if the monitor lost the voice meanwhile."""
+        if self.store.get_monitor(monitor.id) is None or not monitor.has_voice:
+            raise GatewayError(ErrorCode.VOICE_NOT_GRANTED, "the monitor ended while the offer was answered")
+        self.audit.record(
+            "webrtc_listen",
+            actor=monitor.supervisor,
+            conversation=monitor.conversation,
+            monitor=monitor.id,
+            session=session_id,
+        )
+
+    def publish_levels(self, monitor: Monitor, team: str | None, agent_dbfs: float, customer_dbfs: float) -> None:
+        """A listener's audio levels (about ten a second), for its own supervisor's console."""
+        self.bus.publish(
+            DomainEvent(
+                EventType.LEVELS,
+                monitor.conversation,
+                team,
+                {
+                    "monitor": monitor.id,
+                    "supervisor": monitor.supervisor,
+                    "agent": round(agent_dbfs, 1),
+                    "customer": round(customer_dbfs, 1),
+                },
+            )
+        )
+
+    def inbound_rtp_dropped(self, monitor: Monitor, total: int) -> None:
+        """The answer is sendonly, so a browser should send nothing: the first packet it sends
+        anyway (dropped) is audited."""
+        if total == 1:
+            self.audit.record(
+                "webrtc_inbound_rtp_dropped",
+                actor=monitor.supervisor,
+                conversation=monitor.conversation,
+                monitor=monitor.id,
+            )
+
+    # ------------------------------------------------------------------ refusals
 
     def refuse(self, principal: Principal, mid: str, action: str) -> GatewayError:
         """R4: transfer and conference are always refused (and audited)."""
@@ -326,7 +541,9 @@ class MonitoringService:
         )
         return error
 
-    def _checked(self, principal: Principal, mid: str, action: str, check: Any) -> tuple[Conversation, Monitor]:
+    def _checked(
+        self, principal: Principal, mid: str, action: str, check: Callable[[Conversation, Monitor], None]
+    ) -> tuple[Conversation, Monitor]:
         monitor = self.monitor_of(principal, mid)
         conversation = self.store.get_conversation(monitor.conversation)
         try:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.unit
 def msg(log: SqliteChatLog, cid: str, text: str, **kw: object):
     args = dict(kind="message", sender="customer", author=None, text=text, visibility="all")
     args.update(kw)
-    return log.append_sync(cid, **args)  # type: ignore[arg-type]
+    return asyncio.run(log.append(cid, **args))  # type: ignore[arg-type]
 
 
 def test_seq_is_gap_free_per_conversation(tmp_path):
@@ -63,10 +63,10 @@ def test_trim_keeps_head_and_low_water(tmp_path):
     log = SqliteChatLog(tmp_path / "c.sqlite3")
     for i in range(10):
         msg(log, "a", f"m{i}")
-    assert log.trim_sync("a", 4) == 3
+    assert asyncio.run(log.trim("a", 4)) == 3
     assert log.low_water_sync("a") == 4
     assert [e.seq for e in log.read_sync("a", 0)][:2] == [4, 5]
-    log.trim_sync("a", 100)  # trimming past the head keeps the head
+    asyncio.run(log.trim("a", 100))  # trimming past the head keeps the head
     assert log.read_sync("a", 0) == [] and log.head_sync("a") == 10
     assert log.low_water_sync("a") == 11
     assert msg(log, "a", "next")[0].seq == 11
@@ -206,13 +206,13 @@ async def test_a_failing_write_fails_only_itself(tmp_path, writer_thread):
     await log.close()
 
 
-def test_writer_thread_mode_sync_api(tmp_path):
+def test_writer_thread_mode(tmp_path):
     log = SqliteChatLog(tmp_path / "c.sqlite3", writer_thread=True)
     assert log._writer is not None  # type: ignore[attr-defined]
     assert msg(log, "a", "one")[0].seq == 1
     assert msg(log, "a", "two", client_id="x")[0].seq == 2
     assert msg(log, "a", "two again", client_id="x")[0].seq == 2
-    log.close_sync()
+    asyncio.run(log.close())
 
 
 def test_wal_stays_bounded_under_steady_writes(tmp_path):
@@ -241,4 +241,4 @@ def test_wal_stays_bounded_under_steady_writes(tmp_path):
         time.sleep(0.01)
     assert frames < 100, frames
     assert size <= limit + 64 * 1024, size
-    log.close_sync()
+    asyncio.run(log.close())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.domain import Conversation, Direction, Monitor, MonitorMode
+from gateway.domain import Conversation, Direction, DomainEvent, EventType, Monitor, MonitorMode, Principal, VoiceKind
 from gateway.errors import ErrorCode, GatewayError
 from gateway.policy import rules
 
@@ -18,6 +18,10 @@ def _conv(**kw: object) -> Conversation:
     if "sessions" not in kw:
         conversation.sessions = {"chat": 1.0, "voice": 1.0}
     return conversation
+
+
+def _principal(username: str, *roles: str, teams: frozenset[str] = frozenset()) -> Principal:
+    return Principal(username, username, frozenset(roles), "session", 0.0, "console", teams)
 
 
 def _code(call: object, *args: object) -> str:
@@ -105,3 +109,42 @@ def test_r9_chat_monitor_stays_chat_only() -> None:
     assert rules.voice_blocked_after_voice_start(chat) == rules.VOICE_STARTED_AFTER_CHAT_MONITORING
     voice = Monitor(id="v", conversation="c", supervisor="tom", channels=["chat", "voice"])
     assert rules.voice_blocked_after_voice_start(voice) is None
+
+
+def test_chat_participants() -> None:
+    platform, alice, bob = _principal("p", "platform"), _principal("alice", "agent"), _principal("bob", "agent")
+    rules.check_may_post(platform, _conv(), "customer")
+    rules.check_may_post(alice, _conv(), "agent")
+    assert _code(rules.check_may_post, alice, _conv(), "customer") == ErrorCode.NOT_YOUR_CONVERSATION
+    assert _code(rules.check_may_post, bob, _conv(), "agent") == ErrorCode.NOT_YOUR_CONVERSATION
+    assert _code(rules.check_may_post, platform, _conv(sessions={"voice": 1.0}), "agent") == ErrorCode.CHAT_NOT_ACTIVE
+    rules.check_may_read_chat(platform, _conv(), "customer")
+    rules.check_may_read_chat(alice, _conv(), "agent")
+    assert _code(rules.check_may_read_chat, alice, _conv(), "customer") == ErrorCode.NOT_YOUR_CONVERSATION
+    assert _code(rules.check_may_read_chat, bob, _conv(), "agent") == ErrorCode.NOT_YOUR_CONVERSATION
+
+
+def test_monitor_chat_and_webrtc_listening_are_checked_again() -> None:
+    team_a = frozenset({"team-a"})
+    monitor = Monitor("m", "c", "sam", ["chat", "voice"], voice_kind=VoiceKind.WEBRTC)
+    rules.check_may_follow_monitor_chat(_conv(), monitor, team_a)
+    assert rules.check_may_listen_webrtc(_conv(), monitor, team_a).id == "c"
+    assert _code(rules.check_may_follow_monitor_chat, None, monitor, team_a) == ErrorCode.NOT_TEAM_SUPERVISOR
+    assert _code(rules.check_may_listen_webrtc, None, monitor, team_a) == ErrorCode.MONITOR_ENDED
+    assert _code(rules.check_may_listen_webrtc, _conv(), monitor, frozenset()) == ErrorCode.NOT_TEAM_SUPERVISOR
+    sip = Monitor("m", "c", "sam", ["chat", "voice"], voice_kind=VoiceKind.SIP)
+    assert _code(rules.check_may_listen_webrtc, _conv(), sip, team_a) == ErrorCode.VOICE_NOT_GRANTED
+    monitor.ended_at = 1.0
+    assert _code(rules.check_may_follow_monitor_chat, _conv(), monitor, frozenset()) == ErrorCode.MONITOR_ENDED
+
+
+def test_event_visibility() -> None:
+    sam = _principal("sam", "supervisor", teams=frozenset({"team-a"}))
+    platform = _principal("p", "platform")
+    update = DomainEvent(EventType.CONVERSATION_UPDATED, "c", "team-a", {})
+    other = DomainEvent(EventType.CONVERSATION_UPDATED, "c", "team-b", {})
+    levels = DomainEvent(EventType.LEVELS, "c", "team-a", {"supervisor": "tom"})
+    assert rules.may_see_event(sam, update) and not rules.may_see_event(sam, other)
+    assert rules.may_see_event(platform, other) and not rules.may_see_event(platform, levels)
+    assert not rules.may_see_event(sam, levels)
+    assert rules.may_see_event(_principal("tom", "supervisor"), levels)

@@ -36,8 +36,9 @@ from aiohttp import WSMsgType, web
 
 from gateway.chat.hub import Subscription
 from gateway.chat.log import ChatEntry
-from gateway.chat.service import VIEWS, ChatService, entry_json, visible
+from gateway.chat.service import VIEWS, entry_json, visible
 from gateway.errors import ErrorCode, GatewayError
+from gateway.planes import ChatPlane
 
 log = logging.getLogger("gateway.chat.ws")
 
@@ -56,7 +57,7 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 async def serve_chat_stream(
     request: web.Request,
-    chat: ChatService,
+    chat: ChatPlane,
     cid: str,
     view: str,
     after: int,
@@ -111,7 +112,7 @@ class _ChatStream:
         self,
         request: web.Request,
         ws: web.WebSocketResponse,
-        chat: ChatService,
+        chat: ChatPlane,
         cid: str,
         view: str,
         after: int,
@@ -174,7 +175,8 @@ class _ChatStream:
         reader = asyncio.ensure_future(self._read())
         decision: tuple[int, str] | None = None
         try:
-            done, _ = await asyncio.wait({writer, reader, self.kill}, return_when=asyncio.FIRST_COMPLETED)
+            racing: set[asyncio.Future[Any]] = {writer, reader, self.kill}
+            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
             if self.kill.done():
                 decision = self.kill.result()
             elif writer in done:

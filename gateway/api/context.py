@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from gateway.config import Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
+from gateway.planes import ChatPlane, Listeners, Planes, SipPlane
 from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache
+from gateway.runtime import Runtime
 from gateway.service import MonitoringService
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,11 +21,13 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 DIRECTORY = web.AppKey("directory", Directory)
 JWKS = web.AppKey("jwks", JwksCache)
 METRICS = web.AppKey("metrics", Metrics)
+#: Draining, background tasks, monitor chat ends, open event sockets (``gateway.runtime``).
+RUNTIME = web.AppKey("runtime", Runtime)
+#: The media planes as the service drives them.
+PLANES = web.AppKey("planes", Planes)
 #: The chat plane (``gateway.chat.service.ChatService``).
-CHAT = web.AppKey("chat", Any)
+CHAT = web.AppKey("chat", ChatPlane)
 #: The SIP plane (``gateway.sip.plane.SipPlane``), absent when SIP is disabled.
-SIP = web.AppKey("sip", Any)
-#: WebRTC listeners by monitor id (``gateway.media`` sessions).
-WHEP = web.AppKey("whep", dict)
-#: Set while draining (SIGTERM): readiness fails, new monitors and calls are refused.
-STATE = web.AppKey("state", dict)
+SIP = web.AppKey("sip", SipPlane)
+#: WebRTC listeners by monitor id, then session id (``gateway.media.whep.WhepSession``).
+WHEP = web.AppKey("whep", Listeners)

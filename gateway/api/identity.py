@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.api.context import AUTHENTICATOR, METRICS
+from gateway.domain import Principal
 from gateway.errors import GatewayError, forbidden_role, invalid_token
-from gateway.policy.auth import Principal
 
 
 def bearer_token(request: web.Request, *, websocket: bool = False) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.context import JWKS, METRICS, SETTINGS, SIP, STATE
+from gateway.api.context import JWKS, METRICS, RUNTIME, SETTINGS, SIP
 from gateway.api.openapi import openapi_document
 
 routes = web.RouteTableDef()
@@ -19,7 +19,7 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Ready for traffic: SIP workers up, identity keys loaded, not draining."""
-    checks: dict[str, bool] = {"not_draining": not request.app[STATE].get("draining", False)}
+    checks: dict[str, bool] = {"not_draining": not request.app[RUNTIME].draining}
     jwks = request.app[JWKS]
     if not jwks.loaded:
         await jwks.refresh()

@@ -10,15 +10,13 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from gateway.api import models
-from gateway.api.context import AUDIT, BUS, CHAT, DIRECTORY, METRICS, SERVICE, SETTINGS, STATE
+from gateway.api.context import BUS, CHAT, METRICS, RUNTIME, SERVICE, SETTINGS
 from gateway.api.identity import authenticate, authenticate_supervisor
 from gateway.api.validation import conversation_id, read_body, sequence_number
-from gateway.domain import DomainEvent, EventType
-from gateway.errors import ErrorCode, GatewayError, not_found
+from gateway.domain import Principal
+from gateway.errors import ErrorCode, GatewayError
 from gateway.policy import rules
-from gateway.policy.auth import Principal
 from gateway.service import monitor_json
-from gateway.wiring import background, call_supervisor_phone
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -34,7 +32,7 @@ def _cid(request: web.Request) -> str:
 
 def refuse_when_draining(request: web.Request) -> None:
     """New monitors and listeners are refused while the gateway drains (SIGTERM)."""
-    if request.app[STATE].get("draining"):
+    if request.app[RUNTIME].draining:
         error = GatewayError(ErrorCode.DRAINING, "the gateway is shutting down; try another instance")
         error.headers["Retry-After"] = "5"
         raise error
@@ -53,20 +51,7 @@ async def put_conversation(request: web.Request) -> web.Response:
     direction, transferred, agent, customer = body.direction, body.transferred, body.agent, body.customer
     sessions, team = body.sessions, body.team
     service = request.app[SERVICE]
-    existing = service.store.get_conversation(cid)
-    if existing is None or existing.ended:
-        # A new conversation may not inherit the chat history of an old one with the same id
-        # (possibly another team's): ids are the platform's, and must not be reused.
-        chat = request.app[CHAT]
-        if chat.ended_reason(cid) is not None or await chat.head(cid) > 0:
-            raise GatewayError(ErrorCode.CONVERSATION_ID_REUSED, "this conversation id was used before; use a new one")
-    if team is None:
-        if existing is not None and existing.agent == agent:
-            team = existing.team
-        else:
-            # The agent's team is its Keycloak group (API.md); 503 identity_unavailable if unreachable.
-            team = await request.app[DIRECTORY].agent_team(agent)
-    conversation, created = service.upsert_conversation(
+    conversation, created = await service.upsert_conversation(
         cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred, sessions=sessions
     )
     return _json(service.describe(conversation), 201 if created else 200)
@@ -90,19 +75,7 @@ async def post_message(request: web.Request) -> web.Response:
     # the platform must say who wrote a message; an agent's own token writes as the agent
     model = models.PlatformChatMessageIn if principal.has_role("platform") else models.ChatMessageIn
     body = await read_body(request, model, max_bytes=settings.max_body_bytes)
-    sender, text, client_id = body.sender, body.text, body.client_id
-    conversation = request.app[SERVICE].conversation(cid)
-    if not principal.has_role("platform"):
-        if sender != "agent" or conversation.agent != principal.username:
-            raise GatewayError(
-                ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only post as agent in its own conversations"
-            )
-    if not conversation.session_active("chat"):
-        raise GatewayError(ErrorCode.CHAT_NOT_ACTIVE, "the conversation has no active chat session")
-    author = conversation.agent if sender == "agent" else str(conversation.customer.get("id") or "customer")
-    entry, created = await request.app[CHAT].post(
-        cid, kind="message", sender=sender, author=author, text=text, visibility="all", client_id=client_id
-    )
+    entry, created = await request.app[SERVICE].post_message(principal, cid, body.sender, body.text, body.client_id)
     return _json({"seq": entry.seq, "duplicate": not created}, 201)
 
 
@@ -114,11 +87,7 @@ async def conversation_chat(request: web.Request) -> web.StreamResponse:
     view = request.query.get("view", "agent")
     if view not in ("customer", "agent"):
         raise GatewayError(ErrorCode.INVALID_VIEW, "view is 'customer' or 'agent'")
-    conversation = request.app[SERVICE].conversation(cid)
-    if not principal.has_role("platform") and (view != "agent" or conversation.agent != principal.username):
-        raise GatewayError(
-            ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only read the agent view of its own conversations"
-        )
+    request.app[SERVICE].chat_view(principal, cid, view)
     return await _serve_chat(request, principal, cid, view, ended=None)
 
 
@@ -142,17 +111,14 @@ async def _serve_chat(
 @routes.get("/v1/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
     principal = await authenticate(request, "supervisor", "platform")
-    service = request.app[SERVICE]
-    return _json(service.listing(None if principal.has_role("platform") else principal.teams))
+    return _json(request.app[SERVICE].listing(principal))
 
 
 @routes.get("/v1/conversations/{cid}")
 async def get_conversation(request: web.Request) -> web.Response:
     principal = await authenticate(request, "supervisor", "platform")
     service = request.app[SERVICE]
-    conversation = service.conversation(_cid(request))
-    if not principal.has_role("platform") and not rules.may_see(conversation, principal.teams):
-        raise not_found("conversation")
+    conversation = service.visible_conversation(principal, _cid(request))
     return _json(service.describe(conversation))
 
 
@@ -165,23 +131,8 @@ async def start_monitor(request: web.Request) -> web.Response:
         request, models.MonitorStartIn, max_bytes=request.app[SETTINGS].max_body_bytes, required=False
     )
     voice = None if body.voice is None else body.voice.model_dump()
-    service = request.app[SERVICE]
-    monitor = service.start_monitor(principal, cid, voice)
+    monitor = await request.app[SERVICE].start_monitor(principal, cid, voice)
     request.app[METRICS].monitors_started.labels(voice=monitor.voice_kind.value if monitor.voice_kind else "none").inc()
-    # The note to the agent's view is not part of the answer: a chat hiccup must not undo the monitor.
-    background(
-        request.app,
-        request.app[CHAT].post(
-            cid,
-            kind="system",
-            sender="system",
-            author=principal.username,
-            text=f"supervisor {principal.username} joined silently",
-            visibility="agent",
-        ),
-    )
-    if monitor.voice_kind is not None and monitor.voice_kind.value == "sip":
-        await call_supervisor_phone(request.app, monitor.id)
     return _json(monitor_json(monitor), 201)
 
 
@@ -202,19 +153,8 @@ async def leave(request: web.Request) -> web.Response:
 @routes.get("/v1/monitors/{mid}/chat")
 async def monitor_chat(request: web.Request) -> web.StreamResponse:
     principal = await authenticate(request, "supervisor", websocket=True)
-    service = request.app[SERVICE]
-    monitor = service.monitor_of(principal, request.match_info["mid"])
-    conversation = service.store.get_conversation(monitor.conversation)
-    # Rights are checked again on every subscribe: a monitor that ended, or a conversation the
-    # supervisor no longer sees from this login session, gives no stream.
-    if not monitor.active:
-        raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
-    if conversation is None or not rules.may_see(conversation, principal.teams):
-        raise GatewayError(ErrorCode.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
-    futures = request.app[STATE]["monitor_end_futures"]
-    ended = futures.get(monitor.id)
-    if ended is None:
-        ended = futures[monitor.id] = asyncio.get_running_loop().create_future()
+    monitor = request.app[SERVICE].monitor_chat(principal, request.match_info["mid"])
+    ended = request.app[RUNTIME].monitor_end(monitor.id)
     return await _serve_chat(request, principal, monitor.conversation, "monitor", ended=ended)
 
 
@@ -223,19 +163,8 @@ async def whisper(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     settings = request.app[SETTINGS]
     body = await read_body(request, models.ChatTextIn, max_bytes=settings.max_body_bytes)
-    text = body.text
-    conversation, monitor = request.app[SERVICE].check_whisper(principal, request.match_info["mid"])
-    entry, _ = await request.app[CHAT].post(
-        conversation.id,
-        kind="whisper",
-        sender="supervisor",
-        author=principal.username,
-        text=text,
-        visibility="agent",
-        client_id=body.client_id,
-    )
-    request.app[AUDIT].record(
-        "whisper", actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq
+    entry = await request.app[SERVICE].whisper(
+        principal, request.match_info["mid"], body.text, client_id=body.client_id
     )
     return _json({"seq": entry.seq}, 201)
 
@@ -243,16 +172,7 @@ async def whisper(request: web.Request) -> web.Response:
 @routes.post("/v1/monitors/{mid}/barge")
 async def barge(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
-    monitor, changed = request.app[SERVICE].barge(principal, request.match_info["mid"])
-    if changed:
-        await request.app[CHAT].post(
-            monitor.conversation,
-            kind="system",
-            sender="system",
-            author=principal.username,
-            text=f"supervisor {principal.username} joined the conversation",
-            visibility="all",
-        )
+    monitor = await request.app[SERVICE].barge(principal, request.match_info["mid"])
     return _json(monitor_json(monitor))
 
 
@@ -261,21 +181,9 @@ async def supervisor_message(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     settings = request.app[SETTINGS]
     mid = request.match_info["mid"]
-    conversation, monitor = request.app[SERVICE].check_message(principal, mid)
+    request.app[SERVICE].check_message(principal, mid)  # a refusal comes before the body is read
     body = await read_body(request, models.ChatTextIn, max_bytes=settings.max_body_bytes)
-    text = body.text
-    entry, _ = await request.app[CHAT].post(
-        conversation.id,
-        kind="message",
-        sender="supervisor",
-        author=principal.username,
-        text=text,
-        visibility="all",
-        client_id=body.client_id,
-    )
-    request.app[AUDIT].record(
-        "barged_message", actor=principal.username, conversation=conversation.id, monitor=mid, seq=entry.seq
-    )
+    entry = await request.app[SERVICE].message_customer(principal, mid, body.text, client_id=body.client_id)
     return _json({"seq": entry.seq}, 201)
 
 
@@ -294,14 +202,6 @@ async def conference(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- event stream
 
 
-def _visible_to(principal: Principal, event: DomainEvent) -> bool:
-    if event.type is EventType.LEVELS:
-        return event.payload.get("supervisor") == principal.username
-    if principal.has_role("platform"):
-        return True
-    return event.team is not None and event.team in principal.teams
-
-
 @routes.get("/v1/events")
 async def events(request: web.Request) -> web.WebSocketResponse:
     """Conversation and monitor events of the caller's teams, live, as JSON text frames."""
@@ -310,9 +210,9 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     bus = request.app[BUS]
     metrics = request.app[METRICS]
-    subscription = bus.subscribe(lambda event: _visible_to(principal, event))
+    subscription = bus.subscribe(lambda event: rules.may_see_event(principal, event))
     metrics.events_clients.inc()
-    request.app[STATE]["event_sockets"].add(ws)
+    request.app[RUNTIME].event_sockets.add(ws)
 
     async def drain_client() -> None:
         # The console sends nothing; anything it sends is read and dropped, close ends the stream.
@@ -347,5 +247,5 @@ async def events(request: web.Request) -> web.WebSocketResponse:
         reader.cancel()
         bus.unsubscribe(subscription)
         metrics.events_clients.dec()
-        request.app[STATE]["event_sockets"].discard(ws)
+        request.app[RUNTIME].event_sockets.discard(ws)
     return ws

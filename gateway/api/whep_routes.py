@@ -11,14 +11,12 @@ import logging
 
 from aiohttp import web
 
-from gateway.api.context import AUDIT, BUS, METRICS, SERVICE, SETTINGS, SIP, WHEP
+from gateway.api.context import METRICS, PLANES, SERVICE, SETTINGS, SIP
 from gateway.api.identity import authenticate_supervisor
 from gateway.api.routes import refuse_when_draining
 from gateway.api.validation import read_limited
-from gateway.domain import DomainEvent, EventType, VoiceKind
 from gateway.errors import ErrorCode, GatewayError
 from gateway.media.whep import WhepError, answer_whep
-from gateway.policy import rules
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -30,17 +28,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     refuse_when_draining(request)
-    monitor = app[SERVICE].monitor_of(principal, request.match_info["mid"])
-    conversation = app[SERVICE].store.get_conversation(monitor.conversation)
-    if conversation is None or not monitor.active:
-        raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
-    rules.check_still_supervises(conversation, principal.teams)
-    if not monitor.has_voice or monitor.voice_kind is not VoiceKind.WEBRTC:
-        raise GatewayError(
-            ErrorCode.VOICE_NOT_GRANTED,
-            "this monitor does not hold the conversation's voice over WebRTC",
-            voice_blocked_reason=monitor.voice_blocked_reason,
-        )
+    conversation, monitor = app[SERVICE].check_may_listen(principal, request.match_info["mid"])
     if request.content_type != "application/sdp":
         raise GatewayError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the offer as application/sdp")
     offer = (await read_limited(request, settings.max_body_bytes)).decode("utf-8", errors="replace")
@@ -48,29 +36,15 @@ async def whep_offer(request: web.Request) -> web.Response:
     if sip is None:
         raise GatewayError(ErrorCode.SIP_DISABLED, "no SIP media on this gateway, so there is nothing to listen to")
 
-    mid, cid, supervisor, team = monitor.id, monitor.conversation, monitor.supervisor, conversation.team
-    bus, metrics, audit = app[BUS], app[METRICS], app[AUDIT]
+    service, metrics = app[SERVICE], app[METRICS]
+    mid, cid, team = monitor.id, monitor.conversation, conversation.team
 
     def on_levels(agent_dbfs: float, customer_dbfs: float) -> None:
-        bus.publish(
-            DomainEvent(
-                EventType.LEVELS,
-                cid,
-                team,
-                {
-                    "monitor": mid,
-                    "supervisor": supervisor,
-                    "agent": round(agent_dbfs, 1),
-                    "customer": round(customer_dbfs, 1),
-                },
-            )
-        )
+        service.publish_levels(monitor, team, agent_dbfs, customer_dbfs)
 
     def on_inbound_rtp(total: int) -> None:
-        # The answer is sendonly, so a browser should send nothing; whatever comes is dropped.
         metrics.inbound_rtp_dropped.inc()
-        if total == 1:
-            audit.record("webrtc_inbound_rtp_dropped", actor=supervisor, conversation=cid, monitor=mid)
+        service.inbound_rtp_dropped(monitor, total)
 
     tap = sip.open_tap(cid)
     try:
@@ -84,16 +58,12 @@ async def whep_offer(request: web.Request) -> web.Response:
         )
     except WhepError as exc:
         raise GatewayError(ErrorCode(exc.code), str(exc)) from exc
-    sessions = app[WHEP].setdefault(mid, {})
-    for old_id, old in list(sessions.items()):
-        sessions.pop(old_id)
-        await old.close("replaced")
-    sessions[session.id] = session
-    session.on_closed(lambda _reason: app[WHEP].get(mid, {}).pop(session.id, None))
-    if not app[SERVICE].store.get_monitor(mid) or not monitor.has_voice:  # ended while we answered
+    await app[PLANES].add_listener(mid, session)
+    try:
+        service.listener_started(monitor, session.id)
+    except GatewayError:  # the monitor ended while the offer was answered
         await session.close("monitor_ended")
-        raise GatewayError(ErrorCode.VOICE_NOT_GRANTED, "the monitor ended while the offer was answered")
-    audit.record("webrtc_listen", actor=supervisor, conversation=cid, monitor=mid, session=session.id)
+        raise
     location = f"/v1/monitors/{mid}/whep/{session.id}"
     return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})
 
@@ -102,7 +72,7 @@ async def whep_offer(request: web.Request) -> web.Response:
 async def whep_delete(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     monitor = request.app[SERVICE].monitor_of(principal, request.match_info["mid"])
-    session = request.app[WHEP].get(monitor.id, {}).pop(request.match_info["session"], None)
+    session = request.app[PLANES].take_listener(monitor.id, request.match_info["session"])
     if session is not None:  # already gone (closed, replaced, monitor ended): DELETE is idempotent
         await session.close("deleted")
     return web.Response(status=204)

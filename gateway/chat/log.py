@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -67,9 +67,6 @@ class ChatEntry:
     visibility: str
     client_id: str | None
     ts: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @runtime_checkable
@@ -403,25 +400,7 @@ class SqliteChatLog:
             _lru_set(self._heads, conversation, head, self.HEAD_CACHE)
         return head
 
-    # -- sync API (tests, benches, tools) ---------------------------------------------------
-
-    def append_sync(
-        self,
-        conversation: str,
-        *,
-        kind: str,
-        sender: str,
-        author: str | None,
-        text: str,
-        visibility: str,
-        client_id: str | None = None,
-        ts: float | None = None,
-    ) -> tuple[ChatEntry, bool]:
-        entry, created = self._append_future(
-            conversation, kind, sender, author, text, visibility, client_id, ts
-        ).result()
-        self._committed(entry)
-        return entry, created
+    # -- appends go to the writer; reads run on the caller's thread (WAL readers never wait) ---
 
     def _append_future(
         self,
@@ -481,9 +460,6 @@ class SqliteChatLog:
         row = self.db.execute("SELECT low FROM chat_conversation WHERE conversation = ?", (conversation,)).fetchone()
         return int(row[0]) if row else 1
 
-    def trim_sync(self, conversation: str, below: int) -> int:
-        return int(self._submit(lambda conn: self._op_trim(conn, conversation, below)).result())
-
     # -- ChatLog -----------------------------------------------------------------------------
 
     async def append(
@@ -518,7 +494,8 @@ class SqliteChatLog:
 
     async def trim(self, conversation: str, below: int) -> int:
         target: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        return int(await self._submit(lambda conn: self._op_trim(conn, conversation, below), target))
+        self._submit(lambda conn: self._op_trim(conn, conversation, below), target)
+        return await target
 
     def _stop_checkpointer(self) -> None:
         self._stop.set()
@@ -535,16 +512,6 @@ class SqliteChatLog:
             self._writer = None
         if self._db is not None:
             self._db.close()  # the last connection checkpoints the WAL into the database
-            self._db = None
-
-    def close_sync(self) -> None:
-        self._stop_checkpointer()
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = None
-        if self._db is not None:
-            self._db.close()
             self._db = None
 
 

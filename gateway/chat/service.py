@@ -229,10 +229,6 @@ class ChatService:
             del self._locks[cid]
         return self.hub.end(cid, reason)
 
-    def reopen(self, cid: str) -> None:
-        """Forget that ``cid`` ended (a platform reused the id for a new chat)."""
-        self._ended.pop(cid, None)
-
     def ended_reason(self, cid: str) -> str | None:
         return self._ended.get(cid)
 

@@ -18,7 +18,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from jwcrypto import jwk, jws
@@ -26,6 +25,7 @@ from jwcrypto.common import JWException
 from keycloak import KeycloakAdmin, KeycloakOpenID, KeycloakOpenIDConnection
 
 from gateway.config import Settings
+from gateway.domain import Principal
 from gateway.errors import GatewayError, identity_unavailable, invalid_token
 from gateway.policy import rules
 
@@ -33,23 +33,6 @@ log = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 8192
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The caller, as its access token and its login session say."""
-
-    username: str
-    subject: str
-    roles: frozenset[str]
-    session: str
-    expires_at: float
-    client: str
-    #: Teams this principal supervises (empty for other roles).
-    teams: frozenset[str] = field(default=frozenset())
-
-    def has_role(self, role: str) -> bool:
-        return role in self.roles
 
 
 class JwksCache:

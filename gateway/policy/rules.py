@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gateway.domain import Channel, Conversation, Direction, Monitor, MonitorMode
+from gateway.domain import (
+    Channel,
+    Conversation,
+    Direction,
+    DomainEvent,
+    EventType,
+    Monitor,
+    MonitorMode,
+    Principal,
+    VoiceKind,
+)
 from gateway.errors import ErrorCode, GatewayError
 
 # Reasons voice was not granted to a monitor (``voice_blocked_reason``).
@@ -64,6 +74,56 @@ def check_still_supervises(conversation: Conversation, supervisor_teams: frozens
 def may_see(conversation: Conversation, teams: frozenset[str]) -> bool:
     """Listings and events are scoped to the caller's teams."""
     return conversation.team is not None and conversation.team in teams
+
+
+def may_see_event(principal: Principal, event: DomainEvent) -> bool:
+    """``/v1/events``: audio levels go to their own supervisor only; the platform sees every
+    other event, a supervisor those of its teams."""
+    if event.type is EventType.LEVELS:
+        return event.payload.get("supervisor") == principal.username
+    if principal.has_role("platform"):
+        return True
+    return event.team is not None and event.team in principal.teams
+
+
+def check_may_post(principal: Principal, conversation: Conversation, sender: str) -> None:
+    """Chat ingest: the platform posts for either side; an agent only as agent, in its own
+    conversation; and only while the chat session is active."""
+    if not principal.has_role("platform") and (sender != "agent" or conversation.agent != principal.username):
+        raise GatewayError(ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only post as agent in its own conversations")
+    if not conversation.session_active("chat"):
+        raise GatewayError(ErrorCode.CHAT_NOT_ACTIVE, "the conversation has no active chat session")
+
+
+def check_may_read_chat(principal: Principal, conversation: Conversation, view: str) -> None:
+    """A participant's chat view: the platform reads either; an agent its own agent view."""
+    if not principal.has_role("platform") and (view != "agent" or conversation.agent != principal.username):
+        raise GatewayError(
+            ErrorCode.NOT_YOUR_CONVERSATION, "an agent may only read the agent view of its own conversations"
+        )
+
+
+def check_may_follow_monitor_chat(conversation: Conversation | None, monitor: Monitor, teams: frozenset[str]) -> None:
+    """A monitor's chat stream: checked again on every subscribe, so a monitor that ended, or a
+    conversation the supervisor no longer sees from this login session (R2), gives no stream."""
+    _check_active_monitor(monitor)
+    if conversation is None or not may_see(conversation, teams):
+        raise GatewayError(ErrorCode.NOT_TEAM_SUPERVISOR, "you do not supervise the team of this conversation's agent")
+
+
+def check_may_listen_webrtc(conversation: Conversation | None, monitor: Monitor, teams: frozenset[str]) -> Conversation:
+    """A WebRTC listener: only for a running monitor that holds the voice with ``kind: webrtc``.
+    Answers the monitor's conversation."""
+    if conversation is None or not monitor.active:
+        raise GatewayError(ErrorCode.MONITOR_ENDED, f"this monitor has ended ({monitor.end_reason})")
+    check_still_supervises(conversation, teams)
+    if not monitor.has_voice or monitor.voice_kind is not VoiceKind.WEBRTC:
+        raise GatewayError(
+            ErrorCode.VOICE_NOT_GRANTED,
+            "this monitor does not hold the conversation's voice over WebRTC",
+            voice_blocked_reason=monitor.voice_blocked_reason,
+        )
+    return conversation
 
 
 @dataclass(frozen=True)
