@@ -404,7 +404,7 @@ def parse_realm(raw: Any) -> Realm:
             client_id=rep["clientId"],
             enabled=rep.get("enabled", True) is not False,
             public=bool(rep.get("publicClient", False)),
-            secret=rep.get("secret") if isinstance(rep.get("secret"), str) else "",
+            secret=str(rep["secret"]) if isinstance(rep.get("secret"), str) else "",
             bearer_only=bool(rep.get("bearerOnly", False)),
             standard_flow=rep.get("standardFlowEnabled", True) is not False,
             direct_access_grants=bool(rep.get("directAccessGrantsEnabled", False)),

@@ -365,14 +365,14 @@ async def logout(request: web.Request) -> web.StreamResponse:
             raise OAuthError(400, "invalid_request", "Invalid id_token_hint") from None
         idp.tokens.end_session(str(claims.get("sid")))
         redirect = params.get("post_logout_redirect_uri")
-        client = idp.realm.clients.get(str(claims.get("azp")))
-        if redirect and client is not None:
+        logout_client = idp.realm.clients.get(str(claims.get("azp")))
+        if redirect and logout_client is not None:
             allowed = (
-                client.redirect_allowed(redirect)
-                if "+" in client.post_logout_redirect_uris
+                logout_client.redirect_allowed(redirect)
+                if "+" in logout_client.post_logout_redirect_uris
                 else any(
                     redirect == p or (p.endswith("*") and redirect.startswith(p[:-1]))
-                    for p in client.post_logout_redirect_uris
+                    for p in logout_client.post_logout_redirect_uris
                 )
             )
             if not allowed:
@@ -588,7 +588,7 @@ async def admin_users(request: web.Request, idp: EmbeddedIdp) -> web.Response:
     brief = _flag(request, "briefRepresentation", True)
     exact = _flag(request, "exact", False)
     users = list(idp.realm.users.values())
-    filters = {
+    filters: dict[str, Callable[[User], str]] = {
         "username": lambda u: u.username,
         "email": lambda u: u.email,
         "firstName": lambda u: u.first_name,

@@ -83,7 +83,7 @@ class TokenService:
     def sign(self, claims: dict[str, Any]) -> str:
         token = jws.JWS(json.dumps(claims, separators=(",", ":")).encode())
         token.add_signature(self.key, alg="RS256", protected={"alg": "RS256", "typ": "JWT", "kid": self.kid})
-        return token.serialize(compact=True)
+        return str(token.serialize(compact=True))
 
     def verify(self, token: str, typ: str, leeway: int = 0, check_exp: bool = True) -> dict[str, Any]:
         """Check signature, ``iss``, ``exp`` (unless ``check_exp`` is false) and ``typ``."""
