@@ -423,20 +423,9 @@ class MonitoringService:
 
     async def whisper(self, principal: Principal, mid: str, text: str, client_id: str | None) -> ChatEntry:
         """R5: a chat line to the agent only."""
-        conversation, monitor = self._checked(principal, mid, "whisper", rules.check_may_whisper)
-        entry, _ = await self._chat.post(
-            conversation.id,
-            kind="whisper",
-            sender="supervisor",
-            author=principal.username,
-            text=text,
-            visibility="agent",
-            client_id=client_id,
+        return await self._supervisor_line(
+            principal, mid, text, client_id, action="whisper", check=rules.check_may_whisper, audited_as="whisper"
         )
-        self.audit.record(
-            "whisper", actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq
-        )
-        return entry
 
     async def barge(self, principal: Principal, mid: str) -> Monitor:
         """Barge in (R6): the monitor turns ``barged`` and everyone in the chat is told, once."""
@@ -463,18 +452,42 @@ class MonitoringService:
 
     async def message_customer(self, principal: Principal, mid: str, text: str, client_id: str | None) -> ChatEntry:
         """R4: a barged monitor's chat line to everyone."""
-        conversation, _ = self._checked(principal, mid, "message_customer", rules.check_may_message_customer)
+        return await self._supervisor_line(
+            principal,
+            mid,
+            text,
+            client_id,
+            action="message_customer",
+            check=rules.check_may_message_customer,
+            audited_as="barged_message",
+        )
+
+    async def _supervisor_line(
+        self,
+        principal: Principal,
+        mid: str,
+        text: str,
+        client_id: str | None,
+        *,
+        action: str,
+        check: Callable[[Conversation, Monitor], None],
+        audited_as: str,
+    ) -> ChatEntry:
+        """Post a supervisor's chat line once ``check`` allows it: a whisper reaches the agent's
+        view only, a barged message everyone's; either way it is audited with its ``seq``."""
+        conversation, monitor = self._checked(principal, mid, action, check)
+        whisper = action == "whisper"
         entry, _ = await self._chat.post(
             conversation.id,
-            kind="message",
+            kind="whisper" if whisper else "message",
             sender="supervisor",
             author=principal.username,
             text=text,
-            visibility="all",
+            visibility="agent" if whisper else "all",
             client_id=client_id,
         )
         self.audit.record(
-            "barged_message", actor=principal.username, conversation=conversation.id, monitor=mid, seq=entry.seq
+            audited_as, actor=principal.username, conversation=conversation.id, monitor=monitor.id, seq=entry.seq
         )
         return entry
 
