@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.api.context import RUNTIME, SERVICE, SIP
 from gateway.app import create_app, make_runner
-from gateway.config import Settings
+from gateway.config import ConfigurationError, Settings
 from gateway.logs import setup_logging
 
 log = logging.getLogger("gateway")
@@ -24,6 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--host", help="HTTP address (GATEWAY_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (GATEWAY_PORT, default 8080)")
     serve.add_argument("--sip-port", type=int, help="SIP port for platforms (GATEWAY_SIP_PORT, default 5060)")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="development mode: embedded demo identity provider (GATEWAY_DEV)",
+    )
     serve.add_argument("--demo", action="store_true", default=None, help="also run the demo platform (GATEWAY_DEMO)")
     return parser.parse_args(argv)
 
@@ -81,11 +87,15 @@ def main(argv: list[str] | None = None) -> None:
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         sip_port=getattr(args, "sip_port", None),
+        dev=getattr(args, "dev", None),
         demo=getattr(args, "demo", None),
     )
     setup_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
+    except ConfigurationError as exc:  # unsafe or incomplete settings: one line saying what to set
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
     except OSError as exc:  # a port taken by another process: say which, no traceback
         log.error(
             "cannot start: %s (HTTP %s:%s, SIP %s:%s)",

@@ -32,7 +32,7 @@ from gateway.api.context import (
     WHEP,
 )
 from gateway.api.middleware import errors_middleware
-from gateway.config import PACKAGE_DIR, Settings
+from gateway.config import PACKAGE_DIR, ConfigurationError, Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
 from gateway.planes import Listeners, Planes
@@ -135,6 +135,9 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> web.Application:
     """Build the gateway for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
+    problem = settings.startup_problem()
+    if problem is not None:
+        raise ConfigurationError(problem)
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -166,9 +169,9 @@ def _add_dev_tools(app: web.Application, settings: Settings) -> None:
     try:
         import devtools
     except ImportError:
-        raise RuntimeError(
-            "no identity provider: set GATEWAY_KEYCLOAK_URL (the embedded provider and the demo "
-            "are development tools that this installation does not include)"
+        raise ConfigurationError(
+            "GATEWAY_DEV=true needs the development tools (devtools/), which this installation does not "
+            "include: set GATEWAY_KEYCLOAK_URL, GATEWAY_ADMIN_CLIENT_ID and GATEWAY_ADMIN_CLIENT_SECRET"
         ) from None
     devtools.install(app, settings)
 
