@@ -197,5 +197,7 @@ def forbidden_role(role: str) -> GatewayError:
     return GatewayError(ErrorCode.FORBIDDEN, f"this call needs the {role!r} role")
 
 
-def identity_unavailable(detail: str = "identity provider unreachable") -> GatewayError:
-    return GatewayError(ErrorCode.IDENTITY_UNAVAILABLE, detail)
+def identity_unavailable(detail: str = "identity provider unreachable", retry_after: int = 5) -> GatewayError:
+    error = GatewayError(ErrorCode.IDENTITY_UNAVAILABLE, detail)
+    error.headers["Retry-After"] = str(retry_after)
+    return error
