@@ -31,7 +31,7 @@ from gateway.api.context import (
     SIP,
     WHEP,
 )
-from gateway.api.middleware import errors_middleware
+from gateway.api.middleware import ServerLog, errors_middleware
 from gateway.config import PACKAGE_DIR, ConfigurationError, Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
@@ -196,5 +196,10 @@ MAX_HEADER_BYTES = 32 * 1024
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner every entry point uses (``python -m gateway``, tests, benchmarks)."""
     return web.AppRunner(
-        app, handle_signals=False, access_log=None, max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_HEADER_BYTES
+        app,
+        handle_signals=False,
+        access_log=None,
+        logger=ServerLog(),
+        max_field_size=MAX_HEADER_BYTES,
+        max_line_size=MAX_HEADER_BYTES,
     )
