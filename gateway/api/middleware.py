@@ -36,7 +36,7 @@ class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             remote = args[0] if args else None
             self.logger.info("refused an unparsable HTTP request from %s: %s", remote, reason, extra={"status": 400})
             return
-        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 @web.middleware
