@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.planes import Listeners, Planes
 from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache, TokenValidator
+from gateway.policy.limits import TokenBuckets
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
 from gateway.store import SqliteStore
@@ -101,6 +102,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         directory=app[DIRECTORY],
         planes=app[PLANES],
         background=app[RUNTIME].background,
+        start_limit=TokenBuckets(settings.monitor_starts_per_minute / 60, settings.monitor_start_burst),
     )
     yield
     store.close()

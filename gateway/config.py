@@ -77,6 +77,10 @@ class Settings:
     max_message_chars: int = 4000
     chat_rate_per_second: float = 20.0
     chat_reader_cap: int = 256
+    #: Monitor starts per supervisor: a burst of ``monitor_start_burst``, then this many a minute
+    #: (429 ``monitor_rate_limited`` beyond; 0: no limit). Leaving is never limited.
+    monitor_starts_per_minute: float = 30.0
+    monitor_start_burst: int = 10
 
     # --- SIP media workers ----------------------------------------------------------------
     sip_workers: int = 2
