@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
             flush=True,
         )
         if args.serve:
-            print(f"gateway: GATEWAY_KEYCLOAK_URL={kc.url}  (Ctrl-C stops Keycloak)", flush=True)
+            print(f"gateway: GATEWAY_DEV=true GATEWAY_KEYCLOAK_URL={kc.url}  (Ctrl-C stops Keycloak)", flush=True)
             try:
                 while kc.process is not None and kc.process.poll() is None:
                     time.sleep(1)
