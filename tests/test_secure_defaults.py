@@ -42,12 +42,18 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-async def _serve_and_wait(env: dict[str, str], timeout: float = 30.0) -> tuple[int, list[str]]:
+async def _serve_and_wait(
+    env: dict[str, str], timeout: float = 30.0, *, without_devtools: bool = False
+) -> tuple[int, list[str]]:
+    command = ["-m", "gateway", "serve"]
+    if without_devtools:  # as in the Docker image: importing devtools fails
+        command = [
+            "-c",
+            "import sys; sys.modules['devtools'] = None; from gateway.__main__ import main; main(['serve'])",
+        ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "gateway",
-        "serve",
+        *command,
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
@@ -80,6 +86,15 @@ async def test_serve_refuses_keycloak_without_directory_client(tmp_path: Path) -
     assert len(lines) == 1, lines
     msg = json.loads(lines[0])["msg"]
     assert "GATEWAY_ADMIN_CLIENT_ID" in msg and "GATEWAY_ADMIN_CLIENT_SECRET" in msg
+
+
+async def test_an_image_without_devtools_refuses_dev_mode(tmp_path: Path) -> None:
+    """``docker run -e GATEWAY_DEV=true`` can not bring the demo users back: the image has no devtools."""
+    code, lines = await _serve_and_wait(_clean_env(tmp_path, GATEWAY_DEV="true"), without_devtools=True)
+    assert code == 2
+    assert len(lines) == 1, lines
+    msg = json.loads(lines[0])["msg"]
+    assert "devtools" in msg and "GATEWAY_KEYCLOAK_URL" in msg
 
 
 def test_no_secret_has_a_default_outside_dev_mode() -> None:
