@@ -77,8 +77,9 @@ class Settings:
     max_message_chars: int = 4000
     chat_rate_per_second: float = 20.0
     chat_reader_cap: int = 256
-    #: Monitor starts per supervisor: a burst of ``monitor_start_burst``, then this many a minute
-    #: (429 ``monitor_rate_limited`` beyond; 0: no limit). Leaving is never limited.
+    #: Monitors one supervisor may open: ``monitor_start_burst`` at once, then this many a minute
+    #: (429 ``monitor_rate_limited`` beyond; a refused attempt costs nothing; 0: no limit).
+    #: Leaving is never limited (R12).
     monitor_starts_per_minute: float = 30.0
     monitor_start_burst: int = 10
 
