@@ -66,6 +66,8 @@ def audit_main(args: argparse.Namespace, settings: Settings) -> int:
     try:
         for record in audit.read_records(path, after=args.after):
             out.write(audit.export_line(record) + "\n")
+    except BrokenPipeError:  # `audit export | head`: the reader has what it wanted
+        sys.stderr.close()
     finally:
         if args.output:
             out.close()
