@@ -67,7 +67,9 @@ class TokenBuckets(Generic[K]):
         for key in [k for k in self._buckets if self._tokens(k, now) >= self.burst]:
             del self._buckets[key]
 
-    def __len__(self) -> int:
+    @property
+    def keys_held(self) -> int:
+        """Buckets remembered now (not ``__len__``: an empty table must not make the limiter falsy)."""
         return len(self._buckets)
 
 
