@@ -56,22 +56,25 @@ def require_pjsua2() -> None:
 # --- ports -----------------------------------------------------------------------------------
 
 
-def _udp_free(port: int) -> bool:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+def _port_free(port: int) -> bool:
+    """Free for UDP and for TCP (the SIP address listens on both)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
 
 
 def free_udp_block(n: int, lo: int = 21000, hi: int = 59000) -> int:
-    """First port of ``n`` consecutive free UDP ports on loopback (random, so parallel runs rarely clash)."""
+    """First port of ``n`` consecutive ports free on loopback, UDP and TCP (random, so parallel
+    runs rarely clash)."""
     for _ in range(200):
         base = random.randrange(lo, hi - n)
-        if all(_udp_free(base + i) for i in range(n)):
+        if all(_port_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free UDP port block")
 
@@ -284,9 +287,11 @@ async def start_siprec(
 class RawSip:
     """A bare UDP socket to speak hand-made SIP to the front."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)  # floods of answers in tests
+        self.sock.bind((host, 0))
+        self.host = host
         self.port = self.sock.getsockname()[1]
         self.sock.setblocking(False)
 
@@ -308,12 +313,12 @@ class RawSip:
         branch = branch or "z9hG4bK" + uuid.uuid4().hex[:12]
         lines = [
             f"{method} sip:gateway@127.0.0.1:{front_port} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch};rport",
-            f"From: <sip:platform@127.0.0.1:{self.port}>;tag=abc",
+            f"Via: SIP/2.0/UDP {self.host}:{self.port};branch={branch};rport",
+            f"From: <sip:platform@{self.host}:{self.port}>;tag=abc",
             f"To: <sip:gateway@127.0.0.1:{front_port}>",
             f"Call-ID: {call_id}",
             f"CSeq: 1 {method}",
-            f"Contact: <sip:platform@127.0.0.1:{self.port}>",
+            f"Contact: <sip:platform@{self.host}:{self.port}>",
             "Max-Forwards: 70",
         ]
         for k, v in (headers or {}).items():
@@ -331,6 +336,13 @@ class RawSip:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(loop.sock_recv(self.sock, 70000), timeout)
+        except TimeoutError:
+            return None
+
+    async def recv_from(self, timeout: float = 3.0) -> tuple[bytes, tuple[str, int]] | None:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.sock_recvfrom(self.sock, 70000), timeout)
         except TimeoutError:
             return None
 

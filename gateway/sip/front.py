@@ -70,6 +70,8 @@ _ALLOW = "INVITE, ACK, CANCEL, OPTIONS, BYE"
 _KNOWN = {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH", "INFO", "UPDATE", "PRACK"}
 _ANSWERED_CAP = 20000  # cached answers kept for retransmissions, at most
 _WILDCARD = {"", "0.0.0.0", "::"}
+_LOOSE_VIA = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*\S+\s+\S")
+_ACCEPT = ("Accept", "application/sdp, multipart/mixed")
 _CLEN = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\S*)[ \t]*$", re.I | re.M)
 
 
@@ -165,6 +167,9 @@ class SipFront:
         """Listen on UDP and TCP ``sip_host:sip_port`` (``OSError`` if either is taken)."""
         loop = asyncio.get_running_loop()
         self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.bind_host, self.port))
+        sock = self.udp.get_extra_info("socket")
+        if sock is not None:  # a burst of INVITEs waits in the kernel instead of being dropped
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         try:
             self.server = await loop.create_server(
                 lambda: SipConnection(self), self.bind_host, self.port, reuse_address=True
@@ -280,7 +285,7 @@ class SipFront:
             return  # nothing to route an answer with
         if not msg.is_request:
             self._response(msg, peer)
-        elif top_via(msg) is None:
+        elif not _LOOSE_VIA.match(msg.get("via") or ""):
             self.counts["malformed"] += 1  # no Via we can read: nowhere an answer could go
         elif self._is_worker(peer):
             self._from_worker(msg, peer)
@@ -308,9 +313,10 @@ class SipFront:
         if msg.version != "SIP/2.0":
             self._final(msg, peer, 505, None, [])
             return
-        if msg.defect:
+        defect = msg.defect or ("bad Via" if any(parse_via(v) is None for v in values(msg, "via")) else "")
+        if defect:
             self.counts["malformed"] += 1
-            self._final(msg, peer, 400, msg.defect, [])
+            self._final(msg, peer, 400, defect, [])
             return
         if uri_scheme(msg.uri or "") != "sip":
             self._final(msg, peer, 416, None, [])
@@ -338,7 +344,7 @@ class SipFront:
             self._invite(msg, peer, now)
         elif method == "OPTIONS":
             ok = self.options_ok()
-            extra = [("Allow", _ALLOW), ("Accept", "application/sdp, multipart/mixed")]
+            extra = [("Allow", _ALLOW), _ACCEPT]
             extra.append(("Supported", ", ".join(sorted(SUPPORTED_OPTIONS))))
             if not ok:
                 extra.append(("Retry-After", "5"))
@@ -355,6 +361,10 @@ class SipFront:
         fwd = self.forwarded.get((msg.call_id, msg.branch))
         if fwd is not None:
             self._send(fwd.data, Peer(fwd.worker))
+            return
+        mf = (msg.get("max-forwards") or "70").strip()
+        if mf.isdigit() and int(mf) == 0:
+            self._final(msg, peer, 483, None, [])  # it could not go on to a worker: decide nothing
             return
         wait = self.limit.wait(peer.addr[0], now)
         if wait > 0:
@@ -373,7 +383,8 @@ class SipFront:
             decision = Refuse(500)
         if isinstance(decision, Refuse):
             self.counts["rejected"] += 1
-            self._final(msg, peer, decision.status, decision.reason, decision.headers)
+            extra = [*decision.headers, _ACCEPT] if decision.status == 415 else decision.headers
+            self._final(msg, peer, decision.status, decision.reason, extra)
             return
         self.counts["forwarded"] += 1
         if peer.conn is not None:

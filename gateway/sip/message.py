@@ -198,7 +198,7 @@ def _valid_name_addr(value: str) -> bool:
     else:
         display, _, rest = value.partition("<")
         if not _:
-            uri = value.split(";", 1)[0]
+            uri = value.split(";", 1)[0].strip()
             return bool(_URI_SCHEME.match(uri)) and not re.search(r"\s|[<>\"]", uri)
         rest = "<" + rest
         if display.strip() and not re.fullmatch(r"[A-Za-z0-9.!%*_+`'~\- \t\u0080-\U0010ffff]+", display.strip()):
@@ -298,8 +298,8 @@ def _request_defect(msg: SipMessage) -> str:
         if len(msg.get_all(single)) > 1 or (single != "content-type" and len(split_values(msg.get(single) or "")) > 1):
             return f"more than one {single}"
     uri = msg.uri or ""
-    if uri.startswith("<") or "?" in uri.split(";", 1)[0] and uri.lower().startswith(("sip:", "sips:")):
-        return "bad Request-URI"
+    if uri.startswith("<") or uri.lower().startswith(("sip:", "sips:")) and "?" in uri.rsplit("@", 1)[-1]:
+        return "bad Request-URI"  # <> around it, or escaped headers (RFC 4475 §3.1.2.7, §3.1.2.11)
     parts = (msg.get("cseq") or "").split()
     if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= 2**31:
         return "bad CSeq"

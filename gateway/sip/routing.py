@@ -46,6 +46,8 @@ def parse_via(value: str) -> Via | None:
     params: dict[str, str] = {}
     for part in (m.group(3) or "").split(";")[1:]:
         k, _, v = part.partition("=")
+        if not k.strip():
+            return None  # ";;": RFC 4475 §3.1.2.1
         params[k.strip().lower()] = v.strip()
     port = int(hp.group(2)) if hp.group(2) else None
     if port is not None and not 0 < port < 65536:
