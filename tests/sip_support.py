@@ -357,7 +357,7 @@ class RawSip:
             resp = await self.recv(timeout)
             if resp is None:
                 break
-            text = resp.decode(errors="replace")
+            text = resp.decode("utf-8", "surrogateescape")
             status = int(text.split(" ", 2)[1])
             if status >= 200:
                 if ack and data.startswith(b"INVITE"):
@@ -369,7 +369,7 @@ class RawSip:
     def _ack(invite: bytes, response: str) -> bytes:
         """The ACK of ``response``: hop by hop (same branch) for a non-2xx, and for a 2xx a new
         transaction to the Contact along the Record-Route set (RFC 3261 §13.2.2.4)."""
-        head = invite.split(b"\r\n\r\n", 1)[0].decode()
+        head = invite.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
         lines = head.split("\r\n")
         status = int(response.split(" ", 2)[1])
         if status < 300:
@@ -384,7 +384,7 @@ class RawSip:
                 out.append(ln.replace("INVITE", "ACK"))
         out.append(to)
         out.append("Content-Length: 0")
-        return ("\r\n".join(out) + "\r\n\r\n").encode()
+        return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 def response_header(response: str, name: str) -> list[str]:
@@ -395,7 +395,7 @@ def response_header(response: str, name: str) -> list[str]:
 def in_dialog_request(method: str, invite: bytes, ok: str, cseq: int) -> bytes:
     """A request inside the dialog the 2xx ``ok`` set up: to its Contact, along its
     Record-Route set reversed (the UAC's route set), with a new branch."""
-    head = invite.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    head = invite.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape").split("\r\n")
     contact = response_header(ok, "contact")[0]
     target = contact.split("<", 1)[1].split(">", 1)[0] if "<" in contact else contact.split(";", 1)[0]
     routes = [r.strip() for line in response_header(ok, "record-route") for r in line.split(",")][::-1]
@@ -408,7 +408,7 @@ def in_dialog_request(method: str, invite: bytes, ok: str, cseq: int) -> bytes:
     out.append("Max-Forwards: 70")
     out += [f"Route: {r}" for r in routes]
     out.append("Content-Length: 0")
-    return ("\r\n".join(out) + "\r\n\r\n").encode()
+    return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str) -> tuple[bytes, str]:

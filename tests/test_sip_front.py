@@ -274,7 +274,7 @@ class TcpSip:
             head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
         except (TimeoutError, asyncio.IncompleteReadError):
             return None
-        clen = int(response_header(head.decode(), "content-length")[0])
+        clen = int(response_header(head.decode("utf-8", "surrogateescape"), "content-length")[0])
         return head + await self.reader.readexactly(clen)
 
     def close(self) -> None:
