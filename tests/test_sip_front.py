@@ -231,6 +231,9 @@ async def test_conformance_answers(rig: Rig) -> None:
     assert code == 420 and response_header(text, "unsupported") == ["x-warp"]
     assert (await status(options().replace(b"OPTIONS sip:", b"OPTIONS  sip:", 1)))[0] == 400
     assert (await status(options().replace(b"sip:gateway@127.0.0.1", b"<sip:gateway@127.0.0.1>", 1)))[0] == 400
+    # What pjsua would answer 500 (issue 11) is refused here: a non-SIP Contact, a CSeq of another method.
+    assert (await status(leg_invite(rig).replace(b"Contact: <sip:", b"Contact: <mailto:", 1)))[0] == 400
+    assert (await status(leg_invite(rig).replace(b"CSeq: 1 INVITE", b"CSeq: 1 INV\x01TE", 1)))[0] == 400
     # Require: siprec is ours: the INVITE is forwarded.
     p.send(leg_invite(rig, Require="siprec"), rig.port)
     assert (await worker_gets(rig))[0].method == "INVITE"
@@ -376,6 +379,7 @@ def std(method: str, uri: str = "sip:user@example.com", cseq: str = "", *extra: 
         "To: <sip:user@example.com>",
         f"Call-ID: {uuid.uuid4().hex}@192.0.2.10",
         f"CSeq: {cseq or '1 ' + method}",
+        *([] if any(e.startswith("Contact") for e in extra) else ["Contact: <sip:caller@192.0.2.10>"]),
         *extra,
     ]
 

@@ -362,6 +362,11 @@ class SipFront:
         if fwd is not None:
             self._send(fwd.data, Peer(fwd.worker))
             return
+        contacts = values(msg, "contact")  # none is RFC 2543 (RFC 4475 §3.4); pjsua says 500 to a bad one
+        if len(contacts) > 1 or contacts and parse_uri(contacts[0]) is None:
+            self.counts["malformed"] += 1
+            self._final(msg, peer, 400, "Contact must be one SIP URI", [])
+            return
         mf = (msg.get("max-forwards") or "70").strip()
         if mf.isdigit() and int(mf) == 0:
             self._final(msg, peer, 483, None, [])  # it could not go on to a worker: decide nothing
