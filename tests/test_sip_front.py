@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from gateway.config import Settings
-from gateway.sip.front import Decision, Forward, Peer, SipFront
+from gateway.sip.front import Decision, Forward, Peer, SipConnection, SipFront
 from gateway.sip.message import SipMessage, classify_invite, parse_message
 from gateway.sip.ratelimit import RateLimit
 
@@ -546,4 +549,45 @@ async def test_a_failing_decision_is_answered_500_at_once() -> None:
     front.received(invite, Peer(("127.0.0.1", 5999)))
     assert sent and sent[0].startswith(b"SIP/2.0 500")
     assert front.counts["malformed"] == 0, "handled, not an unexpected error"
+    front.close()
+
+
+class _Stream:
+    """The part of an asyncio transport a SipConnection uses."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> tuple[str, int]:
+        return ("127.0.0.1", 5999) if name == "peername" else ("127.0.0.1", 5060)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+PING_OPTIONS = msg(*std("OPTIONS"))
+
+
+@hyp_settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(1, 400), max_size=8))
+async def test_tcp_framing_survives_any_stream(junk: bytes, cuts: list[int]) -> None:
+    """Any bytes, cut anywhere, never raise out of the TCP framing; a valid message after
+    keep-alives and cut in pieces is answered once."""
+    front = SipFront(Settings(), lambda m: Forward(("127.0.0.1", 1), "t"), lambda: True, set)
+    for data in (junk, b"\r\n\r\n\r\n" + PING_OPTIONS):
+        conn = SipConnection(front)
+        stream = _Stream()
+        conn.connection_made(stream)  # type: ignore[arg-type]
+        pos = 0
+        for cut in [*cuts, len(data)]:
+            conn.data_received(data[pos : pos + cut])
+            pos += cut
+        conn.data_received(data[pos:])
+        if data is not junk:
+            answers = [w for w in stream.written if w.startswith(b"SIP/2.0 ")]
+            assert len(answers) == 1 and answers[0].startswith(b"SIP/2.0 200"), stream.written
     front.close()
