@@ -70,6 +70,7 @@ _ALLOW = "INVITE, ACK, CANCEL, OPTIONS, BYE"
 _KNOWN = {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH", "INFO", "UPDATE", "PRACK"}
 _ANSWERED_CAP = 20000  # cached answers kept for retransmissions, at most
 MAX_CONNECTIONS = 1000  # TCP connections at once; more are closed at once (file descriptors)
+_PARTIAL_SECONDS = 30.0  # a TCP message must arrive whole within this long
 _WILDCARD = {"", "0.0.0.0", "::"}
 _LOOSE_VIA = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*\S+\s+\S")
 _ACCEPT = ("Accept", "application/sdp, multipart/mixed")
@@ -308,6 +309,8 @@ class SipFront:
         self.tcp_requests = {k: v for k, v in self.tcp_requests.items() if v[1] > now and not v[0].closed}
         self.dialog_connections = {k: c for k, c in self.dialog_connections.items() if not c.closed}
         self.limit.sweep(now)
+        for conn in [c for c in self.connections if c.partial_since and now - c.partial_since > _PARTIAL_SECONDS]:
+            conn.close()  # a message that never completes (slow loris) holds no connection slot
 
     def _from_outside(self, msg: SipMessage, peer: Peer, now: float) -> None:
         method = msg.method or ""
@@ -624,6 +627,7 @@ class SipConnection(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.closed = False
+        self.partial_since = 0.0  # monotonic time since which part of a message waits in buf
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -651,6 +655,13 @@ class SipConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        self._frame()
+        if not self.buf:
+            self.partial_since = 0.0
+        elif not self.partial_since:
+            self.partial_since = time.monotonic()
+
+    def _frame(self) -> None:
         while self.buf and not self.closed:
             if self.buf.startswith(b"\r\n\r\n"):  # ping → pong
                 del self.buf[:4]
@@ -682,4 +693,5 @@ class SipConnection(asyncio.Protocol):
                 return
             message = bytes(self.buf[:total])
             del self.buf[:total]
+            self.partial_since = 0.0
             self.front.received(message, Peer(self.peer, self))
