@@ -7,8 +7,8 @@
 
 The bench is the platform and the supervisors. Platform: a tiny asyncio SIP UAC per
 conversation (``--mode siprec``: one INVITE with two labelled ``a=sendonly`` streams and
-recording metadata; ``--mode perleg``: one INVITE per leg with ``X-Leg``), each through the
-302 front to its worker, then G.711 RTP paced at 20 ms by one sender loop. Every 500 ms one
+recording metadata; ``--mode perleg``: one INVITE per leg with ``X-Leg``), each to the SIP
+front, which forwards it to its worker, then G.711 RTP paced at 20 ms by one sender loop. Every 500 ms one
 packet per leg carries a loud 1 kHz burst instead of silence (conversations staggered).
 
 Supervisor (``--monitor phone``, default): every conversation gets a supervisor SIP phone
@@ -171,10 +171,12 @@ class Call:
         self.tag = uuid.uuid4().hex[:8]
         self.offset = offset
         self.streams: list[Stream] = []
+        self.routes: list[str] = []  # the dialog's route set (the front), once answered
 
     def _req(self, method: str, uri: str, cseq: int, to_tag: str = "", body: bytes = b"", ctype: str = "") -> bytes:
         lines = [
             f"{method} {uri} SIP/2.0",
+            *[f"Route: {r}" for r in self.routes],
             f"Via: SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch=z9hG4bK{uuid.uuid4().hex[:10]};rport",
             f"From: <sip:platform@127.0.0.1:{self.sip_port}>;tag={self.tag}",
             f"To: <sip:gateway@{self.front[0]}:{self.front[1]}>" + (f";tag={to_tag}" if to_tag else ""),
@@ -235,29 +237,20 @@ class Call:
             self._req("INVITE", f"sip:gw@{self.front[0]}:{self.front[1]}", 1, body=body, ctype=ctype), self.front
         )
         r = await self._final()
-        if r.status != 302:
-            raise RuntimeError(f"front answered {r.status} {r.reason}")
-        self.sip_t.sendto(
-            self._req("ACK", f"sip:gw@{self.front[0]}:{self.front[1]}", 1, (r.get("to") or "").split("tag=")[-1]),
-            self.front,
-        )
-        contact = (r.get("contact") or "").strip("<>")
-        host, port = contact.split("@", 1)[1].split(":")
-        self.worker = (host, int(port))
-        self.uri = contact
-        self.sip_t.sendto(self._req("INVITE", self.uri, 2, body=body, ctype=ctype), self.worker)
-        r = await self._final()
         if r.status != 200:
-            raise RuntimeError(f"worker answered {r.status} {r.reason}")
+            raise RuntimeError(f"the gateway answered {r.status} {r.reason}")
+        # In the dialog: to the worker's Contact, through the front along the Record-Route set.
+        self.uri = (r.get("contact") or "").split("<", 1)[-1].split(">", 1)[0]
+        self.routes = [v.strip() for line in r.get_all("record-route") for v in line.split(",")][::-1]
         self.to_tag = (r.get("to") or "").split("tag=")[-1]
-        self.sip_t.sendto(self._req("ACK", self.uri, 2, self.to_tag), self.worker)
+        self.sip_t.sendto(self._req("ACK", self.uri, 1, self.to_tag), self.front)
         chost = next(ln[9:].strip() for ln in r.body.decode().splitlines() if ln.startswith("c=IN IP4"))
         for st, answer in zip(self.streams, parse_sdp(r.body)):
             st.dest = (chost, answer.port)
 
     async def bye(self) -> None:
         try:
-            self.sip_t.sendto(self._req("BYE", self.uri, 3, self.to_tag), self.worker)
+            self.sip_t.sendto(self._req("BYE", self.uri, 3, self.to_tag), self.front)
             await self._final(2.0)
         except (TimeoutError, AttributeError):
             pass
@@ -382,6 +375,7 @@ class PhoneBank:
             lines.append(f"Call-ID: {msg.call_id}")
             lines.append(f"CSeq: {msg.get('cseq')}")
             lines.append(f"Contact: <sip:sup@127.0.0.1:{self.port}>")
+            lines += [f"Record-Route: {rr}" for rr in msg.get_all("record-route")]  # RFC 3261 §12.1.1
             if body:
                 lines.append("Content-Type: application/sdp")
             lines.append(f"Content-Length: {len(body)}")

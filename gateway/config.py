@@ -93,7 +93,7 @@ class Settings:
     #: Count a supervisor-phone call in every conversation's footprint, so that ``call_phone``
     #: never finds the worker full (off: twice the per-leg density, 503 ``voice_capacity`` when full).
     sip_reserve_phone_slot: bool = True
-    #: Seconds a 302 reservation waits for the redirected INVITE at the worker.
+    #: Seconds a placement token waits for its forwarded INVITE to reach the worker.
     sip_reservation_seconds: float = 8.0
     #: An ingress call that receives no RTP for this long is hung up (``media_timeout``; 0: never).
     sip_media_timeout: float = 20.0
@@ -105,6 +105,10 @@ class Settings:
     sip_command_timeout: float = 5.0
     #: A ready worker that sends nothing for this long (it reports every second) is killed.
     sip_hung_seconds: float = 6.0
+    #: New INVITEs one source address may send the SIP address per second (503 + Retry-After
+    #: beyond; 0: no limit), and the burst it may send at once.
+    sip_invite_rate: float = 20.0
+    sip_invite_burst: int = 40
 
     # --- WebRTC ---------------------------------------------------------------------------
     #: Comma-separated ICE server URLs (``stun:host:port``). Default none: never a public host.

@@ -92,10 +92,10 @@ class FakeWorker:
 
     # --- what a test makes happen ----------------------------------------------------------
     def invite(self, raw: bytes) -> int:
-        """An INVITE reached this worker (from the platform, after the 302); its call key."""
+        """An INVITE reached this worker (from the platform, forwarded by the front); its call key."""
         key = next(self._keys)
         self.pending.add(key)
-        self.emit(Incoming(call=key, msg=raw.decode()))
+        self.emit(Incoming(call=key, msg=raw.decode("utf-8", "surrogateescape")))  # as pjsua hands it over
         return key
 
     def bye(self, call: int, reason: str = "bye") -> None:

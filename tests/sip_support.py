@@ -56,22 +56,25 @@ def require_pjsua2() -> None:
 # --- ports -----------------------------------------------------------------------------------
 
 
-def _udp_free(port: int) -> bool:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+def _port_free(port: int) -> bool:
+    """Free for UDP and for TCP (the SIP address listens on both)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
 
 
 def free_udp_block(n: int, lo: int = 21000, hi: int = 59000) -> int:
-    """First port of ``n`` consecutive free UDP ports on loopback (random, so parallel runs rarely clash)."""
+    """First port of ``n`` consecutive ports free on loopback, UDP and TCP (random, so parallel
+    runs rarely clash)."""
     for _ in range(200):
         base = random.randrange(lo, hi - n)
-        if all(_udp_free(base + i) for i in range(n)):
+        if all(_port_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free UDP port block")
 
@@ -207,7 +210,7 @@ def render_leg_scenario(tmp: Path, rtp_file: Path, name: str = "leg_uac.xml") ->
 async def _start_sipp(
     tmp: Path, front_port: int, scenario: str, rtp_file: Path, duration_ms: int, keys: dict[str, str], name: str
 ) -> asyncio.subprocess.Process:
-    """sipp as the platform: one call of ``fixtures/sipp/<scenario>`` through the 302 front."""
+    """sipp as the platform: one call of ``fixtures/sipp/<scenario>`` to the SIP address (no redirect followed)."""
     sipp = require_tool("sipp")
     scen = render_leg_scenario(tmp, rtp_file, scenario)
     base = free_udp_block(8, 40000, 59000)
@@ -224,7 +227,7 @@ async def _start_sipp(
 async def start_sipp_leg(
     tmp: Path, front_port: int, cid: str, leg: str, rtp_file: Path, duration_ms: int = 4000
 ) -> asyncio.subprocess.Process:
-    """A per-leg platform call with sipp: INVITE → 302 → INVITE worker → rtp_stream → BYE."""
+    """A per-leg platform call with sipp: INVITE → 200 → ACK → rtp_stream → BYE, all through the front."""
     return await _start_sipp(
         tmp, front_port, "leg_uac.xml", rtp_file, duration_ms, {"cid": cid, "leg": leg}, f"{cid}_{leg}"
     )
@@ -284,9 +287,11 @@ async def start_siprec(
 class RawSip:
     """A bare UDP socket to speak hand-made SIP to the front."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)  # floods of answers in tests
+        self.sock.bind((host, 0))
+        self.host = host
         self.port = self.sock.getsockname()[1]
         self.sock.setblocking(False)
 
@@ -308,12 +313,12 @@ class RawSip:
         branch = branch or "z9hG4bK" + uuid.uuid4().hex[:12]
         lines = [
             f"{method} sip:gateway@127.0.0.1:{front_port} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch};rport",
-            f"From: <sip:platform@127.0.0.1:{self.port}>;tag=abc",
+            f"Via: SIP/2.0/UDP {self.host}:{self.port};branch={branch};rport",
+            f"From: <sip:platform@{self.host}:{self.port}>;tag=abc",
             f"To: <sip:gateway@127.0.0.1:{front_port}>",
             f"Call-ID: {call_id}",
             f"CSeq: 1 {method}",
-            f"Contact: <sip:platform@127.0.0.1:{self.port}>",
+            f"Contact: <sip:platform@{self.host}:{self.port}>",
             "Max-Forwards: 70",
         ]
         for k, v in (headers or {}).items():
@@ -334,6 +339,13 @@ class RawSip:
         except TimeoutError:
             return None
 
+    async def recv_from(self, timeout: float = 3.0) -> tuple[bytes, tuple[str, int]] | None:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.sock_recvfrom(self.sock, 70000), timeout)
+        except TimeoutError:
+            return None
+
     async def request(self, data: bytes, front_port: int, timeout: float = 3.0, ack: bool = True) -> tuple[int, str]:
         """Send, return (status, whole response text) of the first final response.
 
@@ -345,7 +357,7 @@ class RawSip:
             resp = await self.recv(timeout)
             if resp is None:
                 break
-            text = resp.decode(errors="replace")
+            text = resp.decode("utf-8", "surrogateescape")
             status = int(text.split(" ", 2)[1])
             if status >= 200:
                 if ack and data.startswith(b"INVITE"):
@@ -355,8 +367,13 @@ class RawSip:
 
     @staticmethod
     def _ack(invite: bytes, response: str) -> bytes:
-        head = invite.split(b"\r\n\r\n", 1)[0].decode()
+        """The ACK of ``response``: hop by hop (same branch) for a non-2xx, and for a 2xx a new
+        transaction to the Contact along the Record-Route set (RFC 3261 §13.2.2.4)."""
+        head = invite.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
         lines = head.split("\r\n")
+        status = int(response.split(" ", 2)[1])
+        if status < 300:
+            return in_dialog_request("ACK", invite, response, 1)
         out = ["ACK" + lines[0][len("INVITE") :]]
         to = next(ln for ln in response.split("\r\n") if ln.lower().startswith("to:"))
         for ln in lines[1:]:
@@ -367,29 +384,44 @@ class RawSip:
                 out.append(ln.replace("INVITE", "ACK"))
         out.append(to)
         out.append("Content-Length: 0")
-        return ("\r\n".join(out) + "\r\n\r\n").encode()
+        return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str) -> tuple[int, str]:
-    """A per-leg call by hand (front → 302 → worker → 200 → ACK) that never sends RTP.
+def response_header(response: str, name: str) -> list[str]:
+    """Every value of header ``name`` in a response's text (one per line, as the front writes them)."""
+    return [ln.split(":", 1)[1].strip() for ln in response.split("\r\n") if ln.lower().startswith(name.lower() + ":")]
 
-    Returns ``(worker_port, Call-ID)``.
+
+def in_dialog_request(method: str, invite: bytes, ok: str, cseq: int) -> bytes:
+    """A request inside the dialog the 2xx ``ok`` set up: to its Contact, along its
+    Record-Route set reversed (the UAC's route set), with a new branch."""
+    head = invite.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape").split("\r\n")
+    contact = response_header(ok, "contact")[0]
+    target = contact.split("<", 1)[1].split(">", 1)[0] if "<" in contact else contact.split(";", 1)[0]
+    routes = [r.strip() for line in response_header(ok, "record-route") for r in line.split(",")][::-1]
+    via = next(ln for ln in head if ln.lower().startswith("via:"))
+    via = via.split(";branch=", 1)[0] + f";branch=z9hG4bK{uuid.uuid4().hex[:12]};rport"
+    out = [f"{method} {target} SIP/2.0", via]
+    out += [ln for ln in head if ln.lower().startswith(("from:", "call-id:"))]
+    out.append("To: " + response_header(ok, "to")[0])
+    out.append(f"CSeq: {cseq if method != 'ACK' else 1} {method}")
+    out.append("Max-Forwards: 70")
+    out += [f"Route: {r}" for r in routes]
+    out.append("Content-Length: 0")
+    return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str) -> tuple[bytes, str]:
+    """A per-leg call by hand through the front (INVITE → 200 → ACK) that never sends RTP.
+
+    Returns the INVITE and the 200's text (for :func:`in_dialog_request`).
     """
     data, _, _ = sip.invite(
         front_port, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg}
     )
     code, text = await sip.request(data, front_port)
-    assert code == 302, text
-    contact = text.split("Contact: <sip:", 1)[1].split(">", 1)[0]
-    token, hostport = contact.split("@")
-    wport = int(hostport.split(":")[1])
-    data, call_id, _ = sip.invite(
-        wport, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg}
-    )
-    data = data.replace(b"INVITE sip:gateway@", f"INVITE sip:{token}@".encode(), 1)
-    code, text = await sip.request(data, wport)
     assert code == 200, text
-    return wport, call_id
+    return data, text
 
 
 def sdp(

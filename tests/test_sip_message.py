@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.sip.front import SipFront
+from gateway.config import Settings
+from gateway.sip.front import Decision, Forward, Peer, SipFront
 from gateway.sip.message import (
+    SipMessage,
     SipParseError,
     classify_invite,
     parse_message,
@@ -120,13 +122,21 @@ class _Transport:
     def sendto(self, data: bytes, addr: Any) -> None:
         self.sent.append((data, addr))
 
+    def close(self) -> None:
+        pass
+
+
+WORKER = ("127.0.0.1", 5061)
+
 
 def _front() -> tuple[SipFront, _Transport]:
-    front = SipFront(
-        lambda msg: classify_invite(msg, AGENTS.get) and (302, None, [("Contact", "<sip:t@127.0.0.1:1>")]), lambda: True
-    )
+    def decide(msg: SipMessage) -> Decision:
+        classify_invite(msg, AGENTS.get)
+        return Forward(WORKER, "t-token")
+
+    front = SipFront(Settings(sip_port=5060), decide, lambda: True, lambda: {WORKER})
     t = _Transport()
-    front.connection_made(t)  # type: ignore[arg-type]
+    front.udp = t  # type: ignore[assignment]
     return front, t
 
 
@@ -144,18 +154,23 @@ VALID = invite(sdp(), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})
 )
 async def test_front_survives_any_datagram(data: bytes) -> None:
     front, t = _front()
-    front._received(data, ("127.0.0.1", 5999))  # the unguarded path: must not raise
-    for sent, _ in t.sent:
-        assert sent.startswith(b"SIP/2.0 ")
-    for h in front.awaiting_ack.values():
-        h.cancel()
+    front._received(data, Peer(("127.0.0.1", 5999)))  # the unguarded path: must not raise
+    for sent, addr in t.sent:
+        # Answers go back to the sender; only a forwarded request goes to the worker.
+        assert sent.startswith(b"SIP/2.0 ") or (addr == WORKER and sent.startswith(b"INVITE "))
+    front.close()
 
 
-async def test_front_answers_options_and_retransmissions() -> None:
+async def test_front_forwards_retransmissions_to_the_same_worker_once_decided() -> None:
     front, t = _front()
-    front._received(VALID, ("127.0.0.1", 5999))
-    front._received(VALID, ("127.0.0.1", 5999))
-    assert [d.split(b"\r\n", 1)[0] for d, _ in t.sent] == [b"SIP/2.0 302 Moved Temporarily"] * 2
+    front._received(VALID, Peer(("127.0.0.1", 5999)))
+    front._received(VALID, Peer(("127.0.0.1", 5999)))
+    assert [addr for _, addr in t.sent] == [WORKER, WORKER]
+    assert t.sent[0][0] == t.sent[1][0]
     assert front.counts["invites"] == 1
-    for h in front.awaiting_ack.values():
-        h.cancel()
+    fwd = parse_message(t.sent[0][0])
+    assert fwd.get("x-gateway-placement") == "t-token"
+    assert fwd.branch.startswith("z9hG4bK-gwf-") and len(fwd.get_all("via")) == 2
+    assert fwd.get("record-route") == "<sip:127.0.0.1:5060;lr>"
+    assert fwd.get("max-forwards") == "69"
+    front.close()

@@ -20,9 +20,10 @@ import pytest
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.sip.front import Refuse
 from gateway.sip.message import parse_message
 from gateway.sip.plane import SipPlane
-from gateway.sip.protocol import Reject, SetTap
+from gateway.sip.protocol import Answer, Reject, SetTap
 
 from .fake_sip_worker import FakeWorker, FakeWorkers
 from .sip_support import FakeHooks, sdp, wait_until
@@ -30,10 +31,10 @@ from .sip_support import FakeHooks, sdp, wait_until
 pytestmark = [pytest.mark.unit]
 
 
-def invite(cid: str, leg: str, request_uri: str = "sip:gateway@127.0.0.1:5060") -> bytes:
-    """A per-leg ingress INVITE as a platform sends it."""
+def invite(cid: str, leg: str, token: str = "") -> bytes:
+    """A per-leg ingress INVITE as a platform sends it (with ``token``: as the front forwards it)."""
     lines = [
-        f"INVITE {request_uri} SIP/2.0",
+        "INVITE sip:gateway@127.0.0.1:5060 SIP/2.0",
         f"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK{uuid.uuid4().hex[:12]};rport",
         "From: <sip:platform@127.0.0.1:5070>;tag=abc",
         "To: <sip:gateway@127.0.0.1:5060>",
@@ -44,37 +45,37 @@ def invite(cid: str, leg: str, request_uri: str = "sip:gateway@127.0.0.1:5060") 
         f"X-Leg: {leg}",
         "Content-Type: application/sdp",
     ]
+    if token:
+        lines.append(f"X-Gateway-Placement: {token}")
     body = sdp()
     return ("\r\n".join([*lines, f"Content-Length: {len(body)}"]) + "\r\n\r\n").encode() + body
 
 
 @dataclass
-class Redirect:
-    status: int
+class Placed:
+    status: int  # 0: forwarded to ``worker`` with ``token``; else the front's own answer
     token: str = ""
     worker: int = -1
 
 
-def redirect(plane: SipPlane, cid: str, leg: str) -> Redirect:
-    """What the front answers this INVITE (the plane's decision, without the UDP round trip)."""
+def place(plane: SipPlane, cid: str, leg: str) -> Placed:
+    """What the front does with this INVITE (the plane's decision, without the UDP round trip)."""
     assert plane.front is not None
-    status, _reason, headers = plane.front.decide(parse_message(invite(cid, leg)))
-    if status != 302:
-        return Redirect(status)
-    contact = dict(headers)["Contact"]
-    token, hostport = contact.strip("<>").removeprefix("sip:").split("@")
-    port = int(hostport.rsplit(":", 1)[1])
-    return Redirect(status, token, next(w.index for w in plane.workers if w.sip_port == port))
+    decision = plane.front.decide(parse_message(invite(cid, leg)))
+    if isinstance(decision, Refuse):
+        return Placed(decision.status)
+    port = decision.worker[1]
+    return Placed(0, decision.token, next(w.index for w in plane.workers if w.sip_port == port))
 
 
 async def connect_leg(
     plane: SipPlane, fakes: FakeWorkers, hooks: FakeHooks, cid: str, leg: str
 ) -> tuple[FakeWorker, int]:
-    """A leg through the 302 front to its worker, answered, media up; (its worker, its call key)."""
-    r = redirect(plane, cid, leg)
-    assert r.status == 302, r
+    """A leg forwarded by the front to its worker, answered, media up; (its worker, its call key)."""
+    r = place(plane, cid, leg)
+    assert r.status == 0, r
     fake = fakes.on_port(plane.workers[r.worker].sip_port)
-    call = fake.invite(invite(cid, leg, f"sip:{r.token}@127.0.0.1:{plane.workers[r.worker].sip_port}"))
+    call = fake.invite(invite(cid, leg, r.token))
     await hooks.wait_for("leg_started", cid, leg, timeout=2)
     return fake, call
 
@@ -104,12 +105,12 @@ async def test_a_conversation_lands_on_one_worker_best_fit(plane: tuple[SipPlane
     w_agent, _ = await connect_leg(p, fakes, hooks, "c-1", "agent")
     w_customer, _ = await connect_leg(p, fakes, hooks, "c-1", "customer")
     assert w_agent is w_customer and p.legs("c-1") == {"agent", "customer"}
-    assert redirect(p, "c-1", "agent").status == 486  # that leg is connected
+    assert place(p, "c-1", "agent").status == 486  # that leg is connected
     # Footprint 3 of 4 calls (2 legs + the phone slot): the next conversation needs the other worker.
-    other = redirect(p, "c-2", "agent")
-    assert other.status == 302 and other.worker != p.worker_of("c-1")
-    assert redirect(p, "c-2", "customer").worker == other.worker  # its second leg follows it
-    assert redirect(p, "c-3", "agent").status == 503  # both workers hold a conversation
+    other = place(p, "c-2", "agent")
+    assert other.status == 0 and other.worker != p.worker_of("c-1")
+    assert place(p, "c-2", "customer").worker == other.worker  # its second leg follows it
+    assert place(p, "c-3", "agent").status == 503  # both workers hold a conversation
     assert not p.front.options_ok()
     s = p.stats()
     assert (s["conversations"], s["legs"], s["calls"], s["reservations"]) == (2, 2, 2, 2)
@@ -118,11 +119,11 @@ async def test_a_conversation_lands_on_one_worker_best_fit(plane: tuple[SipPlane
 @pytest.mark.parametrize("plane", [{"sip_reservation_seconds": 0.3}], indirect=True)
 async def test_a_reservation_expires_and_its_token_dies(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
     p, fakes, _hooks = plane
-    r = redirect(p, "c-1", "agent")
-    assert r.status == 302 and p.stats()["reservations"] == 1
+    r = place(p, "c-1", "agent")
+    assert r.status == 0 and p.stats()["reservations"] == 1
     await wait_until(lambda: p.stats()["reservations"] == 0 and p.stats()["conversations"] == 0, 3, "expiry")
     fake = fakes.on_port(p.workers[r.worker].sip_port)
-    late = fake.invite(invite("c-1", "agent", f"sip:{r.token}@127.0.0.1:1"))
+    late = fake.invite(invite("c-1", "agent", r.token))
     await wait_until(lambda: any(isinstance(c, Reject) and c.call == late for c in fake.commands), 2, "reject")
     assert [c.code for c in fake.commands if isinstance(c, Reject)] == [403]
 
@@ -132,12 +133,24 @@ async def test_an_invite_without_the_fronts_token_is_refused(plane: tuple[SipPla
     fake = fakes.on_port(p.workers[0].sip_port)
     call = fake.invite(invite("c-1", "agent"))
     await wait_until(lambda: any(isinstance(c, Reject) and c.call == call for c in fake.commands), 2, "reject")
-    # A redirected INVITE that changed its leg on the way is refused too.
-    r = redirect(p, "c-1", "agent")
+    # A placed INVITE that changed its leg on the way is refused too.
+    r = place(p, "c-1", "agent")
     fake = fakes.on_port(p.workers[r.worker].sip_port)
-    forged = fake.invite(invite("c-1", "customer", f"sip:{r.token}@127.0.0.1:1"))
+    forged = fake.invite(invite("c-1", "customer", r.token))
     await wait_until(lambda: any(isinstance(c, Reject) and c.call == forged for c in fake.commands), 2, "reject")
     assert not hooks.events and p.stats()["calls"] == 0
+
+
+async def test_a_latin1_display_name_is_answered_at_once(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
+    """pjsua hands the INVITE over with its Latin-1 byte surrogate-escaped: the plane answers it
+    (it used to fail re-encoding it, and the worker held the call 5 s, then 500)."""
+    p, fakes, hooks = plane
+    r = place(p, "c-1", "agent")
+    fake = fakes.on_port(p.workers[r.worker].sip_port)
+    raw = invite("c-1", "agent", r.token).replace(b"From: <sip:", b'From: "Jos\xe9" <sip:', 1)
+    call = fake.invite(raw)
+    await wait_until(lambda: any(isinstance(c, Answer) and c.call == call for c in fake.commands), 2, "answer")
+    await hooks.wait_for("leg_started", "c-1", "agent", timeout=2)
 
 
 async def test_a_dead_worker_ends_its_calls_and_restarts_with_backoff(

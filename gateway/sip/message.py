@@ -13,8 +13,11 @@ from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
 
-#: Largest SIP message the front accepts; bigger ones get 413 (if parseable) or are dropped.
-MAX_MESSAGE_BYTES = 32 * 1024
+#: Largest SIP message accepted anywhere on the path (the most one UDP datagram holds); a bigger
+#: one over TCP gets 413.
+MAX_MESSAGE_BYTES = 65535
+#: Option tags the gateway supports in ``Require`` (pjsip's own, and SIPREC, RFC 7866 §6.1.1).
+SUPPORTED_OPTIONS = frozenset({"siprec", "timer", "100rel", "replaces", "norefersub"})
 
 _COMPACT = {
     "i": "call-id",
@@ -29,8 +32,11 @@ _COMPACT = {
     "e": "content-encoding",
 }
 _TOKEN = re.compile(r"^[A-Za-z0-9.!%*_+`'~-]+$")
-_REQUEST_LINE = re.compile(r"^([A-Za-z0-9.!%*_+`'~-]+) (\S+) SIP/2\.0$")
+_REQUEST_LINE = re.compile(r"^([A-Za-z0-9.!%*_+`'~-]+) (\S+) (SIP/\d+\.\d+)$")
 _STATUS_LINE = re.compile(r"^SIP/2\.0 (\d{3}) ?(.*)$")
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+#: Headers that may appear once only (RFC 3261 §7.3.1): two of them → 400.
+_SINGLE = ("call-id", "from", "to", "cseq", "content-length", "max-forwards", "content-type")
 _SIP_URI = re.compile(
     r"^(sips?):(?:([A-Za-z0-9_.!~*'()&=+$,;?/%-]+)@)?"  # optional user
     r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])"  # host
@@ -60,6 +66,8 @@ class SipMessage:
     raw_head: str = ""
     #: Set when the message is well enough formed to answer but broken (→ 400 with this reason).
     defect: str = ""
+    #: The request line's protocol version (anything but ``SIP/2.0`` → 505).
+    version: str = "SIP/2.0"
 
     def get(self, name: str, default: str | None = None) -> str | None:
         name = name.lower()
@@ -81,14 +89,6 @@ class SipMessage:
         return self.get("call-id") or ""
 
     @property
-    def cseq(self) -> tuple[int, str]:
-        raw = self.get("cseq") or ""
-        parts = raw.split()
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise SipParseError("bad CSeq")
-        return int(parts[0]), parts[1].upper()
-
-    @property
     def branch(self) -> str:
         via = self.get("via") or ""
         m = re.search(r";\s*branch=([^;,\s]+)", via, re.I)
@@ -98,10 +98,118 @@ class SipMessage:
     def content_type(self) -> str:
         return (self.get("content-type") or "").strip()
 
+    @property
+    def to_tag(self) -> str:
+        """The ``tag`` of ``To`` (set on every request inside a dialog)."""
+        return header_param(self.get("to") or "", "tag") or ""
+
+    def tags(self, name: str) -> list[str]:
+        """The option tags of ``Require``/``Proxy-Require``/``Supported`` (all values, lower-case)."""
+        return [t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()]
+
+    def to_bytes(self) -> bytes:
+        """The message as sent on the wire, with ``Content-Length`` set to the body.
+
+        Header values keep every byte they arrived with (surrogate escapes, DESIGN.md §4b);
+        compact names come out long.
+        """
+        if self.method is not None:
+            lines = [f"{self.method} {self.uri} {self.version}"]
+        else:
+            lines = [f"SIP/2.0 {self.status} {self.reason}"]
+        lines += [f"{header_name(k)}: {v}" for k, v in self.headers if k != "content-length"]
+        lines.append(f"Content-Length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + self.body
+
+
+_NAMES = {"call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Authenticate", "mime-version": "MIME-Version"}
+
+
+def header_name(key: str) -> str:
+    """The usual spelling of a lower-case header name (``record-route`` → ``Record-Route``)."""
+    return _NAMES.get(key) or "-".join(part[:1].upper() + part[1:] for part in key.split("-"))
+
+
+def split_values(value: str) -> list[str]:
+    """The comma-separated values of one header line (``Via: a, b``), commas inside quotes or ``<>`` kept."""
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = angled = False
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if quoted:
+            if c == "\\" and i + 1 < len(value):
+                cur.append(value[i : i + 2])
+                i += 2
+                continue
+            quoted = c != '"'
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            angled = True
+        elif c == ">":
+            angled = False
+        elif c == "," and not angled:
+            out.append("".join(cur).strip())
+            cur = []
+            i += 1
+            continue
+        cur.append(c)
+        i += 1
+    out.append("".join(cur).strip())
+    return [v for v in out if v]
+
+
+def header_param(value: str, name: str) -> str | None:
+    """A header parameter (after the URI's ``>`` if there is one): ``;tag=x`` → ``x``; '' if valueless."""
+    rest = value.rsplit(">", 1)[1] if ">" in value else value
+    for part in rest.split(";")[1:]:
+        k, eq, v = part.partition("=")
+        if k.strip().lower() == name:
+            return v.strip() if eq else ""
+    return None
+
+
+def _valid_name_addr(value: str) -> bool:
+    """From/To/Contact-style ``name-addr`` or ``addr-spec`` (RFC 3261 §25.1), leniently.
+
+    Refused: unbalanced quotes, a display name of non-token characters outside quotes, a URI
+    with white space or without a scheme. Non-ASCII bytes are accepted in display names.
+    """
+    value = value.strip()
+    if value.startswith('"'):
+        i = 1
+        while i < len(value) and value[i] != '"':
+            i += 2 if value[i] == "\\" else 1
+        if i >= len(value):
+            return False  # unterminated quoted string
+        display, rest = "", value[i + 1 :].lstrip()
+        if not rest.startswith("<"):
+            return False
+    else:
+        display, _, rest = value.partition("<")
+        if not _:
+            uri = value.split(";", 1)[0].strip()
+            return bool(_URI_SCHEME.match(uri)) and not re.search(r"\s|[<>\"]", uri)
+        rest = "<" + rest
+        if display.strip() and not re.fullmatch(r"[A-Za-z0-9.!%*_+`'~\- \t\u0080-\U0010ffff]+", display.strip()):
+            return False
+    end = rest.find(">")
+    if end < 0:
+        return False
+    uri = rest[1:end]
+    return bool(_URI_SCHEME.match(uri)) and not re.search(r"\s|[<\"]", uri)
+
 
 def parse_message(data: bytes) -> SipMessage:
-    """Parse one datagram into a :class:`SipMessage` (raises :class:`SipParseError`)."""
-    if len(data) > 65535:
+    """Parse one message into a :class:`SipMessage` (raises :class:`SipParseError` when no answer
+    could be routed back; a message broken but answerable gets :attr:`SipMessage.defect` → 400).
+
+    Header bytes that are not UTF-8 (a Latin-1 display name) are kept as surrogate escapes, so
+    the message is answered and forwarded byte for byte (DESIGN.md §4b).
+    """
+    if len(data) > MAX_MESSAGE_BYTES:
         raise SipParseError("message too large", 413)
     sep = data.find(b"\r\n\r\n")
     if sep >= 0:
@@ -112,10 +220,7 @@ def parse_message(data: bytes) -> SipMessage:
             head_b, body = data, b""
         else:
             head_b, body = data[:sep], data[sep + 2 :]
-    try:
-        head = head_b.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SipParseError("headers are not UTF-8") from exc
+    head = head_b.decode("utf-8", "surrogateescape")
     lines = head.replace("\r\n", "\n").split("\n")
     while lines and not lines[0].strip():  # keep-alive CRLFs before the message
         lines.pop(0)
@@ -125,14 +230,23 @@ def parse_message(data: bytes) -> SipMessage:
     method = uri = None
     status = None
     reason = ""
+    version = "SIP/2.0"
+    start_defect = ""
     m = _REQUEST_LINE.match(start)
     if m:
-        method, uri = m.group(1).upper(), m.group(2)
-    else:
+        method, uri, version = m.group(1), m.group(2), m.group(3)
+    elif start.startswith("SIP/"):
         m = _STATUS_LINE.match(start)
         if not m:
-            raise SipParseError("bad start line")
+            raise SipParseError("bad status line")  # nobody to answer a response to
         status, reason = int(m.group(1)), m.group(2)
+    else:
+        # A request line we cannot read (extra spaces, no version, ...): answerable with 400
+        # if the headers say where the answer goes.
+        first = start.split(" ", 1)[0]
+        if not first or not _TOKEN.match(first):
+            raise SipParseError("bad start line")
+        method, uri, start_defect = first, "", "bad request line"
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
@@ -150,31 +264,52 @@ def parse_message(data: bytes) -> SipMessage:
         key = name.lower()
         key = _COMPACT.get(key, key)
         headers.append((key, value.strip()))
-    msg = SipMessage(method, uri, status, reason, headers, body, head)
+    msg = SipMessage(method, uri, status, reason, headers, body, head, start_defect, version)
     clen = msg.get("content-length")
     if clen is not None:
         if not clen.strip().isdigit():
-            msg.defect = "bad Content-Length"
+            msg.defect = msg.defect or "bad Content-Length"
         elif int(clen) > len(body):
-            msg.defect = "body shorter than Content-Length"
+            msg.defect = msg.defect or "body shorter than Content-Length"
         else:
             msg.body = body[: int(clen)]
     if msg.is_request:
-        # Without these no answer can be routed back: the caller drops the datagram.
-        for required in ("via", "call-id", "cseq"):
-            if not msg.get(required):
-                raise SipParseError(f"missing {required}")
-        for required in ("from", "to"):
-            if not msg.get(required):
-                msg.defect = msg.defect or f"missing {required}"
-        try:
-            _num, cmethod = msg.cseq
-        except SipParseError:
-            msg.defect = msg.defect or "bad CSeq"
-        else:
-            if cmethod != msg.method:
-                msg.defect = msg.defect or "CSeq method differs from request method"
+        # Without a Via no answer can be routed back: the caller drops the message.
+        if not msg.get("via"):
+            raise SipParseError("missing via")
+        msg.defect = msg.defect or _request_defect(msg)
     return msg
+
+
+def _request_defect(msg: SipMessage) -> str:
+    """Why an otherwise answerable request is malformed (RFC 3261 §8.2, RFC 4475 §3.1.2), or ''."""
+    for required in ("call-id", "cseq", "from", "to"):
+        if not msg.get(required):
+            return f"missing {required}"
+    for single in _SINGLE:
+        if len(msg.get_all(single)) > 1 or (single != "content-type" and len(split_values(msg.get(single) or "")) > 1):
+            return f"more than one {single}"
+    uri = msg.uri or ""
+    if uri.startswith("<") or uri.lower().startswith(("sip:", "sips:")) and "?" in uri.rsplit("@", 1)[-1]:
+        return "bad Request-URI"  # <> around it, or escaped headers (RFC 4475 §3.1.2.7, §3.1.2.11)
+    parts = (msg.get("cseq") or "").split()
+    if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= 2**31:
+        return "bad CSeq"
+    if parts[1] != msg.method:
+        return "CSeq method differs from request method"
+    mf = msg.get("max-forwards")
+    if mf is not None and (not mf.strip().isdigit() or int(mf) > 255):
+        return "bad Max-Forwards"
+    for name in ("from", "to"):
+        if not _valid_name_addr(msg.get(name) or ""):
+            return f"bad {name}"
+    return ""
+
+
+def uri_scheme(uri: str) -> str:
+    """The lower-case scheme of a URI (``sip``, ``sips``, ``tel``...), or ''."""
+    m = _URI_SCHEME.match(uri.strip().lstrip("<"))
+    return m.group(1).lower() if m else ""
 
 
 def uri_user(uri: str) -> str:
@@ -207,18 +342,22 @@ def valid_sip_uri(uri: str) -> bool:
 REASONS = {
     100: "Trying",
     200: "OK",
-    302: "Moved Temporarily",
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Request Entity Too Large",
     415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme",
+    420: "Bad Extension",
     481: "Call/Transaction Does Not Exist",
+    483: "Too Many Hops",
     486: "Busy Here",
     488: "Not Acceptable Here",
     500: "Server Internal Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
+    505: "Version Not Supported",
 }
 
 
@@ -246,7 +385,7 @@ def build_response(
         lines.append(f"{k}: {v}")
     lines.append("Server: silent-monitor-gateway")
     lines.append("Content-Length: 0")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 # --- bodies: multipart, SDP, SIPREC metadata -------------------------------------------------

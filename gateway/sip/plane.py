@@ -2,10 +2,11 @@
 
 :class:`SipPlane` wires
 
-* the SIP front (:mod:`gateway.sip.front`) on ``settings.sip_host:sip_port``, which redirects
-  each ingress INVITE (302) to a worker with room;
+* the SIP front (:mod:`gateway.sip.front`) on ``settings.sip_host:sip_port`` (UDP and TCP),
+  which forwards each acceptable ingress INVITE to a worker with room, with a one-time
+  placement token, and proxies every later message of the call;
 * the placement (:mod:`gateway.sip.placement`): which worker holds which conversation, slots
-  and 302 reservations;
+  and placement reservations;
 * ``settings.sip_workers`` pjsua2 worker processes, supervised (:mod:`gateway.sip.supervisor`),
   spoken to through the process protocol (:mod:`gateway.sip.protocol`): a worker that dies is
   restarted and its calls are reported ended with ``media_failure``;
@@ -24,8 +25,8 @@ from typing import Any, Protocol, TypeVar
 
 from ..config import Settings
 from ..errors import ErrorCode, GatewayError
-from .front import SipFront
-from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, uri_user, valid_sip_uri
+from .front import PLACEMENT_HEADER, Decision, Forward, Refuse, SipFront
+from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, valid_sip_uri
 from .placement import Placement, Refusal
 from .protocol import Answer, CallEnded, CallPhone, Event, HangUpPhone, Incoming, LegUp, PhoneEnded, Reject, SetTap
 from .supervisor import Spawn, Supervisor, Worker, spawn_subprocess
@@ -38,10 +39,10 @@ log = logging.getLogger("gateway.sip.plane")
 T = TypeVar("T")
 
 _RETRY = [("Retry-After", "5")]
-_REFUSALS: dict[Refusal, tuple[int, str, list[tuple[str, str]]]] = {
-    Refusal.LEG_TAKEN: (486, "Leg Already Connected", []),
-    Refusal.WORKER_RESTARTING: (503, "Worker Restarting", _RETRY),
-    Refusal.NO_CAPACITY: (503, "No Capacity", _RETRY),
+_REFUSALS: dict[Refusal, Refuse] = {
+    Refusal.LEG_TAKEN: Refuse(486, "Leg Already Connected"),
+    Refusal.WORKER_RESTARTING: Refuse(503, "Worker Restarting", _RETRY),
+    Refusal.NO_CAPACITY: Refuse(503, "No Capacity", _RETRY),
 }
 
 
@@ -88,7 +89,6 @@ class SipPlane:
             reservation_seconds=settings.sip_reservation_seconds,
         )
         self.front: SipFront | None = None
-        self._front_transport: asyncio.BaseTransport | None = None
         self.draining = False
         self.stopping = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -100,13 +100,10 @@ class SipPlane:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind the SIP front (raises ``OSError`` if the port is taken), spawn the workers
-        (``RuntimeError`` if they are not ready within ``sip_worker_ready_timeout``)."""
-        loop = asyncio.get_running_loop()
-        front = self.front = SipFront(self._decide_invite, self._options_ok)
-        self._front_transport, _ = await loop.create_datagram_endpoint(
-            lambda: front, local_addr=(self.settings.sip_host, self.settings.sip_port)
-        )
+        """Bind the SIP front, UDP and TCP (raises ``OSError`` if the port is taken), spawn the
+        workers (``RuntimeError`` if they are not ready within ``sip_worker_ready_timeout``)."""
+        front = self.front = SipFront(self.settings, self._decide_invite, self._options_ok, self._worker_addresses)
+        await front.start()
         self._started = True
         try:
             await self.supervisor.start()
@@ -122,8 +119,8 @@ class SipPlane:
         self.stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._front_transport is not None:
-            self._front_transport.close()
+        if self.front is not None:
+            self.front.close()
         await self.supervisor.stop()
         self.taps.finish_all()
 
@@ -149,9 +146,13 @@ class SipPlane:
             return False
         return self.placement.fits_new()
 
-    def _decide_invite(self, msg: SipMessage) -> tuple[int, str | None, list[tuple[str, str]]]:
+    def _worker_addresses(self) -> set[tuple[str, int]]:
+        """The workers' SIP addresses (loopback only): what the front forwards to and trusts."""
+        return {("127.0.0.1", w.sip_port) for w in self.workers}
+
+    def _decide_invite(self, msg: SipMessage) -> Decision:
         if self.draining or self.stopping or self._safe(self.hooks.accepting) is False:
-            return 503, "Draining", _RETRY
+            return Refuse(503, "Draining", _RETRY)
         info: InviteInfo = classify_invite(msg, self.hooks.conversation_agent)
         wanted = {s for s in info.streams if s}
         res = self.placement.reserve(
@@ -159,8 +160,7 @@ class SipPlane:
         )
         if isinstance(res, Refusal):
             return _REFUSALS[res]
-        worker = self.workers[res.worker]
-        return 302, None, [("Contact", f"<sip:{res.token}@{self.settings.sip_host}:{worker.sip_port}>")]
+        return Forward(("127.0.0.1", self.workers[res.worker].sip_port), res.token)
 
     # --- worker events ---------------------------------------------------------------------
     def _event(self, worker: int, event: Event) -> None:
@@ -190,17 +190,26 @@ class SipPlane:
                     self._safe(self.hooks.on_phone_ended, event.mid, event.reason)
 
     def _incoming(self, worker: int, event: Incoming) -> None:
-        """A redirected INVITE reached ``worker``: check its reservation, answer or reject."""
+        """An INVITE reached ``worker``: it must carry the front's placement token for that
+        worker (else 403: nobody bypasses the front), and be the INVITE the front decided on.
+
+        pjsua hands over the message as text with undecodable bytes surrogate-escaped: they go
+        back to bytes the same way (DESIGN.md §4b), so a Latin-1 display name works.
+        """
         try:
-            msg = parse_message(event.msg.encode())
-            res = self.placement.reservation(uri_user(msg.uri or ""), worker, time.monotonic())
+            msg = parse_message(event.msg.encode("utf-8", "surrogateescape"))
+            res = self.placement.reservation(msg.get(PLACEMENT_HEADER) or "", worker, time.monotonic())
             if res is None:
-                raise SipParseError("no reservation for this call", 403)
+                raise SipParseError("no placement for this call", 403)
             info = classify_invite(msg, self.hooks.conversation_agent)
             if info.conversation != res.cid or {s for s in info.streams if s} != res.legs:
-                raise SipParseError("INVITE differs from the one redirected", 403)
+                raise SipParseError("INVITE differs from the one placed", 403)
         except SipParseError as exc:
             self.supervisor.send(worker, Reject(call=event.call, code=exc.status))
+            return
+        except Exception:  # never leave the worker waiting: a pending call holds a slot
+            log.exception("sip plane: checking an incoming INVITE failed")
+            self.supervisor.send(worker, Reject(call=event.call, code=500))
             return
         if self.placement.admit(res, event.call, info.streams) is None:
             self.supervisor.send(worker, Reject(call=event.call, code=403))
@@ -303,6 +312,8 @@ class SipPlane:
             "front_invites": float(self.front.counts["invites"] if self.front else 0),
             "front_rejected": float(self.front.counts["rejected"] if self.front else 0),
             "front_malformed": float(self.front.counts["malformed"] if self.front else 0),
+            "front_forwarded": float(self.front.counts["forwarded"] if self.front else 0),
+            "front_rate_limited": float(self.front.counts["rate_limited"] if self.front else 0),
         }
 
     def worker_pids(self) -> list[int]:

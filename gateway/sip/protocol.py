@@ -92,7 +92,10 @@ class WorkerArgs:
     ctl_fd: int
     frame_fd: int
     sip_port: int
+    #: The worker's SIP address: loopback, reachable only through the front.
     host: str = "127.0.0.1"
+    #: Outbound proxy every request of the worker goes through (the front: ``sip:h:p;lr``).
+    proxy: str = ""
     media_host: str = "127.0.0.1"
     rtp_port: int = 20000
     rtp_range: int = 100

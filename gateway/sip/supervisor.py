@@ -24,6 +24,7 @@ from typing import Protocol
 
 from ..config import PROJECT_DIR, Settings
 from ..errors import ErrorCode, GatewayError
+from .front import front_route
 from .protocol import Command, Event, Fatal, ProtocolError, Quit, Ready, Reply, Stats, WorkerArgs, decode, encode
 
 log = logging.getLogger("gateway.sip.supervisor")
@@ -205,7 +206,7 @@ class Supervisor:
         frm_parent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s = self.settings
         args = WorkerArgs(
-            ctl_fd=ctl_child.fileno(), frame_fd=frm_child.fileno(), host=s.sip_host, sip_port=w.sip_port,
+            ctl_fd=ctl_child.fileno(), frame_fd=frm_child.fileno(), host="127.0.0.1", proxy=front_route(s), sip_port=w.sip_port,
             media_host=s.media_host, rtp_port=w.rtp_port, rtp_range=RTP_PORTS_PER_WORKER, max_calls=self.capacity,
             media_timeout=s.sip_media_timeout, ring_timeout=s.sip_ring_timeout,
         )  # fmt: skip

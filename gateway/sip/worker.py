@@ -201,6 +201,8 @@ class Worker:
         acfg.natConfig.sdpNatRewriteUse = 0
         acfg.natConfig.viaRewriteUse = 0
         acfg.natConfig.contactRewriteUse = 0
+        if a.proxy:  # every request (BYE to the platform, INVITE to a phone) goes through the front
+            acfg.sipConfig.proxies = pj.StringVector([a.proxy])
         self.acc = GwAccount(self)
         self.acc.create(acfg, True)
         threading.Thread(target=self._reader, name="ctl-reader", daemon=True).start()
