@@ -376,3 +376,49 @@ def media_quality(
         "bursts": len(lat),
         "bursts_sent": sum(len(v) for v in bursts.values()),
     }
+
+
+# --------------------------------------------------------------------------- self-check
+
+
+async def _self_check(streams: int, seconds: float) -> None:
+    """The load's own cost: ``streams`` streams from the generator straight into the sink."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-rtp-") as tmp:
+        plan = PortPlan()
+        sink = await Sink.start(Path(tmp), plan.block(streams, step=2), streams)
+        gen = await Generator.start(Path(tmp))
+        base = plan.block(streams, step=2)
+        for i in range(streams):
+            gen.add(base + 2 * i, ("127.0.0.1", sink.port(i)), i, i)
+        await gen.sync()
+        await sink.wait_all(10)
+        cpu = CpuWindow([gen.pid, sink.pid])
+        gen.window()
+        cpu.start()
+        t0 = time.time()
+        await asyncio.sleep(seconds)
+        t1 = time.time()
+        worst, lagged = await gen.stats()
+        gen_cpu, sink_cpu = cpu.percent_of_core([gen.pid]), cpu.percent_of_core([sink.pid])
+        await asyncio.sleep(0.3)
+        await sink.flush()
+        bursts = {k: [b for b in v if t0 <= b <= t1] for k, v in gen.bursts().items()}
+        q = media_quality(sink.arrivals(t0, t1 + 0.3), bursts, streams, seconds)
+        await gen.close()
+        await sink.close()
+    print(
+        f"{streams} streams, {streams * 50} packets/s: generator {gen_cpu:.1f} % of a core "
+        f"({gen_cpu / streams * 1000:.2f} per 1000 streams, worst tick {worst:.1f} ms late, {lagged:.1f} % > 20 ms), "
+        f"sink {sink_cpu:.1f} %; lost {q['lost_pct']:.3f} %, late {q['late_pct']:.3f} %, "
+        f"latency p50/p99 {q['lat_p50']:.2f}/{q['lat_p99']:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    build()
+    for count in [int(x) for x in (sys.argv[1:] or ["1000"])]:
+        asyncio.run(_self_check(count, 5.0))
