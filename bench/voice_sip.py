@@ -223,8 +223,11 @@ async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[
     plan = PortPlan()
     http_port = tcp_port()
     sip_port = plan.block(workers + 1)
-    rtp_base = plan.block(max(40 * workers, 16 * n) + 64)  # the gateway's RTP ports, from rtp_port_base up
     legs_base = plan.block(2 * n, step=2)
+    sink_base = plan.block(len(watched), step=2)
+    # Last: the gateway lays its workers' RTP ranges out from rtp_port_base upwards however it
+    # likes, so it gets everything above the bench's blocks (checked free for what today's needs).
+    rtp_base = plan.block(max(40 * workers, 16 * n) + 64)
     sink_index = {i: k for k, i in enumerate(watched)}
     env = {
         **os.environ,
@@ -258,7 +261,7 @@ async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[
         row["procs"] = len(pids)
         await idle_cost(row, pids, opts.idle_seconds)
         gen = await Generator.start(tmp)
-        sink = await Sink.start(tmp, plan.block(len(watched), step=2), len(watched))
+        sink = await Sink.start(tmp, sink_base, len(watched))
         by_cid = {c.cid: sink.port(sink_index[c.index]) for c in convs if c.monitored}
         phones = PhoneBank(by_cid.get)
         phones.start()
@@ -475,7 +478,11 @@ def main() -> None:
         "--calls-per-worker", type=int, default=0, help="GATEWAY_CALLS_PER_WORKER (0: the gateway's default)"
     )
     ap.add_argument(
-        "--ingress", choices=("siprec", "perleg"), default="siprec", help="a/b: one SIPREC INVITE or one per leg"
+        "--ingress",
+        "--mode",
+        choices=("siprec", "perleg"),
+        default="siprec",
+        help="a/b: one SIPREC INVITE or one per leg",
     )
     ap.add_argument(
         "--janus-prebuffer", type=int, help="AudioBridge default_prebuffering in packets (default: Janus's, 6)"
