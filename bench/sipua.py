@@ -175,11 +175,31 @@ class PlatformCall:
         )
         return body.encode(), f"multipart/mixed;boundary={b}"
 
-    async def _final(self, timeout: float) -> SipMessage:
+    async def _transaction(self, request: bytes, cseq: int, timeout: float) -> SipMessage:
+        """Send a request and return its final response, retransmitting it (500 ms doubling to
+        4 s, as over UDP) until any response arrives; a busy host may drop a datagram."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        interval, provisional = 0.5, False
+        method = request.split(b" ", 1)[0].decode()
+        self.sip_t.sendto(request, self._next_hop())
         while True:
-            msg = await asyncio.wait_for(self.proto.queue.get(), timeout)
-            if msg.status >= 200 and msg.get("call-id") == self.call_id:
-                return msg
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"no final answer to {method} within {timeout:.0f} s")
+            try:
+                msg = await asyncio.wait_for(self.proto.queue.get(), left if provisional else min(interval, left))
+            except TimeoutError:
+                if not provisional:
+                    self.sip_t.sendto(request, self._next_hop())
+                    interval = min(2 * interval, 4.0)
+                continue
+            if msg.get("call-id") != self.call_id or msg.get("cseq") != f"{cseq} {method}":
+                continue  # a late retransmission of an earlier answer
+            if msg.status < 200:
+                provisional = True
+                continue
+            return msg
 
     async def connect(self, timeout: float = 15.0) -> None:
         """INVITE until answered (following at most one redirect); ACK; learn the RTP destinations."""
@@ -189,8 +209,7 @@ class PlatformCall:
         body, ctype = self._offer()
         cseq = 1
         while True:
-            self.sip_t.sendto(self._request("INVITE", cseq, body, ctype), self._next_hop())
-            answer = await self._final(timeout)
+            answer = await self._transaction(self._request("INVITE", cseq, body, ctype), cseq, timeout)
             if 300 <= answer.status < 400 and not self.redirected:
                 # ACK of a failure goes to where the INVITE went, in the same transaction
                 self.to_tag = tag_of(answer.get("to"))
@@ -215,8 +234,7 @@ class PlatformCall:
 
     async def bye(self) -> None:
         try:
-            self.sip_t.sendto(self._request("BYE", self.cseq + 1), self._next_hop())
-            await self._final(2.0)
+            await self._transaction(self._request("BYE", self.cseq + 1), self.cseq + 1, 2.0)
         except (TimeoutError, AttributeError):
             pass
         if hasattr(self, "sip_t"):

@@ -55,7 +55,7 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # devtools.siprec_source (recording metadata)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from janus_bridge import JanusApi, JanusServer, janus_binary  # noqa: E402
@@ -73,13 +73,11 @@ from rtpload import (  # noqa: E402
 )
 from sipua import Conversation, PhoneBank, PlatformCall  # noqa: E402
 
-from gateway.config import Settings  # noqa: E402
-
 NCPU = os.cpu_count() or 1
 WORKLOADS = {"a": "phone", "b": "record", "c": "janus"}
 TITLES = {
-    "a": "(a) SIPREC + a SIP phone monitoring every conversation (gateway)",
-    "b": "(b) record-everything: every conversation forked by SIPREC, 10 % monitored (gateway)",
+    "a": "(a) every conversation forked ({ingress}) and monitored by a SIP phone (gateway)",
+    "b": "(b) record-everything: every conversation forked ({ingress}), 10 % monitored by a SIP phone (gateway)",
     "c": "(c) the same RTP on Janus AudioBridge: room per call, 2 plain-RTP PCMU legs, mix rtp_forward'ed as PCMU",
 }
 DEFAULT_SIZES = {
@@ -93,7 +91,18 @@ SUPERVISOR = {"grant_type": "password", "client_id": "gateway-console", "usernam
 
 
 @dataclass(frozen=True)
+class GatewayDefaults:
+    """The settings of the gateway under test that size a step, read from that gateway itself."""
+
+    calls_per_worker: int
+    reserve_phone_slot: bool
+
+
+@dataclass(frozen=True)
 class Options:
+    python: str
+    root: Path
+    defaults: GatewayDefaults
     seconds: float
     idle_seconds: float
     workers: int
@@ -205,19 +214,28 @@ class ControlApi:
         return sum(found) if found else float("nan")
 
 
-def gateway_workers(n: int, opts: Options, settings: Settings) -> int:
+def gateway_defaults(python: str, root: Path) -> GatewayDefaults:
+    code = "from gateway.config import Settings as S; s = S.from_env(); print(s.calls_per_worker, s.sip_reserve_phone_slot)"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([python, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: can not read the gateway's settings with {python} in {root}: {out.stderr[-300:]}")
+    calls, reserve = out.stdout.split()
+    return GatewayDefaults(int(calls), reserve == "True")
+
+
+def gateway_workers(n: int, opts: Options) -> int:
     """As few workers as the gateway's call slots allow (each conversation and its phone fit in
     one worker; with ``sip_reserve_phone_slot`` every conversation counts its phone)."""
     if opts.workers:
         return opts.workers
-    per_worker = opts.calls_per_worker or settings.calls_per_worker
-    footprint = (1 if opts.ingress == "siprec" else 2) + (1 if settings.sip_reserve_phone_slot else 0)
+    per_worker = opts.calls_per_worker or opts.defaults.calls_per_worker
+    footprint = (1 if opts.ingress == "siprec" else 2) + (1 if opts.defaults.reserve_phone_slot else 0)
     return max(1, math.ceil(n / max(1, per_worker // footprint)))
 
 
 async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[str, Any]:
-    defaults = Settings()
-    workers = gateway_workers(n, opts, defaults)
+    workers = gateway_workers(n, opts)
     watched = monitored_indices(workload, n)
     row: dict[str, Any] = {"n": n, "monitored": len(watched), "procs": workers + 1, "error": ""}
     plan = PortPlan()
@@ -231,7 +249,7 @@ async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[
     sink_index = {i: k for k, i in enumerate(watched)}
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(opts.root),
         "GATEWAY_DEV": "true",
         "GATEWAY_DATA_DIR": str(tmp / "var"),
         "GATEWAY_SIP_WORKERS": str(workers),
@@ -245,8 +263,8 @@ async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[
         env["GATEWAY_CALLS_PER_WORKER"] = str(opts.calls_per_worker)
     log = open(tmp / "gateway.log", "wb")
     gw = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--port", str(http_port), "--sip-port", str(sip_port),
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        opts.python, "-m", "gateway", "serve", "--port", str(http_port), "--sip-port", str(sip_port),
+        env=env, cwd=opts.root, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     api = ControlApi(f"http://127.0.0.1:{http_port}")
     gen: Generator | None = None
@@ -487,6 +505,8 @@ def main() -> None:
     ap.add_argument(
         "--janus-prebuffer", type=int, help="AudioBridge default_prebuffering in packets (default: Janus's, 6)"
     )
+    ap.add_argument("--gateway-root", default=str(ROOT), help="checkout whose gateway is measured (default: this one)")
+    ap.add_argument("--gateway-python", help="Python that runs it, e.g. a venv with another pjsua2 (default: this one)")
     ap.add_argument("--budget", type=float, default=1800.0, help="stop a workload's sweep after this many seconds")
     ap.add_argument(
         "--keep-going", action="store_true", help="do not stop a sweep at the first step that does not hold"
@@ -502,7 +522,12 @@ def main() -> None:
     build()
     if "c" in workloads:
         janus_binary()
+    root = Path(args.gateway_root).resolve()
+    python = args.gateway_python or sys.executable
     opts = Options(
+        python=python,
+        root=root,
+        defaults=gateway_defaults(python, root) if set(workloads) & {"a", "b"} else GatewayDefaults(0, True),
         seconds=2.0 if args.smoke else args.seconds,
         idle_seconds=1.0 if args.smoke else 3.0,
         workers=args.workers,
@@ -510,15 +535,14 @@ def main() -> None:
         ingress=args.ingress,
         prebuffer=args.janus_prebuffer,
     )
-    defaults = Settings()
     print(
         f"{NCPU} cores, {opts.seconds:.0f} s measured per step; gateway: ingress {opts.ingress}, "
-        f"{opts.calls_per_worker or defaults.calls_per_worker} calls per worker"
+        f"{opts.calls_per_worker or opts.defaults.calls_per_worker} calls per worker ({opts.root}, {opts.python})"
     )
     rows: dict[str, list[dict[str, Any]]] = {}
     for w in workloads:
         sizes = SMOKE_SIZES[w] if args.smoke else (getattr(args, f"sizes_{w}") or args.sizes or DEFAULT_SIZES[w])
-        print(f"\n{TITLES[w]}")
+        print("\n" + TITLES[w].format(ingress="SIPREC" if opts.ingress == "siprec" else "one INVITE per leg"))
         print(HEAD)
         print("-" * len(HEAD))
         t_begin = time.monotonic()
