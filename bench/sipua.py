@@ -136,10 +136,13 @@ class PlatformCall:
     def _next_hop(self) -> tuple[str, int]:
         return hostport(self.routes[0]) if self.routes else hostport(self.target)
 
-    def _request(self, method: str, cseq: int, body: bytes = b"", ctype: str = "") -> bytes:
+    def _request(self, method: str, cseq: int, body: bytes = b"", ctype: str = "", branch: str = "") -> bytes:
+        """A request; ``branch`` reuses a transaction's (the ACK of a non-2xx answer)."""
+        if not branch:
+            self.branch = branch = f"z9hG4bK{uuid.uuid4().hex[:12]}"
         lines = [
             f"{method} {self.target} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch=z9hG4bK{uuid.uuid4().hex[:12]};rport",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch={branch};rport",
             f"From: <sip:platform@127.0.0.1:{self.sip_port}>;tag={self.tag}",
             f"To: <sip:gateway@{self.address[0]}:{self.address[1]}>" + (f";tag={self.to_tag}" if self.to_tag else ""),
             f"Call-ID: {self.call_id}",
@@ -213,7 +216,7 @@ class PlatformCall:
             if 300 <= answer.status < 400 and not self.redirected:
                 # ACK of a failure goes to where the INVITE went, in the same transaction
                 self.to_tag = tag_of(answer.get("to"))
-                self.sip_t.sendto(self._request("ACK", cseq), self._next_hop())
+                self.sip_t.sendto(self._request("ACK", cseq, branch=self.branch), self._next_hop())
                 self.target = answer.get("contact").strip().strip("<>").split(">")[0]
                 self.to_tag, self.redirected, cseq = "", True, cseq + 1
                 continue
