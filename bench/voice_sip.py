@@ -129,9 +129,8 @@ async def measure(
 ) -> None:
     """The measured window: CPU of the system under test (``sut`` pids) and of the bench's own
     processes, then the media quality of what the sink received in that window."""
-    me = os.getpid()
     rss_idle = row.pop("_rss_idle")
-    cpu = CpuWindow(sut + [gen.pid, sink.pid, me])
+    cpu = CpuWindow(sut + [gen.pid, sink.pid])
     gen.window()
     cpu.start()
     t0 = time.time()
@@ -142,7 +141,6 @@ async def measure(
     row["main_cpu"] = cpu.percent_of_core([main]) if main else float("nan")
     row["gen_cpu"] = cpu.percent_of_core([gen.pid])
     row["sink_cpu"] = cpu.percent_of_core([sink.pid])
-    row["bench_cpu"] = cpu.percent_of_core([me])
     row["machine"] = cpu.machine_percent()
     rss = sum(rss_mb(p) for p in sut)
     row["mb_per_conv"] = rss / n
@@ -154,14 +152,12 @@ async def measure(
     row["sink_drops"] = udp_drops(sink.ports())
 
 
-def idle_cost(row: dict[str, Any], pids: list[int], seconds: float) -> asyncio.Future[None]:
-    async def run() -> None:
-        c0 = {p: cpu_seconds(p) for p in pids}
-        await asyncio.sleep(seconds)
-        row["idle_cpu"] = 100 * sum(cpu_seconds(p) - c0[p] for p in pids) / seconds
-        row["_rss_idle"] = sum(rss_mb(p) for p in pids)
-
-    return asyncio.ensure_future(run())
+async def idle_cost(row: dict[str, Any], pids: list[int], seconds: float) -> None:
+    """CPU (% of one core) and RSS of the system under test before any call."""
+    c0 = {p: cpu_seconds(p) for p in pids}
+    await asyncio.sleep(seconds)
+    row["idle_cpu"] = 100 * sum(cpu_seconds(p) - c0[p] for p in pids) / seconds
+    row["_rss_idle"] = sum(rss_mb(p) for p in pids)
 
 
 # --------------------------------------------------------------------------- gateway (a, b)
