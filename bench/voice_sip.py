@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import resource
@@ -507,6 +508,7 @@ def main() -> None:
     ap.add_argument(
         "--keep-going", action="store_true", help="do not stop a sweep at the first step that does not hold"
     )
+    ap.add_argument("--json", help="also write every row (all fields) to this file as JSON")
     ap.add_argument("--smoke", action="store_true", help="each workload at a tiny N for 2 s (CI: make bench-smoke)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -558,6 +560,8 @@ def main() -> None:
         held = [r["n"] for r in rows.get(w, []) if "frames" in r and holds(r)]
         print(f"largest N held: {max(held, default=0)}")
     print_ratios(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1, default=str))
     print(
         "\nlat: burst sent -> first loud packet of the mix at the sink (kernel timestamps); CPU%/conv: the system"
         " under test (gateway: main + workers; Janus) over the window / N, % of one core; main%: the gateway's main"
