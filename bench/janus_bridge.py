@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from rtpload import die_with_parent
 
 JANUS_LIB = Path("/usr/lib/x86_64-linux-gnu/janus")
 INSTALL_HINT = "Janus is not installed: apt-get install -y janus (or scripts/setup.sh bench)"
@@ -133,6 +134,7 @@ admin: {{
             "-o",
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

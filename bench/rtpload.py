@@ -9,7 +9,9 @@ reads /proc for CPU and memory, and turns the arrival log into loss, lateness an
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -172,6 +174,12 @@ class CpuWindow:
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the bench dies, even by SIGKILL (no orphan
+    gateway or Janus keeps its ports)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class _Helper:

@@ -68,6 +68,7 @@ from rtpload import (  # noqa: E402
     build,
     cpu_seconds,
     descendants,
+    die_with_parent,
     media_quality,
     rss_mb,
     udp_drops,
@@ -261,7 +262,7 @@ async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[
     log = open(tmp / "gateway.log", "wb")
     gw = await asyncio.create_subprocess_exec(
         opts.python, "-m", "gateway", "serve", "--port", str(http_port), "--sip-port", str(sip_port),
-        env=env, cwd=opts.root, stdout=log, stderr=subprocess.STDOUT,
+        env=env, cwd=opts.root, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
     )  # fmt: skip
     api = ControlApi(f"http://127.0.0.1:{http_port}")
     gen: Generator | None = None
