@@ -32,7 +32,9 @@ of the mix at the sink. CPU over the measured window from /proc (all threads): t
 test (gateway: main process + workers; Janus: its process) per conversation, in % of one core.
 A step "holds" when setup succeeded, lost + late < 0.1 % and >= 99 % of the bursts were heard;
 a workload's sweep stops at its first step that does not hold (``--keep-going`` not) or when
-``--budget`` is used up. Prints tables; no asserts. Columns: bench/README.md.
+``--budget`` is used up. Steps run in increasing N, workloads interleaved; rows go to stderr as
+they come, the tables (one per workload) and the ratio at the end. No asserts. Columns:
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -538,31 +540,42 @@ def main() -> None:
         f"{NCPU} cores, {opts.seconds:.0f} s measured per step; gateway: ingress {opts.ingress}, "
         f"{opts.calls_per_worker or opts.defaults.calls_per_worker} calls per worker ({opts.root}, {opts.python})"
     )
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for w in workloads:
-        sizes = SMOKE_SIZES[w] if args.smoke else (getattr(args, f"sizes_{w}") or args.sizes or DEFAULT_SIZES[w])
-        print("\n" + TITLES[w].format(ingress="SIPREC" if opts.ingress == "siprec" else "one INVITE per leg"))
-        print(HEAD)
-        print("-" * len(HEAD))
-        t_begin = time.monotonic()
-        for n in sizes:
-            if time.monotonic() - t_begin > args.budget:
-                print(f"(time budget of {args.budget:.0f} s used up before N={n})")
-                break
+    sizes = {
+        w: SMOKE_SIZES[w] if args.smoke else (getattr(args, f"sizes_{w}") or args.sizes or DEFAULT_SIZES[w])
+        for w in workloads
+    }
+    # Step by step in increasing N, the workloads interleaved: a and c at the same N run minutes
+    # apart, not a whole sweep apart, so a neighbour's load skews their ratio less.
+    rows: dict[str, list[dict[str, Any]]] = {w: [] for w in workloads}
+    spent = dict.fromkeys(workloads, 0.0)
+    stopped: dict[str, str] = {}
+    for n in sorted({n for w in workloads for n in sizes[w]}):
+        for w in workloads:
+            if n not in sizes[w] or w in stopped:
+                continue
+            if spent[w] > args.budget:
+                stopped[w] = f"(time budget of {args.budget:.0f} s used up before N={n})"
+                continue
+            t = time.monotonic()
             with tempfile.TemporaryDirectory(prefix="bench-sip-") as tmp:
                 step = janus_step(n, opts, Path(tmp)) if w == "c" else gateway_step(w, n, opts, Path(tmp))
                 r = asyncio.run(step)
-            rows.setdefault(w, []).append(r)
-            print(fmt(r), flush=True)
-            if "frames" in r and not holds(r) and not args.keep_going and not args.smoke:
-                break
-            if "frames" not in r and not args.keep_going:
-                break
-        held = [r["n"] for r in rows.get(w, []) if "frames" in r and holds(r)]
-        print(f"largest N held: {max(held, default=0)}")
+            spent[w] += time.monotonic() - t
+            rows[w].append(r)
+            print(f"[{w}] {fmt(r)}", file=sys.stderr, flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1, default=str))
+            if not args.keep_going and not args.smoke and ("frames" not in r or not holds(r)):
+                stopped[w] = f"(stopped after N={n}: it did not hold)"
+    for w in workloads:
+        print("\n" + TITLES[w].format(ingress="SIPREC" if opts.ingress == "siprec" else "one INVITE per leg"))
+        print(HEAD)
+        print("-" * len(HEAD))
+        for r in rows[w]:
+            print(fmt(r))
+        held = [r["n"] for r in rows[w] if "frames" in r and holds(r)]
+        print(f"largest N held: {max(held, default=0)} {stopped.get(w, '')}".rstrip())
     print_ratios(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1, default=str))
     print(
         "\nlat: burst sent -> first loud packet of the mix at the sink (kernel timestamps); CPU%/conv: the system"
         " under test (gateway: main + workers; Janus) over the window / N, % of one core; main%: the gateway's main"
