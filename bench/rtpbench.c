@@ -10,9 +10,9 @@
  *     stats                                           answers "stats WORST_MS LAGGED_TICKS TICKS"
  *     quit (or end of input)
  *   Every stream sends a 20 ms PCMU packet per tick from its own socket (bound to LOCAL_PORT, the
- *   port its SDP or join offered). A packet is silence, except once every 25 ticks (at tick
- *   OFFSET + 10 of the cycle) a loud 1 kHz burst; a marked stream appends
- *   (uint32 index, uint32 0, int64 CLOCK_REALTIME ns just before sendto) to BURSTS_FILE.
+ *   port its SDP or join offered, and connected to DEST). A packet is silence, except once every
+ *   25 ticks (when (tick + OFFSET) mod 25 = 10) a loud 1 kHz burst; a marked stream appends
+ *   (uint32 index, uint32 0, int64 CLOCK_REALTIME ns just before send) to BURSTS_FILE.
  *
  *   rtpbench sink ARRIVALS_FILE BASE_PORT COUNT
  *     Binds 127.0.0.1:BASE_PORT + 2*i for i < COUNT (stream i), reads with recvmmsg and
@@ -26,7 +26,6 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
