@@ -227,11 +227,15 @@ class JanusApi:
         return data
 
     async def bridge_call(
-        self, agent_port: int, customer_port: int, sink_port: int, prebuffer: int | None
+        self, agent_port: int, customer_port: int, sink_port: int, prebuffer: int | None, legs_hear: bool
     ) -> tuple[int, int]:
         """A room mixing two plain-RTP PCMU participants sending from ``agent_port`` and
         ``customer_port``, its mix forwarded as PCMU to ``sink_port``. Returns the ports Janus
-        receives each participant's RTP on."""
+        receives each participant's RTP on.
+
+        A forked leg only sends (SIPREC streams are ``a=sendonly``), so by default a participant
+        joins without an address and Janus sends it nothing; ``legs_hear`` gives each its
+        address, and Janus sends it the mix minus itself as in a conference."""
         room = next(self._rooms)
         agent, customer = await asyncio.gather(self.attach(), self.attach())
         create: dict[str, Any] = {
@@ -253,7 +257,7 @@ class JanusApi:
                     "room": room,
                     "display": name,
                     "codec": "pcmu",
-                    "rtp": {"ip": "127.0.0.1", "port": port, "payload_type": 0},
+                    "rtp": {"ip": "127.0.0.1", "port": port, "payload_type": 0} if legs_hear else {"payload_type": 0},
                 },
             )
             ports.append(int(joined["rtp"]["port"]))

@@ -113,6 +113,7 @@ class Options:
     calls_per_worker: int
     ingress: str
     prebuffer: int | None
+    janus_legs_hear: bool
 
 
 def monitored_indices(workload: str, n: int) -> list[int]:
@@ -401,7 +402,9 @@ async def janus_step(n: int, opts: Options, tmp: Path) -> dict[str, Any]:
             assert api is not None and gen is not None and sink is not None
             agent, customer = legs_base + 4 * i, legs_base + 4 * i + 2
             async with sem:
-                to_agent, to_customer = await api.bridge_call(agent, customer, sink.port(i), opts.prebuffer)
+                to_agent, to_customer = await api.bridge_call(
+                    agent, customer, sink.port(i), opts.prebuffer, opts.janus_legs_hear
+                )
             gen.add(agent, ("127.0.0.1", to_agent), i, i)
             gen.add(customer, ("127.0.0.1", to_customer), i, -1)
 
@@ -505,6 +508,11 @@ def main() -> None:
     ap.add_argument(
         "--janus-prebuffer", type=int, help="AudioBridge default_prebuffering in packets (default: Janus's, 6)"
     )
+    ap.add_argument(
+        "--janus-legs-hear",
+        action="store_true",
+        help="Janus sends each leg the mix minus itself (a conference) instead of nothing (a fork)",
+    )
     ap.add_argument("--gateway-root", default=str(ROOT), help="checkout whose gateway is measured (default: this one)")
     ap.add_argument("--gateway-python", help="Python that runs it, e.g. a venv with another pjsua2 (default: this one)")
     ap.add_argument("--budget", type=float, default=1800.0, help="stop a workload's sweep after this many seconds")
@@ -535,6 +543,7 @@ def main() -> None:
         calls_per_worker=args.calls_per_worker,
         ingress=args.ingress,
         prebuffer=args.janus_prebuffer,
+        janus_legs_hear=args.janus_legs_hear,
     )
     print(
         f"{NCPU} cores, {opts.seconds:.0f} s measured per step; gateway: ingress {opts.ingress}, "
