@@ -446,9 +446,10 @@ HEAD = (
 def fmt(r: dict[str, Any]) -> str:
     if "frames" not in r:
         return f"{r['n']:>5} {r['monitored']:>5} {r['procs']:>5}  FAILED: {r['error']}"
+    main = "-" if math.isnan(r["main_cpu"]) else f"{r['main_cpu']:.1f}"  # Janus has no main process
     return (
         f"{r['n']:>5} {r['monitored']:>5} {r['procs']:>5} {r['lost_pct']:>6.2f} {r['late_pct']:>6.2f} "
-        f"{r['lat_p50']:>6.1f}ms {r['lat_p99']:>6.1f}ms {r['cpu_per_conv']:>9.3f} {r['main_cpu']:>6.1f} "
+        f"{r['lat_p50']:>6.1f}ms {r['lat_p99']:>6.1f}ms {r['cpu_per_conv']:>9.3f} {main:>6} "
         f"{r['idle_cpu']:>6.1f} {r['mb_per_conv']:>8.2f} {r['mb_added_per_conv']:>8.2f} {r['machine']:>6.0f} "
         f"{r['gen_cpu']:>5.1f} {r['sink_cpu']:>5.1f} {r['gen_lag_ms']:>6.1f}ms {r['startup_s']:>5.1f}s "
         f"{r['setup_s']:>5.1f}s {r['restarts']:>4.0f} {'yes' if holds(r) else 'NO'}"
