@@ -245,8 +245,9 @@ async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[
     legs_base = plan.block(2 * n, step=2)
     sink_base = plan.block(len(watched), step=2)
     # Last: the gateway lays its workers' RTP ranges out from rtp_port_base upwards however it
-    # likes, so it gets everything above the bench's blocks (checked free for what today's needs).
-    rtp_base = plan.block(max(40 * workers, 16 * n) + 64)
+    # likes, so it gets everything above the bench's blocks, checked free for what it needs today
+    # (40 per worker) or per conversation (two streams and a phone, RTP + RTCP: 6, so 8).
+    rtp_base = plan.block(max(40 * workers, 8 * n) + 64)
     sink_index = {i: k for k, i in enumerate(watched)}
     env = {
         **os.environ,
