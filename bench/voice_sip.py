@@ -570,7 +570,10 @@ def main() -> None:
             t = time.monotonic()
             with tempfile.TemporaryDirectory(prefix="bench-sip-") as tmp:
                 step = janus_step(n, opts, Path(tmp)) if w == "c" else gateway_step(w, n, opts, Path(tmp))
-                r = asyncio.run(step)
+                try:
+                    r = asyncio.run(step)
+                except Exception as exc:  # before the step could start (e.g. no room for its ports)
+                    r = {"n": n, "monitored": 0, "procs": 0, "error": f"{type(exc).__name__}: {exc}"[:240]}
             spent[w] += time.monotonic() - t
             rows[w].append(r)
             print(f"[{w}] {fmt(r)}", file=sys.stderr, flush=True)
