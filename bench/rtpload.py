@@ -35,10 +35,12 @@ def build() -> Path:
     if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
         return BINARY
     BINARY.parent.mkdir(exist_ok=True)
+    fresh = BINARY.with_name(f"{BINARY.name}.{os.getpid()}")
     try:
-        subprocess.run(["cc", "-O2", "-Wall", "-o", str(BINARY), str(SOURCE)], check=True)
+        subprocess.run(["cc", "-O2", "-Wall", "-o", str(fresh), str(SOURCE)], check=True)
     except FileNotFoundError:
         raise SystemExit("bench: no C compiler; install one: apt-get install -y gcc libc6-dev") from None
+    fresh.replace(BINARY)  # atomically: another bench may be running the old one
     return BINARY
 
 
