@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,14 @@ class PortPlan:
     def __init__(self, start: int = 10000) -> None:
         self.eph_lo, self.eph_hi = ephemeral_range()
         self.next = start
+        if self.eph_lo - start < 4096 and 65535 - self.eph_hi < 4096:
+            # e.g. a container with 1024-65535: nowhere to go but among the ephemeral ports
+            print(
+                f"bench: the ephemeral port range {self.eph_lo}-{self.eph_hi} leaves no room; "
+                "planning ports inside it (an unbound socket elsewhere may land among them)",
+                file=sys.stderr,
+            )
+            self.eph_lo, self.eph_hi = 65536, 65536
 
     def block(self, count: int, step: int = 1) -> int:
         """``count`` ports ``base + step*i`` (and, for step 2, the RTCP port after each) all free."""
@@ -427,8 +436,6 @@ async def _self_check(streams: int, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     build()
     for count in [int(x) for x in (sys.argv[1:] or ["1000"])]:
         asyncio.run(_self_check(count, 5.0))
