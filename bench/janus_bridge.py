@@ -34,6 +34,11 @@ def janus_binary() -> str:
     return path
 
 
+def janus_version() -> str:
+    out = subprocess.run([janus_binary(), "--version"], capture_output=True, text=True).stdout
+    return next((line.split("(")[-1].rstrip(")") for line in out.splitlines() if "version" in line), "?")
+
+
 def _lib_dir() -> Path:
     """Where Debian put the plugins (multiarch path, found from the package's file list)."""
     if (JANUS_LIB / "plugins").is_dir():

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # devtools.siprec_source (recording metadata)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from janus_bridge import JanusApi, JanusServer, janus_binary  # noqa: E402
+from janus_bridge import JanusApi, JanusServer, janus_binary, janus_version  # noqa: E402
 from rtpload import (  # noqa: E402
     CpuWindow,
     Generator,
@@ -101,6 +101,7 @@ class GatewayDefaults:
 
     calls_per_worker: int
     reserve_phone_slot: bool
+    pjsip: str  # pjproject version of the pjsua2 the gateway's Python imports
 
 
 @dataclass(frozen=True)
@@ -217,13 +218,19 @@ class ControlApi:
 
 
 def gateway_defaults(python: str, root: Path) -> GatewayDefaults:
-    code = "from gateway.config import Settings as S; s = S.from_env(); print(s.calls_per_worker, s.sip_reserve_phone_slot)"
+    code = (
+        "from gateway.config import Settings as S\n"
+        "s = S.from_env()\n"
+        "try:\n    import pjsua2; v = pjsua2.Endpoint().libVersion().full\n"
+        "except Exception:\n    v = '?'\n"
+        "print(s.calls_per_worker, s.sip_reserve_phone_slot, v)"
+    )
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([python, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bench: can not read the gateway's settings with {python} in {root}: {out.stderr[-300:]}")
-    calls, reserve = out.stdout.split()
-    return GatewayDefaults(int(calls), reserve == "True")
+    calls, reserve, pjsip = out.stdout.split()[-3:]
+    return GatewayDefaults(int(calls), reserve == "True", pjsip)
 
 
 def gateway_workers(n: int, opts: Options) -> int:
@@ -539,7 +546,7 @@ def main() -> None:
     opts = Options(
         python=python,
         root=root,
-        defaults=gateway_defaults(python, root) if set(workloads) & {"a", "b"} else GatewayDefaults(0, True),
+        defaults=gateway_defaults(python, root) if set(workloads) & {"a", "b"} else GatewayDefaults(0, True, "-"),
         seconds=2.0 if args.smoke else args.seconds,
         idle_seconds=1.0 if args.smoke else 3.0,
         workers=args.workers,
@@ -550,7 +557,8 @@ def main() -> None:
     )
     print(
         f"{NCPU} cores, {opts.seconds:.0f} s measured per step; gateway: ingress {opts.ingress}, "
-        f"{opts.calls_per_worker or opts.defaults.calls_per_worker} calls per worker ({opts.root}, {opts.python})"
+        f"{opts.calls_per_worker or opts.defaults.calls_per_worker} calls per worker, pjsip {opts.defaults.pjsip} "
+        f"({opts.root}, {opts.python})" + (f"; Janus {janus_version()}" if "c" in workloads else "")
     )
     sizes = {
         w: SMOKE_SIZES[w] if args.smoke else (getattr(args, f"sizes_{w}") or args.sizes or DEFAULT_SIZES[w])
