@@ -228,7 +228,6 @@ class JanusApi:
         data: dict[str, Any] = answer.get("plugindata", {}).get("data", {})
         if "error" in data:
             raise RuntimeError(f"audiobridge {body['request']}: {data['error']}")
-        data["_jsep"] = answer.get("jsep")
         return data
 
     async def bridge_call(

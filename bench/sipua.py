@@ -255,7 +255,6 @@ class PhoneBank:
         self.sip.setblocking(False)
         self.port = self.sip.getsockname()[1]
         self.answered: dict[str, bytes] = {}  # Call-ID -> our 200 (INVITE retransmissions)
-        self.refused: list[str] = []
 
     def uri(self, cid: str) -> str:
         return f"sip:{cid}@127.0.0.1:{self.port}"
@@ -285,7 +284,6 @@ class PhoneBank:
                 cid = msg.uri.split("sip:", 1)[-1].split("@", 1)[0]
                 port = self.rtp_port(cid)
                 if port is None:
-                    self.refused.append(cid)
                     status = "404 Not Found"
                 else:
                     body = (
