@@ -99,6 +99,7 @@ SUPERVISOR = {"grant_type": "password", "client_id": "gateway-console", "usernam
 class GatewayDefaults:
     """The settings of the gateway under test that size a step, read from that gateway itself."""
 
+    workers: int
     calls_per_worker: int
     reserve_phone_slot: bool
     pjsip: str  # pjproject version of the pjsua2 the gateway's Python imports
@@ -223,24 +224,25 @@ def gateway_defaults(python: str, root: Path) -> GatewayDefaults:
         "s = S.from_env()\n"
         "try:\n    import pjsua2; v = pjsua2.Endpoint().libVersion().full\n"
         "except Exception:\n    v = '?'\n"
-        "print(s.calls_per_worker, s.sip_reserve_phone_slot, v)"
+        "print(s.sip_workers, s.calls_per_worker, s.sip_reserve_phone_slot, v)"
     )
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([python, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bench: can not read the gateway's settings with {python} in {root}: {out.stderr[-300:]}")
-    calls, reserve, pjsip = out.stdout.split()[-3:]
-    return GatewayDefaults(int(calls), reserve == "True", pjsip)
+    workers, calls, reserve, pjsip = out.stdout.split()[-4:]
+    return GatewayDefaults(int(workers), int(calls), reserve == "True", pjsip)
 
 
 def gateway_workers(n: int, opts: Options) -> int:
-    """As few workers as the gateway's call slots allow (each conversation and its phone fit in
-    one worker; with ``sip_reserve_phone_slot`` every conversation counts its phone)."""
+    """The gateway's own ``sip_workers``, raised to what its call slots need for N (each
+    conversation and its phone fit in one worker; with ``sip_reserve_phone_slot`` every
+    conversation counts its phone)."""
     if opts.workers:
         return opts.workers
     per_worker = opts.calls_per_worker or opts.defaults.calls_per_worker
     footprint = (1 if opts.ingress == "siprec" else 2) + (1 if opts.defaults.reserve_phone_slot else 0)
-    return max(1, math.ceil(n / max(1, per_worker // footprint)))
+    return max(1, opts.defaults.workers, math.ceil(n / max(1, per_worker // footprint)))
 
 
 async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[str, Any]:
@@ -503,7 +505,10 @@ def main() -> None:
     ap.add_argument("--sizes-c", type=parse_sizes, help="sizes for workload c only")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step")
     ap.add_argument(
-        "--workers", type=int, default=0, help="gateway worker processes (0: as few as its call slots allow)"
+        "--workers",
+        type=int,
+        default=0,
+        help="gateway worker processes (0: its sip_workers, raised to what its call slots need)",
     )
     ap.add_argument(
         "--calls-per-worker", type=int, default=0, help="GATEWAY_CALLS_PER_WORKER (0: the gateway's default)"
@@ -546,7 +551,7 @@ def main() -> None:
     opts = Options(
         python=python,
         root=root,
-        defaults=gateway_defaults(python, root) if set(workloads) & {"a", "b"} else GatewayDefaults(0, True, "-"),
+        defaults=gateway_defaults(python, root) if set(workloads) & {"a", "b"} else GatewayDefaults(0, 0, True, "-"),
         seconds=2.0 if args.smoke else args.seconds,
         idle_seconds=1.0 if args.smoke else 3.0,
         workers=args.workers,
