@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make run` and `make test`. Each sets itself up.
-.PHONY: run test test-fast lint bench bench-smoke setup clean
+.PHONY: run test test-fast lint bench bench-smoke bench-sip setup clean
 
 PY := .venv/bin/python
 PYTEST_ARGS ?=
@@ -23,11 +23,18 @@ lint:
 test-fast: lint
 	$(PY) -m pytest -q -m "not sip and not browser and not keycloak and not slow" $(PYTEST_ARGS)
 
+# Benchmarks print tables (bench/README.md). The SIP bench's sweep: make bench-sip VOICE_SIP_ARGS="--workloads a,c --sizes 64,128,256"
+VOICE_SIP_ARGS ?=
+
 bench:
 	@scripts/setup.sh bench
 	$(PY) bench/chat.py
-	$(PY) bench/voice_sip.py
+	$(PY) bench/voice_sip.py $(VOICE_SIP_ARGS)
 	$(PY) bench/voice_webrtc.py
+
+bench-sip:
+	@scripts/setup.sh bench
+	$(PY) bench/voice_sip.py $(VOICE_SIP_ARGS)
 
 bench-smoke:
 	@scripts/setup.sh bench

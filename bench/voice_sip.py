@@ -1,687 +1,620 @@
-"""Bench of the SIP voice path at scale: N monitored conversations held through SipPlane.
+"""Bench of the SIP voice path at scale, with Janus AudioBridge as the anchor.
 
-    python bench/voice_sip.py                       # sweep N = 4, 8, 16, ... until it breaks
-    python bench/voice_sip.py --mode perleg --conversations 4 8 --seconds 10
-    python bench/voice_sip.py --monitor tap         # WebRTC-plane taps instead of SIP phones
-    python bench/voice_sip.py --smoke               # 2 conversations, 3 s
+    python bench/voice_sip.py                                   # workloads a, b, c over the default sizes
+    python bench/voice_sip.py --workloads a,c --sizes 64,128,256,512 --seconds 20
+    python bench/voice_sip.py --workloads b --sizes 250,500,1000 --workers 2
+    python bench/voice_sip.py --smoke                           # each workload at a tiny N, ~30 s in all
 
-The bench is the platform and the supervisors. Platform: a tiny asyncio SIP UAC per
-conversation (``--mode siprec``: one INVITE with two labelled ``a=sendonly`` streams and
-recording metadata; ``--mode perleg``: one INVITE per leg with ``X-Leg``), each to the SIP
-front, which forwards it to its worker, then G.711 RTP paced at 20 ms by one sender loop. Every 500 ms one
-packet per leg carries a loud 1 kHz burst instead of silence (conversations staggered).
+Workloads (one table each):
 
-Supervisor (``--monitor phone``, default): every conversation gets a supervisor SIP phone
-through ``plane.call_phone`` (the worker's conference bridge mixes both legs in C and sends
-RTP). The phones are one light Python UAS in this process (answers INVITE/BYE; all calls'
-RTP lands on one socket, told apart by the worker's source port) instead of pjsua2 phone
-processes (4 calls each; 75 of them for 300 conversations would measure the phones, not the
-gateway). Arrival times are kernel receive timestamps (SO_TIMESTAMPNS), so this process
-being busy does not count as gateway latency. ``--monitor tap``: a tap per conversation read
-by asyncio in this process (the WebRTC plane's input), times taken on dequeue.
+  a  phone    every conversation forked by SIPREC and monitored by a SIP phone
+  b  record   record-everything: every conversation forked by SIPREC, 10 % monitored by a phone
+  c  janus    the same RTP on Janus AudioBridge: a room per call, two plain-RTP PCMU participants,
+              the room's mix forwarded as PCMU (rtp_forward) to the same sink
 
-Per N: lost = RTP (phone) or tap sequence gaps; late = a frame more than 40 ms behind its
-20 ms schedule; added latency = burst packet sent -> first loud packet at the phone (or tap
-frame). CPU from /proc: worker processes (per conversation, idle included), this process
-(load generator + plane + receivers), whole machine (% of all cores). RSS of the workers per
-conversation. Idle CPU per worker is measured before any call. A step "holds" when setup
-succeeded and lost + late < 0.1 %; the sweep stops at the first step that does not hold, or
-when ``--budget`` seconds are used up. Prints one table; no asserts.
+The gateway runs as its own process (``python -m gateway serve``, settings as ``GATEWAY_*``) and
+is driven only through its public surfaces: the SIP address (SIPREC INVITEs; a 302 is
+followed, a forwarded 200 taken as is), the control API (a platform PUTs each conversation, a
+supervisor starts each monitor with a SIP phone) and ``/metrics``. Janus runs on loopback with a
+configuration generated into a temporary directory (``bench/janus_bridge.py``).
+
+The RTP load is ``bench/rtpbench.c`` (built with ``cc`` into ``bench/.build/``): one process
+sends every leg's 20 ms PCMU packet from one timer, each leg from its own socket on the port its
+offer named; every 500 ms one packet per conversation carries a loud 1 kHz burst instead of
+silence (conversations staggered). Another process sinks every monitored conversation's mix on
+a port of its own, with kernel receive timestamps (SO_TIMESTAMPNS). Every port the bench
+chooses (its legs, the sink, the gateway's ``rtp_port_base`` range, Janus's RTP range) lies
+outside the kernel's ephemeral port range.
+
+Per step: lost = sequence gaps in the mix at the sink; late = a packet more than 40 ms behind
+the 20 ms schedule its stream's first packet set; added latency = burst sent -> first loud packet
+of the mix at the sink. CPU over the measured window from /proc (all threads): the system under
+test (gateway: main process + workers; Janus: its process) per conversation, in % of one core.
+A step "holds" when setup succeeded, lost + late < 0.1 % and >= 99 % of the bursts were heard;
+a workload's sweep stops at its first step that does not hold (``--keep-going`` not) or when
+``--budget`` is used up. Steps run in increasing N, workloads interleaved; rows go to stderr as
+they come, the tables (one per workload) and the ratio at the end. No asserts. Columns:
+bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
-import random
 import resource
+import signal
 import socket
-import struct
+import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # devtools.siprec_source (recording metadata)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from devtools.siprec_source import metadata  # noqa: E402
-from gateway.config import Settings  # noqa: E402
-from gateway.sip.message import SipParseError, parse_message, parse_sdp  # noqa: E402
-from gateway.sip.placement import Placement  # noqa: E402
-from gateway.sip.plane import SipPlane  # noqa: E402
-from gateway.sip.supervisor import RTP_PORTS_PER_WORKER  # noqa: E402
+from janus_bridge import JanusApi, JanusServer, janus_binary, janus_version  # noqa: E402
+from rtpload import (  # noqa: E402
+    CpuWindow,
+    Generator,
+    PortPlan,
+    Sink,
+    build,
+    cpu_seconds,
+    descendants,
+    die_with_parent,
+    media_quality,
+    rss_mb,
+    udp_drops,
+)
+from sipua import Conversation, PhoneBank, PlatformCall  # noqa: E402
 
-CLK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
-SILENCE = b"\xff" * 160
-BURST = b"\x80\x80\x80\x80\x00\x00\x00\x00" * 20  # 1 kHz square wave near full scale
-LATE_S = 0.040
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+WORKLOADS = {"a": "phone", "b": "record", "c": "janus"}
+TITLES = {
+    "a": "(a) every conversation forked ({ingress}) and monitored by a SIP phone (gateway)",
+    "b": "(b) record-everything: every conversation forked ({ingress}), 10 % monitored by a SIP phone (gateway)",
+    "c": "(c) the same RTP on Janus AudioBridge: room per call, 2 plain-RTP PCMU legs, mix rtp_forward'ed as PCMU",
+}
+DEFAULT_SIZES = {
+    "a": [4, 8, 16, 32, 64, 128, 256, 512],
+    "b": [10, 50, 100, 250, 500, 1000],
+    "c": [4, 8, 16, 32, 64, 128, 256, 512],
+}
+TARGET_P99_MS = 40.0  # issue 9's latency target, reported beside "held"
+SMOKE_SIZES = {"a": [2], "b": [4], "c": [2]}
+PLATFORM = {"grant_type": "client_credentials", "client_id": "cx-platform", "client_secret": "dev-secret"}
+SUPERVISOR = {"grant_type": "password", "client_id": "gateway-console", "username": "sam", "password": "demo"}
 
 
-def _ulaw_mag(b: int) -> int:
-    u = ~b & 0xFF
-    exp = (u >> 4) & 7
-    return (((u & 0x0F) << 3) + 0x84 << exp) - 0x84
+@dataclass(frozen=True)
+class GatewayDefaults:
+    """The settings of the gateway under test that size a step, read from that gateway itself."""
+
+    workers: int
+    calls_per_worker: int
+    reserve_phone_slot: bool
+    pjsip: str  # pjproject version of the pjsua2 the gateway's Python imports
 
 
-QUIET = bytes(b for b in range(256) if _ulaw_mag(b) < 8000)  # translate() deletes these: loud bytes remain
+@dataclass(frozen=True)
+class Options:
+    python: str
+    root: Path
+    defaults: GatewayDefaults
+    seconds: float
+    idle_seconds: float
+    workers: int
+    calls_per_worker: int
+    ingress: str
+    prebuffer: int | None
+    janus_legs_hear: bool
 
 
-def free_port_block(n: int, lo: int = 21000, hi: int = 59000) -> int:
-    for _ in range(400):
-        base = random.randrange(lo, hi - n)
-        ok = True
-        for p in range(base, base + n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def monitored_indices(workload: str, n: int) -> list[int]:
+    return list(range(n)) if workload != "b" else [i for i in range(n) if i % 10 == 0]
+
+
+def tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+async def measure(
+    row: dict[str, Any], sut: list[int], main: int | None, gen: Generator, sink: Sink, seconds: float, n: int
+) -> None:
+    """The measured window: CPU of the system under test (``sut`` pids) and of the bench's own
+    processes, then the media quality of what the sink received in that window."""
+    rss_idle = row.pop("_rss_idle")
+    cpu = CpuWindow(sut + [gen.pid, sink.pid])
+    gen.window()
+    cpu.start()
+    t0 = time.time()
+    await asyncio.sleep(seconds)
+    t1 = time.time()
+    row["gen_lag_ms"], row["gen_lag_pct"] = await gen.stats()
+    row["cpu_per_conv"] = cpu.percent_of_core(sut) / n
+    row["main_cpu"] = cpu.percent_of_core([main]) if main else float("nan")
+    row["gen_cpu"] = cpu.percent_of_core([gen.pid])
+    row["sink_cpu"] = cpu.percent_of_core([sink.pid])
+    row["machine"] = cpu.machine_percent()
+    rss = sum(rss_mb(p) for p in sut)
+    row["mb_per_conv"] = rss / n
+    row["mb_added_per_conv"] = (rss - rss_idle) / n
+    await asyncio.sleep(0.6)  # the last bursts reach the sink
+    await sink.flush()
+    bursts = {k: [b for b in v if t0 <= b <= t1] for k, v in gen.bursts().items()}
+    row.update(media_quality(sink.arrivals(t0, t1 + 0.5), bursts, sink.count, seconds))
+    row["sink_drops"] = udp_drops(sink.ports())
+
+
+async def idle_cost(row: dict[str, Any], pids: list[int], seconds: float) -> None:
+    """CPU (% of one core) and RSS of the system under test before any call."""
+    c0 = {p: cpu_seconds(p) for p in pids}
+    await asyncio.sleep(seconds)
+    row["idle_cpu"] = 100 * sum(cpu_seconds(p) - c0[p] for p in pids) / seconds
+    row["_rss_idle"] = sum(rss_mb(p) for p in pids)
+
+
+# --------------------------------------------------------------------------- gateway (a, b)
+
+
+class ControlApi:
+    """The platform's and a supervisor's side of the gateway's HTTP API."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32))
+        self.tokens: dict[str, str] = {}
+
+    async def login(self) -> None:
+        for name, form in (("platform", PLATFORM), ("supervisor", SUPERVISOR)):
+            async with self.http.post(f"{self.base}/realms/cx/protocol/openid-connect/token", data=form) as r:
+                body = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"token for {name}: {r.status} {body}")
+                self.tokens[name] = body["access_token"]
+
+    async def call(self, who: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"}
+        async with self.http.request(method, self.base + path, json=body, headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def ready(self, proc: asyncio.subprocess.Process, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"gateway exited with {proc.returncode}")
             try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-            if not ok:
-                break
-        if ok:
-            return base
-    raise RuntimeError("no free ports")
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def machine_busy() -> tuple[float, float]:
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    idle = vals[3] + vals[4]
-    return float(sum(vals) - idle), float(sum(vals))
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-class Hooks:
-    def __init__(self, convs: set[str]) -> None:
-        self.convs = convs
-        self.ended: list[tuple[str, str, str]] = []
-
-    def conversation_agent(self, cid: str) -> str | None:
-        return "alice" if cid in self.convs else None
-
-    def accepting(self) -> bool:
-        return True
-
-    def on_leg_started(self, cid: str, leg: str) -> None:
-        pass
-
-    def on_leg_ended(self, cid: str, leg: str, reason: str) -> None:
-        self.ended.append((cid, leg, reason))
-
-    def on_phone_ended(self, monitor_id: str, reason: str) -> None:
-        self.ended.append((monitor_id, "phone", reason))
-
-
-class SipUdp(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        self.queue.put_nowait(data)
-
-
-@dataclass
-class Stream:
-    cid: str
-    leg: str
-    offset: int  # burst phase, in 20 ms ticks
-    sock: socket.socket
-    dest: tuple[str, int] = ("", 0)
-    ssrc: int = field(default_factory=lambda: random.getrandbits(32))
-    seq0: int = field(default_factory=lambda: random.getrandbits(16))
-    ts0: int = field(default_factory=lambda: random.getrandbits(32))
-    bursts: list[float] = field(default_factory=list)  # wall-clock send times
-
-
-class Call:
-    """One platform INVITE (SIPREC: both streams; per-leg: one) through the front."""
-
-    def __init__(self, cid: str, legs: list[str], front: tuple[str, int], siprec: bool, offset: int) -> None:
-        self.cid, self.legs, self.front, self.siprec = cid, legs, front, siprec
-        self.call_id = uuid.uuid4().hex
-        self.tag = uuid.uuid4().hex[:8]
-        self.offset = offset
-        self.streams: list[Stream] = []
-        self.routes: list[str] = []  # the dialog's route set (the front), once answered
-
-    def _req(self, method: str, uri: str, cseq: int, to_tag: str = "", body: bytes = b"", ctype: str = "") -> bytes:
-        lines = [
-            f"{method} {uri} SIP/2.0",
-            *[f"Route: {r}" for r in self.routes],
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.sip_port};branch=z9hG4bK{uuid.uuid4().hex[:10]};rport",
-            f"From: <sip:platform@127.0.0.1:{self.sip_port}>;tag={self.tag}",
-            f"To: <sip:gateway@{self.front[0]}:{self.front[1]}>" + (f";tag={to_tag}" if to_tag else ""),
-            f"Call-ID: {self.call_id}",
-            f"CSeq: {cseq} {method}",
-            f"Contact: <sip:platform@127.0.0.1:{self.sip_port}>",
-            f"X-Conversation-ID: {self.cid}",
-            "Max-Forwards: 70",
-        ]
-        if not self.siprec:
-            lines.append(f"X-Leg: {self.legs[0]}")
-        elif method == "INVITE":
-            lines.append("Require: siprec")
-        if body:
-            lines.append(f"Content-Type: {ctype}")
-        lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-    def _offer(self) -> tuple[bytes, str]:
-        sdp = "v=0\r\no=p 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-        for i, st in enumerate(self.streams):
-            sdp += (
-                f"m=audio {st.sock.getsockname()[1]} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\na=sendonly\r\n"
-            )
-            if self.siprec:
-                sdp += f"a=label:{i + 1}\r\n"
-        if not self.siprec:
-            return sdp.encode(), "application/sdp"
-        meta = metadata("sip:alice@pbx.example", "sip:+15551234@pstn.example", self.cid)
-        b = "bench-boundary"
-        body = (
-            f"--{b}\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n"
-            f"--{b}\r\nContent-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-session\r\n\r\n{meta}\r\n--{b}--\r\n"
-        )
-        return body.encode(), f"multipart/mixed;boundary={b}"
-
-    async def _final(self, timeout: float = 10.0) -> Any:
-        while True:
-            data = await asyncio.wait_for(self.proto.queue.get(), timeout)
-            try:
-                msg = parse_message(data)
-            except SipParseError:
-                continue  # e.g. a worker's RTCP for a neighbouring RTP port
-            if msg.status and msg.status >= 200:
-                return msg
-
-    async def connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.sip_t, self.proto = await loop.create_datagram_endpoint(SipUdp, local_addr=("127.0.0.1", 0))
-        self.sip_port = self.sip_t.get_extra_info("sockname")[1]
-        for leg in self.legs:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind(("127.0.0.1", 0))
-            s.setblocking(False)
-            self.streams.append(Stream(self.cid, leg, self.offset, s))
-        body, ctype = self._offer()
-        self.sip_t.sendto(
-            self._req("INVITE", f"sip:gw@{self.front[0]}:{self.front[1]}", 1, body=body, ctype=ctype), self.front
-        )
-        r = await self._final()
-        if r.status != 200:
-            raise RuntimeError(f"the gateway answered {r.status} {r.reason}")
-        # In the dialog: to the worker's Contact, through the front along the Record-Route set.
-        self.uri = (r.get("contact") or "").split("<", 1)[-1].split(">", 1)[0]
-        self.routes = [v.strip() for line in r.get_all("record-route") for v in line.split(",")][::-1]
-        self.to_tag = (r.get("to") or "").split("tag=")[-1]
-        self.sip_t.sendto(self._req("ACK", self.uri, 1, self.to_tag), self.front)
-        chost = next(ln[9:].strip() for ln in r.body.decode().splitlines() if ln.startswith("c=IN IP4"))
-        for st, answer in zip(self.streams, parse_sdp(r.body)):
-            st.dest = (chost, answer.port)
-
-    async def bye(self) -> None:
-        try:
-            self.sip_t.sendto(self._req("BYE", self.uri, 3, self.to_tag), self.front)
-            await self._final(2.0)
-        except (TimeoutError, AttributeError):
-            pass
-        self.sip_t.close()
-        for st in self.streams:
-            st.sock.close()
-
-
-LAGGED = [0]  # sender ticks more than 20 ms late
-
-
-async def send_rtp(streams: list[Stream], seconds: float, record: bool) -> float:
-    """One loop sends every stream's packet each 20 ms tick; returns the worst tick overrun (s)."""
-    n = int(seconds / 0.02)
-    t0 = time.monotonic()
-    worst = 0.0
-    hdr = struct.Struct("!BBHII")
-    for i in range(n):
-        target = t0 + i * 0.02
-        delay = target - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        else:
-            worst = max(worst, -delay)
-            if -delay > 0.02:
-                LAGGED[0] += 1
-            await asyncio.sleep(0)  # behind schedule: still let the phones, plane and timers run
-        wall = time.time()
-        for st in streams:
-            burst = (i + st.offset) % 25 == 10
-            pkt = hdr.pack(0x80, 0, (st.seq0 + st.i0 + i) & 0xFFFF, (st.ts0 + 160 * (st.i0 + i)) & 0xFFFFFFFF, st.ssrc)  # type: ignore[attr-defined]
-            if burst and record:
-                st.bursts.append(wall)
-            try:
-                st.sock.sendto(pkt + (BURST if burst else SILENCE), st.dest)
-            except (BlockingIOError, OSError):
+                async with self.http.get(f"{self.base}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
                 pass
-    for st in streams:
-        st.i0 += n  # type: ignore[attr-defined]
-    return worst
+            await asyncio.sleep(0.25)
+        raise RuntimeError(f"gateway not ready within {timeout:.0f} s")
+
+    async def restarts(self) -> float:
+        """SIP worker restarts and hung kills, as /metrics reports them (nan if it does not)."""
+        async with self.http.get(f"{self.base}/metrics") as r:
+            text = await r.text()
+        found = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_plane_stat{") and ('"worker_restarts"' in line or '"worker_hung_kills"' in line)
+        ]
+        return sum(found) if found else float("nan")
 
 
-class PhoneBank:
-    """Light supervisor phones: one SIP UAS socket, one RTP socket for every call."""
-
-    def __init__(self) -> None:
-        self.sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sip.bind(("127.0.0.1", 0))
-        self.sip.setblocking(False)
-        self.port = self.sip.getsockname()[1]
-        self.rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:  # above net.core.rmem_max (needs CAP_NET_ADMIN): a busy bench must not drop packets
-            self.rtp.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 32 << 20)
-        except OSError:
-            self.rtp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
-        self.rtp.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        self.rtp.bind(("127.0.0.1", 0))
-        self.rtp.setblocking(False)
-        self.rtp_port = self.rtp.getsockname()[1]
-        self.by_src: dict[tuple[str, int], str] = {}  # worker RTP address -> cid
-        self.answered: dict[str, bytes] = {}  # Call-ID -> our 200 (retransmissions)
-        self.recording = False
-        self.seen: set[str] = set()
-        self.arrivals: dict[str, list[tuple[float, int]]] = {}
-        self.onsets: dict[str, list[float]] = {}
-        self._loud: dict[str, bool] = {}
-        self.packets = 0
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.sip.fileno(), self._on_sip)
-        loop.add_reader(self.rtp.fileno(), self._on_rtp)
-
-    def kernel_drops(self) -> int:
-        """Datagrams the kernel dropped on the phones' RTP socket (receive buffer full)."""
-        port = f":{self.rtp_port:04X}"
-        with open("/proc/net/udp") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 12 and parts[1].endswith(port):
-                    return int(parts[-1])
-        return -1
-
-    def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.sip.fileno())
-        loop.remove_reader(self.rtp.fileno())
-        self.sip.close()
-        self.rtp.close()
-
-    def _on_sip(self) -> None:
-        while True:
-            try:
-                data, addr = self.sip.recvfrom(65535)
-            except BlockingIOError:
-                return
-            try:
-                msg = parse_message(data)
-            except SipParseError:
-                continue
-            if not msg.method or msg.method == "ACK":
-                continue
-            if msg.method == "INVITE" and msg.call_id in self.answered:
-                self.sip.sendto(self.answered[msg.call_id], addr)
-                continue
-            body = b""
-            if msg.method == "INVITE":
-                cid = (msg.uri or "").split("sip:", 1)[-1].split("@", 1)[0]
-                offer = parse_sdp(msg.body)[0]
-                chost = next(ln[9:].strip() for ln in msg.body.decode().splitlines() if ln.startswith("c=IN IP4"))
-                self.by_src[(chost, offer.port)] = cid
-                body = (
-                    "v=0\r\no=sup 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-                    f"m=audio {self.rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\na=recvonly\r\n"
-                ).encode()
-            lines = ["SIP/2.0 200 OK"]
-            for v in msg.get_all("via"):
-                lines.append(f"Via: {v}")
-            lines.append(f"From: {msg.get('from')}")
-            to = msg.get("to") or ""
-            lines.append(f"To: {to}" + ("" if "tag=" in to else f";tag={uuid.uuid4().hex[:8]}"))
-            lines.append(f"Call-ID: {msg.call_id}")
-            lines.append(f"CSeq: {msg.get('cseq')}")
-            lines.append(f"Contact: <sip:sup@127.0.0.1:{self.port}>")
-            lines += [f"Record-Route: {rr}" for rr in msg.get_all("record-route")]  # RFC 3261 §12.1.1
-            if body:
-                lines.append("Content-Type: application/sdp")
-            lines.append(f"Content-Length: {len(body)}")
-            resp = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-            if msg.method == "INVITE":
-                self.answered[msg.call_id] = resp
-            self.sip.sendto(resp, addr)
-
-    def _on_rtp(self) -> None:
-        while True:
-            try:
-                data, anc, _, addr = self.rtp.recvmsg(2048, 64)
-            except BlockingIOError:
-                return
-            cid = self.by_src.get(addr)
-            if cid is None:
-                continue
-            self.seen.add(cid)
-            if not self.recording:
-                continue
-            self.packets += 1
-            ts = time.time()
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    sec, nsec = struct.unpack("qq", cdata[:16])
-                    ts = sec + nsec / 1e9
-            seq = (data[2] << 8) | data[3]
-            self.arrivals.setdefault(cid, []).append((ts, seq))
-            loud = bool(data[12:].translate(None, QUIET))
-            if loud and not self._loud.get(cid, False):
-                self.onsets.setdefault(cid, []).append(ts)
-            self._loud[cid] = loud
-
-
-async def read_tap(tap: Any, cid: str, bank: dict[str, Any]) -> None:
-    arrivals = bank["arrivals"].setdefault(cid, [])
-    onsets = bank["onsets"].setdefault(cid, [])
-    loud_prev = False
-    try:
-        while True:
-            f = await tap.next_frame()
-            if not bank["recording"]:
-                continue
-            now = time.time()
-            arrivals.append((now, f.seq))
-            loud = (
-                max(
-                    abs(int(f.agent.max())),
-                    abs(int(f.agent.min())),
-                    abs(int(f.customer.max())),
-                    abs(int(f.customer.min())),
-                )
-                > 8000
-            )
-            if loud and not loud_prev:
-                onsets.append(now)
-            loud_prev = loud
-    except (EOFError, asyncio.CancelledError):
-        pass
-
-
-def unwrap(seqs: list[int]) -> list[int]:
-    out, base, prev = [], 0, None
-    for s in seqs:
-        if prev is not None and s < prev and prev - s > 30000:
-            base += 65536
-        out.append(s + base)
-        prev = s
-    return out
-
-
-async def run(n: int, seconds: float, workers: int, mode: str, monitor: str) -> dict[str, Any]:
-    siprec = mode == "siprec"
-    base = free_port_block(workers + 1)
-    rtp = free_port_block(RTP_PORTS_PER_WORKER * workers, 20000, 59000)
-    cids = [f"bench-{i}" for i in range(n)]
-    row: dict[str, Any] = {"n": n, "workers": workers, "mode": mode, "monitor": monitor, "error": ""}
-    calls: list[Call] = []
-    phones = PhoneBank() if monitor == "phone" else None
-    tapbank: dict[str, Any] = {"arrivals": {}, "onsets": {}, "recording": False}
-    readers: list[asyncio.Task[None]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            sip_port=base,
-            sip_workers=workers,
-            calls_per_worker=4,
-            rtp_port_base=rtp,
-            data_dir=tmp,
-            # More workers than the default start-up timeout allows on a small machine: give the
-            # bench room (the table reports how long start-up took; see the SIP README "Benchmark").
-            sip_worker_ready_timeout=300.0,
-        )
-        hooks = Hooks(set(cids))
-        plane = SipPlane(settings, hooks)
-        t_start = time.monotonic()
-        try:
-            await plane.start()
-        except RuntimeError as exc:
-            row["error"] = f"start: {exc}"[:200]
-            return row
-        row["startup_s"] = time.monotonic() - t_start
-        try:
-            pids = plane.worker_pids()
-            c0 = {p: cpu_seconds(p) for p in pids}
-            await asyncio.sleep(3.0)
-            row["idle_worker_cpu"] = 100 * sum(cpu_seconds(p) - c0[p] for p in pids) / 3.0 / len(pids)
-            row["rss_idle_worker"] = sum(rss_mb(p) for p in pids) / len(pids)
-            legs_of = [["agent", "customer"]] if siprec else [["agent"], ["customer"]]
-            for i, cid in enumerate(cids):
-                for legs in legs_of:
-                    calls.append(Call(cid, legs, ("127.0.0.1", base), siprec, offset=i % 25))
-            sem = asyncio.Semaphore(16)
-
-            async def connect(c: Call) -> None:
-                async with sem:
-                    await c.connect()
-
-            t0 = time.monotonic()
-            results = await asyncio.gather(*(connect(c) for c in calls), return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            row["setup_s"] = time.monotonic() - t0
-            if errors:
-                row["error"] = f"{len(errors)} INVITEs failed: {errors[0]!r}"[:200]
-                return row
-            streams = [st for c in calls for st in c.streams]
-            for st in streams:
-                st.i0 = 0  # type: ignore[attr-defined]
-            # the legs must be up (RTP flowing) before a phone can be called
-            keep = asyncio.create_task(send_rtp(streams, 3600, record=False))
-            try:
-                deadline = time.monotonic() + 20
-                while any(plane.legs(cid) != {"agent", "customer"} for cid in cids):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"legs not up: {sum(plane.legs(c) == {'agent', 'customer'} for c in cids)}/{n}"
-                        )
-                    await asyncio.sleep(0.1)
-                if phones is not None:
-                    phones.start()
-                    for i, cid in enumerate(cids):
-                        await plane.call_phone(cid, f"m-{i}", f"sip:{cid}@127.0.0.1:{phones.port}")
-                    deadline = time.monotonic() + 30
-                    while len(phones.seen) < n:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"phones with media: {len(phones.seen)}/{n}")
-                        await asyncio.sleep(0.1)
-                else:
-                    taps = {cid: plane.open_tap(cid, maxsize=200) for cid in cids}
-                    readers = [asyncio.create_task(read_tap(taps[cid], cid, tapbank)) for cid in cids]
-                await asyncio.sleep(1.0)
-            finally:
-                keep.cancel()
-                try:
-                    await keep
-                except asyncio.CancelledError:
-                    pass
-            stats0 = plane.stats()
-            me = os.getpid()
-            w0 = {p: cpu_seconds(p) for p in pids}
-            m0 = cpu_seconds(me)
-            b0 = machine_busy()
-            if phones is not None:
-                phones.recording = True
-            tapbank["recording"] = True
-            t0 = time.monotonic()
-            LAGGED[0] = 0
-            row["sender_overrun_ms"] = 1000 * await send_rtp(streams, seconds, record=True)
-            row["sender_lagged_pct"] = 100 * LAGGED[0] / int(seconds / 0.02)
-            elapsed = time.monotonic() - t0
-            await asyncio.sleep(0.3)  # the last bursts reach the phones
-            if phones is not None:
-                phones.recording = False
-                row["receiver_drops"] = phones.kernel_drops()
-            tapbank["recording"] = False
-            b1 = machine_busy()
-            row["worker_cpu_per_conv"] = 100 * sum(cpu_seconds(p) - w0[p] for p in pids) / elapsed / n
-            row["bench_cpu"] = 100 * (cpu_seconds(me) - m0) / elapsed
-            row["machine_busy"] = 100 * (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
-            row["rss_per_conv"] = sum(rss_mb(p) for p in pids) / n
-            stats = plane.stats()
-            row["worker_drops"] = stats["frames_dropped_worker"] - stats0["frames_dropped_worker"]
-            row["tap_drops"] = stats["frames_dropped_tap"] - stats0["frames_dropped_tap"]
-            row["restarts"] = stats["worker_restarts"] + stats["worker_hung_kills"]
-            row["ended"] = len(hooks.ended)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
-            return row
-        finally:
-            for r in readers:
-                r.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            await asyncio.gather(*(c.bye() for c in calls), return_exceptions=True)
-            if phones is not None:
-                phones.close()
-            await plane.stop()
-    arrivals = phones.arrivals if phones is not None else tapbank["arrivals"]
-    onsets_of = phones.onsets if phones is not None else tapbank["onsets"]
-    frames = lost = late = 0
-    lat: list[float] = []
-    bursts_by_cid: dict[str, list[float]] = {}
-    for c in calls:
-        for st in c.streams:
-            if st.leg == "agent":  # both legs burst at the same tick: one send time per burst
-                bursts_by_cid.setdefault(st.cid, []).extend(st.bursts)
-    for cid in cids:
-        arr = arrivals.get(cid, [])
-        expected = int(seconds / 0.02)
-        if not arr:
-            lost += expected
-            continue
-        seqs = unwrap([s for _, s in arr])
-        frames += len(arr)
-        lost += max(0, (max(seqs) - min(seqs) + 1) - len(set(seqs)))
-        first = min(seqs)
-        offsets = [t - 0.02 * (s - first) for (t, _), s in zip(arr, seqs)]
-        base_off = min(offsets)
-        late += sum(1 for o in offsets if o - base_off > LATE_S)
-        onsets = onsets_of.get(cid, [])
-        for sent in bursts_by_cid.get(cid, []):
-            after = [o - sent for o in onsets if 0 <= o - sent < 0.5]
-            if after:
-                lat.append(min(after))
-    lat.sort()
-
-    def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
-
-    row.update(
-        frames=frames,
-        lost_pct=100 * lost / max(1, frames + lost),
-        late_pct=100 * late / max(1, frames),
-        lat_p50=pct(0.5),
-        lat_p99=pct(0.99),
-        bursts=len(lat),
-        bursts_sent=sum(len(v) for v in bursts_by_cid.values()),
+def gateway_defaults(python: str, root: Path) -> GatewayDefaults:
+    code = (
+        "from gateway.config import Settings as S\n"
+        "s = S.from_env()\n"
+        "try:\n    import pjsua2; v = pjsua2.Endpoint().libVersion().full\n"
+        "except Exception:\n    v = '?'\n"
+        "print(s.sip_workers, s.calls_per_worker, s.sip_reserve_phone_slot, v)"
     )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([python, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: can not read the gateway's settings with {python} in {root}: {out.stderr[-300:]}")
+    workers, calls, reserve, pjsip = out.stdout.split()[-4:]
+    return GatewayDefaults(int(workers), int(calls), reserve == "True", pjsip)
+
+
+def gateway_workers(n: int, opts: Options) -> int:
+    """The gateway's own ``sip_workers``, raised to what its call slots need for N (each
+    conversation and its phone fit in one worker; with ``sip_reserve_phone_slot`` every
+    conversation counts its phone)."""
+    if opts.workers:
+        return opts.workers
+    per_worker = opts.calls_per_worker or opts.defaults.calls_per_worker
+    footprint = (1 if opts.ingress == "siprec" else 2) + (1 if opts.defaults.reserve_phone_slot else 0)
+    return max(1, opts.defaults.workers, math.ceil(n / max(1, per_worker // footprint)))
+
+
+async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[str, Any]:
+    workers = gateway_workers(n, opts)
+    watched = monitored_indices(workload, n)
+    row: dict[str, Any] = {"n": n, "monitored": len(watched), "procs": workers + 1, "error": ""}
+    plan = PortPlan()
+    http_port = tcp_port()
+    sip_port = plan.block(workers + 1)
+    legs_base = plan.block(2 * n, step=2)
+    sink_base = plan.block(len(watched), step=2)
+    # Last: the gateway lays its workers' RTP ranges out from rtp_port_base upwards however it
+    # likes, so it gets everything above the bench's blocks, checked free for what it needs today
+    # (40 per worker) or per conversation (two streams and a phone, RTP + RTCP: 6, so 8).
+    rtp_base = plan.block(max(40 * workers, 8 * n) + 64)
+    sink_index = {i: k for k, i in enumerate(watched)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(opts.root),
+        "GATEWAY_DEV": "true",
+        "GATEWAY_DATA_DIR": str(tmp / "var"),
+        "GATEWAY_SIP_WORKERS": str(workers),
+        "GATEWAY_RTP_PORT_BASE": str(rtp_base),
+        "GATEWAY_SIP_WORKER_READY_TIMEOUT": "300",
+        "GATEWAY_SIP_MEDIA_TIMEOUT": "120",
+        "GATEWAY_DRAIN_SECONDS": "2",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    if opts.calls_per_worker:
+        env["GATEWAY_CALLS_PER_WORKER"] = str(opts.calls_per_worker)
+    log = open(tmp / "gateway.log", "wb")
+    gw = await asyncio.create_subprocess_exec(
+        opts.python, "-m", "gateway", "serve", "--port", str(http_port), "--sip-port", str(sip_port),
+        env=env, cwd=opts.root, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+    )  # fmt: skip
+    api = ControlApi(f"http://127.0.0.1:{http_port}")
+    gen: Generator | None = None
+    sink: Sink | None = None
+    phones: PhoneBank | None = None
+    convs = [Conversation(i, f"bench-{i}", i in sink_index) for i in range(n)]
+    try:
+        t = time.monotonic()
+        await api.ready(gw, 360)
+        row["startup_s"] = time.monotonic() - t
+        pids = descendants(gw.pid)
+        row["procs"] = len(pids)
+        await idle_cost(row, pids, opts.idle_seconds)
+        gen = await Generator.start(tmp)
+        sink = await Sink.start(tmp, sink_base, len(watched))
+        by_cid = {c.cid: sink.port(sink_index[c.index]) for c in convs if c.monitored}
+        phones = PhoneBank(by_cid.get)
+        phones.start()
+        await api.login()
+        t = time.monotonic()
+        sem = asyncio.Semaphore(16)
+
+        async def open_conversation(c: Conversation) -> None:
+            async with sem:
+                body = {
+                    "direction": "inbound",
+                    "transferred": False,
+                    "agent": "alice",
+                    "customer": {"id": f"cust-{c.index}", "name": "Bench"},
+                    "sessions": ["voice"],
+                }
+                status, answer = await api.call("platform", "PUT", f"/v1/conversations/{c.cid}", body)
+                if status not in (200, 201):
+                    raise RuntimeError(f"PUT conversation: {status} {answer}")
+                ports = [legs_base + 4 * c.index, legs_base + 4 * c.index + 2]
+                if opts.ingress == "siprec":
+                    c.calls = [PlatformCall(c.cid, ["agent", "customer"], ports, ("127.0.0.1", sip_port), True)]
+                else:
+                    c.calls = [
+                        PlatformCall(c.cid, [leg], [port], ("127.0.0.1", sip_port), False)
+                        for leg, port in zip(("agent", "customer"), ports)
+                    ]
+                for call in c.calls:
+                    await call.connect()
+                    assert gen is not None
+                    for leg, port, dest in zip(call.legs, call.ports, call.dests):
+                        mark = sink_index[c.index] if c.monitored and leg == "agent" else -1
+                        gen.add(port, dest, c.index, mark)
+
+        await asyncio.gather(*(open_conversation(c) for c in convs))
+        await gen.sync()
+        row["setup_s"] = time.monotonic() - t
+        deadline = time.monotonic() + 30 + 0.05 * n
+        while True:  # both legs up (RTP flowing) for every conversation
+            status, listing = await api.call("platform", "GET", "/v1/conversations")
+            up = sum(1 for c in listing if set(c.get("voice_legs", [])) >= {"agent", "customer"})
+            if up >= n:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"conversations with both legs up: {up}/{n}")
+            await asyncio.sleep(0.3)
+
+        async def monitor(c: Conversation) -> None:
+            async with sem:
+                assert phones is not None
+                status, answer = await api.call(
+                    "supervisor",
+                    "POST",
+                    f"/v1/conversations/{c.cid}/monitors",
+                    {"voice": {"kind": "sip", "uri": phones.uri(c.cid)}},
+                )
+                if status != 201 or "voice" not in answer.get("channels", []):
+                    raise RuntimeError(f"monitor {c.cid}: {status} {answer}")
+
+        await asyncio.gather(*(monitor(c) for c in convs if c.monitored))
+        await sink.wait_all(30 + 0.05 * n)
+        row["setup_s"] = time.monotonic() - t
+        await asyncio.sleep(1.0)
+        pids = descendants(gw.pid)
+        row["procs"] = len(pids)
+        await measure(row, pids, gw.pid, gen, sink, opts.seconds, n)
+        row["restarts"] = await api.restarts()
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:240]
+    finally:
+        await asyncio.gather(*(call.bye() for c in convs for call in c.calls), return_exceptions=True)
+        if phones is not None:
+            phones.close()
+        for helper in (gen, sink):
+            if helper is not None:
+                await helper.close()
+        await api.http.close()
+        if gw.returncode is None:
+            gw.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(gw.wait(), 15)
+            except TimeoutError:
+                for pid in descendants(gw.pid):
+                    os.kill(pid, signal.SIGKILL)
+                await gw.wait()
+        log.close()
+    if row["error"]:
+        row["error"] += "  | gateway log: " + (tmp / "gateway.log").read_text(errors="replace")[-300:].replace(
+            "\n", " "
+        )
     return row
+
+
+# --------------------------------------------------------------------------- Janus (c)
+
+
+async def janus_step(n: int, opts: Options, tmp: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"n": n, "monitored": n, "procs": 1, "error": ""}
+    plan = PortPlan()
+    rtp_lo = plan.block(2 * n + 16, step=2)
+    server = JanusServer(tmp, tcp_port(), (rtp_lo, rtp_lo + 2 * (2 * n + 16)))
+    legs_base = plan.block(2 * n, step=2)
+    api: JanusApi | None = None
+    gen: Generator | None = None
+    sink: Sink | None = None
+    try:
+        t = time.monotonic()
+        await server.start()
+        row["startup_s"] = time.monotonic() - t
+        await idle_cost(row, [server.pid], opts.idle_seconds)
+        gen = await Generator.start(tmp)
+        sink = await Sink.start(tmp, plan.block(n, step=2), n)
+        api = JanusApi(server.url)
+        await api.open()
+        t = time.monotonic()
+        sem = asyncio.Semaphore(16)
+
+        async def bridge(i: int) -> None:
+            assert api is not None and gen is not None and sink is not None
+            agent, customer = legs_base + 4 * i, legs_base + 4 * i + 2
+            async with sem:
+                to_agent, to_customer = await api.bridge_call(
+                    agent, customer, sink.port(i), opts.prebuffer, opts.janus_legs_hear
+                )
+            gen.add(agent, ("127.0.0.1", to_agent), i, i)
+            gen.add(customer, ("127.0.0.1", to_customer), i, -1)
+
+        await asyncio.gather(*(bridge(i) for i in range(n)))
+        await gen.sync()
+        await sink.wait_all(30 + 0.05 * n)
+        row["setup_s"] = time.monotonic() - t
+        await asyncio.sleep(1.0)
+        await measure(row, [server.pid], None, gen, sink, opts.seconds, n)
+        row["restarts"] = 0.0 if server.proc and server.proc.returncode is None else 1.0
+    except Exception as exc:
+        row["error"] = (
+            f"{type(exc).__name__}: {exc}"[:240] + "  | janus log: " + server.log_tail()[-300:].replace("\n", " ")
+        )
+    finally:
+        if api is not None:
+            await api.close()
+        for helper in (gen, sink):
+            if helper is not None:
+                await helper.close()
+        await server.stop()
+    return row
+
+
+# --------------------------------------------------------------------------- tables
 
 
 def holds(r: dict[str, Any]) -> bool:
     return not r["error"] and r["lost_pct"] + r["late_pct"] < 0.1 and r["bursts"] >= 0.99 * max(1, r["bursts_sent"])
 
 
+HEAD = (
+    f"{'conv':>5} {'mon':>5} {'procs':>5} {'lost%':>6} {'late%':>6} {'lat p50':>8} {'lat p99':>8} "
+    f"{'CPU%/conv':>9} {'main%':>6} {'idle%':>6} {'MB/conv':>8} {'+MB/conv':>8} {'mach%':>6} "
+    f"{'gen%':>5} {'sink%':>5} {'gen lag':>8} {'start':>6} {'setup':>6} {'rst':>4} holds"
+)
+
+
 def fmt(r: dict[str, Any]) -> str:
-    if r["error"] and "frames" not in r:
-        extra = f" (start {r['startup_s']:.1f}s)" if "startup_s" in r else ""
-        return f"{r['n']:>5} {r['workers']:>5}  FAILED{extra}: {r['error']}"
+    if "frames" not in r:
+        return f"{r['n']:>5} {r['monitored']:>5} {r['procs']:>5}  FAILED: {r['error']}"
+    main = "-" if math.isnan(r["main_cpu"]) else f"{r['main_cpu']:.1f}"  # Janus has no main process
     return (
-        f"{r['n']:>5} {r['workers']:>5} {r['lost_pct']:>6.2f} {r['late_pct']:>6.2f} {r['lat_p50']:>6.1f}ms {r['lat_p99']:>6.1f}ms "
-        f"{r['worker_cpu_per_conv']:>9.2f} {r['rss_per_conv']:>8.1f} {r['idle_worker_cpu']:>8.2f} {r['machine_busy']:>7.0f} "
-        f"{r['bench_cpu']:>7.0f} {r['sender_overrun_ms']:>6.0f}ms {r['sender_lagged_pct']:>5.1f} {r['startup_s']:>6.1f}s {r['setup_s']:>6.1f}s {int(r['restarts']):>4} {'yes' if holds(r) else 'NO'}"
+        f"{r['n']:>5} {r['monitored']:>5} {r['procs']:>5} {r['lost_pct']:>6.2f} {r['late_pct']:>6.2f} "
+        f"{r['lat_p50']:>6.1f}ms {r['lat_p99']:>6.1f}ms {r['cpu_per_conv']:>9.3f} {main:>6} "
+        f"{r['idle_cpu']:>6.1f} {r['mb_per_conv']:>8.2f} {r['mb_added_per_conv']:>8.2f} {r['machine']:>6.0f} "
+        f"{r['gen_cpu']:>5.1f} {r['sink_cpu']:>5.1f} {r['gen_lag_ms']:>6.1f}ms {r['startup_s']:>5.1f}s "
+        f"{r['setup_s']:>5.1f}s {r['restarts']:>4.0f} {'yes' if holds(r) else 'NO'}"
         + (f"  {r['error']}" if r["error"] else "")
-        + (f"  (phone socket kernel drops {r['receiver_drops']})" if r.get("receiver_drops") else "")
+        + (f"  (sink kernel drops {r['sink_drops']})" if r.get("sink_drops") else "")
+        + (f"  (generator ticks > 20 ms late: {r['gen_lag_pct']:.1f} %)" if r.get("gen_lag_pct") else "")
     )
 
 
-HEAD = (
-    f"{'conv':>5} {'wrk':>5} {'lost%':>6} {'late%':>6} {'lat p50':>8} {'lat p99':>8} {'CPU%/conv':>9} {'MB/conv':>8} "
-    f"{'idle%/w':>8} {'mach%':>7} {'bench%':>7} {'gen lag':>8} {'lag%':>5} {'start':>7} {'setup':>7} {'rst':>4} holds"
-)
+def print_ratios(rows: dict[str, list[dict[str, Any]]]) -> None:
+    a = {r["n"]: r for r in rows.get("a", []) if "frames" in r}
+    c = {r["n"]: r for r in rows.get("c", []) if "frames" in r}
+    common = sorted(set(a) & set(c))
+    if not common:
+        return
+    print("\ngateway (a) / Janus (c) at the same N")
+    print(
+        f"{'conv':>5} {'gw CPU%/conv':>12} {'janus CPU%/conv':>15} {'CPU ratio':>9} {'gw MB/conv':>10} {'janus MB/conv':>13} {'MB ratio':>8}"
+    )
+    for n in common:
+        ga, jc = a[n], c[n]
+        print(
+            f"{n:>5} {ga['cpu_per_conv']:>12.3f} {jc['cpu_per_conv']:>15.3f} "
+            f"{ga['cpu_per_conv'] / max(1e-9, jc['cpu_per_conv']):>9.2f} {ga['mb_per_conv']:>10.2f} "
+            f"{jc['mb_per_conv']:>13.2f} {ga['mb_per_conv'] / max(1e-9, jc['mb_per_conv']):>8.2f}"
+        )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("siprec", "perleg"), default="siprec")
-    ap.add_argument("--monitor", choices=("phone", "tap"), default="phone")
-    ap.add_argument("--conversations", type=int, nargs="+", help="these N only (default: the sweep)")
-    ap.add_argument("--sweep", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256, 300])
-    ap.add_argument("--workers", type=int, default=0, help="worker processes (0: as few as the slots allow)")
+    ap.add_argument("--workloads", default="a,b,c", help="comma-separated among a (phone), b (record), c (janus)")
+    ap.add_argument("--sizes", type=parse_sizes, help="conversations per step, e.g. 64,128,256,512 (every workload)")
+    ap.add_argument("--sizes-a", type=parse_sizes, help="sizes for workload a only")
+    ap.add_argument("--sizes-b", type=parse_sizes, help="sizes for workload b only")
+    ap.add_argument("--sizes-c", type=parse_sizes, help="sizes for workload c only")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step")
-    ap.add_argument("--budget", type=float, default=900.0, help="stop the sweep after this many seconds")
-    ap.add_argument("--keep-going", action="store_true", help="do not stop at the first step that does not hold")
-    ap.add_argument("--smoke", action="store_true", help="2 conversations, 3 s")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="gateway worker processes (0: its sip_workers, raised to what its call slots need)",
+    )
+    ap.add_argument(
+        "--calls-per-worker", type=int, default=0, help="GATEWAY_CALLS_PER_WORKER (0: the gateway's default)"
+    )
+    ap.add_argument(
+        "--ingress",
+        "--mode",
+        choices=("siprec", "perleg"),
+        default="siprec",
+        help="a/b: one SIPREC INVITE or one per leg",
+    )
+    ap.add_argument(
+        "--janus-prebuffer", type=int, help="AudioBridge default_prebuffering in packets (default: Janus's, 6)"
+    )
+    ap.add_argument(
+        "--janus-legs-hear",
+        action="store_true",
+        help="Janus sends each leg the mix minus itself (a conference) instead of nothing (a fork)",
+    )
+    ap.add_argument("--gateway-root", default=str(ROOT), help="checkout whose gateway is measured (default: this one)")
+    ap.add_argument("--gateway-python", help="Python that runs it, e.g. a venv with another pjsua2 (default: this one)")
+    ap.add_argument("--budget", type=float, default=1800.0, help="stop a workload's sweep after this many seconds")
+    ap.add_argument(
+        "--keep-going", action="store_true", help="do not stop a sweep at the first step that does not hold"
+    )
+    ap.add_argument("--json", help="also write every row (all fields) to this file as JSON")
+    ap.add_argument("--smoke", action="store_true", help="each workload at a tiny N for 2 s (CI: make bench-smoke)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    ns = [2] if args.smoke else (args.conversations or args.sweep)
-    seconds = 3.0 if args.smoke else args.seconds
-    footprint = Placement(1, 4, reserve_phone_slot=Settings().sip_reserve_phone_slot).footprint(args.mode)
-    per_worker = max(1, 4 // footprint)
-    print(
-        f"mode {args.mode}, monitor {args.monitor}, {seconds:.0f} s per step, {NCPU} cores, "
-        f"{per_worker} conversation(s) per worker ({footprint} of 4 call slots each)"
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {unknown}: choose among a, b, c")
+    build()
+    if "c" in workloads:
+        janus_binary()
+    root = Path(args.gateway_root).resolve()
+    python = args.gateway_python or sys.executable
+    opts = Options(
+        python=python,
+        root=root,
+        defaults=gateway_defaults(python, root) if set(workloads) & {"a", "b"} else GatewayDefaults(0, 0, True, "-"),
+        seconds=2.0 if args.smoke else args.seconds,
+        idle_seconds=1.0 if args.smoke else 3.0,
+        workers=args.workers,
+        calls_per_worker=args.calls_per_worker,
+        ingress=args.ingress,
+        prebuffer=args.janus_prebuffer,
+        janus_legs_hear=args.janus_legs_hear,
     )
-    print(HEAD)
-    print("-" * len(HEAD))
-    t_begin = time.monotonic()
-    rows = []
-    for n in ns:
-        if time.monotonic() - t_begin > args.budget:
-            print(f"(time budget of {args.budget:.0f} s used up before N={n})")
-            break
-        workers = args.workers or math.ceil(n / per_worker)
-        r = asyncio.run(run(n, seconds, workers, args.mode, args.monitor))
-        rows.append(r)
-        print(fmt(r), flush=True)
-        if not holds(r) and not args.keep_going and not args.conversations:
-            break
-    held = [r for r in rows if holds(r)]
     print(
-        f"\nlargest N held (lost+late < 0.1 %): {max((r['n'] for r in held), default=0)}"
-        "\nlat: burst RTP sent -> first loud packet at the supervisor phone (kernel timestamp) or tap frame;"
-        " CPU%/conv: worker processes incl. idle polling, % of one core; idle%/w: per worker before any call;"
-        f" mach%: whole machine, % of all {NCPU} cores; bench%: this process (RTP senders, phones, plane), % of one core;"
-        " gen lag: worst lateness of the bench's own RTP sender tick, lag%: its ticks > 20 ms late;"
-        " start: SipPlane.start(); setup: all INVITEs; rst: worker restarts + hung kills"
+        f"{NCPU} cores, {opts.seconds:.0f} s measured per step; gateway: ingress {opts.ingress}, "
+        f"{opts.calls_per_worker or opts.defaults.calls_per_worker} calls per worker, pjsip {opts.defaults.pjsip} "
+        f"({opts.root}, {opts.python})" + (f"; Janus {janus_version()}" if "c" in workloads else "")
+    )
+    sizes = {
+        w: SMOKE_SIZES[w] if args.smoke else (getattr(args, f"sizes_{w}") or args.sizes or DEFAULT_SIZES[w])
+        for w in workloads
+    }
+    # Step by step in increasing N, the workloads interleaved: a and c at the same N run minutes
+    # apart, not a whole sweep apart, so a neighbour's load skews their ratio less.
+    rows: dict[str, list[dict[str, Any]]] = {w: [] for w in workloads}
+    spent = dict.fromkeys(workloads, 0.0)
+    stopped: dict[str, str] = {}
+    for n in sorted({n for w in workloads for n in sizes[w]}):
+        for w in workloads:
+            if n not in sizes[w] or w in stopped:
+                continue
+            if spent[w] > args.budget:
+                stopped[w] = f"(time budget of {args.budget:.0f} s used up before N={n})"
+                continue
+            t = time.monotonic()
+            with tempfile.TemporaryDirectory(prefix="bench-sip-") as tmp:
+                step = janus_step(n, opts, Path(tmp)) if w == "c" else gateway_step(w, n, opts, Path(tmp))
+                try:
+                    r = asyncio.run(step)
+                except Exception as exc:  # before the step could start (e.g. no room for its ports)
+                    r = {"n": n, "monitored": 0, "procs": 0, "error": f"{type(exc).__name__}: {exc}"[:240]}
+            spent[w] += time.monotonic() - t
+            rows[w].append(r)
+            print(f"[{w}] {fmt(r)}", file=sys.stderr, flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1, default=str))
+            if not args.keep_going and not args.smoke and ("frames" not in r or not holds(r)):
+                stopped[w] = f"(stopped after N={n}: it did not hold)"
+    for w in workloads:
+        print("\n" + TITLES[w].format(ingress="SIPREC" if opts.ingress == "siprec" else "one INVITE per leg"))
+        print(HEAD)
+        print("-" * len(HEAD))
+        for r in rows[w]:
+            print(fmt(r))
+        held = [r for r in rows[w] if "frames" in r and holds(r)]
+        fast = [r["n"] for r in held if r["lat_p99"] <= TARGET_P99_MS]
+        print(
+            f"largest N held: {max((r['n'] for r in held), default=0)}, with added latency p99 <= "
+            f"{TARGET_P99_MS:.0f} ms: {max(fast, default=0)} {stopped.get(w, '')}".rstrip()
+        )
+    print_ratios(rows)
+    print(
+        "\nlat: burst sent -> first loud packet of the mix at the sink (kernel timestamps); CPU%/conv: the system"
+        " under test (gateway: main + workers; Janus) over the window / N, % of one core; main%: the gateway's main"
+        " process, % of one core; idle%: the system under test before any call, % of one core; MB/conv: its RSS / N;"
+        f" +MB/conv: (RSS - idle RSS) / N; mach%: whole machine, % of all {NCPU} cores; gen%, sink%: the bench's RTP"
+        " sender and sink, % of one core; gen lag: worst lateness of the sender's tick; start: start-up until ready;"
+        " setup: conversations, calls and monitors until every monitored mix reached the sink; rst: worker restarts"
     )
 
 

@@ -3,6 +3,7 @@
 # packages of the real peers. Idempotent and quick when everything is already there.
 #   scripts/setup.sh run    # what `make run` needs
 #   scripts/setup.sh test   # what `make test` needs (sipp, chromium, espeak-ng, sox, a JRE)
+#   scripts/setup.sh bench  # what `make bench` needs: the test peers, gcc and janus
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +56,11 @@ if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
   pkgs=(sip-tester chromium espeak-ng sox maven curl)
   if ! ls /usr/lib/jvm 2>/dev/null | grep -qE 'temurin-2[1-9]|openjdk-(2[1-9])|java-(2[1-9])'; then
     pkgs+=(openjdk-17-jre-headless)
+  fi
+  if [ "$what" = "bench" ]; then
+    # bench/voice_sip.py: a C compiler for its RTP generator (bench/rtpbench.c) and Janus
+    # AudioBridge, the anchor it compares the gateway with.
+    pkgs+=(gcc libc6-dev janus)
   fi
   apt_install "${pkgs[@]}"
 fi
