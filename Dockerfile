@@ -1,6 +1,9 @@
 # Silent-monitoring gateway. Build: docker build -t sm-gateway .
 # Run:  docker run -p 8080:8080 -p 5060:5060/udp -p 20000-20999:20000-20999/udp \
-#         -e GATEWAY_KEYCLOAK_URL=https://keycloak.example -e GATEWAY_PUBLIC_URL=https://gw.example sm-gateway
+#         -e GATEWAY_KEYCLOAK_URL=https://keycloak.example -e GATEWAY_PUBLIC_URL=https://gw.example \
+#         -e GATEWAY_ADMIN_CLIENT_ID=gateway-directory -e GATEWAY_ADMIN_CLIENT_SECRET=... sm-gateway
+# (a realm to import: deploy/realm-cx.json). The image holds no identity provider, no demo realm and
+# no secret: without those settings it refuses to start and says what to set.
 # pjsua2's wheel exists for CPython 3.11/3.12 only.
 FROM python:3.12-slim-bookworm
 
@@ -13,7 +16,6 @@ RUN useradd --system --create-home --home-dir /home/gateway --uid 10001 gateway 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-COPY fixtures ./fixtures
 RUN pip install .
 
 USER gateway

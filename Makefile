@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 run:
 	@scripts/setup.sh run
-	GATEWAY_DEMO=true $(PY) -m gateway serve
+	GATEWAY_DEV=true GATEWAY_DEMO=true $(PY) -m gateway serve
 
 test: lint
 	@scripts/setup.sh test

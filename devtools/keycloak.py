@@ -16,7 +16,7 @@ What it does:
   and unpacks it there once;
 * builds a per-run home under ``tmp_dir`` (own ``bin``/``conf``/``data``, with ``lib``,
   ``providers`` and ``themes`` symlinked to the cache) so every run has a fresh database, with
-  ``fixtures/realm-cx.json`` in ``data/import``;
+  ``fixtures/realm-cx-dev.json`` in ``data/import``;
 * starts ``kc.sh start-dev --import-realm`` on a free loopback port with a bootstrap admin, a
   512 MiB heap and a JDK it finds (``GATEWAY_KEYCLOAK_JAVA_HOME``, else 21, 17, 25, ``JAVA_HOME``),
   waits for the realm's well-known document (default 180 s) and stops it afterwards.
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-REALM_FILE = PROJECT_DIR / "fixtures" / "realm-cx.json"
+REALM_FILE = PROJECT_DIR / "fixtures" / "realm-cx-dev.json"
 KEYCLOAK_VERSION = os.environ.get("GATEWAY_KEYCLOAK_VERSION", "26.4.7")
 ARTIFACT = "org.keycloak:keycloak-quarkus-dist:{version}:tar.gz"
 ADMIN_USER = "admin"
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
     import argparse
     import tempfile
 
-    parser = argparse.ArgumentParser(description="Start Keycloak with fixtures/realm-cx.json")
+    parser = argparse.ArgumentParser(description="Start Keycloak with fixtures/realm-cx-dev.json")
     parser.add_argument("--serve", action="store_true", help="keep running until Ctrl-C")
     parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     args = parser.parse_args(argv)
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
             flush=True,
         )
         if args.serve:
-            print(f"gateway: GATEWAY_KEYCLOAK_URL={kc.url}  (Ctrl-C stops Keycloak)", flush=True)
+            print(f"gateway: GATEWAY_DEV=true GATEWAY_KEYCLOAK_URL={kc.url}  (Ctrl-C stops Keycloak)", flush=True)
             try:
                 while kc.process is not None and kc.process.poll() is None:
                     time.sleep(1)

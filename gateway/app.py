@@ -31,13 +31,14 @@ from gateway.api.context import (
     SIP,
     WHEP,
 )
-from gateway.api.middleware import errors_middleware
-from gateway.config import PACKAGE_DIR, Settings
+from gateway.api.middleware import ServerLog, errors_middleware
+from gateway.config import PACKAGE_DIR, ConfigurationError, Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
 from gateway.planes import Listeners, Planes
 from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache, TokenValidator
+from gateway.policy.limits import TokenBuckets
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
 from gateway.store import SqliteStore
@@ -101,6 +102,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         directory=app[DIRECTORY],
         planes=app[PLANES],
         background=app[RUNTIME].background,
+        start_limit=TokenBuckets(settings.monitor_starts_per_minute / 60, settings.monitor_start_burst),
     )
     yield
     store.close()
@@ -135,6 +137,9 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> web.Application:
     """Build the gateway for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
+    problem = settings.startup_problem()
+    if problem is not None:
+        raise ConfigurationError(problem)
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -166,9 +171,9 @@ def _add_dev_tools(app: web.Application, settings: Settings) -> None:
     try:
         import devtools
     except ImportError:
-        raise RuntimeError(
-            "no identity provider: set GATEWAY_KEYCLOAK_URL (the embedded provider and the demo "
-            "are development tools that this installation does not include)"
+        raise ConfigurationError(
+            "GATEWAY_DEV=true needs the development tools (devtools/), which this installation does not "
+            "include: set GATEWAY_KEYCLOAK_URL, GATEWAY_ADMIN_CLIENT_ID and GATEWAY_ADMIN_CLIENT_SECRET"
         ) from None
     devtools.install(app, settings)
 
@@ -193,5 +198,10 @@ MAX_HEADER_BYTES = 32 * 1024
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner every entry point uses (``python -m gateway``, tests, benchmarks)."""
     return web.AppRunner(
-        app, handle_signals=False, access_log=None, max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_HEADER_BYTES
+        app,
+        handle_signals=False,
+        access_log=None,
+        logger=ServerLog(),
+        max_field_size=MAX_HEADER_BYTES,
+        max_line_size=MAX_HEADER_BYTES,
     )

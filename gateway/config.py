@@ -1,8 +1,11 @@
 """Typed settings, read from ``GATEWAY_*`` environment variables with embedded defaults.
 
-Every setting has a default that makes ``python -m gateway serve`` work on a laptop with
-nothing else installed: the embedded identity provider, SQLite files under ``./var``,
-loopback addresses.
+Defaults are safe rather than convenient: loopback addresses, SQLite files under ``./var``, and
+no identity provider and no secret at all. A real deployment names its Keycloak
+(``GATEWAY_KEYCLOAK_URL``) and the confidential client that reads its groups
+(``GATEWAY_ADMIN_CLIENT_ID`` / ``GATEWAY_ADMIN_CLIENT_SECRET``). ``GATEWAY_DEV=true`` (``make run``,
+the tests) turns on the development conveniences: the embedded identity provider serving the
+demo realm, and the demo realm's client secrets as defaults.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ PROJECT_DIR = PACKAGE_DIR.parent
 
 
 def _default_realm_file() -> str:
-    return str(PROJECT_DIR / "fixtures" / "realm-cx.json")
+    return str(PROJECT_DIR / "fixtures" / "realm-cx-dev.json")
+
+
+#: The demo realm's client that reads groups, used only in dev mode when none is set.
+DEV_ADMIN_CLIENT = ("cx-platform", "dev-secret")
+
+
+class ConfigurationError(ValueError):
+    """The settings must not serve (see :meth:`Settings.startup_problem`)."""
 
 
 @dataclass(frozen=True)
@@ -33,16 +44,22 @@ class Settings:
     #: Empty means ``http://{host}:{port}``.
     public_url: str = ""
 
+    #: Development mode: the embedded identity provider with the demo realm (when no Keycloak URL
+    #: is set) and the demo realm's secrets as defaults. Never in production.
+    dev: bool = False
+
     # --- identity -------------------------------------------------------------------------
-    #: Base URL of a real Keycloak (``http://127.0.0.1:8081``). Empty: the embedded provider.
+    #: Base URL of a real Keycloak (``http://127.0.0.1:8081``). Empty: the embedded provider,
+    #: which needs ``dev``.
     keycloak_url: str = ""
     realm: str = "cx"
     #: Audience that access tokens must carry in ``aud`` or ``azp`` (any of, comma-separated).
     audience: str = "gateway-console,cx-platform,gateway"
-    #: Admin credentials used to read groups (client-credentials of a confidential client).
-    admin_client_id: str = "cx-platform"
-    admin_client_secret: str = "dev-secret"
-    #: Realm export served by the embedded provider.
+    #: The confidential client whose service account reads groups (client-credentials grant).
+    #: Required with a Keycloak URL outside dev mode; dev mode defaults to the demo realm's.
+    admin_client_id: str = ""
+    admin_client_secret: str = ""
+    #: Realm export served by the embedded provider (dev mode).
     realm_file: str = field(default_factory=_default_realm_file)
     #: Seconds a lookup that needs the identity provider may take before 503.
     identity_timeout: float = 2.0
@@ -60,6 +77,11 @@ class Settings:
     max_message_chars: int = 4000
     chat_rate_per_second: float = 20.0
     chat_reader_cap: int = 256
+    #: Monitors one supervisor may open: ``monitor_start_burst`` at once, then this many a minute
+    #: (429 ``monitor_rate_limited`` beyond; a refused attempt costs nothing; 0: no limit).
+    #: Leaving is never limited (R12).
+    monitor_starts_per_minute: float = 30.0
+    monitor_start_burst: int = 10
 
     # --- SIP media workers ----------------------------------------------------------------
     sip_workers: int = 2
@@ -106,6 +128,27 @@ class Settings:
     drain_seconds: float = 10.0
     #: Run the demo platform inside the process (``make run``).
     demo: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dev and not self.admin_client_id and not self.admin_client_secret:
+            object.__setattr__(self, "admin_client_id", DEV_ADMIN_CLIENT[0])
+            object.__setattr__(self, "admin_client_secret", DEV_ADMIN_CLIENT[1])
+
+    def startup_problem(self) -> str | None:
+        """Why these settings must not serve, in one line saying what to set; None when they may."""
+        if not self.keycloak_url and not self.dev:
+            return (
+                "no identity provider: set GATEWAY_KEYCLOAK_URL (with GATEWAY_ADMIN_CLIENT_ID and "
+                "GATEWAY_ADMIN_CLIENT_SECRET), or GATEWAY_DEV=true for the embedded demo provider (development only)"
+            )
+        if self.keycloak_url and not (self.admin_client_id and self.admin_client_secret):
+            return (
+                "GATEWAY_KEYCLOAK_URL is set but GATEWAY_ADMIN_CLIENT_ID / GATEWAY_ADMIN_CLIENT_SECRET are not: "
+                "set the confidential client whose service account reads the realm's groups"
+            )
+        if self.demo and not self.dev:
+            return "GATEWAY_DEMO needs GATEWAY_DEV=true (the demo platform uses the demo realm's clients)"
+        return None
 
     @property
     def base_url(self) -> str:

@@ -64,6 +64,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     RATE_LIMITED = "rate_limited"
+    MONITOR_RATE_LIMITED = "monitor_rate_limited"
     # capacity and media
     DRAINING = "draining"
     UNAVAILABLE = "unavailable"
@@ -127,6 +128,7 @@ ERRORS: dict[ErrorCode, ErrorInfo] = {
     E.NOT_FOUND: ErrorInfo(404, "not found"),
     E.METHOD_NOT_ALLOWED: ErrorInfo(405, "method not allowed"),
     E.RATE_LIMITED: ErrorInfo(429, "too many requests; slow down"),
+    E.MONITOR_RATE_LIMITED: ErrorInfo(429, "too many monitor starts; try again after Retry-After seconds"),
     E.DRAINING: ErrorInfo(503, "the gateway is shutting down; try another instance"),
     E.UNAVAILABLE: ErrorInfo(503, "the gateway can not serve this now"),
     E.SIP_DISABLED: ErrorInfo(503, "SIP is disabled on this gateway"),
@@ -197,5 +199,7 @@ def forbidden_role(role: str) -> GatewayError:
     return GatewayError(ErrorCode.FORBIDDEN, f"this call needs the {role!r} role")
 
 
-def identity_unavailable(detail: str = "identity provider unreachable") -> GatewayError:
-    return GatewayError(ErrorCode.IDENTITY_UNAVAILABLE, detail)
+def identity_unavailable(detail: str = "identity provider unreachable", retry_after: int = 5) -> GatewayError:
+    error = GatewayError(ErrorCode.IDENTITY_UNAVAILABLE, detail)
+    error.headers["Retry-After"] = str(retry_after)
+    return error

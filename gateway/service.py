@@ -34,6 +34,7 @@ from gateway.events import EventBus
 from gateway.planes import ChatPlane, Planes
 from gateway.policy import rules
 from gateway.policy.audit import AuditLog
+from gateway.policy.limits import TokenBuckets, retry_after
 from gateway.runtime import BackgroundTasks
 from gateway.store import Store
 
@@ -100,6 +101,7 @@ class MonitoringService:
         directory: TeamDirectory,
         planes: Planes,
         background: BackgroundTasks,
+        start_limit: TokenBuckets[str] | None = None,
     ) -> None:
         self.store = store
         self.audit = audit
@@ -108,6 +110,9 @@ class MonitoringService:
         self._directory = directory
         self._planes = planes
         self._background = background
+        #: Monitors opened per supervisor (each may ring a phone, post to the agent's view, open a
+        #: media tap): start/leave churn is refused with 429 ``monitor_rate_limited``. Leaving never is (R12).
+        self._start_limit: TokenBuckets[str] = start_limit if start_limit is not None else TokenBuckets(0, 1)
 
     # ------------------------------------------------------------------ lookups
 
@@ -343,6 +348,20 @@ class MonitoringService:
         return monitor
 
     def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
+        # Checked first, spent only when a monitor opens: a refused attempt costs the supervisor
+        # nothing (and keeps its own code), a concurrent burst is still one event-loop step.
+        wait = self._start_limit.wait(principal.username)
+        if wait > 0:
+            limit = self._start_limit
+            error = GatewayError(
+                ErrorCode.MONITOR_RATE_LIMITED,
+                f"too many monitor starts: at most {limit.burst:g} at once, then {limit.rate * 60:g} a minute",
+            )
+            error.headers["Retry-After"] = retry_after(wait)
+            self.audit.record(
+                "monitor_start", outcome="refused", actor=principal.username, conversation=cid, code=error.code
+            )
+            raise error
         conversation = self.conversation(cid)
         try:
             rules.check_may_monitor(conversation, principal.teams)
@@ -373,6 +392,7 @@ class MonitoringService:
             )
             raise
         self.store.put_monitor(monitor)
+        self._start_limit.take(principal.username)
         self.audit.record(
             "monitor_start",
             actor=principal.username,

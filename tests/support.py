@@ -138,6 +138,7 @@ class GatewayClient:
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     port = free_port()
     values: dict[str, Any] = dict(
+        dev=True,  # the embedded identity provider with the demo realm, or its secrets for a real Keycloak
         port=port,
         data_dir=str(tmp_path / "var"),
         enable_sip=False,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 
 from tests.support import GatewayClient
@@ -200,3 +203,29 @@ async def test_deeply_nested_json_is_malformed_not_a_crash(gateway: GatewayClien
     for raw in [b"[" * 20000, b'{"agent":"alice","customer":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}"]:
         answer = await gateway.call("PUT", "/v1/conversations/d1", platform, data=raw, headers=json_header)
         assert (answer.status, answer.code) == (400, "malformed_json"), answer.body
+
+
+async def test_nul_byte_in_a_header_is_a_400_logged_at_info(
+    gateway: GatewayClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp refuses the request before any handler runs; that is the client's fault, not an
+    ERROR with a traceback, and the offending line (here a bearer token) stays out of the log."""
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    host, port = gateway.base_url.removeprefix("http://").split(":")
+    requests = [
+        b"GET /v1/conversations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\x00token\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\n\r\n",
+    ]
+    for raw in requests:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0], answer[:80]
+    server_records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(server_records) == 2
+    assert all(r.levelno == logging.INFO and not r.exc_info for r in server_records)
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+    assert "secret" not in caplog.text
+    assert (await gateway.call("GET", "/healthz")).status == 200  # and the server carries on

@@ -49,6 +49,31 @@ async def test_team_scoped_listing(gateway: GatewayClient) -> None:
     assert nora.body == []
 
 
+async def test_platform_lists_every_conversation_agents_list_none(gateway: GatewayClient) -> None:
+    """The decision of issue 11 (docs/API.md, Platform side): the platform created the
+    conversations, so its token lists and reads every ongoing one, of every team, with who
+    monitors it; an agent's token lists nothing; ended conversations are listed to no one."""
+    platform = await gateway.platform()
+    for cid, agent in (("a1", "alice"), ("b1", "bob"), ("gone", "alice")):
+        assert (await gateway.conversation(cid, agent=agent)).status == 201
+    assert (await gateway.event("gone", "ended")).status == 202
+    assert (await gateway.monitor("sue", "b1")).status == 201
+
+    listed = await gateway.call("GET", "/v1/conversations", platform)
+    assert listed.status == 200
+    assert [(c["id"], c["team"]) for c in listed.body] == [("a1", "team-a"), ("b1", "team-b")]
+    assert [m["supervisor"] for m in listed.body[1]["monitors"]] == ["sue"]
+    one = await gateway.call("GET", "/v1/conversations/b1", platform)
+    assert one.status == 200 and one.body["monitored"] is True
+    ended = await gateway.call("GET", "/v1/conversations/gone", platform)
+    assert (ended.status, ended.code) == (404, "not_found")
+
+    alice = await gateway.login("alice")
+    for path in ("/v1/conversations", "/v1/conversations/a1"):
+        refused = await gateway.call("GET", path, alice)
+        assert (refused.status, refused.code) == (403, "forbidden"), path
+
+
 async def test_r1_only_team_supervisors(gateway: GatewayClient) -> None:
     await gateway.conversation("a1")
     sue = await gateway.monitor("sue", "a1")

@@ -330,7 +330,7 @@ async def test_token_expiry_mid_stream_closes_4001(chat, server, session):
 
 @pytest.mark.parametrize(
     "bad, expected",
-    [("binary", 1003), ("json", 1007), ("notobject", 1007), ("badack", 1007), ("oversize", 1009)],
+    [("binary", 1003), ("json", 1007), ("deep", 1007), ("notobject", 1007), ("badack", 1007), ("oversize", 1009)],
 )
 async def test_malformed_frames_close_only_their_connection(chat, server, session, bad, expected):
     good = await session.ws_connect(server.make_url("/v1/conversations/c1/chat?view=agent&after=0"))
@@ -342,6 +342,8 @@ async def test_malformed_frames_close_only_their_connection(chat, server, sessio
         await evil.send_bytes(b"\x00\x01")
     elif bad == "json":
         await evil.send_str("{not json")
+    elif bad == "deep":  # deeper than the JSON parser's recursion limit, within the frame limit
+        await evil.send_str("[" * 4000)
     elif bad == "notobject":
         await evil.send_str("[1,2]")
     elif bad == "badack":

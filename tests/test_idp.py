@@ -2,7 +2,7 @@
 
 Every test taking ``provider`` runs twice: against the embedded provider (``devtools.idp`` alone
 on an aiohttp server on a free loopback port) and against a real Keycloak started by
-``devtools/keycloak.py`` with the same ``fixtures/realm-cx.json`` (marker ``keycloak``).
+``devtools/keycloak.py`` with the same ``fixtures/realm-cx-dev.json`` (marker ``keycloak``).
 Both must answer the same way to the calls the gateway, its console and python-keycloak make.
 """
 
@@ -65,7 +65,7 @@ class Provider:
 
 async def _embedded(tmp_path: Path, port: int = 0) -> AsyncIterator[Provider]:
     port = port or free_port()
-    settings = Settings(port=port, data_dir=str(tmp_path / "var"))
+    settings = Settings(dev=True, port=port, data_dir=str(tmp_path / "var"))
     app = web.Application()
     add_idp_routes(app, settings)
     runner = web.AppRunner(app, access_log=None)
@@ -565,7 +565,7 @@ async def test_embedded_never_answers_500_to_garbage(embedded: Provider, http: a
 def test_embedded_redirect_uri_patterns() -> None:
     from devtools.idp.realm import load_realm
 
-    client = load_realm(Path(__file__).parent.parent / "fixtures" / "realm-cx.json").clients["gateway-console"]
+    client = load_realm(Path(__file__).parent.parent / "fixtures" / "realm-cx-dev.json").clients["gateway-console"]
     assert client.redirect_allowed("http://127.0.0.1:8080/")
     assert client.redirect_allowed("http://localhost:5173/cb?x=1")
     assert not client.redirect_allowed("http://127.0.0.1.evil.example/")

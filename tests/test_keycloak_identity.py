@@ -8,6 +8,7 @@ within 2 s when Keycloak stops answering while cached keys keep validating.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from devtools.keycloak import KeycloakServer
+from devtools.keycloak import KeycloakServer, _http
 from tests.support import GatewayClient, make_settings, running_gateway
 
 pytestmark = [pytest.mark.keycloak, pytest.mark.slow]
@@ -159,3 +160,90 @@ async def test_keycloak_unreachable_fails_closed_and_cached_keys_keep_working(
             assert elapsed < 4.0, f"identity lookup took {elapsed:.1f}s to fail"
     finally:
         await front.stop()
+
+
+async def test_production_realm_in_keycloak_least_privilege_directory(tmp_path: Path, keycloak: KeycloakServer) -> None:
+    """``deploy/realm-cx.json`` imported into a real Keycloak (as realm ``cx-prod``, beside the demo
+    realm), with a team and two people an operator would add: Keycloak generates the client
+    secrets, and a gateway outside dev mode reads teams with ``gateway-directory``, which can not
+    change anything."""
+    realm = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "realm-cx.json").read_text())
+    realm["realm"] = "cx-prod"
+    for client in realm["clients"]:
+        if client["clientId"] == "gateway-console":
+            client["directAccessGrantsEnabled"] = True  # the test signs in with a password
+    realm["groups"] = [{"name": "team-x", "attributes": {"supervisor": ["vera"]}}]
+    person = {"enabled": True, "emailVerified": True, "lastName": "Example"}
+    realm["users"] += [
+        {
+            **person,
+            "username": "vera",
+            "firstName": "Vera",
+            "email": "vera@cx.example",
+            "realmRoles": ["supervisor"],
+            "credentials": [{"type": "password", "value": "pw-vera", "temporary": False}],
+        },
+        {
+            **person,
+            "username": "ann",
+            "firstName": "Ann",
+            "email": "ann@cx.example",
+            "realmRoles": ["agent"],
+            "groups": ["/team-x"],
+        },
+    ]
+    status, body = _http("POST", f"{keycloak.url}/admin/realms", token=keycloak.admin_token(), body=realm)
+    assert status == 201, body
+    try:
+        admin = f"{keycloak.url}/admin/realms/cx-prod"
+        secrets = {}
+        for name in ("cx-platform", "gateway-directory"):
+            status, found = _http("GET", f"{admin}/clients?clientId={name}", token=keycloak.admin_token())
+            assert status == 200 and len(found) == 1, found
+            status, secret = _http(
+                "GET", f"{admin}/clients/{found[0]['id']}/client-secret", token=keycloak.admin_token()
+            )
+            assert status == 200 and secret["value"], secret
+            secrets[name] = secret["value"]
+
+        settings = make_settings(
+            tmp_path,
+            dev=False,
+            keycloak_url=keycloak.url,
+            realm="cx-prod",
+            admin_client_id="gateway-directory",
+            admin_client_secret=secrets["gateway-directory"],
+        )
+        async with running_gateway(settings) as gw:
+            token_url = gw.token_url
+            form = {
+                "grant_type": "client_credentials",
+                "client_id": "cx-platform",
+                "client_secret": secrets["cx-platform"],
+            }
+            async with gw.http.post(token_url, data=form) as response:
+                assert response.status == 200
+                platform = (await response.json())["access_token"]
+            conversation = {"direction": "inbound", "transferred": False, "agent": "ann", "sessions": ["chat"]}
+            created = await gw.call("PUT", "/v1/conversations/prod-1", platform, conversation)
+            assert created.status == 201 and created.body["team"] == "team-x", created.body
+            vera = await gw.login("vera", "pw-vera")
+            listed = await gw.call("GET", "/v1/conversations", vera)
+            assert listed.status == 200 and [c["id"] for c in listed.body] == ["prod-1"], listed.body
+            assert (await gw.monitor("vera", "prod-1")).status == 201
+
+            # The directory client reads; it may not change a team (nor anything else).
+            form = {
+                "grant_type": "client_credentials",
+                "client_id": "gateway-directory",
+                "client_secret": secrets["gateway-directory"],
+            }
+            async with gw.http.post(token_url, data=form) as response:
+                directory = (await response.json())["access_token"]
+            status, groups = _http("GET", f"{admin}/groups?briefRepresentation=false", token=directory)
+            assert status == 200 and [g["name"] for g in groups] == ["team-x"]
+            changed = {**groups[0], "attributes": {"supervisor": ["mallory"]}}
+            status, _ = _http("PUT", f"{admin}/groups/{groups[0]['id']}", token=directory, body=changed)
+            assert status == 403
+    finally:
+        _http("DELETE", f"{keycloak.url}/admin/realms/cx-prod", token=keycloak.admin_token())

@@ -23,6 +23,7 @@ async def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
     port = free_port()
     env = {
         **os.environ,
+        "GATEWAY_DEV": "true",
         "GATEWAY_PORT": str(port),
         "GATEWAY_DATA_DIR": str(tmp_path / "var"),
         "GATEWAY_ENABLE_SIP": "false",

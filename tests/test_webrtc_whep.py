@@ -340,6 +340,33 @@ async def test_rejects_offer_without_audio() -> None:
     assert err.value.code in {"invalid_sdp", "no_audio"}
 
 
+@pytest.mark.parametrize("hostile", ["payload_type_above_127", "no_fingerprint"])
+async def test_rejects_offer_with_bad_payload_type_or_without_fingerprint(hostile: str) -> None:
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="recvonly")
+    offer = (await client.createOffer()).sdp
+    await client.close()
+    if hostile == "payload_type_above_127":
+        pt = next(ln.split(":", 1)[1].split()[0] for ln in offer.splitlines() if ln.startswith("a=rtpmap:"))
+        lines = [
+            " ".join("200" if i >= 3 and token == pt else token for i, token in enumerate(ln.split(" ")))
+            if ln.startswith("m=audio")
+            else ln.replace(f":{pt} ", ":200 ", 1)
+            for ln in offer.split("\r\n")
+        ]
+        offer = "\r\n".join(lines)
+        assert "a=rtpmap:200 " in offer and any(ln.startswith("m=audio") and " 200" in ln for ln in lines)
+    else:
+        offer = "\r\n".join(ln for ln in offer.split("\r\n") if not ln.startswith("a=fingerprint:"))
+        assert "a=fingerprint" not in offer
+    tap = ToneTap("c-7")
+    with pytest.raises(WhepError) as err:
+        await answer_whep(offer, tap, settings=SETTINGS, stereo=False)
+    assert err.value.code == "invalid_sdp", err.value.message
+    assert ("127" if hostile == "payload_type_above_127" else "fingerprint") in err.value.message
+    assert tap.closed  # nothing held
+
+
 async def test_unconnected_session_times_out_and_runs_close_callbacks() -> None:
     client = RTCPeerConnection()
     client.addTransceiver("audio", direction="recvonly")

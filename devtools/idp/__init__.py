@@ -1,5 +1,5 @@
 """Embedded identity provider: Keycloak's OIDC and (a slice of its) admin paths, on the
-gateway's own origin, loaded from a Keycloak realm export (``fixtures/realm-cx.json``).
+gateway's own origin, loaded from a Keycloak realm export (``fixtures/realm-cx-dev.json``).
 
 Used when no Keycloak is configured (``Settings.embedded_idp``)::
 

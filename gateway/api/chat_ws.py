@@ -219,7 +219,7 @@ class _ChatStream:
             if msg.type is WSMsgType.TEXT:
                 try:
                     data = json.loads(msg.data)
-                except ValueError:
+                except (ValueError, RecursionError):  # nesting deeper than the parser's limit too
                     return (1007, "invalid_json")
                 if not isinstance(data, dict):
                     return (1007, "invalid_json")

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.api.context import METRICS
 from gateway.errors import CODE_OF_STATUS, ERRORS, ErrorCode, GatewayError, http_status
@@ -19,6 +20,23 @@ _BODY_HEADERS = frozenset({"content-type", "content-length"})
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger of aiohttp's HTTP server: a request it can not parse (a NUL byte in a header,
+    a bad request line) is the client's fault, answered 400 before any handler runs. Log it at
+    info on one line, without the traceback and without the offending line (it may hold a token)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: object) -> None:
+        if isinstance(exc_info, HttpProcessingError) and exc_info.code == 400:
+            reason = str(exc_info.message).strip().splitlines()[0].rstrip(":") if exc_info.message else "malformed"
+            remote = args[0] if args else None
+            self.logger.info("refused an unparsable HTTP request from %s: %s", remote, reason, extra={"status": 400})
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 @web.middleware

@@ -168,6 +168,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                 E.CONVERSATION_NOT_ACTIVE,
                 E.VOICE_MONITOR_BUSY,
                 E.ALREADY_MONITORING,
+                E.MONITOR_RATE_LIMITED,
             ),
             body=models.MonitorStartIn,
             body_required=False,

@@ -25,6 +25,7 @@ from gateway.chat.hub import ChatHub, Subscription
 from gateway.chat.log import KINDS, SENDERS, VISIBILITIES, ChatEntry, ChatLog
 from gateway.config import Settings
 from gateway.errors import ErrorCode, GatewayError
+from gateway.policy.limits import TokenBuckets, retry_after
 
 VIEWS = frozenset({"customer", "agent", "monitor"})
 
@@ -55,14 +56,6 @@ def entry_json(entry: ChatEntry, view: str) -> dict[str, object]:
     return body
 
 
-class _Bucket:
-    __slots__ = ("tokens", "stamp")
-
-    def __init__(self, tokens: float, stamp: float) -> None:
-        self.tokens = tokens
-        self.stamp = stamp
-
-
 class ChatService:
     """Durable log + live hub + the chat rules that belong to the chat plane."""
 
@@ -82,8 +75,8 @@ class ChatService:
         self.log = log
         self.hub = hub if hub is not None else ChatHub(settings.chat_reader_cap)
         self.heartbeat_interval = heartbeat_interval
-        self._clock = clock
-        self._buckets: dict[tuple[str, str, str | None], _Bucket] = {}
+        rate = settings.chat_rate_per_second
+        self._rate: TokenBuckets[tuple[str, str, str | None]] = TokenBuckets(rate, rate, clock=clock)
         self._locks: dict[str, asyncio.Lock] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._going_away = False
@@ -148,31 +141,11 @@ class ChatService:
         return entry, created
 
     def _take_token(self, cid: str, sender: str, author: str | None) -> None:
-        rate = self.settings.chat_rate_per_second
-        if rate <= 0:
-            return
-        now = self._clock()
-        key = (cid, sender, author)
-        burst = max(1.0, rate)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) > 50_000:
-                self._prune_buckets(now, rate, burst)
-            bucket = self._buckets[key] = _Bucket(burst, now)
-        else:
-            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
-            bucket.stamp = now
-        if bucket.tokens < 1.0:
-            wait = (1.0 - bucket.tokens) / rate
-            err = GatewayError(ErrorCode.RATE_LIMITED, f"at most {rate:g} messages per second")
-            err.headers["Retry-After"] = str(max(1, round(wait + 0.5)))
+        wait = self._rate.take((cid, sender, author))
+        if wait > 0:
+            err = GatewayError(ErrorCode.RATE_LIMITED, f"at most {self._rate.rate:g} messages per second")
+            err.headers["Retry-After"] = retry_after(wait)
             raise err
-        bucket.tokens -= 1.0
-
-    def _prune_buckets(self, now: float, rate: float, burst: float) -> None:
-        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * rate >= burst]
-        for k in full:
-            del self._buckets[k]
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -222,8 +195,7 @@ class ChatService:
         self._ended.move_to_end(cid)
         while len(self._ended) > self.ENDED_MEMORY:
             self._ended.popitem(last=False)
-        for key in [k for k in self._buckets if k[0] == cid]:
-            del self._buckets[key]
+        self._rate.forget(lambda key: key[0] == cid)
         lock = self._locks.get(cid)
         if lock is not None and not lock.locked():
             del self._locks[cid]

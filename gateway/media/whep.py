@@ -201,6 +201,20 @@ def _offered_codecs(offer: SessionDescription) -> list[str]:
     return []
 
 
+def _unacceptable_audio(offer: SessionDescription) -> str | None:
+    """Why the offer's audio can not be answered although it parsed: a payload type outside
+    RTP's 7 bits (RFC 3550), or no DTLS fingerprint to authenticate the peer (RFC 8827)."""
+    for media in offer.media:
+        if media.kind != "audio":
+            continue
+        types = [*media.fmt, *(c.payloadType for c in media.rtp.codecs)]
+        if any(not isinstance(pt, int) or not 0 <= pt <= 127 for pt in types):
+            return "the offer's audio uses a payload type outside 0-127"
+        if media.dtls is None or not media.dtls.fingerprints:
+            return "the offer's audio has no a=fingerprint (DTLS-SRTP is required)"
+    return None
+
+
 def _munge_stereo(answer_sdp: str) -> str:
     """Tell the browser the Opus stream is stereo (``stereo=1; sprop-stereo=1``)."""
     lines = answer_sdp.splitlines()
@@ -258,7 +272,8 @@ async def answer_whep(
     ``connect_timeout`` seconds.
 
     Raises :class:`WhepError` (``code`` ``invalid_sdp`` / ``no_audio`` / ``no_common_codec``)
-    for an offer that can not be answered; the tap is closed in that case.
+    for an offer that can not be answered (``invalid_sdp`` too for an audio payload type above
+    127 or no ``a=fingerprint``); the tap is closed in that case.
     """
     try:
         parsed = SessionDescription.parse(offer_sdp)
@@ -268,6 +283,10 @@ async def answer_whep(
     if not any(m.kind == "audio" for m in parsed.media):
         tap.close()
         raise WhepError("no_audio", "the offer has no audio m-line")
+    problem = _unacceptable_audio(parsed)
+    if problem is not None:
+        tap.close()
+        raise WhepError("invalid_sdp", problem)
     offered = _offered_codecs(parsed)
     if not offered:
         tap.close()

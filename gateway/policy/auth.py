@@ -3,7 +3,9 @@
 * Tokens are validated locally against a cached JWKS (RS256 only; ``iss``, ``exp``, ``nbf``,
   audience or ``azp``, ``typ``=Bearer). An unknown ``kid`` refetches the JWKS at most once per
   ``jwks_refetch_interval`` seconds, so a flood of forged tokens never turns into a flood of
-  requests to Keycloak. While Keycloak is down, cached keys keep validating.
+  requests to Keycloak. While Keycloak is down, cached keys keep validating. Before the first
+  keys are loaded (start-up), a token is answered 503 ``identity_unavailable`` with
+  ``Retry-After``, never 401: it may be valid, and a client throws a refused token away.
 * Teams come from Keycloak groups through python-keycloak's async admin API, resolved once per
   login session (the token's ``sid``) and cached for it: a change in Keycloak applies after the
   next login (rule R2). A lookup that cannot reach Keycloak fails closed with 503
@@ -108,6 +110,10 @@ class TokenValidator:
         if not isinstance(kid, str) or not kid:
             raise invalid_token("no key id")
         key = await self._jwks.key_for(kid)
+        if key is None and not self._jwks.loaded:
+            # Start-up (or an identity provider down since start): the token may well be valid;
+            # a 401 would make its client throw it away. Ask it to come back instead.
+            raise identity_unavailable("the identity provider's signing keys are not loaded yet", retry_after=1)
         if key is None:
             raise invalid_token("unknown signing key")
         try:

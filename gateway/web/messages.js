@@ -20,6 +20,7 @@ const GATEWAY_ERRORS = {
   monitor_ended: "This monitoring session has already ended.",
   already_monitoring: "You are already monitoring this conversation.",
   rate_limited: "Too many messages at once. Please wait a moment.",
+  monitor_rate_limited: "You started monitoring too often in a short time. Please wait a moment.",
   message_too_long: "That message is too long.",
   identity_unavailable: "The identity service is not answering. Try again shortly.",
 };
