@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from devtools.siprec_source import metadata  # noqa: E402
 from gateway.config import Settings  # noqa: E402
 from gateway.sip.message import SipParseError, parse_message, parse_sdp  # noqa: E402
+from gateway.sip.parties import Parties  # noqa: E402
 from gateway.sip.placement import Placement  # noqa: E402
 from gateway.sip.plane import SipPlane  # noqa: E402
 from gateway.sip.supervisor import RTP_PORTS_PER_WORKER  # noqa: E402
@@ -125,8 +127,14 @@ class Hooks:
         self.convs = convs
         self.ended: list[tuple[str, str, str]] = []
 
-    def conversation_agent(self, cid: str) -> str | None:
-        return "alice" if cid in self.convs else None
+    def conversation_parties(self, cid: str) -> Parties | None:
+        return Parties("alice") if cid in self.convs else None
+
+    def recording_conversation(self, keys: Sequence[str]) -> str | None:
+        return None
+
+    def on_streams_attributed(self, cid: str, streams: list[dict[str, str]]) -> None:
+        pass
 
     def accepting(self) -> bool:
         return True
