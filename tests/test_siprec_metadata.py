@@ -1,0 +1,173 @@
+"""SIPREC as real recording clients send it, parsed (issue 13): every dialect's metadata, the
+recording keys that find the conversation, the participant that decides each leg. Fast, no
+network; tests/test_siprec_clients.py sends the same INVITEs to real workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from gateway.sip.message import SipParseError, classify_invite, header_keys, parse_message, parse_sdp, split_body
+from gateway.sip.parties import Parties, address_key, matching
+from gateway.sip.siprec_metadata import MetadataError, parse_metadata
+
+from .siprec_clients import SCENARIOS, Scenario, siprec_invite
+
+pytestmark = [pytest.mark.unit]
+
+
+class Directory:
+    """The domain's answers: conversation ``c-9`` of agent ``alice`` with ``sc``'s registration."""
+
+    def __init__(self, sc: Scenario) -> None:
+        self.sc = sc
+        self.asked: list[list[str]] = []
+
+    def conversation_parties(self, cid: str) -> Parties | None:
+        if cid != "c-9":
+            return None
+        return Parties("alice", tuple(self.sc.agent_addresses), tuple(self.sc.customer_addresses))
+
+    def recording_conversation(self, keys: Sequence[str]) -> str | None:
+        self.asked.append(list(keys))
+        wanted = {k.lower() for k in self.sc.recording_keys}
+        return "c-9" if any(k.lower() in wanted for k in keys) else None
+
+
+@pytest.mark.parametrize("make", SCENARIOS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("transport", ["UDP", "TCP"])
+def test_each_client_finds_its_conversation_and_legs(make: Callable[[], Scenario], transport: str) -> None:
+    sc = make()
+    msg = parse_message(siprec_invite(sc, 5060, 5070, 40000, transport))
+    info = classify_invite(msg, Directory(sc))
+    assert info.conversation == "c-9" and info.kind == "siprec"
+    assert info.identified_by.startswith("recording key")
+    streams = parse_sdp(split_body(msg)[0] or b"")
+    got = {streams[i].label: leg for i, leg in enumerate(info.streams) if leg}
+    assert got == sc.expected
+    for i, s in enumerate(streams):  # video, and audio beyond the legs, get no leg
+        if s.media != "audio":
+            assert info.streams[i] is None
+    assert {a.leg for a in info.attribution} == set(sc.expected.values())
+    assert all(a.reason for a in info.attribution)
+
+
+@pytest.mark.parametrize("make", SCENARIOS, ids=lambda f: f.__name__)
+def test_an_unknown_recording_is_404_and_says_so(make: Callable[[], Scenario]) -> None:
+    sc = make()
+    other = Scenario(sc.name, sc.headers, sc.streams, sc.metadata_type, sc.metadata, ["nothing-known"])
+    with pytest.raises(SipParseError) as e:
+        classify_invite(parse_message(siprec_invite(other, 5060, 5070, 40000, "TCP")), Directory(other))
+    assert e.value.status == 404 and "recording key" in str(e.value)
+
+
+def test_x_conversation_id_and_username_match_still_work() -> None:
+    sc = SCENARIOS[0]()  # RFC 8068: the agent's AoR user part is the username "alice"
+    sc.headers["X-Conversation-ID"] = "c-9"
+    info = classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "UDP")), {"c-9": "alice"}.get)
+    assert info.identified_by == "X-Conversation-ID header"
+    assert [leg for leg in info.streams] == ["agent", None, "customer"]
+
+
+def test_the_agent_not_among_the_participants_is_404() -> None:
+    sc = SCENARIOS[1]()  # Oracle: agent "4001" and customer by number
+    sc = Scenario(sc.name, sc.headers, sc.streams, sc.metadata_type, sc.metadata, sc.recording_keys, ["4002"])
+    with pytest.raises(SipParseError) as e:
+        classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "UDP")), Directory(sc))
+    assert e.value.status == 404 and e.value.conversation == "c-9"
+
+
+def test_the_customer_decides_the_agent_by_elimination() -> None:
+    sc = SCENARIOS[1]()
+    sc = Scenario(
+        sc.name, sc.headers, sc.streams, sc.metadata_type, sc.metadata, sc.recording_keys, [], ["15550100199"]
+    )
+    info = classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "UDP")), Directory(sc))
+    assert info.streams == ["customer", "agent"]
+    assert "not the customer" in next(a.reason for a in info.attribution if a.leg == "agent")
+
+
+def test_header_keys_are_asked_after_metadata_keys() -> None:
+    sc = SCENARIOS[1]()  # Oracle: the key is in an X- header only
+    d = Directory(sc)
+    classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "UDP")), d)
+    assert len(d.asked) == 2 and "4f1c9e7a-2b3d-4e5f@carrier.example" in d.asked[1]
+
+
+@pytest.mark.parametrize(
+    "make,keys",
+    [
+        (SCENARIOS[0], {"ab30317f1a784dc48ff824d0d3715d86"}),
+        (SCENARIOS[2], {"00FA080019A2C5E1F3D7B9"}),
+        (SCENARIOS[3], {"A1B2C3D4-0000-0001-0000-00AB12CD34EF", "5b6c1f0e8d2a4b39a7c6d5e4f3a2b1c0"}),
+        (SCENARIOS[4], {"8a7b6c5d4e3f@10.1.1.20", "1593829401"}),
+        (SCENARIOS[5], {"48:1-2B3C4D5E6F", "BW0612003001202261-1877@10.30.0.8"}),
+    ],
+    ids=["sipSessionID", "apkt-ucid", "cisco-guid", "ribbon-callData", "broadworks-tracking"],
+)
+def test_metadata_keys_per_dialect(make: Callable[[], Scenario], keys: set[str]) -> None:
+    meta = parse_metadata(make().metadata.encode())
+    assert keys <= set(meta.keys), meta.keys
+
+
+def test_dialect_names_and_label_senders() -> None:
+    dialects = {sc().name: parse_metadata(sc().metadata.encode()) for sc in SCENARIOS}
+    assert dialects["rfc8068"].dialect == "rfc7865"
+    assert dialects["oracle"].dialect == "rfc7865-draft"
+    assert dialects["broadworks"].dialect == "broadworks"
+    assert dialects["ribbon"].label_aors == {"1": ["+16135550142@10.1.1.20"], "2": ["2210@10.1.1.30"]}
+    assert dialects["rfc8068"].label_aors["97"] == ["sip:alice@atlanta.example.com"]
+    assert dialects["avaya-sbce-mixed"].label_aors["1"] == ["sip:3001@avaya.example", "sip:+15550177@pstn.example"]
+
+
+def test_metadata_refuses_entities_and_unknown_roots() -> None:
+    for xml in (
+        b"<recording",
+        b"<?xml version='1.0'?><!DOCTYPE r [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><recording>&e;</recording>",
+        b"<!DOCTYPE recording [<!ENTITY a 'aaaa'><!ENTITY b '&a;&a;&a;'>]><recording>&b;</recording>",
+        b"<other/>",
+    ):
+        with pytest.raises(MetadataError):
+            parse_metadata(xml)
+
+
+def test_cisco_gtd_part_does_not_break_the_multipart() -> None:
+    sc = SCENARIOS[3]()
+    sdp, meta = split_body(parse_message(siprec_invite(sc, 5060, 5070, 40000, "TCP")))
+    assert (
+        sdp is not None and sdp.startswith(b"v=0") and meta is not None and meta.rstrip().endswith(b"</ccn:recording>")
+    )
+
+
+def test_both_metadata_content_types() -> None:
+    for ctype in ("application/rs-metadata", "application/rs-metadata+xml"):
+        sc = SCENARIOS[0]()
+        sc = Scenario(sc.name, sc.headers, sc.streams, ctype, sc.metadata, sc.recording_keys)
+        assert split_body(parse_message(siprec_invite(sc, 5060, 5070, 40000, "TCP")))[1] is not None
+
+
+def test_header_keys() -> None:
+    sc = SCENARIOS[3]()
+    keys = header_keys(parse_message(siprec_invite(sc, 5060, 5070, 40000, "TCP")))
+    assert "2891148800-0000065536-0000000123-0315887808" in keys and "5b6c1f0e8d2a4b39a7c6d5e4f3a2b1c0" in keys
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("sip:+1-555-010-0199@carrier.example;user=phone", "+1 (555) 010 0199"),
+        ("tel:+15550100199", "15550100199"),
+        ("4001", "sip:4001@10.20.0.5"),
+        ('"Agent" <sips:Alice@pbx.example:5061;transport=tls>', "alice"),
+        ("+16135550142@10.1.1.20", "tel:+1-613-555-0142"),
+    ],
+)
+def test_addresses_compare_sensibly(a: str, b: str) -> None:
+    assert address_key(a) == address_key(b)
+    assert matching([a], [b]) == a
+
+
+def test_different_addresses_do_not_match() -> None:
+    assert matching(["sip:4001@pbx"], ["4002", "sip:40011@pbx", ""]) is None
+    assert address_key("sip:pbx.example") == "pbx.example"
