@@ -108,7 +108,8 @@ class FakeHooks:
         return Parties(agent) if agent is not None else None
 
     def recording_conversation(self, keys: Sequence[str]) -> str | None:
-        return next((self.recording_keys[k] for k in keys if k in self.recording_keys), None)
+        known = {k.lower(): cid for k, cid in self.recording_keys.items()}  # as the store: case-insensitive
+        return next((known[k.lower()] for k in keys if k.lower() in known), None)
 
     def on_streams_attributed(self, cid: str, streams: list[dict[str, str]]) -> None:
         self.streams[cid] = streams
