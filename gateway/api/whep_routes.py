@@ -52,7 +52,8 @@ async def whep_offer(request: web.Request) -> web.Response:
             offer,
             tap,
             settings=settings,
-            stereo=_stereo(request, settings.webrtc_stereo),
+            # One mixed SIPREC stream carries both parties: a second channel would be silence.
+            stereo=_stereo(request, settings.webrtc_stereo) and "mixed" not in conversation.voice_legs,
             on_levels=on_levels,
             on_inbound_rtp=on_inbound_rtp,
         )
