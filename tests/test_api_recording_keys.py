@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from gateway.api.context import RUNTIME, SERVICE
+from gateway.api.whep_routes import _stereo
 from gateway.domain import Conversation, Direction
 from gateway.sip.parties import Parties
 from gateway.store import SqliteStore
@@ -86,3 +88,18 @@ def test_sqlite_store_keeps_recording_keys_and_drops_voice_streams(tmp_path: Pat
     again.forget_conversation("rk-3")
     assert again.conversation_by_recording_key("GCID-1") is None
     again.close()
+
+
+@pytest.mark.parametrize(
+    "query,legs,stereo",
+    [
+        ("?stereo=1", {"agent", "customer"}, True),
+        ("?stereo=1", {"mixed"}, False),
+        ("", {"mixed"}, False),
+        ("", {"agent"}, True),
+        ("?stereo=0", {"agent", "customer"}, False),
+    ],
+)
+def test_a_mixed_stream_is_never_offered_in_stereo(query: str, legs: set[str], stereo: bool) -> None:
+    request = make_mocked_request("POST", f"/v1/monitors/m-1/whep{query}")
+    assert _stereo(request, True, legs) is stereo
