@@ -237,6 +237,77 @@ def oracle_avaya_ucid() -> Scenario:
     )
 
 
+def oracle_avaya_full() -> Scenario:
+    """The Oracle/Avaya client with everything such an SBC adds (group and association times,
+    every header it copies as ``apkt:hdr`` extension data, Avaya's ``User-to-User`` with the
+    UCID): about 4.3 KB, over TCP, past the 4000 bytes a stock pjsua2 reads."""
+    ucid = "00FA08001A3B5C7D9E1F20"
+    uui = "00FA08001A3B5C7D9E1F2065B2D4C3;encoding=hex"
+    hdrs = {
+        "User-to-User": uui,
+        "P-Asserted-Identity": "&lt;sip:+442071234567@avaya.example;user=phone&gt;",
+        "Diversion": "&lt;sip:+442070000000@avaya.example&gt;;reason=unconditional;counter=1",
+        "History-Info": "&lt;sip:+442070000000@avaya.example&gt;;index=1,&lt;sip:4711@cm.avaya.example&gt;;index=1.1",
+        "P-Av-Message-Id": "1_2",
+        "Av-Global-Session-ID": "6f0c2e4a-1b3d-11ef-8a2b-0050569a3c11",
+        "P-Location": "SM;origlocname=&quot;London&quot;;origlocid=1",
+        "Alert-Info": "&lt;cid:internal@avaya.example&gt;;avaya-cm-alert-type=internal",
+        "P-Charging-Vector": "icid-value=AAS:1234-56789abcdef0123;icid-generated-at=10.40.0.12",
+        "Supported": "100rel, histinfo, join, replaces, sdp-anat, timer",
+    }
+    hdr_xml = "\n".join(
+        f'      <apkt:hdr name="{name}"><apkt:value>{value}</apkt:value></apkt:hdr>' for name, value in hdrs.items()
+    )
+    meta = f"""<?xml version="1.0" encoding="UTF-8"?>
+<recording xmlns="{_DRAFT}">
+  <datamode>complete</datamode>
+  <group id="QXZheWFHcm91cDFMb25kb24=">
+    <associate-time>2026-12-02T06:00:00.120Z</associate-time>
+  </group>
+  <session id="QXZheWFTZXNzaW9uRnVsbA==">
+    <group-ref>QXZheWFHcm91cDFMb25kb24=</group-ref>
+    <associate-time>2026-12-02T06:00:00.120Z</associate-time>
+    <start-time>2026-12-02T06:00:00.118Z</start-time>
+    <extensiondata xmlns:apkt="http://acmepacket.com/siprec/extensiondata">
+      <apkt:ucid>{ucid};encoding=hex</apkt:ucid>
+      <apkt:callerOrig>false</apkt:callerOrig>
+      <apkt:in-realm>avaya-core</apkt:in-realm>
+      <apkt:out-realm>carrier-uk</apkt:out-realm>
+{hdr_xml}
+    </extensiondata>
+  </session>
+  <participant id="QWdlbnRGdWxs" session="QXZheWFTZXNzaW9uRnVsbA==">
+    <nameID aor="sip:+442071234567@avaya.example;user=phone"><name>Agent Desk 4711</name></nameID>
+    <associate-time>2026-12-02T06:00:00.120Z</associate-time>
+    <send>U3RyZWFtQUZ1bGw=</send>
+    <recv>U3RyZWFtQkZ1bGw=</recv>
+  </participant>
+  <participant id="Q3VzdG9tZXJGdWxs" session="QXZheWFTZXNzaW9uRnVsbA==">
+    <nameID aor="sip:07700900123@carrier-uk.example"><name>07700900123</name></nameID>
+    <associate-time>2026-12-02T06:00:00.120Z</associate-time>
+    <send>U3RyZWFtQkZ1bGw=</send>
+    <recv>U3RyZWFtQUZ1bGw=</recv>
+  </participant>
+  <stream id="U3RyZWFtQUZ1bGw=" session="QXZheWFTZXNzaW9uRnVsbA==">
+    <label>1</label><mode>separate</mode><associate-time>2026-12-02T06:00:00.120Z</associate-time>
+  </stream>
+  <stream id="U3RyZWFtQkZ1bGw=" session="QXZheWFTZXNzaW9uRnVsbA==">
+    <label>2</label><mode>separate</mode><associate-time>2026-12-02T06:00:00.120Z</associate-time>
+  </stream>
+</recording>
+"""
+    return Scenario(
+        "oracle-avaya-full",
+        {"User-to-User": uui, "P-Asserted-Identity": "<sip:oracle-sbc@sbc.example>"},
+        [Stream("audio", "1", AGENT_HZ, "8 0"), Stream("audio", "2", CUSTOMER_HZ, "8 0")],
+        "application/rs-metadata+xml",
+        meta,
+        recording_keys=[ucid],
+        agent_addresses=["+44 20 7123 4567"],
+        expected={"1": "agent", "2": "customer"},
+    )
+
+
 def cisco_cube() -> Scenario:
     """Cisco CUBE: RFC 7865 metadata with a ``ccn:`` prefix, the recorded call's GUID in the
     session's extension data and in ``Cisco-Guid``, and an ``application/gtd`` part."""
@@ -378,7 +449,16 @@ def avaya_sbce_mixed() -> Scenario:
     )
 
 
-SCENARIOS = [rfc8068_basic_call, oracle_acme, oracle_avaya_ucid, cisco_cube, ribbon, broadworks, avaya_sbce_mixed]
+SCENARIOS = [
+    rfc8068_basic_call,
+    oracle_acme,
+    oracle_avaya_ucid,
+    oracle_avaya_full,
+    cisco_cube,
+    ribbon,
+    broadworks,
+    avaya_sbce_mixed,
+]
 
 
 # --- media -----------------------------------------------------------------------------------

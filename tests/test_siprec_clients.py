@@ -37,7 +37,7 @@ from .sip_support import (
     tone_levels,
     wait_until,
 )
-from .siprec_clients import AGENT_HZ, CUSTOMER_HZ, SCENARIOS, Scenario, send_rtp, siprec_invite
+from .siprec_clients import AGENT_HZ, CUSTOMER_HZ, SCENARIOS, Scenario, ribbon, send_rtp, siprec_invite
 from .support import make_settings, running_gateway
 from .test_sip_front import TcpSip
 from .test_sip_front_calls import require_pjsua2_large_messages
@@ -225,7 +225,7 @@ async def test_an_unknown_recording_is_refused_404_and_logged(
 ) -> None:
     """No X-Conversation-ID and no registered key: 404 at once, one log line saying why."""
     plane, hooks = gw
-    sc = SCENARIOS[4]()  # Ribbon
+    sc = ribbon()  # Ribbon
     sig = Signalling(plane.settings.sip_port, "TCP")
     local = await sig.open()
     try:
@@ -259,7 +259,7 @@ async def test_through_the_api_recording_keys_participants_voice_streams_and_a_p
     addresses; the SBC's INVITE (no X-Conversation-ID) finds it; GET shows which stream became
     which leg; a supervisor's SIP phone hears both tones; after BYE the streams are gone."""
     require_pjsua2()
-    sc = SCENARIOS[4]()
+    sc = ribbon()
     sip_port = free_udp_block(3)
     settings = make_settings(
         tmp_path, enable_sip=True, sip_port=sip_port, sip_workers=1, rtp_port_base=free_udp_block(40, 30000, 39000)

@@ -12,7 +12,17 @@ from gateway.sip.message import SipParseError, classify_invite, header_keys, par
 from gateway.sip.parties import Parties, address_key, matching
 from gateway.sip.siprec_metadata import MetadataError, parse_metadata
 
-from .siprec_clients import SCENARIOS, Scenario, siprec_invite
+from .siprec_clients import (
+    SCENARIOS,
+    Scenario,
+    broadworks,
+    cisco_cube,
+    oracle_acme,
+    oracle_avaya_ucid,
+    rfc8068_basic_call,
+    ribbon,
+    siprec_invite,
+)
 
 pytestmark = [pytest.mark.unit]
 
@@ -63,7 +73,7 @@ def test_an_unknown_recording_is_404_and_says_so(make: Callable[[], Scenario]) -
 
 
 def test_x_conversation_id_and_username_match_still_work() -> None:
-    sc = SCENARIOS[0]()  # RFC 8068: the agent's AoR user part is the username "alice"
+    sc = rfc8068_basic_call()  # RFC 8068: the agent's AoR user part is the username "alice"
     sc.headers["X-Conversation-ID"] = "c-9"
     info = classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "UDP")), {"c-9": "alice"}.get)
     assert info.identified_by == "X-Conversation-ID header"
@@ -71,7 +81,7 @@ def test_x_conversation_id_and_username_match_still_work() -> None:
 
 
 def test_the_agent_not_among_the_participants_is_404() -> None:
-    sc = SCENARIOS[1]()  # Oracle: agent "4001" and customer by number
+    sc = oracle_acme()  # Oracle: agent "4001" and customer by number
     sc = Scenario(sc.name, sc.headers, sc.streams, sc.metadata_type, sc.metadata, sc.recording_keys, ["4002"])
     with pytest.raises(SipParseError) as e:
         classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "UDP")), Directory(sc))
@@ -79,7 +89,7 @@ def test_the_agent_not_among_the_participants_is_404() -> None:
 
 
 def test_the_customer_decides_the_agent_by_elimination() -> None:
-    sc = SCENARIOS[1]()
+    sc = oracle_acme()
     sc = Scenario(
         sc.name, sc.headers, sc.streams, sc.metadata_type, sc.metadata, sc.recording_keys, [], ["15550100199"]
     )
@@ -89,7 +99,7 @@ def test_the_customer_decides_the_agent_by_elimination() -> None:
 
 
 def test_header_keys_are_asked_after_metadata_keys() -> None:
-    sc = SCENARIOS[1]()  # Oracle: the key is in an X- header only
+    sc = oracle_acme()  # Oracle: the key is in an X- header only
     d = Directory(sc)
     classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "UDP")), d)
     assert len(d.asked) == 2 and "4f1c9e7a-2b3d-4e5f@carrier.example" in d.asked[1]
@@ -98,11 +108,11 @@ def test_header_keys_are_asked_after_metadata_keys() -> None:
 @pytest.mark.parametrize(
     "make,keys",
     [
-        (SCENARIOS[0], {"ab30317f1a784dc48ff824d0d3715d86"}),
-        (SCENARIOS[2], {"00FA080019A2C5E1F3D7B9"}),
-        (SCENARIOS[3], {"A1B2C3D4-0000-0001-0000-00AB12CD34EF", "5b6c1f0e8d2a4b39a7c6d5e4f3a2b1c0"}),
-        (SCENARIOS[4], {"8a7b6c5d4e3f@10.1.1.20", "1593829401"}),
-        (SCENARIOS[5], {"48:1-2B3C4D5E6F", "BW0612003001202261-1877@10.30.0.8"}),
+        (rfc8068_basic_call, {"ab30317f1a784dc48ff824d0d3715d86"}),
+        (oracle_avaya_ucid, {"00FA080019A2C5E1F3D7B9"}),
+        (cisco_cube, {"A1B2C3D4-0000-0001-0000-00AB12CD34EF", "5b6c1f0e8d2a4b39a7c6d5e4f3a2b1c0"}),
+        (ribbon, {"8a7b6c5d4e3f@10.1.1.20", "1593829401"}),
+        (broadworks, {"48:1-2B3C4D5E6F", "BW0612003001202261-1877@10.30.0.8"}),
     ],
     ids=["sipSessionID", "apkt-ucid", "cisco-guid", "ribbon-callData", "broadworks-tracking"],
 )
@@ -133,7 +143,7 @@ def test_metadata_refuses_entities_and_unknown_roots() -> None:
 
 
 def test_cisco_gtd_part_does_not_break_the_multipart() -> None:
-    sc = SCENARIOS[3]()
+    sc = cisco_cube()
     sdp, meta = split_body(parse_message(siprec_invite(sc, 5060, 5070, 40000, "TCP")))
     assert (
         sdp is not None and sdp.startswith(b"v=0") and meta is not None and meta.rstrip().endswith(b"</ccn:recording>")
@@ -142,13 +152,13 @@ def test_cisco_gtd_part_does_not_break_the_multipart() -> None:
 
 def test_both_metadata_content_types() -> None:
     for ctype in ("application/rs-metadata", "application/rs-metadata+xml"):
-        sc = SCENARIOS[0]()
+        sc = rfc8068_basic_call()
         sc = Scenario(sc.name, sc.headers, sc.streams, ctype, sc.metadata, sc.recording_keys)
         assert split_body(parse_message(siprec_invite(sc, 5060, 5070, 40000, "TCP")))[1] is not None
 
 
 def test_header_keys() -> None:
-    sc = SCENARIOS[3]()
+    sc = cisco_cube()
     keys = header_keys(parse_message(siprec_invite(sc, 5060, 5070, 40000, "TCP")))
     assert "2891148800-0000065536-0000000123-0315887808" in keys and "5b6c1f0e8d2a4b39a7c6d5e4f3a2b1c0" in keys
 
