@@ -90,7 +90,6 @@ class Phone:
         gc.collect()
         self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
 
-
     def hang_up_all(self) -> None:
         # A method of its own: a loop variable left in run()'s frame would keep a call alive
         # past libDestroy, and its destructor then hits a pjsua assert (--once aborted so).
