@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.sip.message import SipParseError, classify_invite, header_keys, parse_message, parse_sdp, split_body
 from gateway.sip.parties import Parties, address_key, matching
@@ -181,3 +183,24 @@ def test_addresses_compare_sensibly(a: str, b: str) -> None:
 def test_different_addresses_do_not_match() -> None:
     assert matching(["sip:4001@pbx"], ["4002", "sip:40011@pbx", ""]) is None
     assert address_key("sip:pbx.example") == "pbx.example"
+
+
+_PIECES = [
+    "<recording xmlns='urn:ietf:params:xml:ns:recording:1'>", "</recording>", "<recording_metadata>",
+    "</recording_metadata>", "<participant participant_id='p'>", "</participant>", "<nameID aor='sip:4001@x'/>",
+    "<stream stream_id='s'>", "</stream>", "<label>1</label>", "<send>s</send>", "<send>1</send>",
+    "<participantstreamassoc participant_id='p'>", "</participantstreamassoc>", "<extensiondata>",
+    "</extensiondata>", "<ucid>00FA;encoding=hex</ucid>", "<callData><callid>c@h</callid></callData>",
+    "<!DOCTYPE r [<!ENTITY e 'x'>]>", "&e;", "<![CDATA[x]]>", "<tns:a xmlns:tns='urn:x'>", "</tns:a>", "\x00", "é",
+]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(_PIECES) | st.text(max_size=20), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_metadata_parser_never_raises_anything_else(parts: list[str]) -> None:
+    try:
+        meta = parse_metadata("".join(parts).encode("utf-8", "surrogatepass"))
+    except MetadataError:
+        return
+    assert all(isinstance(k, str) and 0 < len(k) <= 256 for k in meta.keys)
+    assert all(isinstance(v, list) for v in meta.label_aors.values())
