@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from gateway.config import Settings
-from gateway.sip.front import Decision, Forward, Peer, SipFront
+from gateway.sip.front import Decision, Forward, Peer, SipConnection, SipFront
 from gateway.sip.message import SipMessage, classify_invite, parse_message
 from gateway.sip.ratelimit import RateLimit
 
@@ -547,3 +550,108 @@ async def test_a_failing_decision_is_answered_500_at_once() -> None:
     assert sent and sent[0].startswith(b"SIP/2.0 500")
     assert front.counts["malformed"] == 0, "handled, not an unexpected error"
     front.close()
+
+
+class _Stream:
+    """The part of an asyncio transport a SipConnection uses."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> tuple[str, int]:
+        return ("127.0.0.1", 5999) if name == "peername" else ("127.0.0.1", 5060)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+PING_OPTIONS = msg(*std("OPTIONS"))
+
+
+@hyp_settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(1, 400), max_size=8))
+async def test_tcp_framing_survives_any_stream(junk: bytes, cuts: list[int]) -> None:
+    """Any bytes, cut anywhere, never raise out of the TCP framing; a valid message after
+    keep-alives and cut in pieces is answered once."""
+    front = SipFront(Settings(), lambda m: Forward(("127.0.0.1", 1), "t"), lambda: True, set)
+    for data in (junk, b"\r\n\r\n\r\n" + PING_OPTIONS):
+        conn = SipConnection(front)
+        stream = _Stream()
+        conn.connection_made(stream)  # type: ignore[arg-type]
+        pos = 0
+        for cut in [*cuts, len(data)]:
+            conn.data_received(data[pos : pos + cut])
+            pos += cut
+        conn.data_received(data[pos:])
+        if data is not junk:
+            answers = [w for w in stream.written if w.startswith(b"SIP/2.0 ")]
+            assert len(answers) == 1 and answers[0].startswith(b"SIP/2.0 200"), stream.written
+    front.close()
+
+
+async def test_a_worker_calls_a_tcp_phone_on_a_new_connection(rig: Rig) -> None:
+    """The worker's INVITE to a supervisor phone at a ``;transport=tcp`` URI: the front opens a
+    connection, Record-Routes itself for TCP, and the phone's answer returns to the worker."""
+    got: asyncio.Queue[tuple[bytes, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def phone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            clen = int(response_header(head.decode(), "content-length")[0])
+            await got.put((head + await reader.readexactly(clen), writer))
+
+    server = await asyncio.start_server(phone, "127.0.0.1", 0)
+    phone_port = server.sockets[0].getsockname()[1]
+    try:
+        invite_lines = [
+            f"INVITE sip:sam@127.0.0.1:{phone_port};transport=tcp SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{rig.worker.port};rport;branch=z9hG4bKw{uuid.uuid4().hex[:8]}",
+            f"Route: <sip:127.0.0.1:{rig.port};lr>",
+            "Max-Forwards: 70",
+            f"From: <sip:gateway@127.0.0.1:{rig.worker.port}>;tag=w9",
+            f"To: <sip:sam@127.0.0.1:{phone_port}>",
+            f"Call-ID: {uuid.uuid4().hex}",
+            "CSeq: 1 INVITE",
+            f"Contact: <sip:gateway@127.0.0.1:{rig.worker.port}>",
+            "Content-Length: 0",
+        ]
+        rig.worker.send((CRLF.join(invite_lines) + CRLF + CRLF).encode(), rig.port)
+        data, writer = await asyncio.wait_for(got.get(), 3.0)
+        inv = parse_message(data)
+        assert inv.method == "INVITE" and not inv.get("route")
+        assert inv.get("via", "").startswith(f"SIP/2.0/TCP 127.0.0.1:{rig.port};")  # type: ignore[union-attr]
+        rr = [v for line in inv.get_all("record-route") for v in line.split(",")]
+        assert rr == [f"<sip:127.0.0.1:{rig.port};lr;transport=tcp>", f"<sip:127.0.0.1:{rig.port};lr>"]
+        writer.write(answer(inv, 200, "OK", to_tag="p1"))
+        ok, _ = await worker_gets(rig)
+        assert ok.status == 200 and ok.get("record-route") is not None and len(ok.get_all("via")) == 1
+    finally:
+        server.close()
+
+
+async def test_a_tcp_message_that_never_completes_loses_its_connection(rig: Rig) -> None:
+    tcp = await TcpSip.connect(rig.port)
+    try:
+        tcp.send(b"INVITE sip:gateway@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:1;branch=z9hG4bKs")
+        await wait_for_connections(rig, 1)
+        conn = next(iter(rig.front.connections))
+        conn.partial_since -= 60  # as if it had trickled for a minute
+        rig.front._sweep(time.monotonic())
+        assert await asyncio.wait_for(tcp.reader.read(), 2.0) == b""
+    finally:
+        tcp.close()
+
+
+async def wait_for_connections(rig: Rig, n: int) -> None:
+    for _ in range(100):
+        if len(rig.front.connections) == n and all(c.partial_since for c in rig.front.connections):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the front did not see the connection")

@@ -212,8 +212,9 @@ def require_pjsua2_large_messages() -> None:
     status = next((ln[6:] for ln in out.stdout.splitlines() if ln.startswith("PROBE ")), out.stderr[-300:])
     if not status.startswith("SIP/2.0 200"):
         pytest.fail(
-            "this pjsua2 cannot read SIP messages over 4000 bytes (the PyPI wheel's PJSIP_MAX_PKT_LEN; "
-            f"a 5 KB OPTIONS got {status or 'no answer'!r}): build pjproject with scripts/setup.sh (issue 9)",
+            "this pjsua2 cannot read SIP messages over 4000 bytes (PJSIP_MAX_PKT_LEN: the PyPI wheel's is 4000; "
+            f"a 5 KB OPTIONS got {status or 'no answer'!r}): build pjproject with scripts/setup.sh (issue 9) "
+            "and PJSIP_MAX_PKT_LEN 65536 in config_site.h",
             pytrace=False,
         )
 

@@ -23,7 +23,7 @@ from gateway.errors import GatewayError
 from gateway.sip.front import Refuse
 from gateway.sip.message import parse_message
 from gateway.sip.plane import SipPlane
-from gateway.sip.protocol import Reject, SetTap
+from gateway.sip.protocol import Answer, Reject, SetTap
 
 from .fake_sip_worker import FakeWorker, FakeWorkers
 from .sip_support import FakeHooks, sdp, wait_until
@@ -139,6 +139,18 @@ async def test_an_invite_without_the_fronts_token_is_refused(plane: tuple[SipPla
     forged = fake.invite(invite("c-1", "customer", r.token))
     await wait_until(lambda: any(isinstance(c, Reject) and c.call == forged for c in fake.commands), 2, "reject")
     assert not hooks.events and p.stats()["calls"] == 0
+
+
+async def test_a_latin1_display_name_is_answered_at_once(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
+    """pjsua hands the INVITE over with its Latin-1 byte surrogate-escaped: the plane answers it
+    (it used to fail re-encoding it, and the worker held the call 5 s, then 500)."""
+    p, fakes, hooks = plane
+    r = place(p, "c-1", "agent")
+    fake = fakes.on_port(p.workers[r.worker].sip_port)
+    raw = invite("c-1", "agent", r.token).replace(b"From: <sip:", b'From: "Jos\xe9" <sip:', 1)
+    call = fake.invite(raw)
+    await wait_until(lambda: any(isinstance(c, Answer) and c.call == call for c in fake.commands), 2, "answer")
+    await hooks.wait_for("leg_started", "c-1", "agent", timeout=2)
 
 
 async def test_a_dead_worker_ends_its_calls_and_restarts_with_backoff(

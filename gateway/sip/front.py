@@ -30,7 +30,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 from ..config import Settings
@@ -69,6 +69,8 @@ _TIMER_H = 32.0
 _ALLOW = "INVITE, ACK, CANCEL, OPTIONS, BYE"
 _KNOWN = {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH", "INFO", "UPDATE", "PRACK"}
 _ANSWERED_CAP = 20000  # cached answers kept for retransmissions, at most
+MAX_CONNECTIONS = 1000  # TCP connections at once; more are closed at once (file descriptors)
+_PARTIAL_SECONDS = 30.0  # a TCP message must arrive whole within this long
 _WILDCARD = {"", "0.0.0.0", "::"}
 _LOOSE_VIA = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*\S+\s+\S")
 _ACCEPT = ("Accept", "application/sdp, multipart/mixed")
@@ -158,6 +160,7 @@ class SipFront:
         #: Call-ID → TCP connection a dialog's platform uses (requests toward it go on it)
         self.dialog_connections: dict[str, SipConnection] = {}
         self._local_for: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # resolutions and outgoing connections in flight
         # the plane's front_* stats
         self.counts = {"malformed": 0, "invites": 0, "rejected": 0, "forwarded": 0, "rate_limited": 0}
         self._last_sweep = time.monotonic()
@@ -188,6 +191,8 @@ class SipFront:
             self.server.close()
         for conn in list(self.connections):
             conn.close()
+        for task in self._tasks:
+            task.cancel()
 
     def received(self, data: bytes, peer: Peer) -> None:
         """One message from ``peer`` (a datagram, or one framed TCP message)."""
@@ -210,7 +215,7 @@ class SipFront:
             if _is_ip(addr[0]):
                 self._send(data, Peer(addr))
             else:
-                asyncio.get_running_loop().create_task(self._resolve_and_send(data, addr))
+                self._spawn(self._resolve_and_send(data, addr))
             return
         conn = self.dialog_connections.get(call_id)
         if conn is None or conn.closed or conn.peer[0] != addr[0]:
@@ -218,7 +223,12 @@ class SipFront:
         if conn is not None:
             conn.write(data)
         else:
-            asyncio.get_running_loop().create_task(self._connect_and_send(data, addr))
+            self._spawn(self._connect_and_send(data, addr))
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _resolve_and_send(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -299,6 +309,8 @@ class SipFront:
         self.tcp_requests = {k: v for k, v in self.tcp_requests.items() if v[1] > now and not v[0].closed}
         self.dialog_connections = {k: c for k, c in self.dialog_connections.items() if not c.closed}
         self.limit.sweep(now)
+        for conn in [c for c in self.connections if c.partial_since and now - c.partial_since > _PARTIAL_SECONDS]:
+            conn.close()  # a message that never completes (slow loris) holds no connection slot
 
     def _from_outside(self, msg: SipMessage, peer: Peer, now: float) -> None:
         method = msg.method or ""
@@ -615,12 +627,17 @@ class SipConnection(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.closed = False
+        self.partial_since = 0.0  # monotonic time since which part of a message waits in buf
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer, self.local = (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
+        if len(self.front.connections) >= MAX_CONNECTIONS:
+            log.warning("sip front: %d TCP connections, refusing one from %s", MAX_CONNECTIONS, self.peer[0])
+            self.close()
+            return
         self.front.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -638,6 +655,13 @@ class SipConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        self._frame()
+        if not self.buf:
+            self.partial_since = 0.0
+        elif not self.partial_since:
+            self.partial_since = time.monotonic()
+
+    def _frame(self) -> None:
         while self.buf and not self.closed:
             if self.buf.startswith(b"\r\n\r\n"):  # ping → pong
                 del self.buf[:4]
@@ -669,4 +693,5 @@ class SipConnection(asyncio.Protocol):
                 return
             message = bytes(self.buf[:total])
             del self.buf[:total]
+            self.partial_since = 0.0
             self.front.received(message, Peer(self.peer, self))

@@ -93,14 +93,6 @@ class SipMessage:
         return self.get("call-id") or ""
 
     @property
-    def cseq(self) -> tuple[int, str]:
-        raw = self.get("cseq") or ""
-        parts = raw.split()
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise SipParseError("bad CSeq")
-        return int(parts[0]), parts[1].upper()
-
-    @property
     def branch(self) -> str:
         via = self.get("via") or ""
         m = re.search(r";\s*branch=([^;,\s]+)", via, re.I)
