@@ -183,7 +183,24 @@ async def siprec_call(port: int, sc: Scenario) -> AsyncIterator[None]:
         sig.close()
 
 
-async def run_client(plane: SipPlane, hooks: FakeHooks, sc: Scenario) -> None:
+async def phone_hears(plane: SipPlane, tmp: Path) -> dict[float, float]:
+    """Call a pjsua2 phone for the conversation (as a SIP voice monitor), record 1.5 s."""
+    port = free_udp_block(30, 40000, 59000)
+    rec = tmp / "phone.wav"
+    phone = await start_phone(port, rec)
+    try:
+        await plane.call_phone(CID, "m-phone", f"sip:sup@127.0.0.1:{port}")
+        await phone.wait_line("CONNECTED", 5)
+        await asyncio.sleep(1.5)
+        await plane.hang_up_phone("m-phone")
+        await phone.wait_line("DISCONNECTED", 3)
+    finally:
+        await phone.stop()
+    samples, rate = read_wav(rec)
+    return tone_levels(samples[-6000:], rate, [AGENT_HZ, CUSTOMER_HZ])
+
+
+async def run_client(plane: SipPlane, hooks: FakeHooks, sc: Scenario, tmp: Path) -> None:
     """Register the conversation as the platform would, run ``sc``'s call, and check what
     each leg carries on the monitor's tap."""
     hooks.parties[CID] = Parties("alice", tuple(sc.agent_addresses), tuple(sc.customer_addresses))
@@ -196,13 +213,15 @@ async def run_client(plane: SipPlane, hooks: FakeHooks, sc: Scenario) -> None:
         assert {s["leg"]: s["label"] for s in hooks.streams[CID]} == {v: k for k, v in sc.expected.items()}
         await asyncio.sleep(0.5)
         agent, customer = await record_tap(plane, CID, 1.5)
+        phone_heard = await phone_hears(plane, tmp) if "mixed" in legs else {}
     label_tone = {s.label: s.tone for s in sc.streams}
     if "mixed" in legs:
         # A mixed stream reaches the monitor as it is (on the agent side of the tap, the
-        # customer side silent: a mono mix of the two is the stream itself).
+        # customer side silent: a mono mix of the two is the stream itself); a phone hears it.
         mixed_tone = label_tone[next(label for label, leg in sc.expected.items() if leg == "mixed")] or 0.0
         assert heard(agent)[mixed_tone] > 0.5, (sc.name, heard(agent))
         assert heard(customer) == {AGENT_HZ: 0.0, CUSTOMER_HZ: 0.0}, (sc.name, heard(customer))
+        assert phone_heard[mixed_tone] > 0.5, (sc.name, "phone", phone_heard)
     else:
         a, c = heard(agent), heard(customer)
         assert a[AGENT_HZ] > 0.5 and a[CUSTOMER_HZ] < 0.1, (sc.name, "agent leg", a)
@@ -216,7 +235,7 @@ async def test_a_siprec_client_as_sent(
     gw: tuple[SipPlane, FakeHooks], make: Callable[[], Scenario], tmp_path: Path
 ) -> None:
     plane, hooks = gw
-    await run_client(plane, hooks, make())
+    await run_client(plane, hooks, make(), tmp_path)
     assert plane.stats()["worker_restarts"] == 0
 
 
