@@ -57,7 +57,8 @@ def conversation_json(conversation: Conversation, monitors: list[Monitor]) -> di
         "sessions": {channel: conversation.session_active(channel) for channel in ("chat", "voice")},
         "session_started": {channel: started for channel, started in conversation.sessions.items()},
         "voice_legs": sorted(conversation.voice_legs),
-        "voice_streams": list(conversation.voice_streams),
+        # Only legs with media up: a call answered whose media never came holds no stream.
+        "voice_streams": [s for s in conversation.voice_streams if s["leg"] in conversation.voice_legs],
         "monitored": bool(active),
         "monitors": [monitor_brief(m) for m in active],
     }

@@ -36,9 +36,11 @@ async def test_recording_keys_find_the_conversation_and_voice_streams_show(tmp_p
             {"leg": "customer", "label": "1", "participant": "tel:+15550100199"},
         ]
         hooks.on_streams_attributed("rk-1", streams)
+        sam = await gw.login("sam")
+        got = await gw.call("GET", "/v1/conversations/rk-1", sam)
+        assert got.body["voice_streams"] == [], "no stream before its media is up"
         hooks.on_leg_started("rk-1", "agent")
         hooks.on_leg_started("rk-1", "customer")
-        sam = await gw.login("sam")
         got = await gw.call("GET", "/v1/conversations/rk-1", sam)
         assert got.body["voice_streams"] == streams and got.body["voice_legs"] == ["agent", "customer"]
         hooks.on_leg_ended("rk-1", "customer", "bye")
