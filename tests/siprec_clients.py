@@ -201,8 +201,9 @@ def oracle_acme() -> Scenario:
 
 def oracle_avaya_ucid() -> Scenario:
     """Oracle SBC in an Avaya contact centre: the UCID as ``apkt:ucid`` extension data of the
-    session (hex, with ``;encoding=hex``); the agent by a ``tel:`` URI; PCMA offered first."""
-    ucid = "00FA080019A2C5E1F3D7B9"
+    session (Avaya's User-to-User hex, with ``;encoding=hex``) while the platform knows it in
+    Avaya's 20-digit decimal form; the agent by a ``tel:`` URI; PCMA offered first."""
+    ucid = "00FA08001A2C5E61F3D7B9"  # User-to-User form: 00 FA 08 + node 0x001A, seq 0x2C5E, time 0x61F3D7B9
     meta = f"""<?xml version="1.0" encoding="UTF-8"?>
 <recording xmlns="{_DRAFT}">
   <datamode>complete</datamode>
@@ -231,7 +232,7 @@ def oracle_avaya_ucid() -> Scenario:
         [Stream("audio", "1", AGENT_HZ, "8 0"), Stream("audio", "2", CUSTOMER_HZ, "8 0")],
         "application/rs-metadata+xml",
         meta,
-        recording_keys=[ucid],
+        recording_keys=["00026113581643370425"],  # the UCID as Avaya's CTI gives it: 20 decimal digits
         agent_addresses=["+44 20 7123 4567"],
         expected={"1": "agent", "2": "customer"},
     )
@@ -302,7 +303,7 @@ def oracle_avaya_full() -> Scenario:
         [Stream("audio", "1", AGENT_HZ, "8 0"), Stream("audio", "2", CUSTOMER_HZ, "8 0")],
         "application/rs-metadata+xml",
         meta,
-        recording_keys=[ucid],
+        recording_keys=["00026151962107514656"],  # the UCID in Avaya's decimal form
         agent_addresses=["+44 20 7123 4567"],
         expected={"1": "agent", "2": "customer"},
     )

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gateway.sip.message import SipParseError, classify_invite, header_keys, parse_message, parse_sdp, split_body
 from gateway.sip.parties import Parties, address_key, matching
-from gateway.sip.siprec_metadata import MetadataError, parse_metadata
+from gateway.sip.siprec_metadata import MetadataError, parse_metadata, recording_key_forms
 
 from .siprec_clients import (
     SCENARIOS,
@@ -111,7 +111,7 @@ def test_header_keys_are_asked_after_metadata_keys() -> None:
     "make,keys",
     [
         (rfc8068_basic_call, {"ab30317f1a784dc48ff824d0d3715d86"}),
-        (oracle_avaya_ucid, {"00FA080019A2C5E1F3D7B9"}),
+        (oracle_avaya_ucid, {"00FA08001A2C5E61F3D7B9", "001A2C5E61F3D7B9", "00026113581643370425"}),
         (cisco_cube, {"A1B2C3D4-0000-0001-0000-00AB12CD34EF", "5b6c1f0e8d2a4b39a7c6d5e4f3a2b1c0"}),
         (ribbon, {"8a7b6c5d4e3f@10.1.1.20", "1593829401"}),
         (broadworks, {"48:1-2B3C4D5E6F", "BW0612003001202261-1877@10.30.0.8"}),
@@ -204,3 +204,26 @@ def test_metadata_parser_never_raises_anything_else(parts: list[str]) -> None:
         return
     assert all(isinstance(k, str) and 0 < len(k) <= 256 for k in meta.keys)
     assert all(isinstance(v, list) for v in meta.label_aors.values())
+
+
+@pytest.mark.parametrize(
+    "value,forms",
+    [
+        ("abc;remote=000", ["abc;remote=000", "abc"]),
+        ("00FA080019001038F725B3;encoding=hex", ["0019001038F725B3", "00025000160955721139"]),
+        ("FA080019001038F725B3", ["0019001038F725B3", "00025000160955721139"]),  # AudioCodes' AvayaUCID
+        ("00FA080019001038F725B3C1080102", ["00025000160955721139"]),  # more shared UUI after the UCID
+        ("00FA07001900", ["00FA07001900"]),  # not a UCID item: as sent only
+    ],
+)
+def test_recording_key_forms(value: str, forms: list[str]) -> None:
+    got = recording_key_forms(value)
+    assert set(forms) <= set(got) and got[0] == value
+
+
+def test_a_ucid_in_user_to_user_finds_the_conversation_by_its_decimal_form() -> None:
+    sc = ribbon()
+    sc = Scenario(sc.name, {"User-to-User": "00FA080019001038F725B3;encoding=hex"}, sc.streams,
+                  sc.metadata_type, sc.metadata, ["00025000160955721139"], sc.agent_addresses)  # fmt: skip
+    info = classify_invite(parse_message(siprec_invite(sc, 5060, 5070, 40000, "TCP")), Directory(sc))
+    assert info.identified_by == "recording key in header"

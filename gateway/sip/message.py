@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .parties import Parties, matching
-from .siprec_metadata import MetadataError, RecordingMetadata
+from .siprec_metadata import MetadataError, RecordingMetadata, recording_key_forms
 from .siprec_metadata import parse_metadata as _parse_metadata
 
 #: Largest SIP message accepted anywhere on the path (the most one UDP datagram holds); a bigger
@@ -536,21 +536,20 @@ def parse_metadata(xml: bytes) -> RecordingMetadata:
 
 
 #: Headers that may carry an identifier of the recorded call, besides every ``X-`` header:
-#: RFC 7989's Session-ID, Cisco's GUIDs.
-_KEY_HEADERS = ("session-id", "cisco-guid", "cisco-gucid")
+#: RFC 7989's Session-ID, Cisco's GUIDs, User-to-User (Avaya's UCID).
+_KEY_HEADERS = ("session-id", "cisco-guid", "cisco-gucid", "user-to-user")
 _OWN_HEADERS = ("x-conversation-id", "x-leg")
 
 
 def header_keys(msg: SipMessage) -> list[str]:
-    """Candidate recording keys in the INVITE's headers (each also without its ``;params``)."""
+    """Candidate recording keys in the INVITE's headers, in every form a platform may know
+    them by (:func:`~.siprec_metadata.recording_key_forms`)."""
     out: dict[str, None] = {}
     for name, value in msg.headers:
         if name in _KEY_HEADERS or (name.startswith("x-") and name not in _OWN_HEADERS):
-            value = value.strip()
-            if value and len(value) <= 256:
-                out[value] = None
-                out[value.split(";", 1)[0].strip()] = None
-    return [k for k in out if k]
+            if len(value.strip()) <= 256:
+                out.update(dict.fromkeys(recording_key_forms(value)))
+    return list(out)
 
 
 class PartyDirectory(Protocol):

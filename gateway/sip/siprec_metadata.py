@@ -19,7 +19,8 @@ defusedxml: entities and DTDs are refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from xml.etree.ElementTree import Element
 
@@ -31,10 +32,14 @@ _CID_NAMES = {"conversation-id", "conversationid", "conversation_id", "x-convers
 _KEY_NAMES = {
     "sipsessionid", "session-id", "sessionid", "callid", "call-id", "call_id", "ucid", "gcid", "guid",
     "callguid", "cisco-guid", "gucid", "exttrackingid", "trackingid", "broadworkscallid", "globalcallid",
+    "avayaucid", "genesysuuid",
 }  # fmt: skip
 #: Containers of vendor data: every leaf inside is a candidate key.
 _EXTENSION_NAMES = {"extensiondata", "calldata", "extendedcallinfo"}
 _MAX_KEY = 256
+#: Avaya's UCID inside User-to-User data: shared-UUI item 0xFA of 8 bytes (node id, sequence,
+#: timestamp), optionally after the protocol discriminator 00.
+_UUI_UCID = re.compile(r"^(?:00)?FA08([0-9A-F]{16})", re.I)
 
 
 class MetadataError(ValueError):
@@ -110,17 +115,32 @@ def _call_keys(root: Element) -> Iterator[str]:
                     yield _text(leaf)
 
 
-def _dedupe(keys: Iterator[str]) -> list[str]:
-    """Keys as sent and without their parameters (``abc;remote=000`` → ``abc`` too)."""
+def _dedupe(keys: Iterable[str]) -> list[str]:
     out: dict[str, None] = {}
     for key in keys:
-        if len(key) > _MAX_KEY:
-            continue
-        out[key] = None
-        bare = key.split(";", 1)[0].strip()
-        if bare:
-            out[bare] = None
+        if len(key) <= _MAX_KEY:
+            out.update(dict.fromkeys(recording_key_forms(key)))
     return list(out)
+
+
+def recording_key_forms(value: str) -> list[str]:
+    """The forms a platform may know an identifier by: as sent, without its ``;parameters``
+    (``abc;remote=000`` → ``abc``), and for Avaya User-to-User data carrying a UCID
+    (``00FA08`` + 8 bytes hex) the UCID in hex and in Avaya's 20-digit decimal form
+    (node id 5 digits, sequence 5, timestamp 10)."""
+    value = value.strip()
+    bare = value.split(";", 1)[0].strip()
+    forms = [f for f in dict.fromkeys((value, bare)) if f]
+    m = _UUI_UCID.match(bare)
+    if m:
+        raw = bytes.fromhex(m.group(1))
+        node, seq, stamp = (
+            int.from_bytes(raw[:2], "big"),
+            int.from_bytes(raw[2:4], "big"),
+            int.from_bytes(raw[4:], "big"),
+        )
+        forms += [m.group(1), f"{node:05d}{seq:05d}{stamp:010d}"]
+    return forms
 
 
 def _participant_aors(el: Element) -> list[str]:
