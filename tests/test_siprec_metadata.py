@@ -214,6 +214,7 @@ def test_metadata_parser_never_raises_anything_else(parts: list[str]) -> None:
         ("FA080019001038F725B3", ["0019001038F725B3", "00025000160955721139"]),  # AudioCodes' AvayaUCID
         ("00FA080019001038F725B3C1080102", ["00025000160955721139"]),  # more shared UUI after the UCID
         ("00FA07001900", ["00FA07001900"]),  # not a UCID item: as sent only
+        ("2891148800-0000065536-0000000123-0315887808", ["AC536E00000100000000007B12D410C0"]),  # Cisco-Guid
     ],
 )
 def test_recording_key_forms(value: str, forms: list[str]) -> None:

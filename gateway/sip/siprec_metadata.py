@@ -40,6 +40,8 @@ _MAX_KEY = 256
 #: Avaya's UCID inside User-to-User data: shared-UUI item 0xFA of 8 bytes (node id, sequence,
 #: timestamp), optionally after the protocol discriminator 00.
 _UUI_UCID = re.compile(r"^(?:00)?FA08([0-9A-F]{16})", re.I)
+#: Cisco's ``Cisco-Guid`` header: the call GUID as four 32-bit decimal numbers.
+_CISCO_GUID = re.compile(r"^(\d{1,10})-(\d{1,10})-(\d{1,10})-(\d{1,10})$")
 
 
 class MetadataError(ValueError):
@@ -127,7 +129,8 @@ def recording_key_forms(value: str) -> list[str]:
     """The forms a platform may know an identifier by: as sent, without its ``;parameters``
     (``abc;remote=000`` → ``abc``), and for Avaya User-to-User data carrying a UCID
     (``00FA08`` + 8 bytes hex) the UCID in hex and in Avaya's 20-digit decimal form
-    (node id 5 digits, sequence 5, timestamp 10)."""
+    (node id 5 digits, sequence 5, timestamp 10); for a ``Cisco-Guid`` (four decimal 32-bit
+    numbers) the 32-hex-digit call GUID Cisco's contact centre logs."""
     value = value.strip()
     bare = value.split(";", 1)[0].strip()
     forms = [f for f in dict.fromkeys((value, bare)) if f]
@@ -140,6 +143,9 @@ def recording_key_forms(value: str) -> list[str]:
             int.from_bytes(raw[4:], "big"),
         )
         forms += [m.group(1), f"{node:05d}{seq:05d}{stamp:010d}"]
+    g = _CISCO_GUID.match(bare)
+    if g and all(int(part) < 2**32 for part in g.groups()):
+        forms.append("".join(f"{int(part):08X}" for part in g.groups()))
     return forms
 
 
