@@ -52,6 +52,9 @@ async def test_recording_keys_find_the_conversation_and_voice_streams_show(tmp_p
         assert (await gw.conversation("rk-2", recording_keys=["sess-1"])).status == 201
         assert hooks.recording_conversation(["sess-1"]) == "rk-2"
         assert hooks.conversation_parties("rk-2") == Parties("alice")
+        # A key names one conversation: the latest PUT naming it wins.
+        assert (await gw.conversation("rk-3", recording_keys=["UCID-00FA08"])).status == 201
+        assert hooks.recording_conversation(["UCID-00FA08"]) == "rk-3"
         assert (await gw.event("rk-2", "ended")).status == 202
         assert hooks.recording_conversation(["sess-1"]) is None and hooks.conversation_parties("rk-2") is None
 
