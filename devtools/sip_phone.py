@@ -80,16 +80,8 @@ class Phone:
                 and time.monotonic() - self.connected_at > self.args.hangup_after
             ):
                 self.connected_at = None
-                for c in self.calls:
-                    try:
-                        c.hangup(pj.CallOpParam())
-                    except pj.Error:
-                        pass
-        for c in self.calls:
-            try:
-                c.hangup(pj.CallOpParam())
-            except pj.Error:
-                pass
+                self.hang_up_all()
+        self.hang_up_all()
         end = time.monotonic() + 0.5
         while time.monotonic() < end:
             self.ep.libHandleEvents(20)
@@ -97,6 +89,16 @@ class Phone:
         self.calls.clear()
         gc.collect()
         self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
+
+    def hang_up_all(self) -> None:
+        # A method of its own: a loop variable left in run()'s frame would keep a call alive
+        # past libDestroy, and its destructor then hits a pjsua assert (--once aborted so).
+        for call in self.calls:
+            if call.isActive():
+                try:
+                    call.hangup(pj.CallOpParam())
+                except pj.Error:
+                    pass
 
 
 class PhoneAccount(pj.Account):

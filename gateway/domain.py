@@ -14,7 +14,8 @@ from enum import Enum
 from typing import Any, Literal
 
 Channel = Literal["chat", "voice"]
-Leg = Literal["agent", "customer"]
+#: A SIP voice leg: one party each, or both parties in one stream (a SIPREC client sending one mix).
+Leg = Literal["agent", "customer", "mixed"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,13 @@ class Conversation:
     sessions: dict[Channel, float] = field(default_factory=dict)
     #: Voice legs connected over SIP right now.
     voice_legs: set[Leg] = field(default_factory=set)
+    #: Identifiers of the recorded call the platform knows (Session-ID, Call-ID, UCID, GCID,
+    #: GUID...): a SIPREC session carrying one belongs to this conversation.
+    recording_keys: list[str] = field(default_factory=list)
+    #: The parties' addresses (SIP URIs, extensions, E.164 numbers): ``agent`` and ``customer``.
+    participants: dict[str, list[str]] = field(default_factory=dict)
+    #: Which SIP stream became which leg: ``{"leg", "label", "participant"}`` per connected leg.
+    voice_streams: list[dict[str, str]] = field(default_factory=list)
     agent_left: bool = False
     ended: bool = False
     created_at: float = field(default_factory=time.time)

@@ -6,7 +6,10 @@ import json
 import logging
 import sys
 
-_CONTEXT_FIELDS = ("conversation", "monitor", "supervisor", "reason", "worker", "leg", "route", "status", "code")
+_CONTEXT_FIELDS = (
+    "conversation", "monitor", "supervisor", "reason", "worker", "leg", "route", "status", "code",
+    "participant", "identified_by", "call_id",
+)  # fmt: skip
 
 
 class JsonFormatter(logging.Formatter):

@@ -57,6 +57,8 @@ def conversation_json(conversation: Conversation, monitors: list[Monitor]) -> di
         "sessions": {channel: conversation.session_active(channel) for channel in ("chat", "voice")},
         "session_started": {channel: started for channel, started in conversation.sessions.items()},
         "voice_legs": sorted(conversation.voice_legs),
+        # Only legs with media up: a call answered whose media never came holds no stream.
+        "voice_streams": [s for s in conversation.voice_streams if s["leg"] in conversation.voice_legs],
         "monitored": bool(active),
         "monitors": [monitor_brief(m) for m in active],
     }
@@ -166,6 +168,8 @@ class MonitoringService:
         customer: dict[str, Any],
         transferred: bool,
         sessions: list[Channel],
+        recording_keys: list[str] | None = None,
+        participants: dict[str, list[str]] | None = None,
     ) -> tuple[Conversation, bool]:
         """Create or update a conversation; ``(conversation, created)``. Without ``team``, the
         agent's team is its Keycloak group (503 ``identity_unavailable`` if unreachable)."""
@@ -190,6 +194,8 @@ class MonitoringService:
             customer=customer,
             transferred=transferred,
             sessions=sessions,
+            recording_keys=recording_keys or [],
+            participants=participants or {},
         )
 
     def _apply_conversation(
@@ -202,11 +208,20 @@ class MonitoringService:
         customer: dict[str, Any],
         transferred: bool,
         sessions: list[Channel],
+        recording_keys: list[str],
+        participants: dict[str, list[str]],
     ) -> tuple[Conversation, bool]:
         existing = self.store.get_conversation(cid)  # again: the awaits above let others change it
         if existing is None or existing.ended:
             conversation = Conversation(
-                id=cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred
+                id=cid,
+                direction=direction,
+                agent=agent,
+                team=team,
+                customer=customer,
+                transferred=transferred,
+                recording_keys=recording_keys,
+                participants=participants,
             )
             for channel in sessions:
                 conversation.sessions[channel] = conversation.created_at
@@ -222,6 +237,7 @@ class MonitoringService:
         existing.direction, existing.agent, existing.customer = direction, agent, customer
         existing.team = team
         existing.transferred = transferred
+        existing.recording_keys, existing.participants = recording_keys, participants
         for channel in ("chat", "voice"):
             if channel in sessions and channel not in existing.sessions:
                 self._start_session(existing, channel)
@@ -278,6 +294,25 @@ class MonitoringService:
         rules.check_may_read_chat(principal, conversation, view)
         return conversation
 
+    def recording_conversation(self, keys: list[str]) -> Conversation | None:
+        """The ongoing conversation whose platform named one of ``keys`` as a recording key."""
+        for key in keys:
+            conversation = self.store.conversation_by_recording_key(key)
+            if conversation is not None and not conversation.ended:
+                return conversation
+        return None
+
+    def voice_streams_attributed(self, cid: str, streams: list[dict[str, str]]) -> None:
+        """A SIP call of ``cid`` was answered: which of its streams became which leg (replacing
+        what an earlier call said for those legs)."""
+        conversation = self.store.get_conversation(cid)
+        if conversation is None or conversation.ended:
+            return
+        legs = {s["leg"] for s in streams}
+        conversation.voice_streams = [s for s in conversation.voice_streams if s["leg"] not in legs] + streams
+        conversation.touch()
+        self._publish_conversation(conversation)
+
     def leg_started(self, cid: str, leg: Leg) -> None:
         """SIP ingress of one leg began: voice is active from the first leg, and a supervisor
         phone that waited for the legs is called now."""
@@ -299,6 +334,7 @@ class MonitoringService:
         if conversation is None or conversation.ended:
             return
         conversation.voice_legs.discard(leg)
+        conversation.voice_streams = [s for s in conversation.voice_streams if s["leg"] != leg]
         if (leg == "agent" or not conversation.voice_legs) and conversation.session_active("voice"):
             self._stop_session(conversation, "voice", "voice_ended")
         conversation.touch()

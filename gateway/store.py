@@ -28,6 +28,7 @@ class Store(Protocol):
     def get_conversation(self, cid: str) -> Conversation | None: ...
     def put_conversation(self, conversation: Conversation) -> None: ...
     def conversations(self) -> list[Conversation]: ...
+    def conversation_by_recording_key(self, key: str) -> Conversation | None: ...
     def get_monitor(self, mid: str) -> Monitor | None: ...
     def put_monitor(self, monitor: Monitor) -> None: ...
     def monitors_of(self, cid: str) -> list[Monitor]: ...
@@ -45,15 +46,29 @@ class MemoryStore:
         self._monitors: dict[str, Monitor] = {}
         self._by_conversation: dict[str, list[str]] = {}
         self._voice: dict[str, str] = {}
+        #: recording key (lower-case) → conversation id; the latest conversation to name a key owns it
+        self._recording_keys: dict[str, str] = {}
 
     def get_conversation(self, cid: str) -> Conversation | None:
         return self._conversations.get(cid)
 
     def put_conversation(self, conversation: Conversation) -> None:
         self._conversations[conversation.id] = conversation
+        self._index_recording_keys(conversation.id, conversation.recording_keys)
 
     def conversations(self) -> list[Conversation]:
         return list(self._conversations.values())
+
+    def conversation_by_recording_key(self, key: str) -> Conversation | None:
+        cid = self._recording_keys.get(key.strip().lower())
+        return self._conversations.get(cid) if cid is not None else None
+
+    def _index_recording_keys(self, cid: str, keys: list[str]) -> None:
+        wanted = {k.strip().lower() for k in keys if k.strip()}
+        for key in [k for k, owner in self._recording_keys.items() if owner == cid and k not in wanted]:
+            del self._recording_keys[key]
+        for key in wanted:
+            self._recording_keys[key] = cid
 
     def get_monitor(self, mid: str) -> Monitor | None:
         return self._monitors.get(mid)
@@ -85,6 +100,7 @@ class MemoryStore:
         """Drop an ended conversation. Its (ended) monitors stay a while: their supervisors may
         still read them and leave them (R12); the audit log keeps the history for good."""
         self._conversations.pop(cid, None)
+        self._index_recording_keys(cid, [])
         self._voice.pop(cid, None)
         self._by_conversation.pop(cid, None)
         horizon = time.time() - ENDED_MONITOR_RETENTION
@@ -115,6 +131,7 @@ class SqliteStore(MemoryStore):
         for (data,) in self._db.execute("SELECT data FROM conversations"):
             conversation = _conversation_from(json.loads(data))
             conversation.voice_legs.clear()
+            conversation.voice_streams.clear()
             super().put_conversation(conversation)
         for (data,) in self._db.execute("SELECT data FROM monitors ORDER BY rowid"):
             monitor = _monitor_from(json.loads(data))

@@ -7,6 +7,7 @@ plane ends streams, the SIP plane hangs up phones and the WebRTC plane closes li
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import cast
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from gateway.domain import DomainEvent, EventType, Leg
 from gateway.policy import rules
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
+from gateway.sip.parties import Parties
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,19 @@ class DomainSipHooks:
         self._service = service
         self._runtime = runtime
 
-    def conversation_agent(self, cid: str) -> str | None:
+    def conversation_parties(self, cid: str) -> Parties | None:
         conversation = self._service.store.get_conversation(cid)
         if conversation is None or conversation.ended or conversation.agent_left:
             return None
-        return conversation.agent
+        addresses = conversation.participants
+        return Parties(conversation.agent, tuple(addresses.get("agent", ())), tuple(addresses.get("customer", ())))
+
+    def recording_conversation(self, keys: Sequence[str]) -> str | None:
+        conversation = self._service.recording_conversation(list(keys))
+        return conversation.id if conversation is not None else None
+
+    def on_streams_attributed(self, cid: str, streams: list[dict[str, str]]) -> None:
+        self._service.voice_streams_attributed(cid, streams)
 
     def accepting(self) -> bool:
         return not self._runtime.draining

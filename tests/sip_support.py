@@ -15,10 +15,12 @@ import sys
 import time
 import uuid
 import wave
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from devtools.siprec_source import metadata as source_metadata  # no pjsua2 at import time
+from gateway.sip.parties import Parties
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "fixtures" / "audio"
@@ -83,10 +85,14 @@ def free_udp_block(n: int, lo: int = 21000, hi: int = 59000) -> int:
 
 
 class FakeHooks:
-    """A recording :class:`SipHooks`: conversations known by a dict cid → agent."""
+    """A recording :class:`SipHooks`: conversations known by a dict cid → agent; ``parties``
+    adds addresses, ``recording_keys`` maps a recording key to its conversation."""
 
     def __init__(self, convs: dict[str, str] | None = None) -> None:
         self.convs = dict(convs or {})
+        self.parties: dict[str, Parties] = {}
+        self.recording_keys: dict[str, str] = {}
+        self.streams: dict[str, list[dict[str, str]]] = {}
         self.is_accepting = True
         self.events: list[tuple[Any, ...]] = []
         self.changed = asyncio.Event()
@@ -95,8 +101,18 @@ class FakeHooks:
         self.events.append(ev)
         self.changed.set()
 
-    def conversation_agent(self, cid: str) -> str | None:
-        return self.convs.get(cid)
+    def conversation_parties(self, cid: str) -> Parties | None:
+        if cid in self.parties:
+            return self.parties[cid]
+        agent = self.convs.get(cid)
+        return Parties(agent) if agent is not None else None
+
+    def recording_conversation(self, keys: Sequence[str]) -> str | None:
+        known = {k.lower(): cid for k, cid in self.recording_keys.items()}  # as the store: case-insensitive
+        return next((known[k.lower()] for k in keys if k.lower() in known), None)
+
+    def on_streams_attributed(self, cid: str, streams: list[dict[str, str]]) -> None:
+        self.streams[cid] = streams
 
     def accepting(self) -> bool:
         return self.is_accepting

@@ -48,6 +48,19 @@ class RequestBody(BaseModel):
 # ---------------------------------------------------------------------------- platform side
 
 
+#: An identifier of the recorded call or an address of a party (Session-ID, UCID, SIP URI, E.164...).
+RecordingKey = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+_MAX_KEYS = 32
+
+
+class ParticipantsIn(RequestBody):
+    """The parties' addresses as SIP recording metadata may name them: SIP URIs, extensions,
+    E.164 numbers (compared by user part, ``sip:``/``tel:``, ``+`` and separators ignored)."""
+
+    agent: list[RecordingKey] = Field(default_factory=list, max_length=_MAX_KEYS)
+    customer: list[RecordingKey] = Field(default_factory=list, max_length=_MAX_KEYS)
+
+
 class ConversationIn(RequestBody):
     """`PUT /v1/conversations/{cid}`: create or update a conversation."""
 
@@ -60,6 +73,8 @@ class ConversationIn(RequestBody):
                     "agent": "alice",
                     "customer": {"id": "c-1", "name": "Ann"},
                     "sessions": ["chat", "voice"],
+                    "recording_keys": ["ab30317f1a784dc48ff824d0d3715d86", "00FA080018803B69810C4E"],
+                    "participants": {"agent": ["sip:4001@pbx.example"], "customer": ["+15550100"]},
                 }
             ]
         }
@@ -72,6 +87,15 @@ class ConversationIn(RequestBody):
     customer: dict[str, Any] = Field(default_factory=dict, description="opaque to the gateway; `id` names the author")
     sessions: list[Channel] = Field(default_factory=list, description="the sessions active now")
     team: str | None = Field(default=None, description="default: the agent's Keycloak group")
+    recording_keys: list[RecordingKey] = Field(
+        default_factory=list,
+        max_length=_MAX_KEYS,
+        description="identifiers of the recorded call (Session-ID, Call-ID, UCID, GCID, GUID...): "
+        "a SIPREC session that carries one in its headers or metadata belongs to this conversation",
+    )
+    participants: ParticipantsIn | None = Field(
+        default=None, description="the parties' addresses: which SIPREC stream is the agent's, which the customer's"
+    )
 
     @field_validator("agent")
     @classmethod
@@ -192,6 +216,12 @@ class SessionsOut(BaseModel):
     voice: bool
 
 
+class VoiceStreamOut(BaseModel):
+    leg: Leg
+    label: str = Field(description="the stream's SDP label (empty without one)")
+    participant: str = Field(description="the AoR(s) of the participant sending on it, as the metadata names them")
+
+
 class ConversationOut(BaseModel):
     """A conversation with its monitoring status (R11)."""
 
@@ -204,6 +234,7 @@ class ConversationOut(BaseModel):
     sessions: SessionsOut
     session_started: dict[Channel, float] = Field(description="start time (epoch seconds) of each active session")
     voice_legs: list[Leg]
+    voice_streams: list[VoiceStreamOut] = Field(description="which SIP stream became which leg, per connected leg")
     monitored: bool
     monitors: list[MonitorBrief]
 

@@ -52,7 +52,15 @@ async def put_conversation(request: web.Request) -> web.Response:
     sessions, team = body.sessions, body.team
     service = request.app[SERVICE]
     conversation, created = await service.upsert_conversation(
-        cid, direction=direction, agent=agent, team=team, customer=customer, transferred=transferred, sessions=sessions
+        cid,
+        direction=direction,
+        agent=agent,
+        team=team,
+        customer=customer,
+        transferred=transferred,
+        sessions=sessions,
+        recording_keys=body.recording_keys,
+        participants=body.participants.model_dump() if body.participants is not None else {},
     )
     return _json(service.describe(conversation), 201 if created else 200)
 

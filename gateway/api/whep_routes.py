@@ -8,6 +8,7 @@ replaces the previous listener (a reloaded console page).
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from aiohttp import web
 
@@ -52,7 +53,7 @@ async def whep_offer(request: web.Request) -> web.Response:
             offer,
             tap,
             settings=settings,
-            stereo=_stereo(request, settings.webrtc_stereo),
+            stereo=_stereo(request, settings.webrtc_stereo, conversation.voice_legs),
             on_levels=on_levels,
             on_inbound_rtp=on_inbound_rtp,
         )
@@ -78,6 +79,10 @@ async def whep_delete(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _stereo(request: web.Request, default: bool) -> bool:
+def _stereo(request: web.Request, default: bool, voice_legs: Collection[str]) -> bool:
+    """Agent left, customer right when asked (``?stereo=``, else the setting); never for one
+    mixed SIPREC stream, which carries both parties: the second channel would be silence."""
+    if "mixed" in voice_legs:
+        return False
     raw = request.query.get("stereo")
     return default if raw is None else raw.lower() in ("1", "true", "yes")

@@ -7,11 +7,13 @@ raises :class:`SipParseError`; nothing else escapes. No pjsua2 here: the main pr
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from xml.etree.ElementTree import Element
+from typing import Protocol
 
-import defusedxml.ElementTree as SafeET
+from .parties import Parties, matching
+from .siprec_metadata import MetadataError, RecordingMetadata, recording_key_forms
+from .siprec_metadata import parse_metadata as _parse_metadata
 
 #: Largest SIP message accepted anywhere on the path (the most one UDP datagram holds); a bigger
 #: one over TCP gets 413.
@@ -46,11 +48,13 @@ _SIP_URI = re.compile(
 
 
 class SipParseError(ValueError):
-    """Malformed SIP, SDP, multipart or metadata. ``status`` is the SIP answer to give."""
+    """Malformed SIP, SDP, multipart or metadata. ``status`` is the SIP answer to give;
+    ``conversation`` the conversation the refused INVITE was for, when that was known."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, conversation: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.conversation = conversation
 
 
 @dataclass
@@ -399,8 +403,16 @@ def _ct_param(content_type: str, name: str) -> str | None:
     return None
 
 
+_METADATA_TYPES = ("application/rs-metadata+xml", "application/rs-metadata")
+
+
 def split_body(msg: SipMessage) -> tuple[bytes | None, bytes | None]:
-    """Return ``(sdp, rs_metadata)`` from a plain SDP or a multipart/mixed body."""
+    """Return ``(sdp, rs_metadata)`` from a plain SDP or a multipart/mixed body.
+
+    Metadata comes as ``application/rs-metadata+xml`` (RFC 7866) or ``application/rs-metadata``
+    (the RFC's own examples, Intrado, AudioCodes); other parts (Cisco CUBE's ``application/gtd``)
+    are skipped.
+    """
     ctype = msg.content_type
     base = ctype.split(";", 1)[0].strip().lower()
     if not msg.body:
@@ -441,7 +453,7 @@ def split_body(msg: SipMessage) -> tuple[bytes | None, bytes | None]:
                     ptype = v.split(";", 1)[0].strip().lower()
             if ptype == "application/sdp" and sdp is None:
                 sdp = part_body
-            elif ptype == "application/rs-metadata+xml" and meta is None:
+            elif ptype in _METADATA_TYPES and meta is None:
                 meta = part_body
         if sdp is None:
             raise SipParseError("multipart body without application/sdp")
@@ -515,74 +527,62 @@ def parse_sdp(sdp: bytes) -> list[SdpStream]:
     return streams
 
 
-_NS = "{urn:ietf:params:xml:ns:recording:1}"
-_CID_NAMES = {"conversation-id", "conversationid", "conversation_id", "x-conversation-id", "cid"}
-
-
-def _local(tag: object) -> str:
-    t = tag if isinstance(tag, str) else ""
-    return t.rsplit("}", 1)[-1].lower()
-
-
-@dataclass
-class RecordingMetadata:
-    conversation: str | None
-    #: stream label → participant aors of the participant that *sends* on it
-    label_aors: dict[str, list[str]]
-
-
 def parse_metadata(xml: bytes) -> RecordingMetadata:
-    """Parse RFC 7865 recording metadata with defusedxml (entities/DTDs refused)."""
+    """SIPREC metadata of any dialect (:mod:`.siprec_metadata`); refused XML → 400."""
     try:
-        root: Element = SafeET.fromstring(xml)
-    except Exception as exc:  # defusedxml raises several types; all mean "refuse"
-        raise SipParseError(f"invalid metadata XML: {type(exc).__name__}") from exc
-    if _local(root.tag) != "recording":
-        raise SipParseError("metadata root is not <recording>")
-    conversation = None
-    for el in root.iter():
-        if _local(el.tag) in _CID_NAMES and (el.text or "").strip():
-            conversation = (el.text or "").strip()
-            break
-    participants: dict[str, list[str]] = {}
-    sends: dict[str, list[str]] = {}  # participant id → stream ids
-    stream_label: dict[str, str] = {}
-    for el in root:
-        name = _local(el.tag)
-        if name == "participant":
-            pid = el.get("participant_id") or el.get("id") or ""
-            aors = []
-            for sub in el.iter():
-                if _local(sub.tag) == "nameid" and sub.get("aor"):
-                    aors.append(sub.get("aor") or "")
-                elif _local(sub.tag) == "aor" and (sub.text or "").strip():
-                    aors.append((sub.text or "").strip())
-                elif _local(sub.tag) == "send" and (sub.text or "").strip():
-                    sends.setdefault(pid, []).append((sub.text or "").strip())
-            participants[pid] = aors
-        elif name == "stream":
-            sid = el.get("stream_id") or el.get("id") or ""
-            for sub in el:
-                if _local(sub.tag) == "label" and (sub.text or "").strip():
-                    stream_label[sid] = (sub.text or "").strip()
-        elif name == "participantstreamassoc":
-            pid = el.get("participant_id") or ""
-            for sub in el:
-                if _local(sub.tag) == "send" and (sub.text or "").strip():
-                    sends.setdefault(pid, []).append((sub.text or "").strip())
-    label_aors: dict[str, list[str]] = {}
-    for pid, sids in sends.items():
-        for sid in sids:
-            label = stream_label.get(sid)
-            if label is not None:
-                label_aors.setdefault(label, []).extend(participants.get(pid, []))
-    return RecordingMetadata(conversation, label_aors)
+        return _parse_metadata(xml)
+    except MetadataError as exc:
+        raise SipParseError(str(exc)) from exc
 
 
-def aor_names(aor: str, username: str) -> bool:
-    """True if the participant ``aor`` names the agent ``username`` (user part, case-insensitive)."""
-    user = uri_user(aor) or aor.split(":", 1)[-1]
-    return user.lower() == username.lower() or aor.lower() == username.lower()
+#: Headers that may carry an identifier of the recorded call, besides every ``X-`` header:
+#: RFC 7989's Session-ID, Cisco's GUIDs, User-to-User (Avaya's UCID).
+_KEY_HEADERS = ("session-id", "cisco-guid", "cisco-gucid", "user-to-user")
+_OWN_HEADERS = ("x-conversation-id", "x-leg")
+
+
+def header_keys(msg: SipMessage) -> list[str]:
+    """Candidate recording keys in the INVITE's headers, in every form a platform may know
+    them by (:func:`~.siprec_metadata.recording_key_forms`)."""
+    out: dict[str, None] = {}
+    for name, value in msg.headers:
+        if name in _KEY_HEADERS or (name.startswith("x-") and name not in _OWN_HEADERS):
+            if len(value.strip()) <= 256:
+                out.update(dict.fromkeys(recording_key_forms(value)))
+    return list(out)
+
+
+class PartyDirectory(Protocol):
+    """What :func:`classify_invite` asks the domain (the SIP plane's hooks)."""
+
+    def conversation_parties(self, cid: str) -> Parties | None: ...  # None: unknown or not accepting voice
+
+    def recording_conversation(self, keys: Sequence[str]) -> str | None: ...  # the owner of any key
+
+
+class _UsernamesOnly:
+    """A directory from ``cid → agent username`` alone (no recording keys, no addresses)."""
+
+    def __init__(self, agent_of: Callable[[str], str | None]) -> None:
+        self._agent_of = agent_of
+
+    def conversation_parties(self, cid: str) -> Parties | None:
+        agent = self._agent_of(cid)
+        return Parties(agent) if agent is not None else None
+
+    def recording_conversation(self, keys: Sequence[str]) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
+class StreamLeg:
+    """Which leg one audio m-line became, and why (for logs and ``voice_streams``)."""
+
+    index: int
+    leg: str  # 'agent', 'customer' or 'mixed'
+    label: str
+    participant: str
+    reason: str
 
 
 @dataclass
@@ -591,17 +591,23 @@ class InviteInfo:
 
     conversation: str
     kind: str  # 'leg' or 'siprec'
-    #: per audio m-line index: 'agent', 'customer' or None (stream to accept but ignore)
+    #: per m-line index: 'agent', 'customer', 'mixed' or None (stream to refuse or ignore)
     streams: list[str | None]
     leg: str | None = None  # per-leg mode only
+    #: how the conversation was found (header, metadata, recording key)
+    identified_by: str = ""
+    attribution: list[StreamLeg] = field(default_factory=list)
 
 
-def classify_invite(msg: SipMessage, agent_of: Callable[[str], str | None]) -> InviteInfo:
+def classify_invite(msg: SipMessage, directory: PartyDirectory | Callable[[str], str | None]) -> InviteInfo:
     """Validate an ingress INVITE and decide which stream is which leg.
 
-    Raises :class:`SipParseError` with the SIP status to answer: 400 malformed, 404 unknown
-    conversation, 415 unsupported body, 488 no usable audio.
+    ``directory`` answers which conversation a recording belongs to and who its parties are (a
+    plain ``cid → agent username`` callable is a directory without recording keys). Raises
+    :class:`SipParseError` with the SIP status to answer: 400 malformed, 404 unknown
+    conversation or agent not among the participants, 415 unsupported body, 488 no usable audio.
     """
+    d: PartyDirectory = _UsernamesOnly(directory) if callable(directory) else directory
     sdp_b, meta_b = split_body(msg)
     if sdp_b is None:
         raise SipParseError("INVITE without SDP offer", 488)
@@ -610,29 +616,85 @@ def classify_invite(msg: SipMessage, agent_of: Callable[[str], str | None]) -> I
     audio = [s for s in streams if s.audio_ok]
     if not audio:
         raise SipParseError("no PCMU/PCMA audio stream", 488)
-    cid = (msg.get("x-conversation-id") or "").strip() or (meta.conversation if meta else None)
-    if not cid or len(cid.encode()) > 255:
-        raise SipParseError("no conversation id", 404)
-    agent = agent_of(cid)
-    if agent is None:
-        raise SipParseError("unknown conversation", 404)
-    legs: list[str | None] = [None] * len(streams)
+    cid, identified_by = _conversation_of(msg, meta, d)
+    parties = d.conversation_parties(cid)
+    if parties is None:
+        raise SipParseError("unknown conversation", 404, cid)
     if meta is not None:
-        if len(audio) < 2:
-            raise SipParseError("SIPREC offer needs two audio streams", 488)
-        agent_idx = None
-        for s in audio:
-            if s.label is not None and any(aor_names(a, agent) for a in meta.label_aors.get(s.label, [])):
-                agent_idx = s.index
-                break
-        if agent_idx is None:
-            raise SipParseError("agent is not a participant of this recording", 404)
-        cust = [s.index for s in audio if s.index != agent_idx]
-        legs[agent_idx] = "agent"
-        legs[cust[0]] = "customer"
-        return InviteInfo(cid, "siprec", legs)
+        return _siprec_legs(cid, identified_by, streams, audio, meta, parties)
     leg = (msg.get("x-leg") or "").strip().lower()
     if leg not in ("agent", "customer"):
-        raise SipParseError("X-Leg must be agent or customer", 400)
+        raise SipParseError("X-Leg must be agent or customer", 400, cid)
+    legs: list[str | None] = [None] * len(streams)
     legs[audio[0].index] = leg
-    return InviteInfo(cid, "leg", legs, leg)
+    first = StreamLeg(audio[0].index, leg, audio[0].label or "", "", "X-Leg header")
+    return InviteInfo(cid, "leg", legs, leg, identified_by, [first])
+
+
+def _conversation_of(msg: SipMessage, meta: RecordingMetadata | None, d: PartyDirectory) -> tuple[str, str]:
+    """The conversation id and how it was found: X-Conversation-ID, the metadata's own
+    conversation id, or a recording key (metadata first, then headers) the platform registered."""
+    cid = (msg.get("x-conversation-id") or "").strip()
+    how = "X-Conversation-ID header"
+    if not cid and meta is not None and meta.conversation:
+        cid, how = meta.conversation, "conversation id in metadata"
+    if not cid:
+        for source, keys in (("metadata", meta.keys if meta else []), ("header", header_keys(msg))):
+            if keys:
+                found = d.recording_conversation(keys)
+                if found is not None:
+                    cid, how = found, f"recording key in {source}"
+                    break
+    if not cid:
+        raise SipParseError("no conversation id and no known recording key", 404)
+    if len(cid.encode()) > 255:
+        raise SipParseError("conversation id too long", 404)
+    return cid, how
+
+
+def _siprec_legs(
+    cid: str,
+    identified_by: str,
+    streams: list[SdpStream],
+    audio: list[SdpStream],
+    meta: RecordingMetadata,
+    parties: Parties,
+) -> InviteInfo:
+    """A SIPREC offer's legs: a single audio stream is the ``mixed`` leg; of two or more, the one
+    a participant matching the agent sends on is ``agent`` and the next one ``customer``
+    (a stream whose sender matches the customer's addresses tells the agent's by elimination)."""
+    legs: list[str | None] = [None] * len(streams)
+    if len(audio) == 1:
+        s = audio[0]
+        senders = meta.label_aors.get(s.label or "", [])
+        legs[s.index] = "mixed"
+        att = StreamLeg(s.index, "mixed", s.label or "", ", ".join(senders), "the only audio stream")
+        return InviteInfo(cid, "siprec", legs, None, identified_by, [att])
+    agent_names = (parties.agent, *parties.agent_addresses)
+    found: dict[int, tuple[str, str, str]] = {}  # m-line → (leg, participant, reason)
+    for s in audio:
+        senders = meta.label_aors.get(s.label or "", []) if s.label is not None else []
+        if (who := matching(senders, agent_names)) is not None:
+            found.setdefault(s.index, ("agent", who, "sender matches the agent"))
+        elif (who := matching(senders, parties.customer_addresses)) is not None:
+            found.setdefault(s.index, ("customer", who, "sender matches the customer"))
+    agent_idx = next((i for i, (leg, _, _) in found.items() if leg == "agent"), None)
+    cust_idx = next((i for i, (leg, _, _) in found.items() if leg == "customer" and i != agent_idx), None)
+    if agent_idx is None and cust_idx is not None:
+        agent_idx = next(s.index for s in audio if s.index != cust_idx)
+        found[agent_idx] = ("agent", _senders(meta, streams[agent_idx]), "the stream that is not the customer's")
+    if agent_idx is None:
+        raise SipParseError("agent is not a participant of this recording", 404, cid)
+    if cust_idx is None:
+        cust_idx = next(s.index for s in audio if s.index != agent_idx)
+        found[cust_idx] = ("customer", _senders(meta, streams[cust_idx]), "the stream that is not the agent's")
+    attribution = []
+    for idx in (agent_idx, cust_idx):
+        leg, who, reason = found[idx]
+        legs[idx] = leg
+        attribution.append(StreamLeg(idx, leg, streams[idx].label or "", who, reason))
+    return InviteInfo(cid, "siprec", legs, None, identified_by, attribution)
+
+
+def _senders(meta: RecordingMetadata, stream: SdpStream) -> str:
+    return ", ".join(meta.label_aors.get(stream.label or "", [])) if stream.label is not None else ""

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from ..config import Settings
 from ..errors import ErrorCode, GatewayError
 from .front import PLACEMENT_HEADER, Decision, Forward, Refuse, SipFront
 from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, valid_sip_uri
+from .parties import Parties
 from .placement import Placement, Refusal
 from .protocol import Answer, CallEnded, CallPhone, Event, HangUpPhone, Incoming, LegUp, PhoneEnded, Reject, SetTap
 from .supervisor import Spawn, Supervisor, Worker, spawn_subprocess
@@ -47,9 +48,17 @@ _REFUSALS: dict[Refusal, Refuse] = {
 
 
 class SipHooks(Protocol):  # implemented by the control plane; all called on the asyncio loop thread
-    def conversation_agent(
+    def conversation_parties(
         self, cid: str
-    ) -> str | None: ...  # agent username, or None if the conversation is unknown/not accepting voice (→ SIP 404)
+    ) -> Parties | None: ...  # agent username and addresses, or None if unknown/not accepting voice (→ SIP 404)
+
+    def recording_conversation(
+        self, keys: Sequence[str]
+    ) -> str | None: ...  # the conversation whose platform registered one of these recording keys
+
+    def on_streams_attributed(
+        self, cid: str, streams: list[dict[str, str]]
+    ) -> None: ...  # an answered call's legs: [{"leg", "label", "participant"}]
 
     def accepting(self) -> bool: ...  # False while draining (→ 503)
 
@@ -152,14 +161,21 @@ class SipPlane:
 
     def _decide_invite(self, msg: SipMessage) -> Decision:
         if self.draining or self.stopping or self._safe(self.hooks.accepting) is False:
+            _log_refusal(msg, 503, "draining", None)
             return Refuse(503, "Draining", _RETRY)
-        info: InviteInfo = classify_invite(msg, self.hooks.conversation_agent)
+        try:
+            info: InviteInfo = classify_invite(msg, self.hooks)
+        except SipParseError as exc:
+            _log_refusal(msg, exc.status, str(exc), exc.conversation)
+            raise
         wanted = {s for s in info.streams if s}
         res = self.placement.reserve(
             info.conversation, info.kind, wanted, self.supervisor.ready_workers(), time.monotonic()
         )
         if isinstance(res, Refusal):
-            return _REFUSALS[res]
+            refusal = _REFUSALS[res]
+            _log_refusal(msg, refusal.status, res.value, info.conversation)
+            return refusal
         return Forward(("127.0.0.1", self.workers[res.worker].sip_port), res.token)
 
     # --- worker events ---------------------------------------------------------------------
@@ -201,10 +217,11 @@ class SipPlane:
             res = self.placement.reservation(msg.get(PLACEMENT_HEADER) or "", worker, time.monotonic())
             if res is None:
                 raise SipParseError("no placement for this call", 403)
-            info = classify_invite(msg, self.hooks.conversation_agent)
+            info = classify_invite(msg, self.hooks)
             if info.conversation != res.cid or {s for s in info.streams if s} != res.legs:
-                raise SipParseError("INVITE differs from the one placed", 403)
+                raise SipParseError("INVITE differs from the one placed", 403, res.cid)
         except SipParseError as exc:
+            _log_refusal(msg, exc.status, str(exc), exc.conversation, worker)
             self.supervisor.send(worker, Reject(call=event.call, code=exc.status))
             return
         except Exception:  # never leave the worker waiting: a pending call holds a slot
@@ -212,9 +229,13 @@ class SipPlane:
             self.supervisor.send(worker, Reject(call=event.call, code=500))
             return
         if self.placement.admit(res, event.call, info.streams) is None:
+            _log_refusal(msg, 403, "placement no longer admits this call", res.cid, worker)
             self.supervisor.send(worker, Reject(call=event.call, code=403))
             return
         self.supervisor.send(worker, Answer(call=event.call, cid=res.cid, legs=info.streams))
+        _log_attribution(info, worker)
+        streams = [{"leg": a.leg, "label": a.label, "participant": a.participant} for a in info.attribution]
+        self._safe(self.hooks.on_streams_attributed, res.cid, streams)
 
     def _worker_exited(self, worker: int) -> None:
         """Every call of a dead worker ended (``shutdown`` when we stopped it); its taps end."""
@@ -331,3 +352,33 @@ class SipPlane:
         except Exception:
             log.exception("sip hook %s failed", getattr(fn, "__name__", fn))
             return None
+
+
+def _log_refusal(msg: SipMessage, status: int, reason: str, cid: str | None, worker: int | None = None) -> None:
+    """One JSON log line per refused INVITE: the conversation (when known), the answer, why."""
+    log.warning(
+        "sip: INVITE refused %d: %s",
+        status,
+        reason,
+        extra={"conversation": cid, "status": status, "reason": reason, "worker": worker, "call_id": msg.call_id},
+    )
+
+
+def _log_attribution(info: InviteInfo, worker: int) -> None:
+    """One JSON log line per leg of an answered call: which stream, which participant, why."""
+    for a in info.attribution:
+        log.info(
+            "sip: stream %d (label %r) is the %s leg: %s",
+            a.index,
+            a.label,
+            a.leg,
+            a.reason,
+            extra={
+                "conversation": info.conversation,
+                "leg": a.leg,
+                "reason": a.reason,
+                "worker": worker,
+                "participant": a.participant,
+                "identified_by": info.identified_by,
+            },
+        )

@@ -438,6 +438,9 @@ class Conv:
 
     def on_leg_frame(self, leg: str, data: bytes) -> None:
         """Runs on pj's clock thread, once per tapped leg per 20 ms: pair the legs and send."""
+        if leg == "mixed":
+            self.send_mixed(data)
+            return
         pending = self.pending
         other = "customer" if leg == "agent" else "agent"
         if other in pending and other in self.legs:
@@ -457,6 +460,16 @@ class Conv:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         try:
             self.w.frames.send(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
+            self.w.frames_sent += 1
+        except (BlockingIOError, OSError):
+            self.w.frames_dropped += 1
+
+    def send_mixed(self, data: bytes) -> None:
+        """A mixed leg (both parties in one stream) goes out as it is, on the agent side with
+        silence beside it: a mono mix of the two is the stream itself, never doubled."""
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        try:
+            self.w.frames.send(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, data, b"\0" * len(data)))
             self.w.frames_sent += 1
         except (BlockingIOError, OSError):
             self.w.frames_dropped += 1
@@ -558,20 +571,16 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         conv = self.w.convs.get(self.conv_id or "")
         if conv is None:
             return
-        for mi in ci.media:
-            if mi.type != pj.PJMEDIA_TYPE_AUDIO or mi.status == pj.PJSUA_CALL_MEDIA_NONE:
-                continue
-            # pjsua reports one-way media as LOCAL_HOLD/REMOTE_HOLD: anything but NONE is up.
-            media = self.getAudioMedia(mi.index)
+        for index, media in audio_medias(self, ci):
+            leg = self.legs[index] if index < len(self.legs) else None
             if self.phone_mid is not None:
                 if not self.connected:
                     self.connected = True
                     self.ringing_since = 0.0
                     conv.phone_up(media)
-            elif mi.index < len(self.legs) and self.legs[mi.index]:
-                leg = self.legs[mi.index]
-                if mi.index not in self.media_idx:
-                    self.media_idx.append(mi.index)
+            elif leg:
+                if index not in self.media_idx:
+                    self.media_idx.append(index)
                     self.rx_changed = time.monotonic()
                 old = conv.legs.get(leg)
                 if old is None:
@@ -580,6 +589,21 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
                 elif conv.leg_owner.get(leg) is self and old.getPortId() != media.getPortId():
                     # A re-INVITE recreated the stream on a new bridge slot: wire it again.
                     conv.leg_up(leg, media, self)
+
+
+def audio_medias(call: Any, ci: Any) -> list[tuple[int, Any]]:
+    """``(m-line index, AudioMedia)`` of each audio stream of ``call`` with media up.
+
+    ``Call.getAudioMedia()`` takes the position in ``CallInfo.media``, not the SDP m-line
+    index: the two differ once an offer has a video m-line before an audio one (RFC 8068's
+    audio, video, audio), and the m-line index there is "invalid media index". pjsua reports
+    one-way media as LOCAL_HOLD/REMOTE_HOLD: anything but NONE is up.
+    """
+    return [
+        (mi.index, call.getAudioMedia(position))
+        for position, mi in enumerate(ci.media)
+        if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status != pj.PJSUA_CALL_MEDIA_NONE
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
