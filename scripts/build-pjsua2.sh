@@ -4,13 +4,15 @@
 # pip replaces the PyPI wheel (4 calls per process) with this build (scripts/pjsua2/config_site.h).
 #   scripts/build-pjsua2.sh [PYTHON]     # default python3; the wheel's path is the last stdout line
 # Cache: ${GATEWAY_PJSUA2_CACHE:-~/.cache/gw-pjsua2}/<pjproject version>-py<X.Y>/, reused while
-# this script and config_site.h are unchanged (delete the directory to take a newer sid release).
+# this script and config_site.h are unchanged; GATEWAY_PJSUA2_REBUILD=1 (or deleting it) takes the
+# release sid serves now. The source tarball is kept in <cache>/sources/ for offline rebuilds.
 # Downloads only from the Debian mirror (GATEWAY_PJSUA2_MIRROR, default deb.debian.org) and PyPI
-# (setuptools + wheel for the build). Debian (apt) only; run as root or with sudo.
+# (setuptools + wheel for the build). Debian (apt) only; run as root or with sudo. ~4 minutes on
+# 2 cores (GATEWAY_PJSUA2_JOBS, default all), compiled under `nice`.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
-py="${1:-python3}"
+py="$("${1:-python3}" -c 'import sys; print(sys.executable)')"  # absolute: the build changes directory
 cache="${GATEWAY_PJSUA2_CACHE:-$HOME/.cache/gw-pjsua2}"
 mirror="${GATEWAY_PJSUA2_MIRROR:-http://deb.debian.org/debian}"
 jobs="${GATEWAY_PJSUA2_JOBS:-$(nproc)}"
@@ -169,8 +171,9 @@ Root-Is-Purelib: false
 Tag: $tag
 EOF
 echo pjsua2 >"$stage/pjsua2_python-$wheel_version.dist-info/top_level.txt"
-# A missing library shows up only when the module is loaded: load it before caching anything.
-(cd "$stage" && "$work/venv/bin/python" -c 'import pjsua2; ep = pjsua2.Endpoint(); ep.libCreate(); ep.libDestroy()') ||
+# A missing library shows up only when the module is loaded: load it before caching anything
+# (stdout carries only pjlib's log; an import error goes to stderr).
+(cd "$stage" && "$work/venv/bin/python" -c 'import pjsua2; ep = pjsua2.Endpoint(); ep.libCreate(); ep.libDestroy()' >/dev/null) ||
   { log "the built module does not load"; exit 1; }
 out="$cache/$version-py$pyver"
 rm -rf "$out.tmp" && mkdir -p "$out.tmp"
