@@ -27,8 +27,18 @@
  * answers 420 Bad Extension. */
 #define PJSUA_HAS_SIPREC                1
 
+/* SIP messages up to 64 KB (default 4000 bytes): real SIPREC INVITEs are 2.3-4.3 KB and the
+ * gateway accepts up to 64 KB anywhere on the path (front -> worker over loopback UDP). */
+#define PJSIP_MAX_PKT_LEN               65536
+
+/* No RTP latching: pjmedia would otherwise switch a stream's remote address to the source of
+ * the first packet it gets when it never heard from its SDP peer, so one stray UDP packet to a
+ * supervisor phone's (sendonly, silent) stream port would redirect the monitored audio to its
+ * sender. The gateway sends RTP only toward phones, at the address their SDP names; ingress
+ * legs are still received from any source (NAT), and only their RTCP goes to the SDP address. */
+#define PJMEDIA_TRANSPORT_SWITCH_REMOTE_ADDR 0
+
 /*
- * Deliberately left at upstream defaults (decided elsewhere, see the issue tracker):
- * - PJMEDIA_TRANSPORT_SWITCH_REMOTE_ADDR (RTP latching to the address media really comes from);
+ * Deliberately left at upstream defaults:
  * - PJMEDIA_CONF_THREADS (the parallel conference bridge), to be measured before it is enabled.
  */
