@@ -40,6 +40,8 @@ from gateway.sip.protocol import (
 )
 
 _pids = itertools.count(4_000_000)  # above any real pid: never confused with a process
+#: Calls a fake worker holds unless its arguments cap it (like the project's pjsua2 build).
+FAKE_BUILD_CALLS = 512
 
 
 class FakeWorker:
@@ -73,7 +75,8 @@ class FakeWorker:
             self.emit(Fatal(error=self._fatal))
             self._exit(2)
             return
-        self.emit(Ready(pid=self.pid, sip_port=self.args.sip_port))
+        calls = min(self.args.max_calls, FAKE_BUILD_CALLS) if self.args.max_calls > 0 else FAKE_BUILD_CALLS
+        self.emit(Ready(pid=self.pid, sip_port=self.args.sip_port, max_calls=calls, pjsua2="fake+gw.0"))
         self._tasks = [
             asyncio.create_task(self._read(reader)),
             asyncio.create_task(self._stats()),

@@ -97,7 +97,8 @@ async def plane(
         await p.stop()
 
 
-async def test_a_conversation_lands_on_one_worker_best_fit(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
+@pytest.mark.parametrize("plane", [{"calls_per_worker": 4}], indirect=True)
+async def test_a_conversation_lands_on_one_worker(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
     p, fakes, hooks = plane
     assert p.ready and "pjsua2" not in sys.modules
     assert p.front is not None and p.front.options_ok()
@@ -113,6 +114,28 @@ async def test_a_conversation_lands_on_one_worker_best_fit(plane: tuple[SipPlane
     assert not p.front.options_ok()
     s = p.stats()
     assert (s["conversations"], s["legs"], s["calls"], s["reservations"]) == (2, 2, 2, 2)
+
+
+async def test_capacity_is_what_the_workers_report_and_load_spreads(
+    plane: tuple[SipPlane, FakeWorkers, FakeHooks],
+) -> None:
+    p, fakes, hooks = plane
+    s = p.stats()
+    assert (s["calls_per_worker_limit"], s["capacity_calls"]) == (512, 1024)
+    assert all(fakes.on_port(w.sip_port).args.max_calls == 0 for w in p.workers)  # the build decides
+    hooks.convs.update({f"x-{i}": "alice" for i in range(40)})
+    for i in range(40):
+        await connect_leg(p, fakes, hooks, f"x-{i}", "agent")
+    per_worker = [sum(p.worker_of(f"x-{i}") == w.index for i in range(40)) for w in p.workers]
+    assert per_worker == [20, 20], per_worker
+
+
+@pytest.mark.parametrize("plane", [{"calls_per_worker": 4}], indirect=True)
+async def test_a_worker_holding_four_calls_shows_in_metrics(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
+    p, fakes, hooks = plane
+    s = p.stats()
+    assert (s["calls_per_worker_limit"], s["capacity_calls"]) == (4, 8)
+    assert [fakes.on_port(w.sip_port).args.max_calls for w in p.workers] == [4, 4]
 
 
 @pytest.mark.parametrize("plane", [{"sip_reservation_seconds": 0.3}], indirect=True)

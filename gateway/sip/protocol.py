@@ -30,7 +30,10 @@ LegFrame wire format (version 1, little-endian)::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
+import secrets
 import struct
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -82,6 +85,43 @@ def decode_leg_frame(data: bytes) -> LegFrame:
     return LegFrame(cid, seq, rate * 100, pcm[:samples], pcm[samples:])
 
 
+# --- placement tokens --------------------------------------------------------------------------
+#
+# The plane sends each ingress INVITE to a worker with a one-time token in the Request-URI's user
+# part (``sip:<token>@worker``). The token is ``t`` + a random nonce + an HMAC of it under the
+# worker's key, so the worker checks it by itself and refuses a forged or missing one at once
+# (403), before the main process hears of it: a flood of INVITEs straight to a worker costs the
+# worker one HMAC each and never reaches the plane. The plane still checks that the token was
+# issued, is unused and unexpired (the HMAC only proves it came from the plane).
+
+_NONCE_BYTES = 8
+_MAC_BYTES = 8
+TOKEN_LENGTH = 1 + 2 * (_NONCE_BYTES + _MAC_BYTES)
+
+
+def new_token_key() -> str:
+    """A random HMAC key for one worker's placement tokens (hex)."""
+    return secrets.token_hex(32)
+
+
+def _mac(key: str, nonce: str) -> str:
+    return hmac.new(bytes.fromhex(key), nonce.encode(), hashlib.sha256).hexdigest()[: 2 * _MAC_BYTES]
+
+
+def mint_token(key: str) -> str:
+    """A fresh placement token that :func:`token_valid` accepts under ``key``."""
+    nonce = secrets.token_hex(_NONCE_BYTES)
+    return "t" + nonce + _mac(key, nonce)
+
+
+def token_valid(key: str, token: str) -> bool:
+    """Was ``token`` minted under ``key``? (Constant time; any malformed token is invalid.)"""
+    if len(token) != TOKEN_LENGTH or token[0] != "t":
+        return False
+    nonce, mac = token[1 : 1 + 2 * _NONCE_BYTES], token[1 + 2 * _NONCE_BYTES :]
+    return hmac.compare_digest(_mac(key, nonce), mac)
+
+
 # --- the worker's command line -----------------------------------------------------------------
 
 
@@ -96,7 +136,10 @@ class WorkerArgs:
     media_host: str = "127.0.0.1"
     rtp_port: int = 20000
     rtp_range: int = 100
-    max_calls: int = 4
+    #: Calls this worker may hold; 0: as many as its pjsua2 build allows (reported in Ready).
+    max_calls: int = 0
+    #: HMAC key of its placement tokens (:func:`mint_token`); empty: every INVITE is refused.
+    token_key: str = ""
     #: Longest ``libHandleEvents`` wait; a command wakes the worker at once anyway.
     poll_ms: int = 100
     #: Seconds a supervisor phone may ring before it is ``phone_unreachable``.
@@ -199,11 +242,15 @@ class Event:
 
 @dataclass(frozen=True, kw_only=True)
 class Ready(Event):
-    """The worker listens on its SIP port; sent once, after start-up."""
+    """The worker listens on its SIP port; sent once, after start-up. ``max_calls`` is how many
+    calls it holds (its pjsua2 build's limit, or less if asked), ``pjsua2`` that build's version:
+    ``+gw.`` marks the project's own build, anything else is the PyPI wheel (4 calls)."""
 
     TYPE: ClassVar[str] = "ready"
     pid: int
     sip_port: int
+    max_calls: int
+    pjsua2: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +316,8 @@ class Stats(Event):
     TYPE: ClassVar[str] = "stats"
     frames: int
     drops: int
+    #: INVITEs refused at once for a missing or forged placement token (a flood shows here).
+    refused: int = 0
 
 
 Message: TypeAlias = Command | Event
