@@ -2,8 +2,9 @@
 
     python -m devtools.sip_phone --port 5090 --record out.wav [--tone 1500] [--hangup-after 5]
 
-It prints one line per event on stdout (``READY``, ``INCOMING <from>``, ``CONNECTED dir=<n>``,
-``DISCONNECTED <code>``) so scripts and tests can follow it. The recording is a 8 kHz mono WAV
+It prints one line per event on stdout (``READY``, ``INCOMING <from>``,
+``CONNECTED dir=<n> status=<n> remote=<the caller's RTP host:port>``, ``DISCONNECTED <code>``)
+so scripts and tests can follow it. The recording is a 8 kHz mono WAV
 (a second call in the same run records to ``out-2.wav`` and so on). ``--tone`` sends a sine
 tone toward the caller: the gateway must drop it (a silent monitor is receive-only).
 Runs in its own process (pjsua2 is a per-process singleton); stop it with SIGTERM or Ctrl-C.
@@ -71,6 +72,16 @@ class Phone:
         self.acc.create(acfg, True)
         say("READY")
 
+    def hang_up_all(self) -> None:
+        """A method of its own: no call may stay bound to a local of ``run`` past libDestroy
+        (its destructor would then assert in pjsua)."""
+        for call in self.calls:
+            if call.isActive():
+                try:
+                    call.hangup(pj.CallOpParam())
+                except pj.Error:
+                    pass
+
     def run(self) -> None:
         while not self.stop:
             self.ep.libHandleEvents(20)
@@ -80,16 +91,8 @@ class Phone:
                 and time.monotonic() - self.connected_at > self.args.hangup_after
             ):
                 self.connected_at = None
-                for c in self.calls:
-                    try:
-                        c.hangup(pj.CallOpParam())
-                    except pj.Error:
-                        pass
-        for c in self.calls:
-            try:
-                c.hangup(pj.CallOpParam())
-            except pj.Error:
-                pass
+                self.hang_up_all()
+        self.hang_up_all()
         end = time.monotonic() + 0.5
         while time.monotonic() < end:
             self.ep.libHandleEvents(20)
@@ -109,6 +112,10 @@ class PhoneAccount(pj.Account):
         self.phone.calls.append(call)
         say(f"INCOMING {call.getInfo().remoteUri}")
         op = pj.CallOpParam(True)
+        op.opt.audioCount = 1
+        op.opt.videoCount = 0
+        if hasattr(op.opt, "textCount"):
+            op.opt.textCount = 0  # pjsua >= 2.16 adds a real-time-text stream unless told
         op.statusCode = self.phone.args.reject or 200
         if op.statusCode >= 300:
             call.hangup(op)
@@ -161,7 +168,9 @@ class PhoneCall(pj.Call):
                 tg.startTransmit(media)
                 ph.keep.append(tg)
             ph.connected_at = time.monotonic()
-            say(f"CONNECTED dir={mi.dir} status={mi.status}")
+            # The caller's media address as its SDP gave it (the gateway's RTP port for this call).
+            remote = self.getStreamInfo(mi.index).remoteRtpAddress
+            say(f"CONNECTED dir={mi.dir} status={mi.status} remote={remote}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def require_pjsua2() -> None:
         import pytest
 
         pytest.fail(
-            "pjsua2 is not installed: pip install 'pjsua2-python>=2.15,<2.16' (Python 3.11/3.12)", pytrace=False
+            "pjsua2 is not installed: scripts/setup.sh test builds and installs it (Python 3.11/3.12)", pytrace=False
         )
 
 
@@ -128,6 +129,18 @@ async def wait_until(pred: Any, timeout: float = 10.0, what: str = "condition") 
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def collect(tap: Any, seconds: float) -> list[Any]:
+    """The LegFrames a tap delivers within ``seconds`` (fewer if it ends)."""
+    frames = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            frames.append(await asyncio.wait_for(tap.next_frame(), max(0.01, end - time.monotonic())))
+    except (TimeoutError, EOFError):
+        pass
+    return frames
 
 
 # --- peers -----------------------------------------------------------------------------------
@@ -370,26 +383,36 @@ class RawSip:
         return ("\r\n".join(out) + "\r\n\r\n").encode()
 
 
-async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str) -> tuple[int, str]:
-    """A per-leg call by hand (front → 302 → worker → 200 → ACK) that never sends RTP.
+@dataclass(frozen=True)
+class RawLeg:
+    """A call made by :func:`raw_leg_call`: the worker that answered it and its 200 OK."""
 
-    Returns ``(worker_port, Call-ID)``.
-    """
-    data, _, _ = sip.invite(
-        front_port, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg}
-    )
+    worker_port: int
+    call_id: str
+    answer: str
+
+    @property
+    def media_port(self) -> int:
+        """The gateway's RTP port for this leg (the answer's first ``m=audio`` line)."""
+        line = next(ln for ln in self.answer.split("\r\n") if ln.startswith("m=audio "))
+        return int(line.split()[1])
+
+
+async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str, rtp_port: int = 0) -> RawLeg:
+    """A per-leg call by hand (front → 302 → worker → 200 → ACK) that never sends RTP by itself;
+    its SDP offers ``rtp_port`` (default: some free port nobody listens on)."""
+    rtp_port = rtp_port or free_udp_block(2, 40000, 59000)
+    data, _, _ = sip.invite(front_port, body=sdp(port=rtp_port), headers={"X-Conversation-ID": cid, "X-Leg": leg})
     code, text = await sip.request(data, front_port)
     assert code == 302, text
     contact = text.split("Contact: <sip:", 1)[1].split(">", 1)[0]
     token, hostport = contact.split("@")
     wport = int(hostport.split(":")[1])
-    data, call_id, _ = sip.invite(
-        wport, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg}
-    )
+    data, call_id, _ = sip.invite(wport, body=sdp(port=rtp_port), headers={"X-Conversation-ID": cid, "X-Leg": leg})
     data = data.replace(b"INVITE sip:gateway@", f"INVITE sip:{token}@".encode(), 1)
     code, text = await sip.request(data, wport)
     assert code == 200, text
-    return wport, call_id
+    return RawLeg(wport, call_id, text)
 
 
 def sdp(
