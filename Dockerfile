@@ -1,9 +1,11 @@
 # Silent-monitoring gateway. Build: docker build -t sm-gateway .
-# Run:  docker run -p 8080:8080 -p 5060:5060/udp -p 20000-20999:20000-20999/udp \
+# Run:  docker run -p 8080:8080 -p 5060:5060/udp -p 20000-28255:20000-28255/udp -e GATEWAY_SIP_WORKERS=4 \
 #         -e GATEWAY_KEYCLOAK_URL=https://keycloak.example -e GATEWAY_PUBLIC_URL=https://gw.example \
 #         -e GATEWAY_ADMIN_CLIENT_ID=gateway-directory -e GATEWAY_ADMIN_CLIENT_SECRET=... sm-gateway
-# (a realm to import: deploy/realm-cx.json). The image holds no identity provider, no demo realm and
-# no secret: without those settings it refuses to start and says what to set.
+# (RTP: 2064 ports per SIP worker from GATEWAY_RTP_PORT_BASE, one worker per core by default:
+# publish 2064 x workers; a realm to import: deploy/realm-cx.json). The image holds no identity
+# provider, no demo realm and no secret: without those settings it refuses to start and says
+# what to set.
 
 # Builder: pjsua2 for this image's Python, built for hundreds of calls per worker from the
 # pjproject in Debian sid's asterisk source package, by the same script as scripts/setup.sh.
