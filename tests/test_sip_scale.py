@@ -47,6 +47,7 @@ from .sip_support import (
     tone_levels,
     wait_until,
 )
+from .support import make_settings, running_gateway
 
 pytestmark = [pytest.mark.sip]
 
@@ -92,6 +93,21 @@ async def test_one_worker_holds_64_calls(one_worker: tuple[SipPlane, FakeHooks])
         assert s["worker_restarts"] == 0 and not [e for e in hooks.events if e[0] != "leg_started"]
     finally:
         sip.close()
+
+
+async def test_metrics_show_the_calls_a_worker_holds(tmp_path: Path) -> None:
+    require_pjsua2()
+    settings = make_settings(
+        tmp_path,
+        enable_sip=True,
+        sip_port=free_udp_block(2),
+        sip_workers=1,
+        rtp_port_base=free_udp_block(40, 22000, 30000),
+    )
+    async with running_gateway(settings) as gw:
+        metrics = (await gw.call("GET", "/metrics")).body
+    line = next(ln for ln in metrics.splitlines() if 'stat="calls_per_worker_limit"' in ln)
+    assert line.startswith("gateway_plane_stat{") and float(line.split()[-1]) >= 64, line
 
 
 # --- a live conversation with a phone --------------------------------------------------------
