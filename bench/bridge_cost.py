@@ -45,7 +45,7 @@ def say(line: str) -> None:
 # --- both sides: an Endpoint set up like a SIP worker ------------------------------------------
 
 
-def endpoint(pj: Any, sip_port: int) -> Any:
+def endpoint(pj: Any, sip_port: int, conf_threads: int = 0) -> Any:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     ep = pj.Endpoint()
@@ -62,6 +62,8 @@ def endpoint(pj: Any, sip_port: int) -> Any:
     cfg.medConfig.noVad = True
     cfg.medConfig.ecTailLen = 0
     cfg.medConfig.threadCnt = 0
+    if conf_threads:
+        cfg.medConfig.confThreads = conf_threads  # > 1 needs a build with the parallel bridge backend
     ep.libInit(cfg)
     tcfg = pj.TransportConfig()
     tcfg.port = sip_port
@@ -101,10 +103,10 @@ def pump(ep: Any, stop: list[bool]) -> None:
 # --- the gateway side ----------------------------------------------------------------------
 
 
-def run_gateway(sip_port: int, rtp_port: int) -> None:
+def run_gateway(sip_port: int, rtp_port: int, conf_threads: int) -> None:
     import pjsua2 as pj
 
-    ep = endpoint(pj, sip_port)
+    ep = endpoint(pj, sip_port, conf_threads)
     legs: dict[str, list[Any]] = {}  # conversation → leg medias
     phones: dict[str, Any] = {}  # conversation → phone media
     calls: list[Any] = []
@@ -139,10 +141,9 @@ def run_gateway(sip_port: int, rtp_port: int) -> None:
             call.answer(answer)
 
     acc = account(pj, Gateway, "gateway", sip_port, rtp_port)  # kept alive: pjsua holds no reference
-    say("READY")
+    say(f"READY account {acc.getId()}")
     stop: list[bool] = []
     pump(ep, stop)
-    acc.shutdown()
     os._exit(0)
 
 
@@ -231,13 +232,19 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--sip-port", type=int, default=46060)
     p.add_argument("--rtp-port", type=int, default=24000, help="gateway RTP ports from here, platforms' above")
+    p.add_argument(
+        "--conf-threads",
+        type=int,
+        default=0,
+        help="medConfig.confThreads of the measured side (0: the build's default)",
+    )
     p.add_argument("--role", choices=["gateway", "platform"], help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--gateway-port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role == "gateway":
-        run_gateway(args.sip_port, args.rtp_port)
+        run_gateway(args.sip_port, args.rtp_port, args.conf_threads)
         return 0
     if args.role == "platform":
         run_platform(args.gateway_port, args.sip_port, args.rtp_port, args.first, args.count)
@@ -246,7 +253,10 @@ def main() -> int:
     import pjsua2
 
     build = f"pjsua2 {getattr(pjsua2, '__version__', '?')}, {getattr(pjsua2, 'MAX_CALLS', 4)} calls per process"
-    gateway = child("--role", "gateway", "--sip-port", str(args.sip_port), "--rtp-port", str(args.rtp_port))
+    gateway = child(
+        "--role", "gateway", "--sip-port", str(args.sip_port), "--rtp-port", str(args.rtp_port),
+        "--conf-threads", str(args.conf_threads),
+    )  # fmt: skip
     wait_line(gateway, "READY")
     rows = []
     try:
@@ -274,7 +284,8 @@ def main() -> int:
     finally:
         stop(gateway)
 
-    print(f"\nConference bridge of one worker-shaped process ({build}); {args.seconds:.0f} s per row")
+    threads = f", confThreads={args.conf_threads}" if args.conf_threads else ""
+    print(f"\nConference bridge of one worker-shaped process ({build}{threads}); {args.seconds:.0f} s per row")
     idle_ms = rows[0][4] if rows and rows[0][1] == 0 else 0.0
     print(
         f"{'conversations':>13} {'held':>5} {'bridge ports':>12} {'CPU % core':>10} {'ms/tick':>8} "

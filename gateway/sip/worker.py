@@ -302,9 +302,14 @@ class Worker:
                 call.end_reason = "phone_unreachable"
                 call.local_hangup()
 
-    def shutdown(self) -> None:
+    def hang_up_all(self) -> None:
+        """A method of its own: no call may stay bound to a local of ``shutdown`` past libDestroy
+        (its destructor would then assert in pjsua)."""
         for call in list(self.calls.values()):
             call.local_hangup()
+
+    def shutdown(self) -> None:
+        self.hang_up_all()
         deadline = time.monotonic() + 1.0
         while self.calls and time.monotonic() < deadline:
             self.ep.libHandleEvents(20)
