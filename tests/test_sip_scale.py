@@ -91,6 +91,10 @@ async def test_one_worker_holds_64_calls(one_worker: tuple[SipPlane, FakeHooks])
         assert (s["calls"], s["legs"], s["conversations"]) == (64, 64, 32)
         assert {plane.worker_of(cid) for cid, _ in legs} == {0}
         assert s["worker_restarts"] == 0 and not [e for e in hooks.events if e[0] != "leg_started"]
+        await plane.stop()  # hangs up all 64 and exits cleanly (no pj object outlives libDestroy)
+        proc = plane.workers[0].proc
+        assert proc is not None and proc.returncode == 0, proc and proc.returncode
+        assert {e[3] for e in hooks.events if e[0] == "leg_ended"} == {"shutdown"}
     finally:
         sip.close()
 
