@@ -130,8 +130,27 @@ async def test_capacity_is_what_the_workers_report_and_load_spreads(
     assert per_worker == [20, 20], per_worker
 
 
+async def test_workers_on_the_pypi_wheel_warn_and_hold_four_calls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fakes = FakeWorkers()
+    fakes.build_calls, fakes.pjsua2 = 4, "2.15.1"
+    hooks = FakeHooks({f"c-{i}": "alice" for i in range(1, 4)})
+    p = SipPlane(Settings(sip_port=0, sip_workers=2, data_dir=str(tmp_path)), hooks, spawn=fakes)
+    with caplog.at_level("WARNING", logger="gateway.sip.supervisor"):
+        await p.start()
+    try:
+        assert [r.getMessage() for r in caplog.records if "holds only 4 calls" in r.getMessage()], caplog.text
+        s = p.stats()
+        assert (s["calls_per_worker_limit"], s["capacity_calls"]) == (4, 8)
+        assert redirect(p, "c-1", "agent").status == 302 and redirect(p, "c-2", "agent").status == 302
+        assert redirect(p, "c-3", "agent").status == 503  # one per-leg conversation per 4-call worker
+    finally:
+        await p.stop()
+
+
 @pytest.mark.parametrize("plane", [{"calls_per_worker": 4}], indirect=True)
-async def test_a_worker_holding_four_calls_shows_in_metrics(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
+async def test_a_worker_capped_at_four_calls_shows_in_metrics(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
     p, fakes, hooks = plane
     s = p.stats()
     assert (s["calls_per_worker_limit"], s["capacity_calls"]) == (4, 8)
