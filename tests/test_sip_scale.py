@@ -146,21 +146,21 @@ def assert_heard_both_legs(recording: Path, start: float, end: float) -> None:
         assert levels[AGENT_HZ] > 0.3 and levels[CUSTOMER_HZ] > 0.3, f"at {t:.1f} s: {levels}"
 
 
-def forged_invite(worker_port: int, local_port: int, n: int) -> bytes:
-    """An INVITE straight to a worker with an SDP offer and no valid placement token."""
+def forged_invite(port: int, local_port: int, n: int, cid: str = "c-1", kind: str = "flood") -> bytes:
+    """An INVITE with an SDP offer and no valid placement token (Call-ID ``<kind>-<n>-...``)."""
     user = random.choice(["gateway", "t" + os.urandom(16).hex(), "t0", ""])
-    uri = f"sip:{user}@127.0.0.1:{worker_port}" if user else f"sip:127.0.0.1:{worker_port}"
+    uri = f"sip:{user}@127.0.0.1:{port}" if user else f"sip:127.0.0.1:{port}"
     body = sdp(port=40000 + 2 * (n % 1000))
     head = [
         f"INVITE {uri} SIP/2.0",
         f"Via: SIP/2.0/UDP 127.0.0.1:{local_port};branch=z9hG4bK{uuid.uuid4().hex[:12]};rport",
         f"From: <sip:flood@127.0.0.1:{local_port}>;tag=f{n}",
-        f"To: <sip:gateway@127.0.0.1:{worker_port}>",
-        f"Call-ID: flood-{n}-{uuid.uuid4().hex}",
+        f"To: <sip:gateway@127.0.0.1:{port}>",
+        f"Call-ID: {kind}-{n}-{uuid.uuid4().hex}",
         "CSeq: 1 INVITE",
         f"Contact: <sip:flood@127.0.0.1:{local_port}>",
         "Max-Forwards: 70",
-        "X-Conversation-ID: c-1",
+        f"X-Conversation-ID: {cid}",
         "X-Leg: agent",
         "Content-Type: application/sdp",
         f"Content-Length: {len(body)}",
@@ -200,19 +200,25 @@ async def test_a_flood_at_a_worker_restarts_nothing_and_the_call_keeps_its_audio
         await asyncio.sleep(1.0)
         flood_start = time.monotonic() - connected
         # About a second: 300 INVITEs to the worker's SIP port, each with junk for its SIP port
-        # and for its first 64 RTP ports (those of the live call among them).
+        # and for its first 64 RTP ports (those of the live call among them), and 300 INVITEs
+        # for conversations nobody knows, and junk, to the SIP address.
         rtp_ports = range(worker.rtp_port, worker.rtp_port + 64)
+        front = ("127.0.0.1", plane.settings.sip_port)
         for n in range(invites):
             flood.sendto(forged_invite(worker.sip_port, local_port, n), ("127.0.0.1", worker.sip_port))
+            flood.sendto(forged_invite(front[1], local_port, n, f"nobody-{n}", "front"), front)
+            flood.sendto(os.urandom(random.randrange(1, 1400)), front)
             flood.sendto(os.urandom(random.randrange(1, 1400)), ("127.0.0.1", worker.sip_port))
             for port in random.sample(rtp_ports, 8):
                 flood.sendto(os.urandom(random.randrange(1, 400)), ("127.0.0.1", port))
-            junk += 9
+            junk += 10
             if n % 10 == 9:
                 await asyncio.sleep(0.03)
         flood_end = time.monotonic() - connected
         await asyncio.sleep(2.0)
-        answered = final_responses(flood)
+        responses = final_responses(flood)
+        answered = {k: v for k, v in responses.items() if k.startswith("flood-")}
+        front_answered = {k: v for k, v in responses.items() if k.startswith("front-")}
         # UDP: under load the kernel may drop some of the flood before the worker reads it.
         await wait_until(lambda: plane.stats()["invites_refused_worker"] >= len(answered), 3, "the refusal count")
         await asyncio.sleep(0.5)
@@ -222,15 +228,18 @@ async def test_a_flood_at_a_worker_restarts_nothing_and_the_call_keeps_its_audio
         flood.close()
         await phone.stop()  # hangs up: the recording is complete
     print(
-        f"flood: {invites} INVITEs + {junk} junk datagrams in {flood_end - flood_start:.2f} s; "
-        f"{len(answered)} INVITEs answered 403 by the worker"
+        f"flood: {2 * invites} INVITEs + {junk} junk datagrams in {flood_end - flood_start:.2f} s; "
+        f"{len(answered)} answered 403 by the worker, {len(front_answered)} answered by the front "
+        f"({sorted(set(front_answered.values()))})"
     )
+    # The SIP address refuses INVITEs for unknown conversations at once and reserves nothing.
+    assert len(front_answered) >= 0.8 * invites and min(front_answered.values()) >= 400, front_answered
     assert set(answered.values()) == {403} and len(answered) >= 0.8 * invites, f"{len(answered)} answered"
     s = plane.stats()
     assert worker.pid == pid and s["worker_restarts"] == 0 and s["worker_hung_kills"] == 0
     assert s["invites_refused_worker"] == len(answered)  # refused in the worker: the plane never saw them
     assert plane.legs("c-1") == {"agent", "customer"} and not [e for e in events if e[0] != "leg_started"]
-    assert s["calls"] == 2  # the flood holds no call slot
+    assert s["calls"] == 2 and s["reservations"] == 0 and s["conversations"] == 1  # the flood holds nothing
     assert_heard_both_legs(tmp_path / "phone.wav", flood_start - 0.5, listened)
 
 
