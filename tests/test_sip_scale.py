@@ -1,8 +1,8 @@
 """The SIP plane on the project's pjsua2 build, against real workers and real peers:
 
 * one worker holds (far) more than the PyPI wheel's 4 calls: CI notices a silent fall-back;
-* a flood at everything a worker listens on (its SIP port, its RTP ports) restarts nothing and
-  a live call keeps its audio (issue 9);
+* a flood at everything a worker listens on (its SIP port, its RTP ports) and at the SIP
+  address restarts nothing, holds nothing, and a live call keeps its audio (issue 9);
 * one stray packet cannot redirect a supervisor phone's audio (no RTP latching), and ingress
   RTP is heard from whatever address it comes (a platform behind NAT) while the gateway sends
   nothing to that address (issue 11).
