@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.sip.placement import Placement, Refusal, Reservation
-from gateway.sip.protocol import TOKEN_LENGTH, mint_token, new_token_key, token_valid
+from gateway.sip.protocol import TOKEN_LENGTH, WorkerArgs, mint_token, new_token_key, token_valid
 
 pytestmark = [pytest.mark.unit]
 
@@ -68,6 +68,13 @@ def test_placement_tokens_are_checked_by_the_worker_alone() -> None:
     for bad in (forged, "", "gateway", "t" + "0" * (TOKEN_LENGTH - 1), token + "0", "x" + token[1:], "té" * 17):
         assert not token_valid(key, bad), bad
     assert not token_valid("", token)
+
+
+def test_a_workers_token_key_travels_in_its_environment_not_its_command_line() -> None:
+    key = new_token_key()
+    args = WorkerArgs(ctl_fd=5, frame_fd=6, sip_port=5061, token_key=key)
+    assert key not in " ".join(args.argv())  # /proc/<pid>/cmdline is readable by every local user
+    assert WorkerArgs.parse(args.argv(), args.env()) == args
 
 
 def test_legs_of_a_conversation_follow_it() -> None:

@@ -33,9 +33,11 @@ import argparse
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import struct
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, TypeAlias
 
@@ -127,7 +129,9 @@ def token_valid(key: str, token: str) -> bool:
 
 @dataclass(frozen=True)
 class WorkerArgs:
-    """Everything a worker process is started with; field ``foo_bar`` is the option ``--foo-bar``."""
+    """Everything a worker process is started with; field ``foo_bar`` is the option ``--foo-bar``,
+    except :data:`TOKEN_KEY_ENV`, passed in the environment (a command line is readable by every
+    local user in ``/proc``)."""
 
     ctl_fd: int
     frame_fd: int
@@ -149,16 +153,29 @@ class WorkerArgs:
     log_level: int = 1
 
     def argv(self) -> list[str]:
-        return [arg for f in fields(self) for arg in (_option(f.name), str(getattr(self, f.name)))]
+        return [
+            arg for f in fields(self) if f.name != "token_key" for arg in (_option(f.name), str(getattr(self, f.name)))
+        ]
+
+    def env(self) -> dict[str, str]:
+        """What the worker's environment must carry besides :meth:`argv`."""
+        return {TOKEN_KEY_ENV: self.token_key}
 
     @classmethod
-    def parse(cls, argv: list[str] | None = None) -> WorkerArgs:
+    def parse(cls, argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerArgs:
         parser = argparse.ArgumentParser(description="A pjsua2 SIP media worker (started by the SIP plane).")
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
+            if f.name == "token_key":
+                continue
             required = f.default is MISSING
             parser.add_argument(_option(f.name), type=hints[f.name], required=required, default=f.default)
-        return cls(**vars(parser.parse_args(argv)))
+        env = os.environ if environ is None else environ
+        return cls(**vars(parser.parse_args(argv)), token_key=env.get(TOKEN_KEY_ENV, ""))
+
+
+#: The environment variable carrying :attr:`WorkerArgs.token_key` to a worker.
+TOKEN_KEY_ENV = "GATEWAY_SIP_WORKER_TOKEN_KEY"
 
 
 def _option(name: str) -> str:

@@ -96,7 +96,7 @@ Spawn = Callable[[WorkerArgs, socket.socket, socket.socket], Awaitable[WorkerPro
 
 async def spawn_subprocess(args: WorkerArgs, control: socket.socket, frames: socket.socket) -> WorkerProcess:
     """Start ``python -m gateway.sip.worker`` (the default :data:`Spawn`)."""
-    env = dict(os.environ)
+    env = dict(os.environ, **args.env())
     env["PYTHONPATH"] = str(PROJECT_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         return await asyncio.create_subprocess_exec(
