@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from gateway.config import PROJECT_DIR, Settings
+from gateway.sip.supervisor import rtp_ports_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class DemoLegs:
         avoid = [
             (s.sip_port, s.sip_port + s.sip_workers + 1),
             (s.sip_worker_base_port or s.sip_port + 1, (s.sip_worker_base_port or s.sip_port + 1) + s.sip_workers),
-            (s.rtp_port_base, s.rtp_port_base + 40 * s.sip_workers),
+            (s.rtp_port_base, s.rtp_port_base + rtp_ports_per_worker(s) * s.sip_workers),
         ]
         for _ in range(200):
             base = random.randrange(40000, 59000 - PORTS_PER_PROCESS)

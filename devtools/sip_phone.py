@@ -2,8 +2,9 @@
 
     python -m devtools.sip_phone --port 5090 --record out.wav [--tone 1500] [--hangup-after 5]
 
-It prints one line per event on stdout (``READY``, ``INCOMING <from>``, ``CONNECTED dir=<n>``,
-``DISCONNECTED <code>``) so scripts and tests can follow it. The recording is a 8 kHz mono WAV
+It prints one line per event on stdout (``READY``, ``INCOMING <from>``,
+``CONNECTED dir=<n> status=<n> remote=<the caller's RTP host:port>``, ``DISCONNECTED <code>``)
+so scripts and tests can follow it. The recording is a 8 kHz mono WAV
 (a second call in the same run records to ``out-2.wav`` and so on). ``--tone`` sends a sine
 tone toward the caller: the gateway must drop it (a silent monitor is receive-only).
 Runs in its own process (pjsua2 is a per-process singleton); stop it with SIGTERM or Ctrl-C.
@@ -71,6 +72,16 @@ class Phone:
         self.acc.create(acfg, True)
         say("READY")
 
+    def hang_up_all(self) -> None:
+        """A method of its own: no call may stay bound to a local of ``run`` past libDestroy
+        (its destructor would then assert in pjsua)."""
+        for call in self.calls:
+            if call.isActive():
+                try:
+                    call.hangup(pj.CallOpParam())
+                except pj.Error:
+                    pass
+
     def run(self) -> None:
         while not self.stop:
             self.ep.libHandleEvents(20)
@@ -90,16 +101,6 @@ class Phone:
         gc.collect()
         self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
 
-    def hang_up_all(self) -> None:
-        # A method of its own: a loop variable left in run()'s frame would keep a call alive
-        # past libDestroy, and its destructor then hits a pjsua assert (--once aborted so).
-        for call in self.calls:
-            if call.isActive():
-                try:
-                    call.hangup(pj.CallOpParam())
-                except pj.Error:
-                    pass
-
 
 class PhoneAccount(pj.Account):
     def __init__(self, phone: Phone) -> None:
@@ -111,6 +112,10 @@ class PhoneAccount(pj.Account):
         self.phone.calls.append(call)
         say(f"INCOMING {call.getInfo().remoteUri}")
         op = pj.CallOpParam(True)
+        op.opt.audioCount = 1
+        op.opt.videoCount = 0
+        if hasattr(op.opt, "textCount"):
+            op.opt.textCount = 0  # pjsua >= 2.16 adds a real-time-text stream unless told
         op.statusCode = self.phone.args.reject or 200
         if op.statusCode >= 300:
             call.hangup(op)
@@ -163,7 +168,9 @@ class PhoneCall(pj.Call):
                 tg.startTransmit(media)
                 ph.keep.append(tg)
             ph.connected_at = time.monotonic()
-            say(f"CONNECTED dir={mi.dir} status={mi.status}")
+            # The caller's media address as its SDP gave it (the gateway's RTP port for this call).
+            remote = self.getStreamInfo(mi.index).remoteRtpAddress
+            say(f"CONNECTED dir={mi.dir} status={mi.status} remote={remote}")
 
 
 def main(argv: list[str] | None = None) -> int:

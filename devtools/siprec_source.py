@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
         prm = pj.CallOpParam(True)
         prm.opt.audioCount = 2
         prm.opt.videoCount = 0
+        if hasattr(prm.opt, "textCount"):
+            prm.opt.textCount = 0  # pjsua >= 2.16 adds a real-time-text stream unless told
         prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
         prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING, pj.PJMEDIA_DIR_ENCODING])
         mt = pj.SipMediaType()

@@ -84,8 +84,12 @@ class Settings:
     monitor_start_burst: int = 10
 
     # --- SIP media workers ----------------------------------------------------------------
-    sip_workers: int = 2
-    calls_per_worker: int = 4
+    #: Worker processes: one per core by default, each holding hundreds of calls (a worker's
+    #: conference bridge runs on one thread, so more workers than cores only adds idle cost).
+    sip_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: Calls one worker may hold; 0: as many as its pjsua2 build allows (512 with the project's
+    #: build, 4 with the PyPI wheel). Sizes each worker's RTP port block (4 ports per call).
+    calls_per_worker: int = 0
     sip_worker_base_port: int = 0  # 0: sip_port + 1 ...
     rtp_port_base: int = 20000
     media_host: str = "127.0.0.1"

@@ -4,6 +4,7 @@
 #   scripts/setup.sh run    # what `make run` needs
 #   scripts/setup.sh test   # what `make test` needs (sipp, chromium, espeak-ng, sox, a JRE)
 #   scripts/setup.sh bench  # what `make bench` needs: the test peers, gcc and janus
+# All three build pjsua2 from source once (scripts/build-pjsua2.sh) and install it into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +49,23 @@ if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stam
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
+fi
+
+# pjsua2 built for hundreds of calls per worker process (scripts/build-pjsua2.sh: once, cached by
+# pjproject and Python version) replaces the PyPI wheel, which holds 4 calls per process and stays
+# the fallback: GATEWAY_PJSUA2=wheel skips the build (a machine without apt, say).
+if [ "${GATEWAY_PJSUA2:-build}" != wheel ]; then
+  wheel="$(scripts/build-pjsua2.sh .venv/bin/python | tail -1)" || {
+    echo "setup: building pjsua2 failed; GATEWAY_PJSUA2=wheel runs with the PyPI wheel (4 calls per worker)" >&2
+    exit 1
+  }
+  want="$(basename "$wheel" | cut -d- -f2)"
+  have="$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pjsua2-python"))' 2>/dev/null || true)"
+  if [ "$want" != "$have" ]; then
+    echo "setup: installing pjsua2 $want into .venv"
+    .venv/bin/python -m pip install -q --no-deps --force-reinstall "$wheel"
+    .venv/bin/python scripts/check-pjsua2.py
+  fi
 fi
 
 if [ "$what" = "test" ] || [ "$what" = "bench" ]; then

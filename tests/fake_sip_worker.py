@@ -40,12 +40,23 @@ from gateway.sip.protocol import (
 )
 
 _pids = itertools.count(4_000_000)  # above any real pid: never confused with a process
+#: Calls a fake worker holds unless its arguments cap it (like the project's pjsua2 build).
+FAKE_BUILD_CALLS = 512
 
 
 class FakeWorker:
     """One fake worker; also the ``WorkerProcess`` handle the supervisor holds."""
 
-    def __init__(self, args: WorkerArgs, control: socket.socket, frames: socket.socket, *, fatal: str = "") -> None:
+    def __init__(
+        self,
+        args: WorkerArgs,
+        control: socket.socket,
+        frames: socket.socket,
+        *,
+        fatal: str = "",
+        build_calls: int = FAKE_BUILD_CALLS,
+        pjsua2: str = "fake+gw.0",
+    ) -> None:
         self.args = args
         self.pid = next(_pids)
         self.returncode: int | None = None
@@ -66,6 +77,8 @@ class FakeWorker:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._fatal = fatal
+        self._build_calls = build_calls
+        self._pjsua2 = pjsua2
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_unix_connection(sock=self._control)
@@ -73,7 +86,9 @@ class FakeWorker:
             self.emit(Fatal(error=self._fatal))
             self._exit(2)
             return
-        self.emit(Ready(pid=self.pid, sip_port=self.args.sip_port))
+        build = self._build_calls
+        calls = min(self.args.max_calls, build) if self.args.max_calls > 0 else build
+        self.emit(Ready(pid=self.pid, sip_port=self.args.sip_port, max_calls=calls, pjsua2=self._pjsua2))
         self._tasks = [
             asyncio.create_task(self._read(reader)),
             asyncio.create_task(self._stats()),
@@ -218,9 +233,11 @@ class FakeWorkers:
     def __init__(self) -> None:
         self.spawned: list[tuple[float, FakeWorker]] = []  # (monotonic time, worker), in spawn order
         self.fatal = ""  # non-empty: new workers fail to start with this error
+        self.build_calls = FAKE_BUILD_CALLS  # what new workers' "pjsua2" holds (the PyPI wheel: 4)
+        self.pjsua2 = "fake+gw.0"  # the version new workers report
 
     async def __call__(self, args: WorkerArgs, control: socket.socket, frames: socket.socket) -> FakeWorker:
-        worker = FakeWorker(args, control, frames, fatal=self.fatal)
+        worker = FakeWorker(args, control, frames, fatal=self.fatal, build_calls=self.build_calls, pjsua2=self.pjsua2)
         self.spawned.append((time.monotonic(), worker))
         await worker.start()
         return worker

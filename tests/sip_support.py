@@ -17,7 +17,7 @@ import uuid
 import wave
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from devtools.siprec_source import metadata as source_metadata  # no pjsua2 at import time
 from gateway.sip.parties import Parties
@@ -51,7 +51,7 @@ def require_pjsua2() -> None:
         import pytest
 
         pytest.fail(
-            "pjsua2 is not installed: pip install 'pjsua2-python>=2.15,<2.16' (Python 3.11/3.12)", pytrace=False
+            "pjsua2 is not installed: scripts/setup.sh test builds and installs it (Python 3.11/3.12)", pytrace=False
         )
 
 
@@ -147,6 +147,18 @@ async def wait_until(pred: Any, timeout: float = 10.0, what: str = "condition") 
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def collect(tap: Any, seconds: float) -> list[Any]:
+    """The LegFrames a tap delivers within ``seconds`` (fewer if it ends)."""
+    frames = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            frames.append(await asyncio.wait_for(tap.next_frame(), max(0.01, end - time.monotonic())))
+    except (TimeoutError, EOFError):
+        pass
+    return frames
 
 
 # --- peers -----------------------------------------------------------------------------------
@@ -427,17 +439,27 @@ def in_dialog_request(method: str, invite: bytes, ok: str, cseq: int) -> bytes:
     return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str) -> tuple[bytes, str]:
-    """A per-leg call by hand through the front (INVITE → 200 → ACK) that never sends RTP.
+class RawLeg(NamedTuple):
+    """A call made by :func:`raw_leg_call`: its INVITE and the 200's text (for :func:`in_dialog_request`)."""
 
-    Returns the INVITE and the 200's text (for :func:`in_dialog_request`).
-    """
-    data, _, _ = sip.invite(
-        front_port, body=sdp(port=free_udp_block(2, 40000, 59000)), headers={"X-Conversation-ID": cid, "X-Leg": leg}
-    )
+    invite: bytes
+    answer: str
+
+    @property
+    def media_port(self) -> int:
+        """The gateway's RTP port for this leg (the answer's first ``m=audio`` line)."""
+        line = next(ln for ln in self.answer.split("\r\n") if ln.startswith("m=audio "))
+        return int(line.split()[1])
+
+
+async def raw_leg_call(sip: RawSip, front_port: int, cid: str, leg: str, rtp_port: int = 0) -> RawLeg:
+    """A per-leg call by hand through the front (INVITE → 200 → ACK) that never sends RTP by itself;
+    its SDP offers ``rtp_port`` (default: some free port nobody listens on)."""
+    rtp_port = rtp_port or free_udp_block(2, 40000, 59000)
+    data, _, _ = sip.invite(front_port, body=sdp(port=rtp_port), headers={"X-Conversation-ID": cid, "X-Leg": leg})
     code, text = await sip.request(data, front_port)
     assert code == 200, text
-    return data, text
+    return RawLeg(data, text)
 
 
 def sdp(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.sip.placement import Placement, Refusal, Reservation
+from gateway.sip.protocol import TOKEN_LENGTH, WorkerArgs, mint_token, new_token_key, token_valid
 
 pytestmark = [pytest.mark.unit]
 
@@ -21,23 +22,59 @@ def test_footprints_include_the_phone_slot() -> None:
     assert (p.footprint("leg"), p.footprint("siprec")) == (3, 2)
     q = Placement(1, 4, reserve_phone_slot=False)
     assert (q.footprint("leg"), q.footprint("siprec")) == (2, 1)
-    assert Placement(1, 2).footprint("leg") == 2  # never more than a worker holds
+    assert Placement(1, 2).footprint("leg", 0) == 2  # never more than worker 0 holds
 
 
-def test_best_fit_fills_a_worker_before_using_an_idle_one() -> None:
+def test_new_conversations_go_to_the_least_loaded_worker() -> None:
     p = Placement(3, 4)
     first = reserved(p.reserve("a", "siprec", {"agent", "customer"}, ALL, 0.0))
     second = reserved(p.reserve("b", "siprec", {"agent", "customer"}, ALL, 0.0))
-    assert first.worker == second.worker and p.free(first.worker) == 0
     third = reserved(p.reserve("c", "leg", {"agent"}, ALL, 0.0))
-    assert third.worker != first.worker
-    # A SIPREC conversation (2 calls) does not fit next to a per-leg one (3): the third worker.
+    assert [first.worker, second.worker, third.worker] == [0, 1, 2]  # not worker 0 first
+    # Worker 2 holds a per-leg footprint (3 of 4): a SIPREC one (2) fits only on 0 or 1.
     fourth = reserved(p.reserve("d", "siprec", {"agent", "customer"}, ALL, 0.0))
-    assert fourth.worker not in {first.worker, third.worker}
-    assert p.reserve("e", "leg", {"agent"}, ALL, 0.0) is Refusal.NO_CAPACITY
-    assert [p.free(w) for w in (first.worker, third.worker, fourth.worker)] == [0, 1, 2] and p.fits_new()
-    assert reserved(p.reserve("f", "siprec", {"agent", "customer"}, ALL, 0.0)).worker == fourth.worker
+    assert fourth.worker == 0 and [p.free(w) for w in range(3)] == [0, 2, 1]
+    assert reserved(p.reserve("e", "siprec", {"agent", "customer"}, ALL, 0.0)).worker == 1
+    assert p.reserve("f", "leg", {"agent"}, ALL, 0.0) is Refusal.NO_CAPACITY
     assert not p.fits_new()
+
+
+def test_capacity_is_what_each_worker_reported() -> None:
+    p = Placement(2, 0)
+    assert p.reserve("a", "leg", {"agent"}, {0, 1}, 0.0) is Refusal.NO_CAPACITY  # nobody reported yet
+    assert not p.fits_new()
+    p.set_capacity(0, 512)
+    p.set_capacity(1, 4)  # a worker on the PyPI wheel
+    workers = [reserved(p.reserve(f"c{i}", "leg", {"agent"}, {0, 1}, 0.0)).worker for i in range(100)]
+    # Shares of load, not counts: the 4-call worker takes one conversation, the other the rest.
+    assert workers.count(1) == 1 and workers.count(0) == 99
+    assert p.free(0) == 512 - 99 * 3 and p.free(1) == 1
+
+
+def test_hundreds_of_conversations_spread_evenly() -> None:
+    p = Placement(2, 512)
+    for i in range(200):
+        reserved(p.reserve(f"c{i}", "siprec", {"agent", "customer"}, {0, 1}, 0.0))
+    assert p.free(0) == p.free(1) == 512 - 100 * 2
+
+
+def test_placement_tokens_are_checked_by_the_worker_alone() -> None:
+    key, other = new_token_key(), new_token_key()
+    token = mint_token(key)
+    assert token_valid(key, token) and len(token) == TOKEN_LENGTH
+    assert not token_valid(other, token)  # another worker's
+    assert mint_token(key) != token  # one-time: a fresh nonce each
+    forged = token[:-1] + ("0" if token[-1] != "0" else "1")
+    for bad in (forged, "", "gateway", "t" + "0" * (TOKEN_LENGTH - 1), token + "0", "x" + token[1:], "té" * 17):
+        assert not token_valid(key, bad), bad
+    assert not token_valid("", token)
+
+
+def test_a_workers_token_key_travels_in_its_environment_not_its_command_line() -> None:
+    key = new_token_key()
+    args = WorkerArgs(ctl_fd=5, frame_fd=6, sip_port=5061, token_key=key)
+    assert key not in " ".join(args.argv())  # /proc/<pid>/cmdline is readable by every local user
+    assert WorkerArgs.parse(args.argv(), args.env()) == args
 
 
 def test_legs_of_a_conversation_follow_it() -> None:

@@ -25,6 +25,7 @@ from .sip_support import (
     AUDIO,
     FakeHooks,
     RawSip,
+    collect,
     free_udp_block,
     in_dialog_request,
     median_correlation,
@@ -73,17 +74,6 @@ async def gw(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tu
         yield plane, hooks
     finally:
         await plane.stop()
-
-
-async def collect(tap, seconds: float) -> list:  # type: ignore[no-untyped-def]
-    frames = []
-    end = time.monotonic() + seconds
-    try:
-        while time.monotonic() < end:
-            frames.append(await asyncio.wait_for(tap.next_frame(), max(0.01, end - time.monotonic())))
-    except (TimeoutError, EOFError):
-        pass
-    return frames
 
 
 async def test_per_leg_mix_reaches_phone_never_the_phones_tone(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:

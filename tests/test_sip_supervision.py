@@ -98,7 +98,8 @@ async def plane(
         await p.stop()
 
 
-async def test_a_conversation_lands_on_one_worker_best_fit(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
+@pytest.mark.parametrize("plane", [{"calls_per_worker": 4}], indirect=True)
+async def test_a_conversation_lands_on_one_worker(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
     p, fakes, hooks = plane
     assert p.ready and "pjsua2" not in sys.modules
     assert p.front is not None and p.front.options_ok()
@@ -114,6 +115,47 @@ async def test_a_conversation_lands_on_one_worker_best_fit(plane: tuple[SipPlane
     assert not p.front.options_ok()
     s = p.stats()
     assert (s["conversations"], s["legs"], s["calls"], s["reservations"]) == (2, 2, 2, 2)
+
+
+async def test_capacity_is_what_the_workers_report_and_load_spreads(
+    plane: tuple[SipPlane, FakeWorkers, FakeHooks],
+) -> None:
+    p, fakes, hooks = plane
+    s = p.stats()
+    assert (s["calls_per_worker_limit"], s["capacity_calls"]) == (512, 1024)
+    assert all(fakes.on_port(w.sip_port).args.max_calls == 0 for w in p.workers)  # the build decides
+    hooks.convs.update({f"x-{i}": "alice" for i in range(40)})
+    for i in range(40):
+        await connect_leg(p, fakes, hooks, f"x-{i}", "agent")
+    per_worker = [sum(p.worker_of(f"x-{i}") == w.index for i in range(40)) for w in p.workers]
+    assert per_worker == [20, 20], per_worker
+
+
+async def test_workers_on_the_pypi_wheel_warn_and_hold_four_calls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fakes = FakeWorkers()
+    fakes.build_calls, fakes.pjsua2 = 4, "2.15.1"
+    hooks = FakeHooks({f"c-{i}": "alice" for i in range(1, 4)})
+    p = SipPlane(Settings(sip_port=0, sip_workers=2, data_dir=str(tmp_path)), hooks, spawn=fakes)
+    with caplog.at_level("WARNING", logger="gateway.sip.supervisor"):
+        await p.start()
+    try:
+        assert [r.getMessage() for r in caplog.records if "holds only 4 calls" in r.getMessage()], caplog.text
+        s = p.stats()
+        assert (s["calls_per_worker_limit"], s["capacity_calls"]) == (4, 8)
+        assert place(p, "c-1", "agent").status == 0 and place(p, "c-2", "agent").status == 0
+        assert place(p, "c-3", "agent").status == 503  # one per-leg conversation per 4-call worker
+    finally:
+        await p.stop()
+
+
+@pytest.mark.parametrize("plane", [{"calls_per_worker": 4}], indirect=True)
+async def test_a_worker_capped_at_four_calls_shows_in_metrics(plane: tuple[SipPlane, FakeWorkers, FakeHooks]) -> None:
+    p, fakes, hooks = plane
+    s = p.stats()
+    assert (s["calls_per_worker_limit"], s["capacity_calls"]) == (4, 8)
+    assert [fakes.on_port(w.sip_port).args.max_calls for w in p.workers] == [4, 4]
 
 
 @pytest.mark.parametrize("plane", [{"sip_reservation_seconds": 0.3}], indirect=True)

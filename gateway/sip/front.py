@@ -43,6 +43,7 @@ from .message import (
     parse_message,
     uri_scheme,
 )
+from .protocol import PLACEMENT_HEADER
 from .ratelimit import RateLimit
 from .routing import (
     BRANCH_PREFIX,
@@ -60,8 +61,6 @@ from .routing import (
 
 log = logging.getLogger("gateway.sip.front")
 
-#: The header carrying the plane's one-time token from the front to the worker.
-PLACEMENT_HEADER = "x-gateway-placement"
 
 _T1 = 0.5
 _T2 = 4.0

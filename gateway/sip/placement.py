@@ -3,20 +3,22 @@
 Pure bookkeeping (no asyncio, no sockets, no pjsua2; the caller passes the clock), so every
 rule here has a fast unit test (``tests/test_sip_placement.py``).
 
-pjsua2 holds at most 4 calls per process. A conversation is placed on one worker, all its legs
-and its supervisor phone included, so that the worker's conference bridge can mix them. It
-reserves its whole **footprint** when its first INVITE arrives: its ingress calls (2 per-leg,
-1 SIPREC) plus one call for a supervisor phone (``reserve_phone_slot``), so a second leg or a
-later phone never finds its worker full. Placement is best fit: fill workers before using idle
-ones. Each 302 redirect is a **reservation** (a one-time token) that expires if the redirected
-INVITE does not arrive; a conversation's slots return when it has no leg, no phone, no call
-and no pending reservation.
+Each worker holds as many calls as it reported when it became ready (its pjsua2 build's limit:
+hundreds for the project's own build, 4 for the PyPI wheel). A conversation is placed on one
+worker, all its legs and its supervisor phone included, so that the worker's conference bridge
+can mix them. It reserves its whole **footprint** when its first INVITE arrives: its ingress
+calls (2 per-leg, 1 SIPREC) plus one call for a supervisor phone (``reserve_phone_slot``), so a
+second leg or a later phone never finds its worker full. New conversations go to the least
+loaded worker, so that load (CPU, sockets, the blast radius of a crash) spreads over every
+worker instead of filling the first. Each redirect is a **reservation** (a one-time token) that
+expires if the redirected INVITE does not arrive; a conversation's slots return when it has no
+leg, no phone, no call and no pending reservation.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -58,14 +60,27 @@ class Reservation:
     expires: float
 
 
+def _random_token(worker: int) -> str:
+    return "t" + secrets.token_hex(8)
+
+
 class Placement:
-    """Conversations, reservations and phones of ``workers`` workers of ``capacity`` calls each."""
+    """Conversations, reservations and phones of ``workers`` workers of ``capacity`` calls each
+    (until :meth:`set_capacity` says otherwise for one). ``mint(worker)`` makes the one-time
+    token of a reservation on ``worker``."""
 
     def __init__(
-        self, workers: int, capacity: int, *, reserve_phone_slot: bool = True, reservation_seconds: float = 8.0
+        self,
+        workers: int,
+        capacity: int,
+        *,
+        reserve_phone_slot: bool = True,
+        reservation_seconds: float = 8.0,
+        mint: Callable[[int], str] = _random_token,
     ) -> None:
         self.workers = workers
-        self.capacity = capacity
+        self.capacities = [capacity] * workers
+        self.mint = mint
         self.reserve_phone_slot = reserve_phone_slot
         self.reservation_seconds = reservation_seconds
         self.conversations: dict[str, Conversation] = {}
@@ -73,10 +88,15 @@ class Placement:
         self.phones: dict[str, str] = {}  # monitor id → cid
 
     # --- capacity --------------------------------------------------------------------------
-    def footprint(self, kind: str) -> int:
-        """Calls a new conversation of ``kind`` reserves on its worker."""
+    def set_capacity(self, worker: int, calls: int) -> None:
+        """``worker`` holds ``calls`` calls (what it reported when it became ready)."""
+        self.capacities[worker] = max(0, calls)
+
+    def footprint(self, kind: str, worker: int | None = None) -> int:
+        """Calls a new conversation of ``kind`` reserves (never more than ``worker`` holds)."""
         ingress = 1 if kind == "siprec" else 2
-        return min(ingress + (1 if self.reserve_phone_slot else 0), self.capacity)
+        wanted = ingress + (1 if self.reserve_phone_slot else 0)
+        return wanted if worker is None else min(wanted, self.capacities[worker])
 
     def free(self, worker: int) -> int:
         """Calls ``worker`` can still take: footprints, plus phones that were not part of one."""
@@ -84,11 +104,11 @@ class Placement:
         used = sum(
             c.footprint + (extra_phone if c.phone else 0) for c in self.conversations.values() if c.worker == worker
         )
-        return self.capacity - used
+        return self.capacities[worker] - used
 
     def fits_new(self) -> bool:
         """Could some worker take the smallest new conversation (the OPTIONS answer)?"""
-        return any(self.free(w) >= self.footprint("siprec") for w in range(self.workers))
+        return any(self.capacities[w] and self.free(w) >= self.footprint("siprec", w) for w in range(self.workers))
 
     def phone_fits(self, cid: str) -> bool:
         """Room for a supervisor phone on ``cid``'s worker (always, when footprints include it)."""
@@ -97,7 +117,7 @@ class Placement:
 
     # --- reservations ----------------------------------------------------------------------
     def reserve(self, cid: str, kind: str, legs: set[str], ready: Container[int], now: float) -> Reservation | Refusal:
-        """A 302 token for ``legs`` of ``cid``: on the conversation's worker, or placed best-fit."""
+        """A token for ``legs`` of ``cid``: on the conversation's worker, or on the least loaded one."""
         conv = self.conversations.get(cid)
         if conv is not None:
             if conv.kind != kind or legs & (set(conv.legs) | conv.expected):
@@ -105,13 +125,18 @@ class Placement:
             if conv.worker not in ready:
                 return Refusal.WORKER_RESTARTING
         else:
-            footprint = self.footprint(kind)
-            fits = [w for w in range(self.workers) if w in ready and self.free(w) >= footprint]
+            fits = [
+                w
+                for w in range(self.workers)
+                if w in ready and self.capacities[w] and self.free(w) >= self.footprint(kind, w)
+            ]
             if not fits:
                 return Refusal.NO_CAPACITY
-            worker = min(fits, key=self.free)  # best fit: keep workers full, idle ones idle
-            conv = self.conversations[cid] = Conversation(cid, worker, footprint, kind)
-        res = Reservation("t" + secrets.token_hex(8), cid, conv.worker, frozenset(legs), now + self.reservation_seconds)
+            # Least loaded (by share of its calls in use, lowest index on a tie): every worker
+            # gets its part of the load instead of the first filling up.
+            worker = min(fits, key=lambda w: (1 - self.free(w) / self.capacities[w], w))
+            conv = self.conversations[cid] = Conversation(cid, worker, self.footprint(kind, worker), kind)
+        res = Reservation(self.mint(conv.worker), cid, conv.worker, frozenset(legs), now + self.reservation_seconds)
         self.reservations[res.token] = res
         conv.tokens.add(res.token)
         conv.expected |= legs

@@ -7,7 +7,8 @@
   placement token, and proxies every later message of the call;
 * the placement (:mod:`gateway.sip.placement`): which worker holds which conversation, slots
   and placement reservations;
-* ``settings.sip_workers`` pjsua2 worker processes, supervised (:mod:`gateway.sip.supervisor`),
+* ``settings.sip_workers`` pjsua2 worker processes (default: one per core, each holding as many
+  calls as its pjsua2 build allows, hundreds with the project's build), supervised (:mod:`gateway.sip.supervisor`),
   spoken to through the process protocol (:mod:`gateway.sip.protocol`): a worker that dies is
   restarted and its calls are reported ended with ``media_failure``;
 * the taps (:mod:`gateway.sip.taps`): LegFrames from the workers fanned out to listeners;
@@ -25,11 +26,24 @@ from typing import Any, Protocol, TypeVar
 
 from ..config import Settings
 from ..errors import ErrorCode, GatewayError
-from .front import PLACEMENT_HEADER, Decision, Forward, Refuse, SipFront
+from .front import Decision, Forward, Refuse, SipFront
 from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, valid_sip_uri
 from .parties import Parties
 from .placement import Placement, Refusal
-from .protocol import Answer, CallEnded, CallPhone, Event, HangUpPhone, Incoming, LegUp, PhoneEnded, Reject, SetTap
+from .protocol import (
+    PLACEMENT_HEADER,
+    Answer,
+    CallEnded,
+    CallPhone,
+    Event,
+    HangUpPhone,
+    Incoming,
+    LegUp,
+    PhoneEnded,
+    Ready,
+    Reject,
+    SetTap,
+)
 from .supervisor import Spawn, Supervisor, Worker, spawn_subprocess
 from .taps import Tap, TapFanout
 
@@ -81,21 +95,21 @@ class SipPlane:
     def __init__(self, settings: Settings, hooks: SipHooks, *, spawn: Spawn = spawn_subprocess) -> None:
         self.settings = settings
         self.hooks = hooks
-        self.capacity = max(1, min(4, settings.calls_per_worker))
         self.taps = TapFanout(self._switch_tap)
         self.supervisor = Supervisor(
             settings,
-            self.capacity,
             on_event=self._event,
             on_exit=self._worker_exited,
             frame_receiver=self.taps.protocol,
             spawn=spawn,
         )
+        # A worker holds no call until it reports how many it can (its Ready event).
         self.placement = Placement(
             len(self.supervisor.workers),
-            self.capacity,
+            0,
             reserve_phone_slot=settings.sip_reserve_phone_slot,
             reservation_seconds=settings.sip_reservation_seconds,
+            mint=lambda worker: self.supervisor.workers[worker].mint_token(),
         )
         self.front: SipFront | None = None
         self.draining = False
@@ -181,6 +195,8 @@ class SipPlane:
     # --- worker events ---------------------------------------------------------------------
     def _event(self, worker: int, event: Event) -> None:
         match event:
+            case Ready():
+                self.placement.set_capacity(worker, event.max_calls)
             case Incoming():
                 self._incoming(worker, event)
             case LegUp():
@@ -319,7 +335,10 @@ class SipPlane:
             "worker_restarts": float(sum(w.restarts for w in workers)),
             "worker_hung_kills": float(sum(w.hung_kills for w in workers)),
             "calls": float(sum(p.calls_on(w.index) for w in workers)),
-            "capacity_calls": float(self.capacity * len(workers)),
+            "capacity_calls": float(sum(p.capacities[w.index] for w in workers if w.ready)),
+            # What one worker process holds (its pjsua2 build: 512 here, 4 for the PyPI wheel).
+            "calls_per_worker_limit": float(min((w.max_calls for w in workers if w.ready), default=0)),
+            "invites_refused_worker": float(sum(w.refused for w in workers)),
             "conversations": float(len(p.conversations)),
             "legs": float(p.legs),
             "phones": float(len(p.phones)),

@@ -30,9 +30,14 @@ LegFrame wire format (version 1, little-endian)::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import struct
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, TypeAlias
 
@@ -82,12 +87,54 @@ def decode_leg_frame(data: bytes) -> LegFrame:
     return LegFrame(cid, seq, rate * 100, pcm[:samples], pcm[samples:])
 
 
+# --- placement tokens --------------------------------------------------------------------------
+#
+# The plane sends each ingress INVITE to a worker with a one-time token in the Request-URI's user
+# part (``sip:<token>@worker``). The token is ``t`` + a random nonce + an HMAC of it under the
+# worker's key, so the worker checks it by itself and refuses a forged or missing one at once
+# (403), before the main process hears of it: a flood of INVITEs straight to a worker costs the
+# worker one HMAC each and never reaches the plane. The plane still checks that the token was
+# issued, is unused and unexpired (the HMAC only proves it came from the plane).
+
+#: The header carrying a placement token from the front to the worker (compared lower-case).
+PLACEMENT_HEADER = "x-gateway-placement"
+
+_NONCE_BYTES = 8
+_MAC_BYTES = 8
+TOKEN_LENGTH = 1 + 2 * (_NONCE_BYTES + _MAC_BYTES)
+
+
+def new_token_key() -> str:
+    """A random HMAC key for one worker's placement tokens (hex)."""
+    return secrets.token_hex(32)
+
+
+def _mac(key: str, nonce: str) -> str:
+    return hmac.new(bytes.fromhex(key), nonce.encode(), hashlib.sha256).hexdigest()[: 2 * _MAC_BYTES]
+
+
+def mint_token(key: str) -> str:
+    """A fresh placement token that :func:`token_valid` accepts under ``key``."""
+    nonce = secrets.token_hex(_NONCE_BYTES)
+    return "t" + nonce + _mac(key, nonce)
+
+
+def token_valid(key: str, token: str) -> bool:
+    """Was ``token`` minted under ``key``? (Constant time; any malformed token is invalid.)"""
+    if len(token) != TOKEN_LENGTH or token[0] != "t":
+        return False
+    nonce, mac = token[1 : 1 + 2 * _NONCE_BYTES], token[1 + 2 * _NONCE_BYTES :]
+    return hmac.compare_digest(_mac(key, nonce), mac)
+
+
 # --- the worker's command line -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class WorkerArgs:
-    """Everything a worker process is started with; field ``foo_bar`` is the option ``--foo-bar``."""
+    """Everything a worker process is started with; field ``foo_bar`` is the option ``--foo-bar``,
+    except :data:`TOKEN_KEY_ENV`, passed in the environment (a command line is readable by every
+    local user in ``/proc``)."""
 
     ctl_fd: int
     frame_fd: int
@@ -99,7 +146,10 @@ class WorkerArgs:
     media_host: str = "127.0.0.1"
     rtp_port: int = 20000
     rtp_range: int = 100
-    max_calls: int = 4
+    #: Calls this worker may hold; 0: as many as its pjsua2 build allows (reported in Ready).
+    max_calls: int = 0
+    #: HMAC key of its placement tokens (:func:`mint_token`); empty: every INVITE is refused.
+    token_key: str = ""
     #: Longest ``libHandleEvents`` wait; a command wakes the worker at once anyway.
     poll_ms: int = 100
     #: Seconds a supervisor phone may ring before it is ``phone_unreachable``.
@@ -109,16 +159,29 @@ class WorkerArgs:
     log_level: int = 1
 
     def argv(self) -> list[str]:
-        return [arg for f in fields(self) for arg in (_option(f.name), str(getattr(self, f.name)))]
+        return [
+            arg for f in fields(self) if f.name != "token_key" for arg in (_option(f.name), str(getattr(self, f.name)))
+        ]
+
+    def env(self) -> dict[str, str]:
+        """What the worker's environment must carry besides :meth:`argv`."""
+        return {TOKEN_KEY_ENV: self.token_key}
 
     @classmethod
-    def parse(cls, argv: list[str] | None = None) -> WorkerArgs:
+    def parse(cls, argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerArgs:
         parser = argparse.ArgumentParser(description="A pjsua2 SIP media worker (started by the SIP plane).")
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
+            if f.name == "token_key":
+                continue
             required = f.default is MISSING
             parser.add_argument(_option(f.name), type=hints[f.name], required=required, default=f.default)
-        return cls(**vars(parser.parse_args(argv)))
+        env = os.environ if environ is None else environ
+        return cls(**vars(parser.parse_args(argv)), token_key=env.get(TOKEN_KEY_ENV, ""))
+
+
+#: The environment variable carrying :attr:`WorkerArgs.token_key` to a worker.
+TOKEN_KEY_ENV = "GATEWAY_SIP_WORKER_TOKEN_KEY"
 
 
 def _option(name: str) -> str:
@@ -202,11 +265,15 @@ class Event:
 
 @dataclass(frozen=True, kw_only=True)
 class Ready(Event):
-    """The worker listens on its SIP port; sent once, after start-up."""
+    """The worker listens on its SIP port; sent once, after start-up. ``max_calls`` is how many
+    calls it holds (its pjsua2 build's limit, or less if asked), ``pjsua2`` that build's version:
+    ``+gw.`` marks the project's own build, anything else is the PyPI wheel (4 calls)."""
 
     TYPE: ClassVar[str] = "ready"
     pid: int
     sip_port: int
+    max_calls: int
+    pjsua2: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +339,8 @@ class Stats(Event):
     TYPE: ClassVar[str] = "stats"
     frames: int
     drops: int
+    #: INVITEs refused at once for a missing or forged placement token (a flood shows here).
+    refused: int = 0
 
 
 Message: TypeAlias = Command | Event

@@ -25,12 +25,50 @@ from typing import Protocol
 from ..config import PROJECT_DIR, Settings
 from ..errors import ErrorCode, GatewayError
 from .front import front_route
-from .protocol import Command, Event, Fatal, ProtocolError, Quit, Ready, Reply, Stats, WorkerArgs, decode, encode
+from .protocol import (
+    Command,
+    Event,
+    Fatal,
+    ProtocolError,
+    Quit,
+    Ready,
+    Reply,
+    Stats,
+    WorkerArgs,
+    decode,
+    encode,
+    mint_token,
+    new_token_key,
+)
 
 log = logging.getLogger("gateway.sip.supervisor")
 
-#: RTP ports each worker binds from ``rtp_port_base + RTP_PORTS_PER_WORKER * index``.
-RTP_PORTS_PER_WORKER = 40
+#: Calls per worker of the project's pjsua2 build (PJSUA_MAX_CALLS in scripts/pjsua2/config_site.h),
+#: which sizes RTP port blocks when ``calls_per_worker`` leaves the limit to the build.
+BUILD_MAX_CALLS = 512
+#: Worst case per call: a SIPREC session's two streams, RTP + RTCP each.
+_RTP_PORTS_PER_CALL = 4
+
+
+def rtp_ports_per_worker(settings: Settings) -> int:
+    """Size of each worker's RTP port block (``rtp_port_base + index * this``)."""
+    return _RTP_PORTS_PER_CALL * (settings.calls_per_worker or BUILD_MAX_CALLS) + 16
+
+
+#: The block size with the default settings (bench/voice_sip.py sizes its port block with it).
+RTP_PORTS_PER_WORKER = _RTP_PORTS_PER_CALL * BUILD_MAX_CALLS + 16
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's ephemeral port range (Linux); other processes' sockets land there."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = f.read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 _FIRST_BACKOFF = 0.2
 _MAX_BACKOFF = 5.0
 _HEALTHY_RUN = 30.0  # a worker that ran this long restarts after the first backoff again
@@ -59,7 +97,7 @@ Spawn = Callable[[WorkerArgs, socket.socket, socket.socket], Awaitable[WorkerPro
 
 async def spawn_subprocess(args: WorkerArgs, control: socket.socket, frames: socket.socket) -> WorkerProcess:
     """Start ``python -m gateway.sip.worker`` (the default :data:`Spawn`)."""
-    env = dict(os.environ)
+    env = dict(os.environ, **args.env())
     env["PYTHONPATH"] = str(PROJECT_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         return await asyncio.create_subprocess_exec(
@@ -81,6 +119,12 @@ class Worker:
         self.index = index
         self.sip_port = sip_port
         self.rtp_port = rtp_port
+        #: HMAC key of this slot's placement tokens (kept across restarts: a token issued just
+        #: before a crash is refused by the plane anyway, its conversation being gone).
+        self.token_key = new_token_key()
+        #: Calls the running process holds, and its pjsua2 build (from its Ready event).
+        self.max_calls = 0
+        self.pjsua2 = ""
         self.proc: WorkerProcess | None = None
         self.pid = 0
         self.writer: asyncio.StreamWriter | None = None
@@ -96,6 +140,11 @@ class Worker:
         self.drops = 0
         self.restarts = 0
         self.hung_kills = 0
+        self.refused = 0
+
+    def mint_token(self) -> str:
+        """A placement token this worker accepts (see :func:`gateway.sip.protocol.mint_token`)."""
+        return mint_token(self.token_key)
 
 
 class Supervisor:
@@ -104,7 +153,6 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        capacity: int,
         *,
         on_event: Callable[[int, Event], None],
         on_exit: Callable[[int], None],
@@ -112,17 +160,23 @@ class Supervisor:
         spawn: Spawn = spawn_subprocess,
     ) -> None:
         self.settings = settings
-        self.capacity = capacity
         self._on_event = on_event
         self._on_exit = on_exit
         self._frame_receiver = frame_receiver
         self._spawn = spawn
         base = settings.sip_worker_base_port or settings.sip_port + 1
-        self.workers = [
-            Worker(i, base + i, settings.rtp_port_base + i * RTP_PORTS_PER_WORKER)
-            for i in range(max(1, settings.sip_workers))
-        ]
+        self.rtp_ports = rtp_ports_per_worker(settings)
+        count = settings.sip_workers or os.cpu_count() or 1
+        self.workers = [Worker(i, base + i, settings.rtp_port_base + i * self.rtp_ports) for i in range(count)]
         self.stopping = False
+        rtp_end = settings.rtp_port_base + count * self.rtp_ports
+        lo, hi = ephemeral_ports()
+        if settings.rtp_port_base <= hi and rtp_end > lo:
+            log.warning(
+                "RTP ports %d-%d overlap the kernel's ephemeral ports %d-%d: other sockets may take a "
+                "worker's RTP ports (lower GATEWAY_RTP_PORT_BASE or GATEWAY_CALLS_PER_WORKER)",
+                settings.rtp_port_base, rtp_end - 1, lo, hi,
+            )  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -207,8 +261,8 @@ class Supervisor:
         s = self.settings
         args = WorkerArgs(
             ctl_fd=ctl_child.fileno(), frame_fd=frm_child.fileno(), host="127.0.0.1", proxy=front_route(s), sip_port=w.sip_port,
-            media_host=s.media_host, rtp_port=w.rtp_port, rtp_range=RTP_PORTS_PER_WORKER, max_calls=self.capacity,
-            media_timeout=s.sip_media_timeout, ring_timeout=s.sip_ring_timeout,
+            media_host=s.media_host, rtp_port=w.rtp_port, rtp_range=self.rtp_ports, max_calls=s.calls_per_worker,
+            token_key=w.token_key, media_timeout=s.sip_media_timeout, ring_timeout=s.sip_ring_timeout,
         )  # fmt: skip
         try:
             proc = w.proc = await self._spawn(args, ctl_child, frm_child)
@@ -265,10 +319,21 @@ class Supervisor:
         w.last_seen = time.monotonic()
         match event:
             case Ready():
+                w.max_calls, w.pjsua2 = event.max_calls, event.pjsua2
+                self._on_event(w.index, event)  # the owner sizes the worker before routing to it
                 w.ready = True
                 w.last_error = ""
                 w.ready_event.set()
-                log.info("sip worker %d ready (pid %s, port %s)", w.index, event.pid, event.sip_port)
+                log.info(
+                    "sip worker %d ready (pid %s, port %s, %d calls, pjsua2 %s)",
+                    w.index, event.pid, event.sip_port, event.max_calls, event.pjsua2 or "?",
+                )  # fmt: skip
+                if event.max_calls < BUILD_MAX_CALLS and not self.settings.calls_per_worker:
+                    log.warning(
+                        "sip worker %d holds only %d calls: pjsua2 %s is not the project's build "
+                        "(scripts/setup.sh builds it; GATEWAY_PJSUA2=wheel keeps the PyPI wheel)",
+                        w.index, event.max_calls, event.pjsua2 or "?",
+                    )  # fmt: skip
             case Fatal():
                 w.last_error = event.error
                 log.error("sip worker %d fatal: %s", w.index, w.last_error)
@@ -277,7 +342,7 @@ class Supervisor:
                 if fut is not None and not fut.done():
                     fut.set_result(event)
             case Stats():
-                w.frames, w.drops = event.frames, event.drops
+                w.frames, w.drops, w.refused = event.frames, event.drops, event.refused
             case _:
                 self._on_event(w.index, event)
 

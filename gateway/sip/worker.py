@@ -10,7 +10,14 @@ messages as JSON lines on ``--ctl-fd``, one LegFrame datagram per 20 ms per tapp
 conversation on ``--frame-fd``, sent from pj's clock thread).
 
 The worker holds no policy: it reports each incoming INVITE (whole message) and waits for the
-main process to answer or reject it.
+main process to answer or reject it. The one thing it decides alone is to refuse at once (403)
+an INVITE whose Request-URI carries no placement token minted under its key
+(:func:`~gateway.sip.protocol.token_valid`): a flood straight at a worker's port never reaches
+the main process and holds no call slot.
+
+pjsua2 build: the project's own (``scripts/build-pjsua2.sh``: ``pjsua2.MAX_CALLS`` = 512 calls,
+epoll ioqueue of 4096 sockets, SIPREC support) or, as a fallback, the PyPI wheel (4 calls per
+process: a warning, and the plane's capacity follows what this worker reports in Ready).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import ctypes
 import gc
 import os
 import queue
+import resource
 import socket
 import sys
 import threading
@@ -28,6 +36,7 @@ from typing import Any
 import pjsua2 as pj
 
 from .protocol import (
+    PLACEMENT_HEADER,
     Answer,
     CallEnded,
     CallPhone,
@@ -49,6 +58,7 @@ from .protocol import (
     decode,
     encode,
     encode_leg_frame,
+    token_valid,
 )
 
 CLOCK_RATE = 8000
@@ -56,6 +66,16 @@ SAMPLES = CLOCK_RATE // 50
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
 _SILENCE = b"\0" * (2 * SAMPLES)
+#: Calls one process holds with this pjsua2: the project's build says (PJSUA_MAX_CALLS); the
+#: PyPI wheel has no such attribute and its pjsua clamps every process to 4.
+BUILD_MAX_CALLS: int = getattr(pj, "MAX_CALLS", 4)
+PJSUA2_VERSION: str = getattr(pj, "__version__", "")
+#: Descriptors a full worker needs: the build's ioqueue (4096 sockets) plus files and pipes.
+_WANTED_FDS = 8192
+#: Codecs offered and accepted, by priority: G.711 only. The conference bridge runs at 8 kHz
+#: (what the legs, the phone and the taps carry); G.722 or Opus would add a codec and a
+#: resampler per stream for audio that is 8 kHz G.711 at the platform anyway.
+_CODEC_PRIORITY = {"PCMU/": 255, "PCMA/": 254}
 
 
 class _PjStr(ctypes.Structure):
@@ -65,11 +85,11 @@ class _PjStr(ctypes.Structure):
 _SIPREC_TAG = _PjStr(b"siprec", 6)  # kept alive for the life of the process
 
 
-def _allow_siprec() -> None:
-    """Make pjsip accept ``Require: siprec`` (RFC 7866 §6.1.1) instead of answering 420.
-
-    pjsua2 exposes no SIPREC switch; the wheel exports the pjsip C API, so add the option tag
-    to the endpoint's Supported capability through ctypes (same loaded library, pj thread).
+def _allow_siprec_on_wheel() -> None:
+    """The PyPI wheel (pjsua2 2.15, no ``siprecUse``): make pjsip accept ``Require: siprec``
+    (RFC 7866 §6.1.1) instead of answering 420 by adding the option tag to the endpoint's
+    Supported capability through ctypes (same loaded library, pj thread). 2.17 checks the
+    account's ``siprecUse`` instead, which the project's build sets.
     """
     lib = ctypes.CDLL(pj._pjsua2.__file__)
     lib.pjsua_get_pjsip_endpt.restype = ctypes.c_void_p
@@ -81,6 +101,34 @@ def _allow_siprec() -> None:
     status = lib.pjsip_endpt_add_capability(endpt, None, pj.PJSIP_H_SUPPORTED, None, 1, ctypes.byref(_SIPREC_TAG))
     if status != 0:
         raise RuntimeError(f"pjsip_endpt_add_capability(siprec) failed: {status}")
+
+
+def _raise_fd_limit() -> None:
+    """Every call's streams are sockets: lift the soft descriptor limit (often 1024) so the
+    build's 4096-socket ioqueue can be used."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _WANTED_FDS if hard == resource.RLIM_INFINITY else min(_WANTED_FDS, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _audio_only(opt: Any, audio_streams: int) -> None:
+    """A call's media: ``audio_streams`` audio streams, no video, and no real-time-text stream
+    (pjsua >= 2.16 adds one to every call unless told: 2 more sockets per call)."""
+    opt.audioCount = audio_streams
+    opt.videoCount = 0
+    if hasattr(opt, "textCount"):
+        opt.textCount = 0
+
+
+def _placement_token(msg: str) -> str:
+    """The value of the front's placement header in a request's head, or ""."""
+    head = msg.split("\r\n\r\n", 1)[0]
+    for line in head.split("\r\n")[1:]:
+        name, colon, value = line.partition(":")
+        if colon and name.strip().lower() == PLACEMENT_HEADER:
+            return value.strip()
+    return ""
 
 
 def _buf_bytes(frame: Any) -> bytes:
@@ -110,6 +158,8 @@ class Worker:
         self.convs: dict[str, Conv] = {}
         self.frames_sent = 0
         self.frames_dropped = 0
+        self.invites_refused = 0
+        self.max_calls = min(args.max_calls, BUILD_MAX_CALLS) if args.max_calls > 0 else BUILD_MAX_CALLS
 
     # --- plumbing --------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -158,15 +208,24 @@ class Worker:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         a = self.args
+        if "+gw." not in PJSUA2_VERSION:
+            print(
+                f"WARNING: pjsua2 {PJSUA2_VERSION or '?'} is not the project's build: {BUILD_MAX_CALLS} calls per "
+                "worker (scripts/setup.sh builds it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        _raise_fd_limit()
         ep = self.ep = pj.Endpoint()
         ep.libCreate()
         cfg = pj.EpConfig()
         cfg.uaConfig.threadCnt = 0
         cfg.uaConfig.mainThreadOnly = True
-        cfg.uaConfig.maxCalls = a.max_calls
+        cfg.uaConfig.maxCalls = self.max_calls
         cfg.uaConfig.userAgent = "silent-monitor-gateway"
         cfg.logConfig.level = a.log_level
         cfg.logConfig.consoleLevel = a.log_level
+        # The conference bridge ticks at the legs' rate (8 kHz G.711): no resampling anywhere.
         cfg.medConfig.clockRate = CLOCK_RATE
         cfg.medConfig.sndClockRate = CLOCK_RATE
         cfg.medConfig.channelCount = 1
@@ -176,7 +235,9 @@ class Worker:
         cfg.medConfig.ecTailLen = 0
         cfg.medConfig.threadCnt = 0
         ep.libInit(cfg)
-        _allow_siprec()
+        siprec_use = getattr(pj, "PJSUA_SIP_SIPREC_OPTIONAL", None)
+        if siprec_use is None:
+            _allow_siprec_on_wheel()
         tcfg = pj.TransportConfig()
         tcfg.port = a.sip_port
         tcfg.boundAddress = a.host
@@ -185,13 +246,9 @@ class Worker:
         ep.libStart()
         ep.audDevManager().setNullDev()
         for c in ep.codecEnum2():
-            cid = c.codecId
-            prio = 0
-            if cid.startswith("PCMU/"):
-                prio = 255
-            elif cid.startswith("PCMA/"):
-                prio = 254
-            ep.codecSetPriority(cid, prio)
+            ep.codecSetPriority(
+                c.codecId, next((p for name, p in _CODEC_PRIORITY.items() if c.codecId.startswith(name)), 0)
+            )
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:gateway@{a.host}:{a.sip_port}"
         acfg.mediaConfig.transportConfig.port = a.rtp_port
@@ -203,10 +260,14 @@ class Worker:
         acfg.natConfig.contactRewriteUse = 0
         if a.proxy:  # every request (BYE to the platform, INVITE to a phone) goes through the front
             acfg.sipConfig.proxies = pj.StringVector([a.proxy])
+        if siprec_use is not None:
+            # pjsip's own SIPREC (RFC 7866) support: accepts `Require: siprec` and checks the
+            # offer (a=label on every stream, rs-metadata); plain INVITEs stay welcome.
+            acfg.callConfig.siprecUse = siprec_use
         self.acc = GwAccount(self)
         self.acc.create(acfg, True)
         threading.Thread(target=self._reader, name="ctl-reader", daemon=True).start()
-        self.emit(Ready(pid=os.getpid(), sip_port=a.sip_port))
+        self.emit(Ready(pid=os.getpid(), sip_port=a.sip_port, max_calls=self.max_calls, pjsua2=PJSUA2_VERSION))
 
     def run(self) -> None:
         last_stats = 0.0
@@ -232,7 +293,7 @@ class Worker:
             if now - last_stats >= 1.0:
                 last_stats = now
                 self.check_media(now)
-                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped))
+                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped, refused=self.invites_refused))
 
     def check_timers(self, now: float) -> None:
         """Reject calls the main process did not decide on; give up on phones that keep ringing."""
@@ -245,9 +306,14 @@ class Worker:
                 call.end_reason = "phone_unreachable"
                 call.local_hangup()
 
-    def shutdown(self) -> None:
+    def hang_up_all(self) -> None:
+        """A method of its own: no call may stay bound to a local of ``shutdown`` past libDestroy
+        (its destructor would then assert in pjsua)."""
         for call in list(self.calls.values()):
             call.local_hangup()
+
+    def shutdown(self) -> None:
+        self.hang_up_all()
         deadline = time.monotonic() + 1.0
         while self.calls and time.monotonic() < deadline:
             self.ep.libHandleEvents(20)
@@ -322,8 +388,7 @@ class Worker:
                 call.conv_id = cmd.cid
                 call.phone_mid = cmd.mid
                 prm = pj.CallOpParam(True)
-                prm.opt.audioCount = 1
-                prm.opt.videoCount = 0
+                _audio_only(prm.opt, 1)
                 prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
                 prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING])
                 call.makeCall(cmd.uri, prm)  # raises pj.Error for a URI pj refuses
@@ -495,9 +560,16 @@ class GwAccount(pj.Account):  # type: ignore[misc]  # pjsua2 has no type informa
 
     def onIncomingCall(self, prm: Any) -> None:
         call = GwCall(self.w, self, prm.callId)
-        call.pending_since = time.monotonic()
         self.w.calls[call.key] = call
         msg = prm.rdata.wholeMsg
+        if not token_valid(self.w.args.token_key, _placement_token(msg)):
+            # Not sent by the plane (a scan, a flood, a stale dialog): refuse it here and now,
+            # so it holds neither a call slot nor the main process's attention.
+            self.w.invites_refused += 1
+            call.silent = True
+            call.reject(403)
+            return
+        call.pending_since = time.monotonic()
         self.w.emit(Incoming(call=call.key, msg=msg))
 
 
@@ -519,12 +591,12 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.end_reason: str | None = None
         self.connected = False
         self.ended = False
+        self.silent = False  # refused by the worker itself: the main process never heard of it
 
     def accept(self, n_streams: int) -> None:
         prm = pj.CallOpParam(True)
         prm.statusCode = 200
-        prm.opt.audioCount = max(1, n_streams)
-        prm.opt.videoCount = 0
+        _audio_only(prm.opt, max(1, n_streams))
         self.answer(prm)
 
     def reject(self, code: int) -> None:
@@ -561,7 +633,7 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
             else:
                 reason = "left"
             self.w.emit(PhoneEnded(mid=self.phone_mid, reason=reason))
-        else:
+        elif not self.silent:
             reason = self.end_reason or ("shutdown" if self.local else "bye")
             self.w.emit(CallEnded(call=self.key, reason=reason))
         self.w.call_gone(self)
