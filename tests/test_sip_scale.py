@@ -67,6 +67,7 @@ async def one_worker(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]
         rtp_port_base=free_udp_block(200, 22000, 30000),
         data_dir=str(tmp_path),
         sip_media_timeout=0,  # raw legs send no RTP
+        sip_invite_rate=0,  # 64 calls from one test source; the rate limit has tests of its own
     )
     plane = SipPlane(settings, hooks)
     await plane.start()
