@@ -55,10 +55,6 @@ def rtp_ports_per_worker(settings: Settings) -> int:
     return _RTP_PORTS_PER_CALL * (settings.calls_per_worker or BUILD_MAX_CALLS) + 16
 
 
-#: The block size with the default settings (bench/voice_sip.py sizes its port block with it).
-RTP_PORTS_PER_WORKER = _RTP_PORTS_PER_CALL * BUILD_MAX_CALLS + 16
-
-
 def ephemeral_ports() -> tuple[int, int]:
     """The kernel's ephemeral port range (Linux); other processes' sockets land there."""
     try:
