@@ -99,6 +99,9 @@ class Worker:
         self.ctl.setblocking(True)
         self.frames = socket.socket(fileno=args.frame_fd)
         self.frames.setblocking(False)
+        #: LegFrames for a media process go over a unix seqpacket connection to its socket
+        #: (SetTap.to): connected, so no 10-datagram receive queue limit as for sendto().
+        self.media: dict[str, socket.socket] = {}
         self.commands: queue.Queue[Command | None] = queue.Queue()
         self.send_lock = threading.Lock()
         self.running = True
@@ -337,8 +340,16 @@ class Worker:
                 self.reply(cmd, True)
             case SetTap():
                 conv = self.conv(cmd.cid)
-                conv.want_tap = cmd.on
-                if cmd.on:
+                if cmd.on and cmd.to and not self.connect_media(cmd.to):
+                    self.reply(cmd, False, f"can not connect to {cmd.to}")
+                    return
+                # Replaced, not mutated: the clock thread may be iterating the old one.
+                conv.frame_to = conv.frame_to | {cmd.to} if cmd.on else conv.frame_to - {cmd.to}
+                if not cmd.on and cmd.to and all(cmd.to not in c.frame_to for c in self.convs.values()):
+                    gone = self.media.pop(cmd.to, None)
+                    if gone is not None:
+                        gone.close()  # a send racing this raises OSError: counted as dropped
+                if conv.want_tap:
                     conv.wire_tap()
                 else:
                     conv.drop_tap()
@@ -348,6 +359,21 @@ class Worker:
                 self.running = False
             case _:
                 self.reply(cmd, False, f"unknown command {cmd.TYPE!r}")
+
+    def connect_media(self, path: str) -> bool:
+        """The connection to a media process's frame socket (made once per path)."""
+        if path in self.media:
+            return True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            print(f"sip worker: media process socket {path}: {exc}", file=sys.stderr, flush=True)
+            return False
+        sock.setblocking(False)
+        self.media[path] = sock
+        return True
 
     def conv(self, cid: str) -> Conv:
         conv = self.convs.get(cid)
@@ -391,10 +417,16 @@ class Conv:
         self.leg_owner: dict[str, GwCall] = {}
         self.phone: GwCall | None = None
         self.phone_media: Any = None
-        self.want_tap = False
+        #: where the LegFrames go: "" is the frame socket to the main process, else a media
+        #: process's socket path (SetTap.to)
+        self.frame_to: frozenset[str] = frozenset()
         self.tap_ports: dict[str, TapPort] = {}
         self.pending: dict[str, bytes] = {}
         self.seq = 0
+
+    @property
+    def want_tap(self) -> bool:
+        return bool(self.frame_to)
 
     def leg_up(self, leg: str, media: Any, owner: GwCall) -> None:
         self.legs[leg] = media
@@ -453,11 +485,16 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        try:
-            self.w.frames.send(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
-            self.w.frames_sent += 1
-        except (BlockingIOError, OSError):
-            self.w.frames_dropped += 1
+        data = encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer)
+        for to in self.frame_to:
+            try:
+                if to:
+                    self.w.media[to].send(data)
+                else:
+                    self.w.frames.send(data)
+                self.w.frames_sent += 1
+            except (OSError, KeyError):  # BlockingIOError included: the reader is behind, drop
+                self.w.frames_dropped += 1
 
 
 class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
