@@ -128,13 +128,18 @@ async def test_stereo_listener_hears_agent_left_customer_right(media: tuple[Medi
 
 async def test_pcmu_mix_carries_both_legs_and_listeners_spread(media: tuple[MediaProcesses, FrameSource]) -> None:
     pool, source = media
-    answer1, first, mix1, client1 = await _listen(pool, "c-1", stereo=False)
+    levels: list[tuple[float, float]] = []
+    answer1, first, mix1, client1 = await _listen(
+        pool, "c-1", stereo=False, on_levels=lambda a, c: levels.append((a, c))
+    )
     answer2, second, mix2, client2 = await _listen(pool, "c-2", stereo=False)
     try:
         for answer, mix in ((answer1, mix1), (answer2, mix2)):
             assert "PCMU/8000" in answer
             samples = mix[0][800:]  # aiortc decodes PCMU at 8 kHz
             assert _peak_power(samples, 8000, 600) > 0.2 and _peak_power(samples, 8000, 1000) > 0.2
+        # metered in the batched G.711 pass: both legs at the tone's level (about -15 dBFS)
+        assert len(levels) >= 5 and all(-20 < a < -10 and -20 < c < -10 for a, c in levels[-3:])
         # least loaded: one listener per process, each fed by its own forward
         assert {first._proc.index, second._proc.index} == {0, 1}
         assert {(cid, on) for cid, _path, on in source.calls} == {("c-1", True), ("c-2", True)}

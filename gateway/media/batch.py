@@ -23,15 +23,17 @@ import logging
 import random
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 from aiortc import RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .aiortc_compat import SrtpRoute, sender_ssrc, srtp_route
 from .encoder import ListenerEncoder, pre_encodable
-from .frames import LegTap
-from .levels import LevelsCallback
+from .frames import FRAME_MS, LegFrame, LegTap
+from .g711 import G711_RATE, index_table
+from .levels import LevelMeter, LevelsCallback
 from .tapreader import TapReader, TrackStats
 from .track import ARRIVAL_GRACE, FRAME_SECONDS, RESYNC_AFTER
 
@@ -133,20 +135,39 @@ class BatchTrack(MediaStreamTrack, TapReader):
         self._keep_newest()  # first send: frames queued while connecting are old
         return route
 
-    def tick(self, may_defer: bool) -> bool:
-        """Send this tick's packet; returns False (nothing sent) to be retried after the grace."""
+    @property
+    def g711_mono(self) -> str | None:
+        """The G.711 codec when this listener's payload is the table lookup of the 8 kHz mix."""
+        return self._encoder.g711_mono
+
+    @property
+    def meter(self) -> LevelMeter:
+        return self._encoder.meter
+
+    def take(self, may_defer: bool) -> LegFrame | None | Literal["defer", "idle"]:
+        """This tick's frame (``None``: silence), ``"defer"`` to be asked again after the
+        grace, or ``"idle"``: nothing to send (not connected yet)."""
         self._drain()
-        route = self._connected_route()
-        if route is None:  # not connected yet: keep only the newest frames
-            return True
+        if self._connected_route() is None:  # not connected yet: keep only the newest frames
+            return "idle"
         if not self._buffer and may_defer and not self.tap_ended:
-            return False
+            return "defer"
         frame = self._next_frame()
         if frame is not None:
             self._catch_up()
+        return frame
+
+    def encode_and_send(self, frame: LegFrame | None) -> None:
+        """Meter, mix, encode and send one frame the per-listener way (Opus, stereo, other rates)."""
         payload = self._encoder.payload(self._encoder.pcm(frame), self._index)
-        if payload is None:
-            return True
+        if payload is not None:
+            self.send(payload)
+
+    def send(self, payload: bytes) -> None:
+        """Send one frame's payload as the next RTP packet."""
+        route = self._route
+        if route is None:
+            return
         self._index += 1
         self.stats.frames_out += 1
         first = 0x90 if self._header_ext else 0x80
@@ -158,6 +179,14 @@ class BatchTrack(MediaStreamTrack, TapReader):
             log.debug("batched send failed", exc_info=True)
         self._seq = (self._seq + 1) & 0xFFFF
         self._ts = (self._ts + self._encoder.ticks_per_frame) & 0xFFFFFFFF
+
+    def tick(self, may_defer: bool) -> bool:
+        """Send this tick's packet on its own; returns False (nothing sent) to be retried after the grace."""
+        frame = self.take(may_defer)
+        if frame == "defer":
+            return False
+        if frame != "idle":
+            self.encode_and_send(frame)
         return True
 
     def _catch_up(self) -> None:
@@ -244,7 +273,7 @@ class BatchSender:
                 self.lagged_ticks += 1
             self.max_lag = max(self.max_lag, lag)
             tracks = list(self.tracks)
-            deferred = [t for t in tracks if not t.tick(may_defer=True)]
+            deferred = self._send_all(tracks, may_defer=True)
             if deferred:
                 if len(deferred) * 2 > len(tracks) and len(tracks) >= 4:
                     # Most frames land just after our tick (producers that share a clock,
@@ -252,6 +281,48 @@ class BatchSender:
                     t0 += ARRIVAL_GRACE
                     self.phase_shifts += 1
                 await asyncio.sleep(ARRIVAL_GRACE)
-                for t in deferred:
-                    if t in self.tracks:
-                        t.tick(may_defer=False)
+                self._send_all([t for t in deferred if t in self.tracks], may_defer=False)
+
+    def _send_all(self, tracks: list[BatchTrack], *, may_defer: bool) -> list[BatchTrack]:
+        """One tick of ``tracks``; returns those that deferred.
+
+        G.711 mono listeners (the default) are mixed, metered and encoded together: one numpy
+        pass over all their frames, then per listener only the RTP header, SRTP and ``sendto``.
+        """
+        deferred: list[BatchTrack] = []
+        groups: dict[str, list[tuple[BatchTrack, LegFrame | None]]] = {}
+        for t in tracks:
+            frame = t.take(may_defer)
+            if frame == "defer":
+                deferred.append(t)
+            elif frame != "idle":
+                codec = t.g711_mono
+                if codec is not None and (frame is None or frame.sample_rate == G711_RATE):
+                    groups.setdefault(codec, []).append((t, frame))
+                else:
+                    t.encode_and_send(frame)
+        for codec, items in groups.items():
+            _send_g711(codec, items)
+        return deferred
+
+
+def _send_g711(codec: str, items: list[tuple[BatchTrack, LegFrame | None]]) -> None:
+    """Mix, meter and encode the frames of many G.711 mono listeners at once, then send each."""
+    samples = G711_RATE * FRAME_MS // 1000
+    legs = np.zeros((len(items), 2, samples), dtype=np.int16)
+    for i, (_t, frame) in enumerate(items):
+        if frame is not None and frame.samples == samples:
+            legs[i, 0] = frame.agent
+            legs[i, 1] = frame.customer
+    wide = legs.astype(np.int32)
+    mix = wide[:, 0] + wide[:, 1]
+    np.minimum(mix, 32767, out=mix)
+    np.maximum(mix, -32768, out=mix)
+    payloads = index_table(codec)[mix.astype(np.int16).view(np.uint16)].tobytes()
+    # sums of squares per listener and leg, for the level meters
+    squares = np.einsum("kls,kls->kl", wide, wide, dtype=np.float64).tolist()
+    for i, (t, _frame) in enumerate(items):
+        meter = t.meter
+        if meter.wanted:
+            meter.add(squares[i][0], squares[i][1], samples)
+        t.send(payloads[i * samples : (i + 1) * samples])
