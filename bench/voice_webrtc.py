@@ -322,8 +322,152 @@ def _batch_stats() -> dict[str, Any]:
     return stats
 
 
-def sender_main(port_q: mp.Queue[int], index: int, codec: str | None, batch: bool | None, tap_kind: str) -> None:
-    asyncio.run(_sender(port_q, index, codec, batch, tap_kind))
+def _proc_cpu_rss(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) and RSS bytes of another process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0
+    return (int(parts[11]) + int(parts[12])) / CLK_TCK, int(parts[21]) * PAGE
+
+
+def source_main(ctl: Any, stats_q: mp.Queue[Any]) -> None:
+    """The SIP workers' stand-in for the media processes: every 20 ms one time-stamped
+    LegFrame per forwarded conversation, sent over a seqpacket connection to the media
+    process's frame socket in the SIP protocol's wire format (what a worker does after
+    ``SetTap(to=path)``). Forwards arrive as ``(cid, path, on)`` on ``ctl``."""
+    import socket
+
+    from devtools.fake_taps import tone
+    from gateway.sip.protocol import encode_leg_frame
+
+    agent0, customer0 = tone(600, 160, 8000), tone(1000, 160, 8000)
+    socks: dict[str, socket.socket] = {}
+    conns: dict[str, socket.socket] = {}  # cid -> its media process's connection
+    late = 0
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        while ctl.poll():
+            msg = ctl.recv()
+            if msg == "stats":
+                stats_q.put({"late_ticks": late, "conversations": len(conns), "cpu": _cpu_seconds()})
+                continue
+            cid, path, on = msg
+            if on:
+                if path not in socks:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    s.connect(path)
+                    s.setblocking(False)
+                    socks[path] = s
+                conns[cid] = socks[path]
+            else:
+                conns.pop(cid, None)
+        agent, customer = agent0.copy(), customer0.copy()
+        write_stamp(agent, customer, time.monotonic())
+        a, c = agent.tobytes(), customer.tobytes()
+        for cid, s in conns.items():
+            try:
+                s.send(encode_leg_frame(cid.encode(), n, 8000, a, c))
+            except OSError:
+                pass
+        n += 1
+        delay = t0 + n * 0.02 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -0.02:
+            late += 1
+
+
+def sender_main(
+    port_q: mp.Queue[int],
+    index: int,
+    codec: str | None,
+    batch: bool | None,
+    tap_kind: str,
+    processes: int,
+    source: tuple[Any, Any] | None,
+) -> None:
+    if processes and source is not None:
+        asyncio.run(_pool_gateway(port_q, codec, processes, *source))
+    else:
+        asyncio.run(_sender(port_q, index, codec, batch, tap_kind))
+
+
+async def _pool_gateway(port_q: mp.Queue[int], codec: str | None, processes: int, ctl: Any, stats_q: Any) -> None:
+    """The gateway as shipped with media processes: the API process relays each offer to
+    :class:`gateway.media.pool.MediaProcesses` the way ``whep_routes.py`` does; the frames
+    come from the source process (the SIP workers' stand-in) straight to the media processes."""
+    import logging
+
+    from aiohttp import web
+
+    from gateway.config import Settings
+    from gateway.media.pool import MediaProcesses
+
+    logging.disable(logging.WARNING)
+    pool = MediaProcesses(
+        Settings(ice_host_addresses="127.0.0.1", webrtc_processes=processes, log_level="WARNING"),
+        lambda cid, path, on: ctl.send((cid, path, on)),
+    )
+    await pool.start()
+    listeners: list[Any] = []
+    levels = {"n": 0}
+
+    def on_levels(agent_dbfs: float, customer_dbfs: float) -> None:
+        levels["n"] += 1
+
+    async def whep(request: web.Request) -> web.Response:
+        offer = await request.text()
+        sdp, listener = await pool.answer(offer, f"c-{len(listeners)}", stereo=False, on_levels=on_levels, codec=codec)
+        listeners.append(listener)
+        return web.Response(status=201, text=sdp, content_type="application/sdp")
+
+    async def stats(request: web.Request) -> web.Response:
+        ctl.send("stats")
+        src = await asyncio.get_running_loop().run_in_executor(None, stats_q.get)
+        cpu, rss = _cpu_seconds(), _rss_bytes()
+        media_cpu = 0.0
+        for p in pool.processes:
+            if p.proc is not None:
+                c, r = _proc_cpu_rss(p.proc.pid)
+                media_cpu += c
+                rss += r
+        st = [p.stats for p in pool.processes if p.stats is not None]
+        return web.json_response(
+            {
+                "cpu": cpu + media_cpu,
+                "api_cpu": cpu,
+                "source_cpu": src["cpu"],
+                "rss": rss,
+                "sessions": len(listeners),
+                "connected": sum(s.connected for s in st),
+                "modes": [f"media processes x{processes}"],
+                "underruns": sum(s.underruns for s in st),
+                "dropped": sum(s.dropped for s in st),
+                "resyncs": sum(s.resyncs for s in st),
+                "frames_out": sum(s.frames_out for s in st),
+                "late_ticks": src["late_ticks"],
+                "tap_drops": 0,
+                "levels": levels["n"],
+                "batch_ticks": sum(s.ticks for s in st),
+                "batch_lagged": sum(s.lagged_ticks for s in st),
+                "batch_max_lag_ms": max((s.max_lag_ms for s in st), default=0.0),
+                "phase_shifts": sum(s.phase_shifts for s in st),
+                "batch_resyncs": 0,
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/whep", whep)
+    app.router.add_get("/stats", stats)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port_q.put(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    await asyncio.Event().wait()
 
 
 async def _sender(port_q: mp.Queue[int], index: int, codec: str | None, batch: bool | None, tap_kind: str) -> None:
@@ -684,10 +828,23 @@ def run_size(
     codec: str | None = None,
     batch: bool | None = None,
     tap: str = "plane",
+    processes: int = 0,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_q: mp.Queue[int] = ctx.Queue()
-    sprocs = [ctx.Process(target=sender_main, args=(port_q, i, codec, batch, tap), daemon=True) for i in range(senders)]
+    source: tuple[Any, Any] | None = None
+    extra: list[Any] = []
+    if processes:
+        senders = 1  # one API process; the media processes are its children
+        ctl, child = ctx.Pipe()
+        stats_q: mp.Queue[Any] = ctx.Queue()
+        source = (ctl, stats_q)
+        extra.append(ctx.Process(target=source_main, args=(child, stats_q), daemon=True))
+        extra[0].start()
+    sprocs = [
+        ctx.Process(target=sender_main, args=(port_q, i, codec, batch, tap, processes, source), daemon=True)
+        for i in range(senders)
+    ]
     for p in sprocs:
         p.start()
     ports = [port_q.get(timeout=60) for _ in sprocs]
@@ -726,9 +883,9 @@ def run_size(
         per += summary
         rcpu += cpu
         rrss += rss_rx
-    for p in rprocs + sprocs:
+    for p in rprocs + sprocs + extra:
         p.terminate()
-    for p in rprocs + sprocs:
+    for p in rprocs + sprocs + extra:
         p.join(5)
 
     wall = t1 - t0
@@ -776,6 +933,8 @@ def run_size(
         "join_p50_ms": 1000 * statistics.median(joins) if joins else None,
         "join_p99_ms": 1000 * _pct(joins, 0.99) if joins else None,  # type: ignore[operator]
         "gw_cpu_pct": 100 * gw_cpu,
+        "api_cpu_pct": 100 * sum(b.get("api_cpu", 0) - a.get("api_cpu", 0) for a, b in zip(s0, s1)) / wall,
+        "source_cpu_pct": 100 * sum(b.get("source_cpu", 0) - a.get("source_cpu", 0) for a, b in zip(s0, s1)) / wall,
         "gw_cpu_per_monitor_pct": 100 * gw_cpu / max(1, n),
         "rss_per_monitor_kb": rss / max(1, n) / 1024,
         "rx_cpu_pct": 100 * rcpu / wall,
@@ -794,7 +953,14 @@ def run_size(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="50,100,200,300,400")
-    ap.add_argument("--senders", type=int, default=1, help="gateway media processes (as shipped: 1)")
+    ap.add_argument(
+        "--media-processes",
+        type=int,
+        default=None,
+        help="the gateway's media processes (default settings.webrtc_processes: one per core); "
+        "0: listeners in the API process, the pre-issue-9 path (then --senders such processes)",
+    )
+    ap.add_argument("--senders", type=int, default=1, help="with --media-processes 0: gateway processes")
     ap.add_argument("--receivers", type=int, default=2, help="listener processes")
     ap.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -826,11 +992,13 @@ def main() -> None:
     from gateway.config import Settings
 
     s = Settings()
+    if args.media_processes is None:
+        args.media_processes = s.webrtc_processes
     codec = args.codec or ("opus" if s.webrtc_stereo else s.webrtc_codec)
     batch = s.webrtc_batch if args.batch is None else args.batch
     print(
         f"codec={codec} batch={batch} tap={args.tap} (settings: {s.webrtc_codec}/{'batch' if s.webrtc_batch else 'aiortc'}) cores={os.cpu_count()} "
-        f"senders={args.senders} receivers={args.receivers} window={args.duration}s late>{args.late_ms}ms load={os.getloadavg()[0]:.2f}"
+        f"media_processes={args.media_processes} senders={args.senders} receivers={args.receivers} window={args.duration}s late>{args.late_ms}ms load={os.getloadavg()[0]:.2f}"
     )
     hdr = (
         f"{'N':>4} {'ok':>3} {'late%':>6} {'lost%':>6} {'lateRx':>6} {'under':>5} {'addP50':>6} {'addP99':>6} {'add>40':>6} "
@@ -852,6 +1020,7 @@ def main() -> None:
             codec=args.codec,
             batch=args.batch,
             tap=args.tap,
+            processes=args.media_processes,
         )
         rows.append(row)
         ok = row["late_pct"] < 0.1 and row["joined"] == n and row["bad_audio"] == 0 and row["bad_srtp"] == 0
@@ -864,6 +1033,12 @@ def main() -> None:
             f"{row['rx_cpu_pct']:>6.1f} {row['rx_cpu_per_monitor_pct']:>7.3f} {row['load1']:>5.2f}",
             flush=True,
         )
+        if args.media_processes:
+            print(
+                f"     gateway CPU = media processes + API process ({row['api_cpu_pct']:.1f} % of a core); "
+                f"frame source (the SIP workers' stand-in, not counted) {row['source_cpu_pct']:.1f} %",
+                flush=True,
+            )
         print(
             f"     gateway {','.join(row['modes'])} (receivers saw {','.join(row['rx_codecs'])}), connected {row['connected']}/{n}; "
             f"ticks >20 ms late {row['gw_lagged_ticks']} (worst {row['gw_max_lag_ms']:.0f} ms), resyncs {row['resyncs']}, dropped {row['dropped']}, send-tick phase shifts {row['phase_shifts']} in the window ({row['phase_shifts_total']} in all); "

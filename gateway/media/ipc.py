@@ -129,6 +129,7 @@ class Stats(Event):
 
     TYPE: ClassVar[str] = "stats"
     listeners: int
+    connected: int
     ticks: int
     lagged_ticks: int
     max_lag_ms: float
@@ -137,6 +138,7 @@ class Stats(Event):
     frames_out: int
     underruns: int
     dropped: int
+    resyncs: int
 
 
 Message: TypeAlias = Command | Event

@@ -317,4 +317,5 @@ class MediaProcesses:
             "webrtc_listeners": float(sum(len(p.listeners) for p in self.processes)),
             "webrtc_ticks_lagged": float(sum(s.lagged_ticks for s in stats)),
             "webrtc_underruns": float(sum(s.underruns for s in stats)),
+            "webrtc_frames_dropped": float(sum(s.dropped for s in stats)),
         }

@@ -190,6 +190,7 @@ class MediaProcess:
         stats = [s.stats for s in self.sessions.values()]
         return ipc.Stats(
             listeners=len(self.sessions),
+            connected=sum(s.state == "connected" for s in self.sessions.values()),
             ticks=sender.ticks,
             lagged_ticks=sender.lagged_ticks,
             max_lag_ms=round(sender.max_lag * 1000, 1),
@@ -198,6 +199,7 @@ class MediaProcess:
             frames_out=sum(s.frames_out for s in stats),
             underruns=sum(s.underruns for s in stats),
             dropped=sum(s.dropped for s in stats),
+            resyncs=sum(s.resyncs for s in stats),
         )
 
     async def run(self) -> None:
