@@ -66,6 +66,8 @@ async def whep_offer(request: web.Request) -> web.Response:
             )
     except WhepError as exc:
         raise GatewayError(ErrorCode(exc.code), str(exc)) from exc
+    except ConnectionError as exc:  # no media process up, or it died while answering
+        raise GatewayError(ErrorCode.UNAVAILABLE, "no WebRTC media process can take the listener now") from exc
     await app[PLANES].add_listener(mid, session)
     try:
         service.listener_started(monitor, session.id)

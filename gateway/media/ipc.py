@@ -51,14 +51,6 @@ class Close(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TapEnded(Command):
-    """Conversation ``cid``'s legs are gone: its listeners send silence until they are closed."""
-
-    TYPE: ClassVar[str] = "tap_ended"
-    cid: str
-
-
-@dataclass(frozen=True, kw_only=True)
 class Quit(Command):
     """Close every listener and exit."""
 
@@ -142,7 +134,7 @@ class Stats(Event):
 
 
 Message: TypeAlias = Command | Event
-COMMANDS: tuple[type[Command], ...] = (Offer, Close, TapEnded, Quit)
+COMMANDS: tuple[type[Command], ...] = (Offer, Close, Quit)
 EVENTS: tuple[type[Event], ...] = (Ready, Reply, Levels, InboundRtp, Ended, Stats)
 MESSAGES: dict[str, type[Message]] = {**{c.TYPE: c for c in COMMANDS}, **{e.TYPE: e for e in EVENTS}}
 CODEC = JsonLineCodec(MESSAGES)

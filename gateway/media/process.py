@@ -159,8 +159,6 @@ class MediaProcess:
                     spawn(self._offer(cmd))
                 case ipc.Close():
                     spawn(self._close(cmd.session, cmd.reason))
-                case ipc.TapEnded():
-                    self.fanout.finish(cmd.cid)
                 case ipc.Quit():
                     break
         for sid in list(self.sessions):
