@@ -572,18 +572,21 @@ def _answer_codec(sdp: str) -> tuple[str, int]:
     return "?", 8000
 
 
-def receiver_main(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any]) -> None:
-    asyncio.run(_receiver(jobs, join_rate, ctl, out_q))
+def receiver_main(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any], polling: bool) -> None:
+    asyncio.run(_receiver(jobs, join_rate, ctl, out_q, polling))
 
 
-async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any]) -> None:
+async def _receiver(
+    jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any], polling: bool
+) -> None:
     import logging
+    import socket
 
     import aiohttp
     import av
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-    from gateway.media.aiortc_compat import ice_connection, srtp_receive_context
+    from gateway.media.aiortc_compat import ice_connection, srtp_receive_context, srtp_route
     from gateway.media.ice import host_addresses
 
     logging.disable(logging.WARNING)
@@ -639,6 +642,50 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
         if recording["on"]:
             rec.arrivals.append((now, seq, ts, read_stamp(payload) if rec.codec == "pcmu" else -1))
 
+    # Once a stream's first packet decrypted, its socket leaves the event loop: a 10 ms poller
+    # reads every such socket with recvmsg() and the kernel's receive time stamp. No wake-up
+    # per packet on either side (a sleeping receiver woken by each sendto() costs the
+    # gateway's send path too), and arrival times stay exact.
+    polled: list[tuple[socket.socket, Any, Listen, Any]] = []
+    loop = asyncio.get_running_loop()
+    SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+    def poll_socket(rec: Listen, dtls: Any) -> None:
+        route = srtp_route(dtls)
+        if route is None:
+            return
+        transport = route.transport
+        fd = transport.get_extra_info("socket").fileno()
+        raw = socket.socket(fileno=os.dup(fd))
+        raw.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        raw.setblocking(False)
+        loop._remove_reader(fd)  # type: ignore[attr-defined]  # the transport's own reader
+        polled.append((raw, transport.get_protocol(), rec, dtls))
+
+    async def poller() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            offset = time.time() - monotonic()  # kernel stamps are CLOCK_REALTIME
+            for raw, proto, rec, dtls in polled:
+                while True:
+                    try:
+                        data, anc, _flags, addr = raw.recvmsg(2048, 64)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        break
+                    if len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223:
+                        now = monotonic()
+                        for level, kind, value in anc:
+                            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                                sec, nsec = struct.unpack("qq", value[:16])
+                                now = sec + nsec / 1e9 - offset
+                        handle(rec, srtp_receive_context(dtls), data, now)
+                    else:  # STUN consent checks, RTCP, DTLS: to aioice/aiortc as before
+                        proto.datagram_received(data, addr)
+
+    poll_task = loop.create_task(poller())
+
     async def join(http: aiohttp.ClientSession, port: int, name: str) -> None:
         rec = Listen(name, join_start=monotonic())
         listens.append(rec)
@@ -666,6 +713,8 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
                     for d, t in early:
                         handle(rec, srtp, d, t)
                 handle(rec, srtp, data, now)
+                if rec.packets == 1 and polling:
+                    loop.call_soon(poll_socket, rec, dtls)
                 return
             deliver(data, component)
 
@@ -693,6 +742,7 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
         t0, t1 = await loop.run_in_executor(None, ctl.recv)
         recording["on"] = False
         cpu = _cpu_seconds() - cpu0
+        poll_task.cancel()
         summary = [_analyse(rec, t0, t1) for rec in listens]
         out_q.put(("done", summary, cpu, _rss_bytes()))
         await asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True)
@@ -829,6 +879,7 @@ def run_size(
     batch: bool | None = None,
     tap: str = "plane",
     processes: int = 0,
+    rx_poll: bool = True,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_q: mp.Queue[int] = ctx.Queue()
@@ -856,7 +907,9 @@ def run_size(
     out_q: mp.Queue[Any] = ctx.Queue()
     pipes = [ctx.Pipe() for _ in range(receivers)]
     rprocs = [
-        ctx.Process(target=receiver_main, args=(jobs[i], join_rate / receivers, pipes[i][1], out_q), daemon=True)
+        ctx.Process(
+            target=receiver_main, args=(jobs[i], join_rate / receivers, pipes[i][1], out_q, rx_poll), daemon=True
+        )
         for i in range(receivers)
     ]
     for p in rprocs:
@@ -976,6 +1029,12 @@ def main() -> None:
         choices=["plane", "nowait"],
         help="plane: gateway.sip.plane.Tap (as shipped); nowait: a tap with next_frame_nowait()",
     )
+    ap.add_argument(
+        "--rx-events",
+        dest="rx_poll",
+        action="store_false",
+        help="receivers take each packet on an event-loop wake-up (the old receivers) instead of polling every 10 ms",
+    )
     ap.add_argument("--late-ms", type=float, default=LATE_MS)
     ap.add_argument(
         "--smoke", action="store_true", help="4 monitors, 3 s, one of each process; exits 1 if no audio was verified"
@@ -1021,6 +1080,7 @@ def main() -> None:
             batch=args.batch,
             tap=args.tap,
             processes=args.media_processes,
+            rx_poll=args.rx_poll,
         )
         rows.append(row)
         ok = row["late_pct"] < 0.1 and row["joined"] == n and row["bad_audio"] == 0 and row["bad_srtp"] == 0
