@@ -345,19 +345,20 @@ def source_main(ctl: Any, stats_q: mp.Queue[Any]) -> None:
     agent0, customer0 = tone(600, 160, 8000), tone(1000, 160, 8000)
     socks: dict[str, socket.socket] = {}
     conns: dict[str, socket.socket] = {}  # cid -> its media process's connection
-    late = 0
+    late = drops = 0
     t0 = time.monotonic()
     n = 0
     while True:
         while ctl.poll():
             msg = ctl.recv()
             if msg == "stats":
-                stats_q.put({"late_ticks": late, "conversations": len(conns), "cpu": _cpu_seconds()})
+                stats_q.put({"late_ticks": late, "drops": drops, "conversations": len(conns), "cpu": _cpu_seconds()})
                 continue
             cid, path, on = msg
             if on:
                 if path not in socks:
                     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # as the SIP worker does
                     s.connect(path)
                     s.setblocking(False)
                     socks[path] = s
@@ -370,8 +371,8 @@ def source_main(ctl: Any, stats_q: mp.Queue[Any]) -> None:
         for cid, s in conns.items():
             try:
                 s.send(encode_leg_frame(cid.encode(), n, 8000, a, c))
-            except OSError:
-                pass
+            except OSError:  # the media process's socket is full: counted as dropped
+                drops += 1
         n += 1
         delay = t0 + n * 0.02 - time.monotonic()
         if delay > 0:
@@ -449,7 +450,7 @@ async def _pool_gateway(port_q: mp.Queue[int], codec: str | None, processes: int
                 "resyncs": sum(s.resyncs for s in st),
                 "frames_out": sum(s.frames_out for s in st),
                 "late_ticks": src["late_ticks"],
-                "tap_drops": 0,
+                "tap_drops": src["drops"],
                 "levels": levels["n"],
                 "batch_ticks": sum(s.ticks for s in st),
                 "batch_lagged": sum(s.lagged_ticks for s in st),

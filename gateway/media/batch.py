@@ -239,6 +239,9 @@ class BatchSender:
         self.ticks = 0
         self.lagged_ticks = 0
         self.max_lag = 0.0
+        #: called at the start of each pass of a tick, before any track takes its frame (a
+        #: media process reads the SIP workers' frames there: no wake-up per datagram)
+        self.before_tick: list[Callable[[], None]] = []
 
     def add(self, track: BatchTrack) -> None:
         self.tracks.add(track)
@@ -289,6 +292,8 @@ class BatchSender:
         G.711 mono listeners (the default) are mixed, metered and encoded together: one numpy
         pass over all their frames, then per listener only the RTP header, SRTP and ``sendto``.
         """
+        for hook in self.before_tick:
+            hook()
         deferred: list[BatchTrack] = []
         groups: dict[str, list[tuple[BatchTrack, LegFrame | None]]] = {}
         for t in tracks:

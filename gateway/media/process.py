@@ -22,12 +22,14 @@ import logging
 import os
 import socket
 import sys
+import time
 
 from ..config import Settings
 from ..sip.protocol import ProtocolError
 from ..sip.taps import TapFanout
 from . import ipc
 from .batch import BatchSender
+from .track import FRAME_SECONDS
 from .whep import WhepError, WhepSession, answer_whep
 
 log = logging.getLogger("gateway.media.process")
@@ -48,6 +50,7 @@ class MediaProcess:
         self._levels: list[list[object]] = []
         self._inbound: dict[str, int] = {}
         self._connections: set[socket.socket] = set()
+        self._read_at = 0.0
         self._done = asyncio.Event()
 
     # --- events to the main process ---------------------------------------------------------
@@ -75,23 +78,35 @@ class MediaProcess:
             return
         conn.setblocking(False)
         self._connections.add(conn)
-        loop.add_reader(conn, self._read_frames, conn, loop)
 
-    def _read_frames(self, conn: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def _read_frames(self) -> None:
+        """Everything the workers sent since the last read. Runs at the start of each pass of
+        the batched tick (and from :meth:`_read_loop` when that has not run for a while):
+        the frames of a tick arrive in a burst, and one read of them costs less than a
+        wake-up of the event loop per datagram."""
+        self._read_at = time.monotonic()
         received = self.fanout.frame_received
+        for conn in list(self._connections):
+            while True:
+                try:
+                    data = conn.recv(MAX_FRAME)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:  # the worker closed it (no conversation of ours left, or it died)
+                    self._connections.discard(conn)
+                    conn.close()
+                    break
+                received(data)
+
+    async def _read_loop(self) -> None:
+        """Reads the frames when no batched tick does (no listener connected yet, or only
+        listeners on aiortc's own sender: G.722, ``webrtc_batch`` off)."""
         while True:
-            try:
-                data = conn.recv(MAX_FRAME)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:  # the worker closed it (no conversation of ours left, or it died)
-                loop.remove_reader(conn)
-                self._connections.discard(conn)
-                conn.close()
-                return
-            received(data)
+            await asyncio.sleep(FRAME_SECONDS / 2)
+            if time.monotonic() - self._read_at > FRAME_SECONDS / 2:
+                self._read_frames()
 
     # --- commands --------------------------------------------------------------------------
     async def _offer(self, cmd: ipc.Offer) -> None:
@@ -148,7 +163,13 @@ class MediaProcess:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-        while line := await reader.readline():
+        while True:
+            try:
+                line = await reader.readline()
+            except ConnectionError:
+                line = b""
+            if not line:  # the main process is gone (or asked us to quit below)
+                break
             try:
                 cmd = ipc.decode(line)
             except ProtocolError:
@@ -206,14 +227,16 @@ class MediaProcess:
         reader, self._writer = await asyncio.open_unix_connection(sock=self.ctl)
         self.emit(ipc.Ready(pid=os.getpid(), frame_path=self.frame_path))
         reports = asyncio.create_task(self._reports())
+        reads = asyncio.create_task(self._read_loop())
+        BatchSender.instance().before_tick.append(self._read_frames)
         try:
             await self._commands(reader)
         finally:
             reports.cancel()
+            reads.cancel()
             loop.remove_reader(server)
             server.close()
             for conn in self._connections:
-                loop.remove_reader(conn)
                 conn.close()
             try:
                 os.unlink(self.frame_path)

@@ -365,6 +365,9 @@ class Worker:
         if path in self.media:
             return True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The media process reads once per 20 ms tick: room for a tick's burst of hundreds
+        # of frames (~1600 at 1 MiB; the kernel caps it at net.core.wmem_max).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         try:
             sock.connect(path)
         except OSError as exc:
