@@ -19,11 +19,12 @@ instead). aiortc's own sender loop for the transceiver stays parked on a track w
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import struct
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from aiortc import RTCRtpSender
@@ -58,6 +59,13 @@ def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
         elif in_audio and line.startswith("a=extmap:") and "sdes:mid" in line:
             ext = int(line[9:].split()[0].split("/")[0])
     return pt, mid, ext
+
+
+class Skip(enum.Enum):
+    """What :meth:`BatchTrack.take` gives instead of a frame."""
+
+    DEFER = "defer"  #: no frame yet: ask again after the arrival grace
+    IDLE = "idle"  #: not connected yet: nothing to send
 
 
 class BatchTrack(MediaStreamTrack, TapReader):
@@ -144,14 +152,14 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def meter(self) -> LevelMeter:
         return self._encoder.meter
 
-    def take(self, may_defer: bool) -> LegFrame | None | Literal["defer", "idle"]:
-        """This tick's frame (``None``: silence), ``"defer"`` to be asked again after the
-        grace, or ``"idle"``: nothing to send (not connected yet)."""
+    def take(self, may_defer: bool) -> LegFrame | Skip | None:
+        """This tick's frame (``None``: silence), :attr:`Skip.DEFER` to be asked again after
+        the grace, or :attr:`Skip.IDLE`: nothing to send (not connected yet)."""
         self._drain()
         if self._connected_route() is None:  # not connected yet: keep only the newest frames
-            return "idle"
+            return Skip.IDLE
         if not self._buffer and may_defer and not self.tap_ended:
-            return "defer"
+            return Skip.DEFER
         frame = self._next_frame()
         if frame is not None:
             self._catch_up()
@@ -183,9 +191,9 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def tick(self, may_defer: bool) -> bool:
         """Send this tick's packet on its own; returns False (nothing sent) to be retried after the grace."""
         frame = self.take(may_defer)
-        if frame == "defer":
+        if frame is Skip.DEFER:
             return False
-        if frame != "idle":
+        if frame is not Skip.IDLE:
             self.encode_and_send(frame)
         return True
 
@@ -298,9 +306,9 @@ class BatchSender:
         groups: dict[str, list[tuple[BatchTrack, LegFrame | None]]] = {}
         for t in tracks:
             frame = t.take(may_defer)
-            if frame == "defer":
+            if frame is Skip.DEFER:
                 deferred.append(t)
-            elif frame != "idle":
+            elif frame is not Skip.IDLE:
                 codec = t.g711_mono
                 if codec is not None and (frame is None or frame.sample_rate == G711_RATE):
                     groups.setdefault(codec, []).append((t, frame))
