@@ -3,8 +3,17 @@
 N fake conversations, each monitored by one aiortc receiver in *other* processes, over
 loopback with real ICE/DTLS-SRTP.
 
-Gateway side (``--senders`` media processes, default 1 -- as shipped, ``answer_whep`` runs in
-one process): an aiohttp server answering WHEP offers with
+Gateway side, as shipped (``--media-processes``, default ``settings.webrtc_processes``, one per
+core): an aiohttp server standing for the API process hands each WHEP offer to
+:class:`gateway.media.pool.MediaProcesses` as ``whep_routes.py`` does (batched PCMU, mono, an
+``on_levels`` callback); the media processes answer and send. A separate *source* process
+stands in for the SIP workers: when the pool forwards a conversation to a media process it
+connects to that process's frame socket (seqpacket, 1 MiB send buffer, as the worker does) and
+sends one time-stamped LegFrame per 20 ms per conversation in the SIP protocol's wire format.
+Gateway CPU = the media processes + the API process (the source is not counted).
+
+``--media-processes 0`` is the path before media processes (``--senders`` processes each
+answering in-process): an aiohttp server answering WHEP offers with
 :func:`gateway.media.whep.answer_whep` called the way ``gateway/api/whep_routes.py`` calls it
 (settings defaults: batched PCMU, mono; an ``on_levels`` callback; the tap is the SIP plane's
 own :class:`gateway.sip.plane.Tap`, which has no ``next_frame_nowait()``, so the track runs a
@@ -42,6 +51,12 @@ RTCP payload type) before aiortc's queue and DTLS task would, and
    reported as silence instead),
 
 then drops the packet (no jitter buffer, no decoder thread work, no ``RtpPacket`` objects).
+After a stream's first packet its socket leaves the receiver's event loop: one task per
+receiver process polls all such sockets every 10 ms with ``recvmsg()`` and takes the arrival
+time from the kernel's receive time stamp (``SO_TIMESTAMPNS``), so no packet wakes a receiver
+(a sleeping receiver woken by every ``sendto()`` costs the gateway's send path several us per
+packet on loopback) and arrival times stay exact; STUN, DTLS and RTCP still go to
+aioice/aiortc. ``--rx-events`` gives the old receivers (a wake-up per packet).
 DTLS and RTCP datagrams go on to aiortc as usual (the receivers' RTCP RR report zero packets:
 the gateway does not use them).
 

@@ -216,6 +216,13 @@ class BatchTrack(MediaStreamTrack, TapReader):
         self._ts = (self._ts + frames * self._encoder.ticks_per_frame) & 0xFFFFFFFF
         self.stats.resyncs += 1
 
+    def delay(self, seconds: float) -> None:
+        """Every later packet goes out ``seconds`` later: move the RTP clock with it (a gap of
+        that much the listener conceals), or each such move would stay in the stream as
+        lateness against its own time stamps."""
+        ticks = round(seconds * self._encoder.ticks_per_frame / FRAME_SECONDS)
+        self._ts = (self._ts + ticks) & 0xFFFFFFFF
+
     def stop(self) -> None:
         BatchSender.instance().remove(self)
         self._stop_reading()
@@ -291,6 +298,8 @@ class BatchSender:
                     # as a SIP worker's calls do): move the tick into their wake for good.
                     t0 += ARRIVAL_GRACE
                     self.phase_shifts += 1
+                    for t in tracks:  # from now on every packet (the deferred: this one) is later
+                        t.delay(ARRIVAL_GRACE)
                 await asyncio.sleep(ARRIVAL_GRACE)
                 self._send_all([t for t in deferred if t in self.tracks], may_defer=False)
 
