@@ -208,3 +208,23 @@ async def test_a_dead_media_process_ends_its_listeners_and_is_restarted(
     finally:
         await again.close()
         await client.close()
+
+
+async def test_listeners_of_one_conversation_share_its_process_and_forward(
+    media: tuple[MediaProcesses, FrameSource],
+) -> None:
+    pool, source = media
+    _a1, first, mix1, client1 = await _listen(pool, "c-6", stereo=False)
+    _a2, second, mix2, client2 = await _listen(pool, "c-6", stereo=False)
+    try:
+        assert first._proc is second._proc  # the worker sends each frame once per process
+        assert [on for cid, _path, on in source.calls if cid == "c-6"] == [True]
+        for mix in (mix1, mix2):
+            assert _peak_power(mix[0][800:], 8000, 1000) > 0.2
+        await first.close()
+        assert [on for cid, _path, on in source.calls if cid == "c-6"] == [True]  # still listened to
+    finally:
+        await second.close()
+        await client1.close()
+        await client2.close()
+    assert [on for cid, _path, on in source.calls if cid == "c-6"] == [True, False]
