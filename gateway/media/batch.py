@@ -94,6 +94,12 @@ class BatchTrack(MediaStreamTrack, TapReader):
         if not pre_encodable(codec, sample_rate):
             raise ValueError(f"batched sending does not do {codec} at {sample_rate} Hz")
         self._encoder = ListenerEncoder(codec, stereo=stereo, sample_rate=sample_rate, on_levels=on_levels)
+        # Read by every tick: plain attributes (the codec's clock and frame length do not change).
+        self._ticks_per_frame = self._encoder.ticks_per_frame
+        #: the G.711 codec when the payload is the table lookup of the 8 kHz mix (batched), else None
+        self.g711_mono = self._encoder.g711_mono
+        #: the level meter, fed by the batched G.711 pass; None when nobody reads the levels
+        self.meter: LevelMeter | None = self._encoder.meter if self._encoder.meter.wanted else None
         self.codec = codec
         self.stereo = self._encoder.stereo
         self.stats = TrackStats()
@@ -143,21 +149,13 @@ class BatchTrack(MediaStreamTrack, TapReader):
         self._keep_newest()  # first send: frames queued while connecting are old
         return route
 
-    @property
-    def g711_mono(self) -> str | None:
-        """The G.711 codec when this listener's payload is the table lookup of the 8 kHz mix."""
-        return self._encoder.g711_mono
-
-    @property
-    def meter(self) -> LevelMeter:
-        return self._encoder.meter
-
     def take(self, may_defer: bool) -> LegFrame | Skip | None:
         """This tick's frame (``None``: silence), :attr:`Skip.DEFER` to be asked again after
         the grace, or :attr:`Skip.IDLE`: nothing to send (not connected yet)."""
         self._drain()
-        if self._connected_route() is None:  # not connected yet: keep only the newest frames
-            return Skip.IDLE
+        route = self._route
+        if (route is None or route.closed) and self._connected_route() is None:
+            return Skip.IDLE  # not connected yet: keep only the newest frames
         if not self._buffer and may_defer and not self.tap_ended:
             return Skip.DEFER
         frame = self._next_frame()
@@ -186,7 +184,7 @@ class BatchTrack(MediaStreamTrack, TapReader):
         except Exception:
             log.debug("batched send failed", exc_info=True)
         self._seq = (self._seq + 1) & 0xFFFF
-        self._ts = (self._ts + self._encoder.ticks_per_frame) & 0xFFFFFFFF
+        self._ts = (self._ts + self._ticks_per_frame) & 0xFFFFFFFF
 
     def tick(self, may_defer: bool) -> bool:
         """Send this tick's packet on its own; returns False (nothing sent) to be retried after the grace."""
@@ -213,14 +211,14 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def skip(self, frames: int) -> None:
         """The sender stalled for ``frames`` ticks: advance the RTP clock past them."""
         self._index += frames
-        self._ts = (self._ts + frames * self._encoder.ticks_per_frame) & 0xFFFFFFFF
+        self._ts = (self._ts + frames * self._ticks_per_frame) & 0xFFFFFFFF
         self.stats.resyncs += 1
 
     def delay(self, seconds: float) -> None:
         """Every later packet goes out ``seconds`` later: move the RTP clock with it (a gap of
         that much the listener conceals), or each such move would stay in the stream as
         lateness against its own time stamps."""
-        ticks = round(seconds * self._encoder.ticks_per_frame / FRAME_SECONDS)
+        ticks = round(seconds * self._ticks_per_frame / FRAME_SECONDS)
         self._ts = (self._ts + ticks) & 0xFFFFFFFF
 
     def stop(self) -> None:
@@ -345,6 +343,6 @@ def _send_g711(codec: str, items: list[tuple[BatchTrack, LegFrame | None]]) -> N
     squares = np.einsum("kls,kls->kl", wide, wide, dtype=np.float64).tolist()
     for i, (t, _frame) in enumerate(items):
         meter = t.meter
-        if meter.wanted:
+        if meter is not None:
             meter.add(squares[i][0], squares[i][1], samples)
         t.send(payloads[i * samples : (i + 1) * samples])
