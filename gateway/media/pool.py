@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -120,6 +121,7 @@ class MediaProcesses:
         self._forward = forward
         count = settings.webrtc_processes if settings.webrtc_processes > 0 else 0
         self.processes = [MediaProcess(i) for i in range(count)]
+        # mode 0700: only the gateway's own user can connect to the frame sockets in it
         self._dir = tempfile.mkdtemp(prefix="gateway-media-")
         self._re = itertools.count(1)
         self._generation = itertools.count()
@@ -154,10 +156,7 @@ class MediaProcesses:
         for proc in self.processes:
             for listener in list(proc.listeners.values()):
                 await listener._ended("shutdown")
-        try:
-            os.rmdir(self._dir)
-        except OSError:
-            pass
+        shutil.rmtree(self._dir, ignore_errors=True)  # a killed process leaves its socket
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -239,11 +238,11 @@ class MediaProcesses:
         for listener in list(proc.listeners.values()):
             await listener._ended("media_failure")
         proc.frame_path = ""  # not picked again before the new process is Ready
+        if self._stopping:  # stop() waits for it to exit
+            return
         if proc.proc is not None and proc.proc.returncode is None:
             proc.proc.kill()
             await proc.proc.wait()
-        if self._stopping:
-            return
         log.error("media process %d exited (%s); restarting", proc.index, proc.proc and proc.proc.returncode)
         proc.restarts += 1
         await asyncio.sleep(RESTART_DELAY)

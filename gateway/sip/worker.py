@@ -368,6 +368,7 @@ class Worker:
         # The media process reads once per 20 ms tick: room for a tick's burst of hundreds
         # of frames (~1600 at 1 MiB; the kernel caps it at net.core.wmem_max).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.settimeout(1.0)  # a media process too busy to accept must not hold the worker
         try:
             sock.connect(path)
         except OSError as exc:
