@@ -116,11 +116,13 @@ class MediaProcess:
 
 
 class MediaProcesses:
+    """``settings.webrtc_processes`` media processes and the listeners they serve (see the
+    module docstring); ``forward`` is the SIP plane's ``forward_frames``."""
+
     def __init__(self, settings: Settings, forward: Forward) -> None:
         self.settings = settings
         self._forward = forward
-        count = settings.webrtc_processes if settings.webrtc_processes > 0 else 0
-        self.processes = [MediaProcess(i) for i in range(count)]
+        self.processes = [MediaProcess(i) for i in range(max(0, settings.webrtc_processes))]
         # mode 0700: only the gateway's own user can connect to the frame sockets in it
         self._dir = tempfile.mkdtemp(prefix="gateway-media-")
         self._re = itertools.count(1)

@@ -68,16 +68,18 @@ class MediaProcess:
         server.bind(self.frame_path)
         server.listen(64)
         server.setblocking(False)
-        loop.add_reader(server, self._accept, server, loop)
+        loop.add_reader(server, self._accept, server)
         return server
 
-    def _accept(self, server: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            conn, _ = server.accept()
-        except BlockingIOError:
-            return
-        conn.setblocking(False)
-        self._connections.add(conn)
+    def _accept(self, server: socket.socket) -> None:
+        """A worker connects (once per media process it sends to); it is read on the tick."""
+        while True:
+            try:
+                conn, _ = server.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            self._connections.add(conn)
 
     def _read_frames(self) -> None:
         """Everything the workers sent since the last read. Runs at the start of each pass of
