@@ -489,7 +489,10 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        data = encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer)
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
+
+    def send_frame(self, data: bytes) -> None:
+        """One encoded LegFrame to every destination switched on (pj's clock thread)."""
         for to in self.frame_to:
             try:
                 if to:
