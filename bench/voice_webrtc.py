@@ -3,8 +3,17 @@
 N fake conversations, each monitored by one aiortc receiver in *other* processes, over
 loopback with real ICE/DTLS-SRTP.
 
-Gateway side (``--senders`` media processes, default 1 -- as shipped, ``answer_whep`` runs in
-one process): an aiohttp server answering WHEP offers with
+Gateway side, as shipped (``--media-processes``, default ``settings.webrtc_processes``, one per
+core): an aiohttp server standing for the API process hands each WHEP offer to
+:class:`gateway.media.pool.MediaProcesses` as ``whep_routes.py`` does (batched PCMU, mono, an
+``on_levels`` callback); the media processes answer and send. A separate *source* process
+stands in for the SIP workers: when the pool forwards a conversation to a media process it
+connects to that process's frame socket (seqpacket, 1 MiB send buffer, as the worker does) and
+sends one time-stamped LegFrame per 20 ms per conversation in the SIP protocol's wire format.
+Gateway CPU = the media processes + the API process (the source is not counted).
+
+``--media-processes 0`` is the path before media processes (``--senders`` processes each
+answering in-process): an aiohttp server answering WHEP offers with
 :func:`gateway.media.whep.answer_whep` called the way ``gateway/api/whep_routes.py`` calls it
 (settings defaults: batched PCMU, mono; an ``on_levels`` callback; the tap is the SIP plane's
 own :class:`gateway.sip.plane.Tap`, which has no ``next_frame_nowait()``, so the track runs a
@@ -42,6 +51,12 @@ RTCP payload type) before aiortc's queue and DTLS task would, and
    reported as silence instead),
 
 then drops the packet (no jitter buffer, no decoder thread work, no ``RtpPacket`` objects).
+After a stream's first packet its socket leaves the receiver's event loop: one task per
+receiver process polls all such sockets every 10 ms with ``recvmsg()`` and takes the arrival
+time from the kernel's receive time stamp (``SO_TIMESTAMPNS``), so no packet wakes a receiver
+(a sleeping receiver woken by every ``sendto()`` costs the gateway's send path several us per
+packet on loopback) and arrival times stay exact; STUN, DTLS and RTCP still go to
+aioice/aiortc. ``--rx-events`` gives the old receivers (a wake-up per packet).
 DTLS and RTCP datagrams go on to aiortc as usual (the receivers' RTCP RR report zero packets:
 the gateway does not use them).
 
@@ -322,8 +337,153 @@ def _batch_stats() -> dict[str, Any]:
     return stats
 
 
-def sender_main(port_q: mp.Queue[int], index: int, codec: str | None, batch: bool | None, tap_kind: str) -> None:
-    asyncio.run(_sender(port_q, index, codec, batch, tap_kind))
+def _proc_cpu_rss(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) and RSS bytes of another process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0
+    return (int(parts[11]) + int(parts[12])) / CLK_TCK, int(parts[21]) * PAGE
+
+
+def source_main(ctl: Any, stats_q: mp.Queue[Any]) -> None:
+    """The SIP workers' stand-in for the media processes: every 20 ms one time-stamped
+    LegFrame per forwarded conversation, sent over a seqpacket connection to the media
+    process's frame socket in the SIP protocol's wire format (what a worker does after
+    ``SetTap(to=path)``). Forwards arrive as ``(cid, path, on)`` on ``ctl``."""
+    import socket
+
+    from devtools.fake_taps import tone
+    from gateway.sip.protocol import encode_leg_frame
+
+    agent0, customer0 = tone(600, 160, 8000), tone(1000, 160, 8000)
+    socks: dict[str, socket.socket] = {}
+    conns: dict[str, socket.socket] = {}  # cid -> its media process's connection
+    late = drops = 0
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        while ctl.poll():
+            msg = ctl.recv()
+            if msg == "stats":
+                stats_q.put({"late_ticks": late, "drops": drops, "conversations": len(conns), "cpu": _cpu_seconds()})
+                continue
+            cid, path, on = msg
+            if on:
+                if path not in socks:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # as the SIP worker does
+                    s.connect(path)
+                    s.setblocking(False)
+                    socks[path] = s
+                conns[cid] = socks[path]
+            else:
+                conns.pop(cid, None)
+        agent, customer = agent0.copy(), customer0.copy()
+        write_stamp(agent, customer, time.monotonic())
+        a, c = agent.tobytes(), customer.tobytes()
+        for cid, s in conns.items():
+            try:
+                s.send(encode_leg_frame(cid.encode(), n, 8000, a, c))
+            except OSError:  # the media process's socket is full: counted as dropped
+                drops += 1
+        n += 1
+        delay = t0 + n * 0.02 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -0.02:
+            late += 1
+
+
+def sender_main(
+    port_q: mp.Queue[int],
+    index: int,
+    codec: str | None,
+    batch: bool | None,
+    tap_kind: str,
+    processes: int,
+    source: tuple[Any, Any] | None,
+) -> None:
+    if processes and source is not None:
+        asyncio.run(_pool_gateway(port_q, codec, processes, *source))
+    else:
+        asyncio.run(_sender(port_q, index, codec, batch, tap_kind))
+
+
+async def _pool_gateway(port_q: mp.Queue[int], codec: str | None, processes: int, ctl: Any, stats_q: Any) -> None:
+    """The gateway as shipped with media processes: the API process relays each offer to
+    :class:`gateway.media.pool.MediaProcesses` the way ``whep_routes.py`` does; the frames
+    come from the source process (the SIP workers' stand-in) straight to the media processes."""
+    import logging
+
+    from aiohttp import web
+
+    from gateway.config import Settings
+    from gateway.media.pool import MediaProcesses
+
+    logging.disable(logging.WARNING)
+    pool = MediaProcesses(
+        Settings(ice_host_addresses="127.0.0.1", webrtc_processes=processes, log_level="WARNING"),
+        lambda cid, path, on: ctl.send((cid, path, on)),
+    )
+    await pool.start()
+    listeners: list[Any] = []
+    levels = {"n": 0}
+
+    def on_levels(agent_dbfs: float, customer_dbfs: float) -> None:
+        levels["n"] += 1
+
+    async def whep(request: web.Request) -> web.Response:
+        offer = await request.text()
+        sdp, listener = await pool.answer(offer, f"c-{len(listeners)}", stereo=False, on_levels=on_levels, codec=codec)
+        listeners.append(listener)
+        return web.Response(status=201, text=sdp, content_type="application/sdp")
+
+    async def stats(request: web.Request) -> web.Response:
+        ctl.send("stats")
+        src = await asyncio.get_running_loop().run_in_executor(None, stats_q.get)
+        cpu, rss = _cpu_seconds(), _rss_bytes()
+        media_cpu = 0.0
+        for p in pool.processes:
+            if p.proc is not None:
+                c, r = _proc_cpu_rss(p.proc.pid)
+                media_cpu += c
+                rss += r
+        st = [p.stats for p in pool.processes if p.stats is not None]
+        return web.json_response(
+            {
+                "cpu": cpu + media_cpu,
+                "api_cpu": cpu,
+                "source_cpu": src["cpu"],
+                "rss": rss,
+                "sessions": len(listeners),
+                "connected": sum(s.connected for s in st),
+                "modes": [f"media processes x{processes}"],
+                "underruns": sum(s.underruns for s in st),
+                "dropped": sum(s.dropped for s in st),
+                "resyncs": sum(s.resyncs for s in st),
+                "frames_out": sum(s.frames_out for s in st),
+                "late_ticks": src["late_ticks"],
+                "tap_drops": src["drops"],
+                "levels": levels["n"],
+                "batch_ticks": sum(s.ticks for s in st),
+                "batch_lagged": sum(s.lagged_ticks for s in st),
+                "batch_max_lag_ms": max((s.max_lag_ms for s in st), default=0.0),
+                "phase_shifts": sum(s.phase_shifts for s in st),
+                "batch_resyncs": 0,
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/whep", whep)
+    app.router.add_get("/stats", stats)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port_q.put(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    await asyncio.Event().wait()
 
 
 async def _sender(port_q: mp.Queue[int], index: int, codec: str | None, batch: bool | None, tap_kind: str) -> None:
@@ -428,18 +588,21 @@ def _answer_codec(sdp: str) -> tuple[str, int]:
     return "?", 8000
 
 
-def receiver_main(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any]) -> None:
-    asyncio.run(_receiver(jobs, join_rate, ctl, out_q))
+def receiver_main(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any], polling: bool) -> None:
+    asyncio.run(_receiver(jobs, join_rate, ctl, out_q, polling))
 
 
-async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any]) -> None:
+async def _receiver(
+    jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out_q: mp.Queue[Any], polling: bool
+) -> None:
     import logging
+    import socket
 
     import aiohttp
     import av
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-    from gateway.media.aiortc_compat import ice_connection, srtp_receive_context
+    from gateway.media.aiortc_compat import ice_connection, srtp_receive_context, srtp_route
     from gateway.media.ice import host_addresses
 
     logging.disable(logging.WARNING)
@@ -495,6 +658,50 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
         if recording["on"]:
             rec.arrivals.append((now, seq, ts, read_stamp(payload) if rec.codec == "pcmu" else -1))
 
+    # Once a stream's first packet decrypted, its socket leaves the event loop: a 10 ms poller
+    # reads every such socket with recvmsg() and the kernel's receive time stamp. No wake-up
+    # per packet on either side (a sleeping receiver woken by each sendto() costs the
+    # gateway's send path too), and arrival times stay exact.
+    polled: list[tuple[socket.socket, Any, Listen, Any]] = []
+    loop = asyncio.get_running_loop()
+    SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+    def poll_socket(rec: Listen, dtls: Any) -> None:
+        route = srtp_route(dtls)
+        if route is None:
+            return
+        transport = route.transport
+        fd = transport.get_extra_info("socket").fileno()
+        raw = socket.socket(fileno=os.dup(fd))
+        raw.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        raw.setblocking(False)
+        loop._remove_reader(fd)  # type: ignore[attr-defined]  # the transport's own reader
+        polled.append((raw, transport.get_protocol(), rec, dtls))
+
+    async def poller() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            offset = time.time() - monotonic()  # kernel stamps are CLOCK_REALTIME
+            for raw, proto, rec, dtls in polled:
+                while True:
+                    try:
+                        data, anc, _flags, addr = raw.recvmsg(2048, 64)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        break
+                    if len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223:
+                        now = monotonic()
+                        for level, kind, value in anc:
+                            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                                sec, nsec = struct.unpack("qq", value[:16])
+                                now = sec + nsec / 1e9 - offset
+                        handle(rec, srtp_receive_context(dtls), data, now)
+                    else:  # STUN consent checks, RTCP, DTLS: to aioice/aiortc as before
+                        proto.datagram_received(data, addr)
+
+    poll_task = loop.create_task(poller())
+
     async def join(http: aiohttp.ClientSession, port: int, name: str) -> None:
         rec = Listen(name, join_start=monotonic())
         listens.append(rec)
@@ -522,6 +729,8 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
                     for d, t in early:
                         handle(rec, srtp, d, t)
                 handle(rec, srtp, data, now)
+                if rec.packets == 1 and polling:
+                    loop.call_soon(poll_socket, rec, dtls)
                 return
             deliver(data, component)
 
@@ -549,6 +758,7 @@ async def _receiver(jobs: list[tuple[int, str]], join_rate: float, ctl: Any, out
         t0, t1 = await loop.run_in_executor(None, ctl.recv)
         recording["on"] = False
         cpu = _cpu_seconds() - cpu0
+        poll_task.cancel()
         summary = [_analyse(rec, t0, t1) for rec in listens]
         out_q.put(("done", summary, cpu, _rss_bytes()))
         await asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True)
@@ -684,10 +894,24 @@ def run_size(
     codec: str | None = None,
     batch: bool | None = None,
     tap: str = "plane",
+    processes: int = 0,
+    rx_poll: bool = True,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_q: mp.Queue[int] = ctx.Queue()
-    sprocs = [ctx.Process(target=sender_main, args=(port_q, i, codec, batch, tap), daemon=True) for i in range(senders)]
+    source: tuple[Any, Any] | None = None
+    extra: list[Any] = []
+    if processes:
+        senders = 1  # one API process; the media processes are its children
+        ctl, child = ctx.Pipe()
+        stats_q: mp.Queue[Any] = ctx.Queue()
+        source = (ctl, stats_q)
+        extra.append(ctx.Process(target=source_main, args=(child, stats_q), daemon=True))
+        extra[0].start()
+    sprocs = [
+        ctx.Process(target=sender_main, args=(port_q, i, codec, batch, tap, processes, source), daemon=True)
+        for i in range(senders)
+    ]
     for p in sprocs:
         p.start()
     ports = [port_q.get(timeout=60) for _ in sprocs]
@@ -699,7 +923,9 @@ def run_size(
     out_q: mp.Queue[Any] = ctx.Queue()
     pipes = [ctx.Pipe() for _ in range(receivers)]
     rprocs = [
-        ctx.Process(target=receiver_main, args=(jobs[i], join_rate / receivers, pipes[i][1], out_q), daemon=True)
+        ctx.Process(
+            target=receiver_main, args=(jobs[i], join_rate / receivers, pipes[i][1], out_q, rx_poll), daemon=True
+        )
         for i in range(receivers)
     ]
     for p in rprocs:
@@ -726,9 +952,9 @@ def run_size(
         per += summary
         rcpu += cpu
         rrss += rss_rx
-    for p in rprocs + sprocs:
+    for p in rprocs + sprocs + extra:
         p.terminate()
-    for p in rprocs + sprocs:
+    for p in rprocs + sprocs + extra:
         p.join(5)
 
     wall = t1 - t0
@@ -776,6 +1002,8 @@ def run_size(
         "join_p50_ms": 1000 * statistics.median(joins) if joins else None,
         "join_p99_ms": 1000 * _pct(joins, 0.99) if joins else None,  # type: ignore[operator]
         "gw_cpu_pct": 100 * gw_cpu,
+        "api_cpu_pct": 100 * sum(b.get("api_cpu", 0) - a.get("api_cpu", 0) for a, b in zip(s0, s1)) / wall,
+        "source_cpu_pct": 100 * sum(b.get("source_cpu", 0) - a.get("source_cpu", 0) for a, b in zip(s0, s1)) / wall,
         "gw_cpu_per_monitor_pct": 100 * gw_cpu / max(1, n),
         "rss_per_monitor_kb": rss / max(1, n) / 1024,
         "rx_cpu_pct": 100 * rcpu / wall,
@@ -794,7 +1022,14 @@ def run_size(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="50,100,200,300,400")
-    ap.add_argument("--senders", type=int, default=1, help="gateway media processes (as shipped: 1)")
+    ap.add_argument(
+        "--media-processes",
+        type=int,
+        default=None,
+        help="the gateway's media processes (default settings.webrtc_processes: one per core); "
+        "0: listeners in the API process, the pre-issue-9 path (then --senders such processes)",
+    )
+    ap.add_argument("--senders", type=int, default=1, help="with --media-processes 0: gateway processes")
     ap.add_argument("--receivers", type=int, default=2, help="listener processes")
     ap.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -809,6 +1044,12 @@ def main() -> None:
         default="plane",
         choices=["plane", "nowait"],
         help="plane: gateway.sip.plane.Tap (as shipped); nowait: a tap with next_frame_nowait()",
+    )
+    ap.add_argument(
+        "--rx-events",
+        dest="rx_poll",
+        action="store_false",
+        help="receivers take each packet on an event-loop wake-up (the old receivers) instead of polling every 10 ms",
     )
     ap.add_argument("--late-ms", type=float, default=LATE_MS)
     ap.add_argument(
@@ -826,11 +1067,13 @@ def main() -> None:
     from gateway.config import Settings
 
     s = Settings()
+    if args.media_processes is None:
+        args.media_processes = s.webrtc_processes
     codec = args.codec or ("opus" if s.webrtc_stereo else s.webrtc_codec)
     batch = s.webrtc_batch if args.batch is None else args.batch
     print(
         f"codec={codec} batch={batch} tap={args.tap} (settings: {s.webrtc_codec}/{'batch' if s.webrtc_batch else 'aiortc'}) cores={os.cpu_count()} "
-        f"senders={args.senders} receivers={args.receivers} window={args.duration}s late>{args.late_ms}ms load={os.getloadavg()[0]:.2f}"
+        f"media_processes={args.media_processes} senders={args.senders} receivers={args.receivers} window={args.duration}s late>{args.late_ms}ms load={os.getloadavg()[0]:.2f}"
     )
     hdr = (
         f"{'N':>4} {'ok':>3} {'late%':>6} {'lost%':>6} {'lateRx':>6} {'under':>5} {'addP50':>6} {'addP99':>6} {'add>40':>6} "
@@ -852,6 +1095,8 @@ def main() -> None:
             codec=args.codec,
             batch=args.batch,
             tap=args.tap,
+            processes=args.media_processes,
+            rx_poll=args.rx_poll,
         )
         rows.append(row)
         ok = row["late_pct"] < 0.1 and row["joined"] == n and row["bad_audio"] == 0 and row["bad_srtp"] == 0
@@ -864,6 +1109,12 @@ def main() -> None:
             f"{row['rx_cpu_pct']:>6.1f} {row['rx_cpu_per_monitor_pct']:>7.3f} {row['load1']:>5.2f}",
             flush=True,
         )
+        if args.media_processes:
+            print(
+                f"     gateway CPU = media processes + API process ({row['api_cpu_pct']:.1f} % of a core); "
+                f"frame source (the SIP workers' stand-in, not counted) {row['source_cpu_pct']:.1f} %",
+                flush=True,
+            )
         print(
             f"     gateway {','.join(row['modes'])} (receivers saw {','.join(row['rx_codecs'])}), connected {row['connected']}/{n}; "
             f"ticks >20 ms late {row['gw_lagged_ticks']} (worst {row['gw_max_lag_ms']:.0f} ms), resyncs {row['resyncs']}, dropped {row['dropped']}, send-tick phase shifts {row['phase_shifts']} in the window ({row['phase_shifts_total']} in all); "

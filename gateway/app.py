@@ -23,6 +23,7 @@ from gateway.api.context import (
     CHAT,
     DIRECTORY,
     JWKS,
+    MEDIA,
     METRICS,
     PLANES,
     RUNTIME,
@@ -119,6 +120,16 @@ async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
     await plane.stop()
 
 
+async def media_ctx(app: web.Application) -> AsyncIterator[None]:
+    from gateway.media.pool import MediaProcesses
+
+    pool = MediaProcesses(app[SETTINGS], app[SIP].forward_frames)
+    await pool.start()
+    app[MEDIA] = pool
+    yield
+    await pool.stop()
+
+
 async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
     attach_planes(app)
 
@@ -154,6 +165,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(core_ctx)
     if settings.enable_sip:
         app.cleanup_ctx.append(sip_ctx)
+        if settings.webrtc_processes > 0:
+            app.cleanup_ctx.append(media_ctx)
     app.cleanup_ctx.append(wiring_ctx)
 
     app.router.add_routes(ops.routes)

@@ -126,6 +126,10 @@ class Settings:
     #: One 20 ms tick per process sends every listener's packet (bench: ~4x the listeners per
     #: core of aiortc's own sender). Uses aiortc internals; turn off to fall back to the stock sender.
     webrtc_batch: bool = True
+    #: WebRTC media processes (``gateway.media.process``), each answering its share of the
+    #: listeners and sending their audio, fed straight by the SIP workers. 0: the listeners run
+    #: in the API process (the pre-issue-9 path; the only one without SIP).
+    webrtc_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     # --- operations -----------------------------------------------------------------------
     log_level: str = "INFO"

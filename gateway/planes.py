@@ -71,6 +71,25 @@ class SipPlane(Protocol):
 
     def open_tap(self, cid: str) -> LegTap: ...
 
+    def forward_frames(self, cid: str, path: str, on: bool) -> None: ...
+
+
+class WebRtcPlane(Protocol):
+    """``gateway.media.pool.MediaProcesses``: the WebRTC media processes."""
+
+    async def answer(
+        self,
+        offer_sdp: str,
+        cid: str,
+        *,
+        stereo: bool,
+        on_levels: Callable[[float, float], None] | None = None,
+        on_inbound_rtp: Callable[[int], None] | None = None,
+        codec: str | None = None,
+    ) -> tuple[str, Listener]: ...
+
+    def stats(self) -> dict[str, float]: ...
+
 
 class Listener(Protocol):
     """``gateway.media.whep.WhepSession``: one browser listening to a monitor's voice."""

@@ -12,7 +12,7 @@ from typing import cast
 
 from aiohttp import web
 
-from gateway.api.context import BUS, CHAT, JWKS, METRICS, PLANES, RUNTIME, SERVICE
+from gateway.api.context import BUS, CHAT, JWKS, MEDIA, METRICS, PLANES, RUNTIME, SERVICE
 from gateway.domain import DomainEvent, EventType, Leg
 from gateway.policy import rules
 from gateway.runtime import Runtime
@@ -66,6 +66,10 @@ def attach_planes(app: web.Application) -> None:
         if sip is not None:
             for name, value in sip.stats().items():
                 metrics.plane_stats.labels(plane="sip", stat=name).set(value)
+        media = app.get(MEDIA)
+        if media is not None:
+            for name, value in media.stats().items():
+                metrics.plane_stats.labels(plane="webrtc", stat=name).set(value)
 
     metrics.on_scrape(collect)
 

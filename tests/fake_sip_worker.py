@@ -65,11 +65,13 @@ class FakeWorker:
         self.pending: set[int] = set()  # incoming calls waiting for Answer/Reject
         self.calls: dict[int, Answer] = {}  # answered calls
         self.phones: dict[str, str] = {}  # monitor id → cid
-        self.tapped: set[str] = set()
+        #: conversation -> where its frames go ("" the frame socket, else a media process's path)
+        self.tapped: dict[str, set[str]] = {}
         self.phone_refusal = ""  # non-empty: CallPhone replies not ok with this error
         self.frozen = False
         self._frames = frames
         self._frames.setblocking(False)
+        self._media: dict[str, socket.socket] = {}  # media process frame sockets, by path
         self._control = control
         self._keys = itertools.count(1)
         self._seq = 0
@@ -182,7 +184,15 @@ class FakeWorker:
                 if self.phones.pop(cmd.mid, None) is not None:
                     self.emit(PhoneEnded(mid=cmd.mid, reason="hung_up"))
             case SetTap():
-                (self.tapped.add if cmd.on else self.tapped.discard)(cmd.cid)
+                if cmd.on and cmd.to and cmd.to not in self._media:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    sock.connect(cmd.to)
+                    sock.setblocking(False)
+                    self._media[cmd.to] = sock
+                dests = self.tapped.setdefault(cmd.cid, set())
+                (dests.add if cmd.on else dests.discard)(cmd.to)
+                if not dests:
+                    del self.tapped[cmd.cid]
             case Quit():
                 for call in list(self.calls):
                     self.calls.pop(call)
@@ -203,14 +213,19 @@ class FakeWorker:
         while True:
             await asyncio.sleep(0.02)
             live = {a.cid for a in self.calls.values()}
-            for cid in self.tapped & live:
+            for cid in self.tapped.keys() & live:
                 self._seq += 1
                 agent = (self._seq & 0x7FFF).to_bytes(2, "little") * 160
                 customer = (-(self._seq & 0x7FFF)).to_bytes(2, "little", signed=True) * 160
-                try:
-                    self._frames.send(encode_leg_frame(cid.encode(), self._seq, 8000, agent, customer))
-                except OSError:
-                    pass
+                data = encode_leg_frame(cid.encode(), self._seq, 8000, agent, customer)
+                for to in self.tapped.get(cid, ()):
+                    try:
+                        if to:
+                            self._media[to].send(data)
+                        else:
+                            self._frames.send(data)
+                    except OSError:
+                        pass
 
     def _exit(self, code: int) -> None:
         if self.returncode is not None:
@@ -224,6 +239,8 @@ class FakeWorker:
             self._writer.close()
         self._control.close()
         self._frames.close()
+        for sock in self._media.values():
+            sock.close()
         self._exited.set()
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.api.context import SIP, WHEP
+from gateway.api.context import MEDIA, SIP, WHEP
+from gateway.media.pool import RemoteListener
 
 from .browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
 from .sip_support import AUDIO, free_udp_block, require_tool, start_sipp_leg, wait_until
@@ -309,6 +310,8 @@ async def _run_console(gw: GatewayClient, browser: Any, agent_view: ChatView, cu
     assert await sam.evaluate("window.__gum") == 0  # never a microphone
     (session,) = app[WHEP][mid].values()
     assert session.inbound_rtp_packets == 0  # receive-only
+    # served by a media process (webrtc_processes defaults to one per core), fed by the worker
+    assert isinstance(session, RemoteListener) and app[MEDIA].stats()["webrtc_listeners"] == 1
 
     # --- tom: the eye icon, the busy message, the chat on its own -------------------------------
     tom = await browser.new_page()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from devtools.fake_taps import tone
+from devtools.fake_taps import ToneTap, tone
+from gateway.media.batch import BatchTrack
 from gateway.media.encoder import ListenerEncoder
 from gateway.media.frames import LegFrame
 from gateway.media.levels import FLOOR_DBFS
@@ -75,3 +76,16 @@ def test_g722_is_left_to_aiortc_in_stereo_too() -> None:
     assert not enc.pre_encodes and enc.stereo
     out = enc.audio_frame(enc.pcm(_frame(2)), 2)
     assert out.layout.name == "stereo" and out.samples == 160 and out.pts == 320
+
+
+async def test_a_send_tick_phase_shift_moves_the_rtp_clock_with_it() -> None:
+    # The batched sender moves its tick 10 ms later when most frames land just after it:
+    # every later packet leaves 10 ms later, so its RTP time stamp must say so (80 ticks at
+    # 8 kHz), or the move stays in the stream as lateness against its own clock.
+    track = BatchTrack(ToneTap("c-1"), codec="pcmu", stereo=False)
+    try:
+        before = track._ts
+        track.delay(0.010)
+        assert (track._ts - before) & 0xFFFFFFFF == 80
+    finally:
+        track.stop()

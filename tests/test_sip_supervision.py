@@ -8,6 +8,7 @@ and real peers: ``tests/test_sip_plane.py``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from gateway.errors import GatewayError
 from gateway.sip.front import Refuse
 from gateway.sip.message import parse_message
 from gateway.sip.plane import SipPlane
-from gateway.sip.protocol import Answer, Reject, SetTap
+from gateway.sip.protocol import Answer, Reject, SetTap, decode_leg_frame
 
 from .fake_sip_worker import FakeWorker, FakeWorkers
 from .sip_support import FakeHooks, sdp, wait_until
@@ -279,6 +280,34 @@ async def test_taps_switch_the_worker_and_get_its_frames(plane: tuple[SipPlane, 
     assert [c.on for c in fake.commands if isinstance(c, SetTap)] == [True, False]
     assert p.stats()["frames_received"] >= 5
     fake.bye(call)
+
+
+async def test_frames_forwarded_straight_to_a_media_process_socket(
+    plane: tuple[SipPlane, FakeWorkers, FakeHooks], tmp_path: Path
+) -> None:
+    p, fakes, hooks = plane
+    path = str(tmp_path / "media.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(4)
+    server.settimeout(2)
+    try:
+        p.forward_frames("c-1", path, True)  # before the legs: sent once the conversation is placed
+        fake, call = await connect_leg(p, fakes, hooks, "c-1", "agent")
+        loop = asyncio.get_running_loop()
+        conn = (await loop.run_in_executor(None, server.accept))[0]
+        conn.setblocking(False)
+        frames = [decode_leg_frame(await asyncio.wait_for(loop.sock_recv(conn, 4096), 2)) for _ in range(3)]
+        assert all(f.conversation == "c-1" and np.all(f.agent == f.seq) for f in frames)
+        assert p.stats()["frames_received"] == 0  # the main process never saw them
+        p.forward_frames("c-1", path, True)  # idempotent: one SetTap per change
+        p.forward_frames("c-1", path, False)
+        await wait_until(lambda: "c-1" not in fake.tapped, 2, "forward off")
+        assert [(c.on, c.to) for c in fake.commands if isinstance(c, SetTap)] == [(True, path), (False, path)]
+        fake.bye(call)
+        conn.close()
+    finally:
+        server.close()
 
 
 async def test_start_reports_a_worker_that_cannot_start(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
-from gateway.planes import ChatPlane, Listeners, Planes, SipPlane
+from gateway.planes import ChatPlane, Listeners, Planes, SipPlane, WebRtcPlane
 from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache
 from gateway.runtime import Runtime
@@ -29,5 +29,8 @@ PLANES = web.AppKey("planes", Planes)
 CHAT = web.AppKey("chat", ChatPlane)
 #: The SIP plane (``gateway.sip.plane.SipPlane``), absent when SIP is disabled.
 SIP = web.AppKey("sip", SipPlane)
+#: The WebRTC media processes (``gateway.media.pool.MediaProcesses``), absent when
+#: ``webrtc_processes`` is 0 or SIP is disabled: listeners then run in this process.
+MEDIA = web.AppKey("media", WebRtcPlane)
 #: WebRTC listeners by monitor id, then session id (``gateway.media.whep.WhepSession``).
 WHEP = web.AppKey("whep", Listeners)

@@ -12,12 +12,13 @@ from collections.abc import Collection
 
 from aiohttp import web
 
-from gateway.api.context import METRICS, PLANES, SERVICE, SETTINGS, SIP
+from gateway.api.context import MEDIA, METRICS, PLANES, SERVICE, SETTINGS, SIP
 from gateway.api.identity import authenticate_supervisor
 from gateway.api.routes import refuse_when_draining
 from gateway.api.validation import read_limited
 from gateway.errors import ErrorCode, GatewayError
 from gateway.media.whep import WhepError, answer_whep
+from gateway.planes import Listener
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -47,18 +48,27 @@ async def whep_offer(request: web.Request) -> web.Response:
         metrics.inbound_rtp_dropped.inc()
         service.inbound_rtp_dropped(monitor, total)
 
-    tap = sip.open_tap(cid)
+    stereo = _stereo(request, settings.webrtc_stereo, conversation.voice_legs)
+    media = app.get(MEDIA)
+    session: Listener
     try:
-        answer, session = await answer_whep(
-            offer,
-            tap,
-            settings=settings,
-            stereo=_stereo(request, settings.webrtc_stereo, conversation.voice_legs),
-            on_levels=on_levels,
-            on_inbound_rtp=on_inbound_rtp,
-        )
+        if media is not None:  # a media process answers and sends; frames go there from the worker
+            answer, session = await media.answer(
+                offer, cid, stereo=stereo, on_levels=on_levels, on_inbound_rtp=on_inbound_rtp
+            )
+        else:
+            answer, session = await answer_whep(
+                offer,
+                sip.open_tap(cid),
+                settings=settings,
+                stereo=stereo,
+                on_levels=on_levels,
+                on_inbound_rtp=on_inbound_rtp,
+            )
     except WhepError as exc:
         raise GatewayError(ErrorCode(exc.code), str(exc)) from exc
+    except ConnectionError as exc:  # no media process up, or it died while answering
+        raise GatewayError(ErrorCode.UNAVAILABLE, "no WebRTC media process can take the listener now") from exc
     await app[PLANES].add_listener(mid, session)
     try:
         service.listener_started(monitor, session.id)

@@ -19,19 +19,22 @@ instead). aiortc's own sender loop for the transceiver stays parked on a track w
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import struct
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from aiortc import RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .aiortc_compat import SrtpRoute, sender_ssrc, srtp_route
 from .encoder import ListenerEncoder, pre_encodable
-from .frames import LegTap
-from .levels import LevelsCallback
+from .frames import FRAME_MS, LegFrame, LegTap
+from .g711 import G711_RATE, index_table
+from .levels import LevelMeter, LevelsCallback
 from .tapreader import TapReader, TrackStats
 from .track import ARRIVAL_GRACE, FRAME_SECONDS, RESYNC_AFTER
 
@@ -56,6 +59,13 @@ def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
         elif in_audio and line.startswith("a=extmap:") and "sdes:mid" in line:
             ext = int(line[9:].split()[0].split("/")[0])
     return pt, mid, ext
+
+
+class Skip(enum.Enum):
+    """What :meth:`BatchTrack.take` gives instead of a frame."""
+
+    DEFER = "defer"  #: no frame yet: ask again after the arrival grace
+    IDLE = "idle"  #: not connected yet: nothing to send
 
 
 class BatchTrack(MediaStreamTrack, TapReader):
@@ -84,6 +94,12 @@ class BatchTrack(MediaStreamTrack, TapReader):
         if not pre_encodable(codec, sample_rate):
             raise ValueError(f"batched sending does not do {codec} at {sample_rate} Hz")
         self._encoder = ListenerEncoder(codec, stereo=stereo, sample_rate=sample_rate, on_levels=on_levels)
+        # Read by every tick: plain attributes (the codec's clock and frame length do not change).
+        self._ticks_per_frame = self._encoder.ticks_per_frame
+        #: the G.711 codec when the payload is the table lookup of the 8 kHz mix (batched), else None
+        self.g711_mono = self._encoder.g711_mono
+        #: the level meter, fed by the batched G.711 pass; None when nobody reads the levels
+        self.meter: LevelMeter | None = self._encoder.meter if self._encoder.meter.wanted else None
         self.codec = codec
         self.stereo = self._encoder.stereo
         self.stats = TrackStats()
@@ -133,20 +149,31 @@ class BatchTrack(MediaStreamTrack, TapReader):
         self._keep_newest()  # first send: frames queued while connecting are old
         return route
 
-    def tick(self, may_defer: bool) -> bool:
-        """Send this tick's packet; returns False (nothing sent) to be retried after the grace."""
+    def take(self, may_defer: bool) -> LegFrame | Skip | None:
+        """This tick's frame (``None``: silence), :attr:`Skip.DEFER` to be asked again after
+        the grace, or :attr:`Skip.IDLE`: nothing to send (not connected yet)."""
         self._drain()
-        route = self._connected_route()
-        if route is None:  # not connected yet: keep only the newest frames
-            return True
+        route = self._route
+        if (route is None or route.closed) and self._connected_route() is None:
+            return Skip.IDLE  # not connected yet: keep only the newest frames
         if not self._buffer and may_defer and not self.tap_ended:
-            return False
+            return Skip.DEFER
         frame = self._next_frame()
         if frame is not None:
             self._catch_up()
+        return frame
+
+    def encode_and_send(self, frame: LegFrame | None) -> None:
+        """Meter, mix, encode and send one frame the per-listener way (Opus, stereo, other rates)."""
         payload = self._encoder.payload(self._encoder.pcm(frame), self._index)
-        if payload is None:
-            return True
+        if payload is not None:
+            self.send(payload)
+
+    def send(self, payload: bytes) -> None:
+        """Send one frame's payload as the next RTP packet."""
+        route = self._route
+        if route is None:
+            return
         self._index += 1
         self.stats.frames_out += 1
         first = 0x90 if self._header_ext else 0x80
@@ -157,7 +184,15 @@ class BatchTrack(MediaStreamTrack, TapReader):
         except Exception:
             log.debug("batched send failed", exc_info=True)
         self._seq = (self._seq + 1) & 0xFFFF
-        self._ts = (self._ts + self._encoder.ticks_per_frame) & 0xFFFFFFFF
+        self._ts = (self._ts + self._ticks_per_frame) & 0xFFFFFFFF
+
+    def tick(self, may_defer: bool) -> bool:
+        """Send this tick's packet on its own; returns False (nothing sent) to be retried after the grace."""
+        frame = self.take(may_defer)
+        if frame is Skip.DEFER:
+            return False
+        if frame is not Skip.IDLE:
+            self.encode_and_send(frame)
         return True
 
     def _catch_up(self) -> None:
@@ -176,8 +211,15 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def skip(self, frames: int) -> None:
         """The sender stalled for ``frames`` ticks: advance the RTP clock past them."""
         self._index += frames
-        self._ts = (self._ts + frames * self._encoder.ticks_per_frame) & 0xFFFFFFFF
+        self._ts = (self._ts + frames * self._ticks_per_frame) & 0xFFFFFFFF
         self.stats.resyncs += 1
+
+    def delay(self, seconds: float) -> None:
+        """Every later packet goes out ``seconds`` later: move the RTP clock with it (a gap of
+        that much the listener conceals), or each such move would stay in the stream as
+        lateness against its own time stamps."""
+        ticks = round(seconds * self._ticks_per_frame / FRAME_SECONDS)
+        self._ts = (self._ts + ticks) & 0xFFFFFFFF
 
     def stop(self) -> None:
         BatchSender.instance().remove(self)
@@ -210,6 +252,9 @@ class BatchSender:
         self.ticks = 0
         self.lagged_ticks = 0
         self.max_lag = 0.0
+        #: called at the start of each pass of a tick, before any track takes its frame (a
+        #: media process reads the SIP workers' frames there: no wake-up per datagram)
+        self.before_tick: list[Callable[[], None]] = []
 
     def add(self, track: BatchTrack) -> None:
         self.tracks.add(track)
@@ -244,14 +289,60 @@ class BatchSender:
                 self.lagged_ticks += 1
             self.max_lag = max(self.max_lag, lag)
             tracks = list(self.tracks)
-            deferred = [t for t in tracks if not t.tick(may_defer=True)]
+            deferred = self._send_all(tracks, may_defer=True)
             if deferred:
                 if len(deferred) * 2 > len(tracks) and len(tracks) >= 4:
                     # Most frames land just after our tick (producers that share a clock,
                     # as a SIP worker's calls do): move the tick into their wake for good.
                     t0 += ARRIVAL_GRACE
                     self.phase_shifts += 1
+                    for t in tracks:  # from now on every packet (the deferred: this one) is later
+                        t.delay(ARRIVAL_GRACE)
                 await asyncio.sleep(ARRIVAL_GRACE)
-                for t in deferred:
-                    if t in self.tracks:
-                        t.tick(may_defer=False)
+                self._send_all([t for t in deferred if t in self.tracks], may_defer=False)
+
+    def _send_all(self, tracks: list[BatchTrack], *, may_defer: bool) -> list[BatchTrack]:
+        """One tick of ``tracks``; returns those that deferred.
+
+        G.711 mono listeners (the default) are mixed, metered and encoded together: one numpy
+        pass over all their frames, then per listener only the RTP header, SRTP and ``sendto``.
+        """
+        for hook in self.before_tick:
+            hook()
+        deferred: list[BatchTrack] = []
+        groups: dict[str, list[tuple[BatchTrack, LegFrame | None]]] = {}
+        for t in tracks:
+            frame = t.take(may_defer)
+            if frame is Skip.DEFER:
+                deferred.append(t)
+            elif frame is not Skip.IDLE:
+                codec = t.g711_mono
+                if codec is not None and (frame is None or frame.sample_rate == G711_RATE):
+                    groups.setdefault(codec, []).append((t, frame))
+                else:
+                    t.encode_and_send(frame)
+        for codec, items in groups.items():
+            _send_g711(codec, items)
+        return deferred
+
+
+def _send_g711(codec: str, items: list[tuple[BatchTrack, LegFrame | None]]) -> None:
+    """Mix, meter and encode the frames of many G.711 mono listeners at once, then send each."""
+    samples = G711_RATE * FRAME_MS // 1000
+    legs = np.zeros((len(items), 2, samples), dtype=np.int16)
+    for i, (_t, frame) in enumerate(items):
+        if frame is not None and frame.samples == samples:
+            legs[i, 0] = frame.agent
+            legs[i, 1] = frame.customer
+    wide = legs.astype(np.int32)
+    mix = wide[:, 0] + wide[:, 1]
+    np.minimum(mix, 32767, out=mix)
+    np.maximum(mix, -32768, out=mix)
+    payloads = index_table(codec)[mix.astype(np.int16).view(np.uint16)].tobytes()
+    # sums of squares per listener and leg, for the level meters
+    squares = np.einsum("kls,kls->kl", wide, wide, dtype=np.float64).tolist()
+    for i, (t, _frame) in enumerate(items):
+        meter = t.meter
+        if meter is not None:
+            meter.add(squares[i][0], squares[i][1], samples)
+        t.send(payloads[i * samples : (i + 1) * samples])

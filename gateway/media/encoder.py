@@ -83,6 +83,16 @@ class ListenerEncoder:
         """RTP clock ticks per frame of the pre-encoded stream."""
         return self._packets.ticks_per_frame if self._packets is not None else self.samples
 
+    @property
+    def meter(self) -> LevelMeter:
+        return self._meter
+
+    @property
+    def g711_mono(self) -> str | None:
+        """``pcmu``/``pcma`` when a frame's payload is just the table lookup of the 8 kHz mono
+        mix (what :class:`~.batch.BatchSender` does for all such listeners at once), else ``None``."""
+        return self.codec if self.codec in G711_CODECS and self.rate == G711_RATE else None
+
     def pcm(self, frame: LegFrame | None) -> np.ndarray:
         """Meter and mix (or interleave) one frame; ``None`` is a frame of silence."""
         if frame is None:

@@ -43,16 +43,21 @@ def table(codec: str) -> np.ndarray:
     return lut
 
 
+@lru_cache(maxsize=2)
+def index_table(codec: str) -> np.ndarray:
+    """:func:`table` re-ordered so an int16 sample's own bit pattern (viewed as uint16) is the
+    index: no conversion of the samples per frame. Shared by every listener of the process."""
+    lut = table(codec)
+    return np.ascontiguousarray(np.concatenate((lut[32768:], lut[:32768])))
+
+
 class G711PacketEncoder:
     """int16 mono 8 kHz in, one 20 ms payload (or ``av.Packet``, pts in 8 kHz ticks) out."""
 
     ticks_per_frame = G711_RATE * FRAME_MS // 1000
 
     def __init__(self, codec: str) -> None:
-        lut = table(codec)
-        # Re-ordered so the int16 sample's own bit pattern (viewed as uint16) is the index:
-        # no conversion of the samples per frame.
-        self._lut = np.ascontiguousarray(np.concatenate((lut[32768:], lut[:32768])))
+        self._lut = index_table(codec)
 
     def payload(self, samples: np.ndarray, index: int) -> bytes:
         """The G.711 bytes of one frame (``index`` is unused: G.711 has no state)."""

@@ -55,9 +55,21 @@ class LevelMeter:
             return None
         a = agent.astype(np.float32)
         c = customer.astype(np.float32)
-        self._agent += float(np.dot(a, a))
-        self._customer += float(np.dot(c, c))
-        self._count += agent.shape[0]
+        return self.add(float(np.dot(a, a)), float(np.dot(c, c)), agent.shape[0])
+
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone listens to the levels (else :meth:`add` and :meth:`feed` do nothing)."""
+        return self._cb is not None
+
+    def add(self, agent_squares: float, customer_squares: float, samples: int) -> tuple[float, float] | None:
+        """:meth:`feed` with the frame's sums of squares computed already (the batched sender
+        computes them for all listeners of a tick at once)."""
+        if self._cb is None:
+            return None
+        self._agent += agent_squares
+        self._customer += customer_squares
+        self._count += samples
         self._frames += 1
         if self._frames < self._interval:
             return None

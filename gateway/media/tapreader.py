@@ -66,7 +66,8 @@ class TapReader:
             self._buffer.popleft()
             self.stats.dropped += 1
         self._buffer.append(frame)
-        self._arrived.set()
+        if self._nowait is None:  # a pump task's frames: a tick may be waiting for one
+            self._arrived.set()
 
     def _ended(self, failed: bool = False) -> None:
         if self.tap_ended:

@@ -96,6 +96,8 @@ class SipPlane:
         self.settings = settings
         self.hooks = hooks
         self.taps = TapFanout(self._switch_tap)
+        #: conversation -> media process sockets its worker sends the LegFrames to as well
+        self.forwards: dict[str, set[str]] = {}
         self.supervisor = Supervisor(
             settings,
             on_event=self._event,
@@ -206,6 +208,8 @@ class SipPlane:
                 self._safe(self.hooks.on_leg_started, conv.cid, event.leg)
                 if self.taps.listened(conv.cid):
                     self.supervisor.send(worker, SetTap(cid=conv.cid, on=True))
+                for path in self.forwards.get(conv.cid, ()):
+                    self.supervisor.send(worker, SetTap(cid=conv.cid, on=True, to=path))
             case CallEnded():
                 ended = self.placement.call_ended(worker, event.call)
                 if ended is None:
@@ -320,6 +324,19 @@ class SipPlane:
     def open_tap(self, cid: str, maxsize: int = 50) -> Tap:
         """Start receiving ``cid``'s LegFrames (both legs, unmixed, 20 ms each)."""
         return self.taps.open(cid, maxsize)
+
+    def forward_frames(self, cid: str, path: str, on: bool) -> None:
+        """Have the worker holding ``cid`` (now, or when its legs arrive) send the LegFrames
+        straight to ``path``, a media process's unix datagram socket (``on``), or stop."""
+        paths = self.forwards.setdefault(cid, set())
+        if on == (path in paths):
+            return
+        (paths.add if on else paths.discard)(path)
+        if not paths:
+            del self.forwards[cid]
+        conv = self.placement.conversations.get(cid)
+        if conv is not None:
+            self.supervisor.send(conv.worker, SetTap(cid=cid, on=on, to=path))
 
     def _switch_tap(self, cid: str, on: bool) -> None:
         conv = self.placement.conversations.get(cid)

@@ -242,11 +242,14 @@ class HangUpPhone(Command):
 
 @dataclass(frozen=True, kw_only=True)
 class SetTap(Command):
-    """Start (``on``) or stop sending conversation ``cid``'s LegFrames."""
+    """Start (``on``) or stop sending conversation ``cid``'s LegFrames to ``to``: the path of a
+    media process's unix datagram socket, or ``""`` for the worker's own frame socket (the
+    main process). A conversation's frames go to every destination switched on."""
 
     TYPE: ClassVar[str] = "tap"
     cid: str
     on: bool
+    to: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,37 +372,55 @@ def _schema(cls: type) -> tuple[_Field, ...]:
     return tuple(out)
 
 
-_SCHEMAS: dict[str, tuple[_Field, ...]] = {tag: _schema(cls) for tag, cls in MESSAGES.items()}
+class JsonLineCodec:
+    """One JSON line per message for a table of small frozen dataclasses tagged by ``TYPE``
+    (this module's control messages; :mod:`gateway.media.ipc` uses it for the media processes)."""
+
+    def __init__(self, messages: dict[str, type[Any]]) -> None:
+        self.messages = messages
+        self._schemas = {tag: _schema(cls) for tag, cls in messages.items()}
+
+    def encode(self, message: Any) -> bytes:
+        """One line (JSON, ``\\n``-terminated)."""
+        payload: dict[str, Any] = {"type": message.TYPE}
+        for f in self._schemas[message.TYPE]:
+            payload[f.name] = getattr(message, f.name)
+        return (json.dumps(payload, separators=(",", ":")) + "\n").encode()
+
+    def decode(self, line: bytes | str) -> Any:
+        """Parse one line; raises :class:`ProtocolError` on anything but a known, well-typed message."""
+        try:
+            payload = json.loads(line)
+        except ValueError as exc:
+            raise ProtocolError(f"not JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ProtocolError("not a JSON object")
+        tag = payload.get("type")
+        cls = self.messages.get(tag) if isinstance(tag, str) else None
+        if cls is None:
+            raise ProtocolError(f"unknown message type {tag!r}")
+        values: dict[str, Any] = {}
+        for f in self._schemas[cls.TYPE]:
+            if f.name not in payload:
+                if f.required:
+                    raise ProtocolError(f"{cls.TYPE}: missing {f.name}")
+                continue
+            value = payload[f.name]
+            if not isinstance(value, f.kind) or (f.kind is int and isinstance(value, bool)):
+                raise ProtocolError(f"{cls.TYPE}: {f.name} is not {f.kind.__name__}")
+            values[f.name] = value
+        return cls(**values)
+
+
+_CODEC = JsonLineCodec(MESSAGES)
 
 
 def encode(message: Message) -> bytes:
     """One control line (JSON, ``\\n``-terminated)."""
-    payload: dict[str, Any] = {"type": message.TYPE}
-    for f in _SCHEMAS[message.TYPE]:
-        payload[f.name] = getattr(message, f.name)
-    return (json.dumps(payload, separators=(",", ":")) + "\n").encode()
+    return _CODEC.encode(message)
 
 
 def decode(line: bytes | str) -> Message:
     """Parse one control line; raises :class:`ProtocolError` on anything but a known, well-typed message."""
-    try:
-        payload = json.loads(line)
-    except ValueError as exc:
-        raise ProtocolError(f"not JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ProtocolError("not a JSON object")
-    tag = payload.get("type")
-    cls = MESSAGES.get(tag) if isinstance(tag, str) else None
-    if cls is None:
-        raise ProtocolError(f"unknown message type {tag!r}")
-    values: dict[str, Any] = {}
-    for f in _SCHEMAS[cls.TYPE]:
-        if f.name not in payload:
-            if f.required:
-                raise ProtocolError(f"{cls.TYPE}: missing {f.name}")
-            continue
-        value = payload[f.name]
-        if not isinstance(value, f.kind) or (f.kind is int and isinstance(value, bool)):
-            raise ProtocolError(f"{cls.TYPE}: {f.name} is not {f.kind.__name__}")
-        values[f.name] = value
-    return cls(**values)
+    message: Message = _CODEC.decode(line)
+    return message

@@ -54,6 +54,15 @@ class Tap:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def next_frame_nowait(self) -> LegFrame | None:
+        """The next frame, ``None`` when none is queued; raises ``EOFError`` once the legs are gone.
+        (A sender draining taps on its own tick needs no task per listener.)"""
+        if self.frames:
+            return self.frames.popleft()
+        if self.eof or self.closed:
+            raise EOFError(self.conversation)
+        return None
+
     async def next_frame(self) -> LegFrame:
         """Wait for the next frame; raises ``EOFError`` once the legs are gone (or closed)."""
         while True:

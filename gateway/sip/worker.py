@@ -147,6 +147,9 @@ class Worker:
         self.ctl.setblocking(True)
         self.frames = socket.socket(fileno=args.frame_fd)
         self.frames.setblocking(False)
+        #: LegFrames for a media process go over a unix seqpacket connection to its socket
+        #: (SetTap.to): connected, so no 10-datagram receive queue limit as for sendto().
+        self.media: dict[str, socket.socket] = {}
         self.commands: queue.Queue[Command | None] = queue.Queue()
         self.send_lock = threading.Lock()
         self.running = True
@@ -404,8 +407,16 @@ class Worker:
                 self.reply(cmd, True)
             case SetTap():
                 conv = self.conv(cmd.cid)
-                conv.want_tap = cmd.on
-                if cmd.on:
+                if cmd.on and cmd.to and not self.connect_media(cmd.to):
+                    self.reply(cmd, False, f"can not connect to {cmd.to}")
+                    return
+                # Replaced, not mutated: the clock thread may be iterating the old one.
+                conv.frame_to = conv.frame_to | {cmd.to} if cmd.on else conv.frame_to - {cmd.to}
+                if not cmd.on and cmd.to and all(cmd.to not in c.frame_to for c in self.convs.values()):
+                    gone = self.media.pop(cmd.to, None)
+                    if gone is not None:
+                        gone.close()  # a send racing this raises OSError: counted as dropped
+                if conv.want_tap:
                     conv.wire_tap()
                 else:
                     conv.drop_tap()
@@ -415,6 +426,25 @@ class Worker:
                 self.running = False
             case _:
                 self.reply(cmd, False, f"unknown command {cmd.TYPE!r}")
+
+    def connect_media(self, path: str) -> bool:
+        """The connection to a media process's frame socket (made once per path)."""
+        if path in self.media:
+            return True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The media process reads once per 20 ms tick: room for a tick's burst of hundreds
+        # of frames (~1600 at 1 MiB; the kernel caps it at net.core.wmem_max).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.settimeout(1.0)  # a media process too busy to accept must not hold the worker
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            print(f"sip worker: media process socket {path}: {exc}", file=sys.stderr, flush=True)
+            return False
+        sock.setblocking(False)
+        self.media[path] = sock
+        return True
 
     def conv(self, cid: str) -> Conv:
         conv = self.convs.get(cid)
@@ -458,10 +488,16 @@ class Conv:
         self.leg_owner: dict[str, GwCall] = {}
         self.phone: GwCall | None = None
         self.phone_media: Any = None
-        self.want_tap = False
+        #: where the LegFrames go: "" is the frame socket to the main process, else a media
+        #: process's socket path (SetTap.to)
+        self.frame_to: frozenset[str] = frozenset()
         self.tap_ports: dict[str, TapPort] = {}
         self.pending: dict[str, bytes] = {}
         self.seq = 0
+
+    @property
+    def want_tap(self) -> bool:
+        return bool(self.frame_to)
 
     def leg_up(self, leg: str, media: Any, owner: GwCall) -> None:
         self.legs[leg] = media
@@ -523,21 +559,25 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        try:
-            self.w.frames.send(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
-            self.w.frames_sent += 1
-        except (BlockingIOError, OSError):
-            self.w.frames_dropped += 1
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
+
+    def send_frame(self, data: bytes) -> None:
+        """One encoded LegFrame to every destination switched on (pj's clock thread)."""
+        for to in self.frame_to:
+            try:
+                if to:
+                    self.w.media[to].send(data)
+                else:
+                    self.w.frames.send(data)
+                self.w.frames_sent += 1
+            except (OSError, KeyError):  # BlockingIOError included: the reader is behind, drop
+                self.w.frames_dropped += 1
 
     def send_mixed(self, data: bytes) -> None:
         """A mixed leg (both parties in one stream) goes out as it is, on the agent side with
         silence beside it: a mono mix of the two is the stream itself, never doubled."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        try:
-            self.w.frames.send(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, data, b"\0" * len(data)))
-            self.w.frames_sent += 1
-        except (BlockingIOError, OSError):
-            self.w.frames_dropped += 1
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, data, b"\0" * len(data)))
 
 
 class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
