@@ -109,6 +109,16 @@ class MonitoringService:
         self._planes = planes
         self._background = background
 
+    # ------------------------------------------------------------------ shared state
+
+    def check_state(self) -> None:
+        """503 ``state_unavailable`` when the (shared) store can not answer truthfully now."""
+        self.store.check_available()
+
+    async def committed(self) -> None:
+        """Wait until every change so far is where every instance sees it (before an answer)."""
+        await self.store.flush()
+
     # ------------------------------------------------------------------ lookups
 
     def conversation(self, cid: str) -> Conversation:
@@ -326,7 +336,7 @@ class MonitoringService:
     async def start_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
         """Start monitoring (R1, R3, R8-R10); a ``kind: sip`` voice calls the supervisor's phone
         before the answer, so a call that fails at once answers the monitor without voice."""
-        monitor = self._open_monitor(principal, cid, voice)
+        monitor = await self._open_monitor(principal, cid, voice)
         # The note to the agent's view is not part of the answer: a chat hiccup must not undo the monitor.
         self._background.spawn(
             self._chat.post(
@@ -342,7 +352,7 @@ class MonitoringService:
             await self._call_phone(monitor.id)
         return monitor
 
-    def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
+    async def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
         conversation = self.conversation(cid)
         try:
             rules.check_may_monitor(conversation, principal.teams)
@@ -361,7 +371,7 @@ class MonitoringService:
             )
             if "voice" in monitor.channels:
                 assert voice is not None
-                if not self.store.claim_voice(cid, monitor):  # R8, atomic in the store
+                if not await self.store.claim_voice(cid, monitor):  # R8, atomic in the store
                     raise GatewayError(
                         ErrorCode.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call"
                     )

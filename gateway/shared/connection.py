@@ -1,0 +1,237 @@
+"""One instance's Redis client, its health, and the pub/sub loop the shared parts listen on.
+
+Health is what makes "never a wrong answer" hold: every read the instance answers from its
+local copy of the shared state (:class:`~gateway.shared.store.RedisStore`) is only as fresh as
+the pub/sub connection that keeps it up to date. So the instance is *available* only while that
+connection is up and a ping answers within ``timeout``; otherwise requests get 503
+``state_unavailable`` at once. When the connection comes back, every ``on_reconnect`` callback
+runs (the store reloads, since messages sent meanwhile were lost) before the instance is
+available again: it recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.errors import GatewayError, state_unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Handler = Callable[[dict[str, Any]], None]
+
+#: What a broken, refused or slow connection raises (redis-py wraps most in RedisError).
+FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+
+class SharedState:
+    """The Redis client of this instance (``GATEWAY_REDIS_URL``) and whether it can be trusted now."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 1.0,
+        prefix: str = "gw:",
+        instance: str | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.prefix = prefix
+        #: This process's name in leases and fanned-out messages (its own are skipped).
+        self.instance = instance or secrets.token_hex(6)
+        # A bounded pool that makes a burst wait for a connection (within ``timeout``) rather
+        # than open one per concurrent command.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._pool = pool
+        self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self._available = False
+        self._handlers: dict[str, Handler] = {}
+        self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._writes: list[Callable[[Any], None]] = []
+        self._queued = 0
+        self._written = 0
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- health --------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    def check(self) -> None:
+        """Raise 503 ``state_unavailable`` unless Redis answers and the local copy is current."""
+        if not self._available:
+            raise _unavailable()
+
+    def mark_down(self, exc: BaseException | None = None) -> None:
+        if self._available:
+            log.warning("shared state unreachable: %r", exc)
+        self._available = False
+
+    async def call(self, operation: Awaitable[T]) -> T:
+        """Await one Redis operation; a failure (or ``timeout``) is 503 ``state_unavailable``.
+
+        The operation runs in a task of its own, shielded: a caller that is cancelled (a chat
+        stream whose client left) stops waiting at once, while the operation finishes and hands
+        its connection back. redis-py may swallow a cancellation that lands mid-command, which
+        left such a caller running until its next wake-up."""
+        task = asyncio.ensure_future(operation)
+        task.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.shield(task)
+        except FAILURES as exc:
+            task.cancel()
+            self.mark_down(exc)
+            raise _unavailable() from exc
+
+    # -- ordered writes -----------------------------------------------------------------
+
+    def enqueue(self, write: Callable[[Any], None]) -> None:
+        """Queue ``write(pipeline)``: writes reach Redis in the order they were queued, batched
+        in one MULTI/EXEC. One that fails is retried (with the rest) until Redis takes it, so
+        a write must be idempotent (a whole object, a compare-and-delete, a message)."""
+        self._writes.append(write)
+        self._queued += 1
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until every write queued so far is in Redis (503 ``state_unavailable`` if that
+        takes longer than ``timeout``)."""
+        target = self._queued
+        if self._written >= target:
+            return
+        async with self._progress:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._progress.wait_for(lambda: self._written >= target)
+            except TimeoutError:
+                raise _unavailable() from None
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._writes:
+                batch = list(self._writes)
+                try:
+                    pipe = self.redis.pipeline(transaction=True)
+                    for write in batch:
+                        write(pipe)
+                    await asyncio.wait_for(pipe.execute(), self.timeout)
+                except FAILURES as exc:
+                    self.mark_down(exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                del self._writes[: len(batch)]
+                self._written += len(batch)
+                async with self._progress:
+                    self._progress.notify_all()
+
+    # -- pub/sub -------------------------------------------------------------------------
+
+    def on_message(self, channel: str, handler: Handler) -> None:
+        """Call ``handler`` with every JSON message another instance publishes on ``channel``."""
+        self._handlers[self.key(channel)] = handler
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` each time the pub/sub connection is (re)established, before the
+        instance counts as available (e.g. reload what may have been missed)."""
+        self._on_reconnect.append(callback)
+
+    def publish_on(self, pipe: Any, channel: str, message: dict[str, Any]) -> None:
+        """Queue a message on ``pipe`` (a pipeline), stamped with this instance's name."""
+        pipe.publish(self.key(channel), json.dumps({"from": self.instance, **message}, separators=(",", ":")))
+
+    async def start(self, wait: float = 10.0) -> None:
+        """Start the pub/sub loop; wait up to ``wait`` s for the first connection (a gateway
+        started while Redis is down comes up unavailable and recovers when Redis does)."""
+        self._writer = asyncio.create_task(self._write_loop(), name="shared-state-writer")
+        self._task = asyncio.create_task(self._run(), name="shared-state")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), wait)
+
+    async def close(self) -> None:
+        with contextlib.suppress(GatewayError):
+            await self.flush()
+        tasks = [t for t in (self._task, self._writer) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.redis.aclose()
+        await self._pool.disconnect()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await asyncio.wait_for(pubsub.subscribe(*self._handlers), self.timeout)
+                if self._writes:  # what was changed here while Redis was away goes first
+                    self._wake.set()
+                    await self.flush()
+                for callback in self._on_reconnect:
+                    await callback()
+                self._available = True
+                self._connected.set()
+                backoff = 0.1
+                log.info("shared state connected", extra={"instance": self.instance})
+                last_ping = asyncio.get_running_loop().time()
+                while True:
+                    message = await pubsub.get_message(timeout=self.timeout / 2)
+                    if message is not None and message.get("type") == "message":
+                        data = json.loads(message["data"])
+                        if data.get("from") != self.instance:
+                            handler = self._handlers.get(message["channel"].decode())
+                            if handler is not None:
+                                handler(data)
+                    now = asyncio.get_running_loop().time()
+                    if now - last_ping >= self.timeout / 2:
+                        # a server that stopped answering (not just closed) is caught here
+                        await asyncio.wait_for(self.redis.ping(), self.timeout)
+                        last_ping = now
+                        self._available = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: unavailable, reconnect, reload
+                self.mark_down(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), self.timeout)  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(1.0, backoff * 2)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark the outcome of an operation nobody awaits any more (its caller was cancelled) as seen."""
+    if not task.cancelled():
+        task.exception()
+
+
+def text_of(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unavailable() -> GatewayError:
+    error = state_unavailable()
+    error.headers["Retry-After"] = "1"
+    return error
