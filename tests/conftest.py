@@ -57,7 +57,9 @@ async def make_log(
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-async def gateway_any(request: pytest.FixtureRequest, tmp_path: Path, redis_prefix: str) -> AsyncIterator[GatewayClient]:
+async def gateway_any(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_prefix: str
+) -> AsyncIterator[GatewayClient]:
     """The gateway of :func:`gateway`, with its SQLite store or with Redis (``GATEWAY_REDIS_URL``)."""
     overrides: dict[str, object] = {}
     if request.param == "redis":

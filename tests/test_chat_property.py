@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.api.chat_ws import serve_chat_stream
 from devtools.redis_server import RedisServer
+from gateway.api.chat_ws import serve_chat_stream
 from gateway.chat.log import ChatLog, SqliteChatLog
 from gateway.chat.service import ChatService, visible
 from gateway.config import Settings

@@ -52,7 +52,11 @@ class SharedState:
         # A bounded pool that makes a burst wait for a connection (within ``timeout``) rather
         # than open one per concurrent command.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
         self._pool = pool
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
@@ -103,6 +107,19 @@ class SharedState:
             task.cancel()
             self.mark_down(exc)
             raise _unavailable() from exc
+
+    async def check_durability(self) -> None:
+        """Refuse to start unless Redis fsyncs every write before answering (``appendonly yes``,
+        ``appendfsync always``): the chat log acknowledges an entry when Redis has answered."""
+        config = await self.call(self.redis.config_get("append*"))
+        values = {text_of(k): text_of(v) for k, v in config.items()}
+        if values.get("appendonly") != "yes" or values.get("appendfsync") != "always":
+            raise RuntimeError(
+                f"Redis at {self.url} has appendonly={values.get('appendonly')} "
+                f"appendfsync={values.get('appendfsync')}: an acknowledged chat entry could be lost. "
+                "Configure appendonly yes + appendfsync always (README, 'Redis'), or set "
+                "GATEWAY_REDIS_REQUIRE_FSYNC=false to accept that."
+            )
 
     # -- ordered writes -----------------------------------------------------------------
 
