@@ -1,0 +1,271 @@
+"""The Redis shared state (``GATEWAY_REDIS_URL``) against a real redis-server: the voice slot's
+lease across instances, fencing and expiry, the per-login-session rights, events fanned out
+between two gateways, and 503 ``state_unavailable`` while Redis is down, recovering by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from devtools.redis_server import RedisServer
+from gateway.api.context import SHARED
+from gateway.domain import Conversation, Direction, Monitor
+from gateway.shared.connection import SharedState
+from gateway.shared.sessions import RedisSessionRights
+from gateway.shared.store import RedisStore
+from tests.support import GatewayClient, make_settings, running_gateway
+
+pytestmark = pytest.mark.api
+
+
+@asynccontextmanager
+async def instances(server: RedisServer, prefix: str, n: int, lease: float = 6.0) -> AsyncIterator[list[RedisStore]]:
+    """``n`` instances' stores on one Redis (what ``n`` gateway processes hold)."""
+    async with AsyncExitStack() as stack:
+        stores = []
+        for _ in range(n):
+            shared = SharedState(server.url, prefix=prefix)
+            store = RedisStore(shared, lease_seconds=lease)
+            await shared.start()
+            await store.start()
+            stack.push_async_callback(shared.close)
+            stack.push_async_callback(store.close)
+            stores.append(store)
+        yield stores
+
+
+async def until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` until it is truthy (a condition to wait for, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def conversation(cid: str) -> Conversation:
+    conv = Conversation(
+        id=cid, direction=Direction.INBOUND, agent="alice", team="team-a", customer={}, transferred=False
+    )
+    conv.sessions["voice"] = conv.created_at
+    return conv
+
+
+def monitor(cid: str, mid: str, supervisor: str = "sam") -> Monitor:
+    return Monitor(id=mid, conversation=cid, supervisor=supervisor, channels=["chat", "voice"])
+
+
+async def test_fifty_concurrent_claims_on_two_instances_one_wins(redis_server: RedisServer, redis_prefix: str) -> None:
+    async with instances(redis_server, redis_prefix, 2) as (a, b):
+        claims = [(a if i % 2 else b).claim_voice("v1", monitor("v1", f"m{i}")) for i in range(50)]
+        won = [i for i, ok in enumerate(await asyncio.gather(*claims)) if ok]
+        assert len(won) == 1
+        winner, loser = (a, b) if won[0] % 2 else (b, a)
+        assert list(winner.leases) == ["v1"] and not loser.leases
+        # the same monitor claiming again (a retry) keeps it; another still can not
+        assert await winner.claim_voice("v1", monitor("v1", f"m{won[0]}"))
+        assert not await loser.claim_voice("v1", monitor("v1", "m-late"))
+        # released by the instance that holds it: free for the other one
+        winner.release_voice("v1", f"m{won[0]}")
+        await winner.flush()
+        assert await loser.claim_voice("v1", monitor("v1", "m-next"))
+
+
+async def test_released_on_another_instance_than_the_claimer(redis_server: RedisServer, redis_prefix: str) -> None:
+    async with instances(redis_server, redis_prefix, 2) as (a, b):
+        a.put_conversation(conversation("v2"))
+        first = monitor("v2", "m1")
+        assert await a.claim_voice("v2", first)
+        a.put_monitor(first)
+        await a.flush()
+        await until(lambda: b.voice_holder("v2") is not None)
+        # the monitor ends on B (its supervisor left through B): B frees the slot
+        b.release_voice("v2", "m1")
+        await b.flush()
+        assert await b.claim_voice("v2", monitor("v2", "m2", "tom"))
+        # A's lease is gone: A is told at its next renewal, and may not renew it
+        lost: list[tuple[str, str]] = []
+        a.on_lease_lost = lambda cid, mid: lost.append((cid, mid))
+        await a.renew_leases()
+        assert lost == [("v2", "m1")] and not a.leases
+
+
+async def test_lease_expires_stale_owner_is_refused_and_others_see_it_free(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with instances(redis_server, redis_prefix, 2, lease=0.6) as (a, b):
+        a.put_conversation(conversation("v3"))
+        held = monitor("v3", "m1")
+        assert await a.claim_voice("v3", held)
+        a.put_monitor(held)
+        await a.flush()
+        await until(lambda: b.voice_holder("v3") is not None)
+        # A stops renewing (paused or crashed: its lease loop is gone); the lease runs out.
+        a._tasks[0].cancel()
+        b_lost: list[tuple[str, str]] = []
+        b.on_lease_lost = lambda cid, mid: b_lost.append((cid, mid))
+        await until(lambda: b_lost == [("v3", "m1")], timeout=5)  # B's upkeep saw it gone
+        assert b.voice_holder("v3") is None
+        assert await b.claim_voice("v3", monitor("v3", "m2", "tom"))
+        # A comes back with its old fencing token: renewing is refused, A learns it lost it
+        a_lost: list[tuple[str, str]] = []
+        a.on_lease_lost = lambda cid, mid: a_lost.append((cid, mid))
+        await a.renew_leases()
+        assert a_lost == [("v3", "m1")] and not a.leases
+        # and its stale release does not free B's slot
+        a.release_voice("v3", "m1")
+        await a.flush()
+        assert not await a.claim_voice("v3", monitor("v3", "m3", "sue"))
+
+
+async def test_state_written_on_one_instance_is_read_on_the_other(redis_server: RedisServer, redis_prefix: str) -> None:
+    async with instances(redis_server, redis_prefix, 2) as (a, b):
+        a.put_conversation(conversation("s1"))
+        a.put_monitor(monitor("s1", "m1"))
+        await a.flush()
+        await until(lambda: b.get_monitor("m1") is not None)
+        assert b.get_conversation("s1") is not None and b.get_conversation("s1").agent == "alice"  # type: ignore[union-attr]
+        a.forget_conversation("s1")
+        await a.flush()
+        await until(lambda: b.get_conversation("s1") is None)
+    # a new instance (a restart) loads everything from Redis
+    async with instances(redis_server, redis_prefix, 1) as (c,):
+        assert c.get_monitor("m1") is not None and c.get_conversation("s1") is None
+
+
+async def test_session_rights_are_shared_and_survive_a_restart(redis_server: RedisServer, redis_prefix: str) -> None:
+    first, second = (
+        SharedState(redis_server.url, prefix=redis_prefix),
+        SharedState(redis_server.url, prefix=redis_prefix),
+    )
+    try:
+        a = RedisSessionRights(first, ttl_seconds=60)
+        b = RedisSessionRights(second, ttl_seconds=60)
+        kept = await a.put_first("u|sid-1", (frozenset({"supervisor"}), frozenset({"team-a"})))
+        assert kept == (frozenset({"supervisor"}), frozenset({"team-a"}))
+        # B resolved the same session a moment later (Keycloak changed meanwhile): A's answer holds
+        assert await b.put_first("u|sid-1", (frozenset({"supervisor"}), frozenset({"team-b"}))) == kept
+        assert await RedisSessionRights(second, ttl_seconds=60).get("u|sid-1") == kept  # a restarted instance
+        assert await b.get("u|other") is None
+        ttl = await first.redis.pttl(first.key("session", "u|sid-1"))
+        assert 0 < ttl <= 60_000
+    finally:
+        await first.close()
+        await second.close()
+
+
+# ---------------------------------------------------------------------------- whole gateways
+
+
+@asynccontextmanager
+async def two_gateways(
+    tmp_path: Path, server: RedisServer, prefix: str
+) -> AsyncIterator[tuple[GatewayClient, GatewayClient]]:
+    """Two gateways on one Redis; B uses A's embedded identity provider."""
+    settings_a = make_settings(tmp_path / "a", redis_url=server.url, redis_prefix=prefix)
+    async with running_gateway(settings_a) as a:
+        settings_b = make_settings(
+            tmp_path / "b", redis_url=server.url, redis_prefix=prefix, keycloak_url=settings_a.base_url
+        )
+        async with running_gateway(settings_b) as b:
+            yield a, b
+
+
+async def events_of(gateway: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await gateway.http.ws_connect(
+        gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"}
+    )
+    assert (await ws.receive_json(timeout=5))["type"] == "hello"
+    return ws
+
+
+async def next_event(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    while True:
+        event = await ws.receive_json(timeout=5)
+        if event["type"] == kind:
+            return dict(event)
+
+
+async def test_two_gateways_share_conversations_voice_and_events(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with two_gateways(tmp_path, redis_server, redis_prefix) as (a, b):
+        events_b = await events_of(b, "tom")
+        assert (await a.conversation("x1")).status == 201
+        updated = await next_event(events_b, "conversation_updated")  # created on A, seen on B
+        assert updated["conversation"] == "x1"
+        listing = await b.call("GET", "/v1/conversations", await b.login("sam"))
+        assert [c["id"] for c in listing.body] == ["x1"]
+        # R8 across instances: sam and tom ask on both at once; one voice monitor in all
+        sam, tom = await a.login("sam"), await a.login("tom")
+
+        async def attempt(i: int) -> Any:
+            via = a if i % 2 else b
+            body = {"voice": {"kind": "webrtc"}}
+            return await via.call("POST", "/v1/conversations/x1/monitors", sam if i % 4 < 2 else tom, body)
+
+        answers = await asyncio.gather(*(attempt(i) for i in range(50)))
+        created = [x for x in answers if x.status == 201]
+        assert len(created) == 1, [(x.status, x.code) for x in answers]
+        refusals = {(x.status, x.code) for x in answers if x.status != 201}
+        assert refusals <= {(409, "already_monitoring"), (409, "voice_monitor_busy")}, refusals
+        started = await next_event(events_b, "monitor_started")
+        assert started["monitor"]["id"] == created[0].body["id"]
+        # the monitor ends through the other instance than the one that may have created it
+        owner = created[0].body["supervisor"]
+        for via in (a, b):
+            answer = await via.call("DELETE", f"/v1/monitors/{created[0].body['id']}", await a.login(owner))
+            assert answer.status == 204
+        ended = await next_event(events_b, "monitor_ended")
+        assert ended["reason"] == "left"
+        other = "tom" if owner == "sam" else "sam"
+        second = await a.call(
+            "POST", "/v1/conversations/x1/monitors", await a.login(other), {"voice": {"kind": "webrtc"}}
+        )
+        assert second.status == 201 and second.body["channels"] == ["chat", "voice"]
+        # chat: one log whichever instance ingests (seq goes on, client_id is one across both)
+        platform = await a.platform()
+        seqs = []
+        for via, text, client_id in ((a, "hi", "k1"), (b, "hi again", "k2"), (b, "hi", "k1")):
+            body = {"from": "customer", "text": text, "client_id": client_id}
+            posted = await via.call("POST", "/v1/conversations/x1/messages", platform, body)
+            assert posted.status == 201, posted.body
+            seqs.append((posted.body["seq"], posted.body["duplicate"]))
+        assert seqs[1][0] > seqs[0][0] and seqs[2] == (seqs[0][0], True) and not seqs[0][1]
+        await events_b.close()
+
+
+async def test_redis_down_is_503_state_unavailable_and_recovers(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with running_gateway(make_settings(tmp_path, redis_url=redis_server.url, redis_prefix=redis_prefix)) as gw:
+        sam = await gw.login("sam")
+        assert (await gw.conversation("d1")).status == 201
+        redis_server.stop()
+        try:
+            answer = await gw.call("GET", "/v1/conversations", sam)
+            if answer.status == 200:  # asked before the loss was noticed: the next one knows
+                await until(lambda: not gw.app[SHARED].available)  # type: ignore[index]
+                answer = await gw.call("GET", "/v1/conversations", sam)
+            assert (answer.status, answer.code) == (503, "state_unavailable")
+            assert answer.headers["Retry-After"] == "1"
+            refused = await gw.monitor("sam", "d1", {"kind": "webrtc"})
+            assert (refused.status, refused.code) == (503, "state_unavailable")
+            ready = await gw.call("GET", "/readyz")
+            assert ready.status == 503 and ready.body["checks"]["shared_state"] is False
+        finally:
+            redis_server.start()
+        await until(lambda: gw.app[SHARED].available)  # type: ignore[index]
+        listing = await gw.call("GET", "/v1/conversations", sam)
+        assert listing.status == 200 and [c["id"] for c in listing.body] == ["d1"]
+        created = await gw.monitor("sam", "d1", {"kind": "webrtc"})
+        assert created.status == 201 and created.body["channels"] == ["chat", "voice"]
