@@ -26,12 +26,14 @@ test-fast: lint
 bench:
 	@scripts/setup.sh bench
 	$(PY) bench/chat.py
+	$(PY) bench/state.py
 	$(PY) bench/voice_sip.py
 	$(PY) bench/voice_webrtc.py
 
 bench-smoke:
 	@scripts/setup.sh bench
 	$(PY) bench/chat.py --smoke
+	$(PY) bench/state.py --smoke
 	$(PY) bench/voice_sip.py --smoke
 	$(PY) bench/voice_webrtc.py --smoke
 

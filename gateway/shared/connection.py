@@ -175,9 +175,13 @@ class SharedState:
         instance counts as available (e.g. reload what may have been missed)."""
         self._on_reconnect.append(callback)
 
+    def message(self, channel: str, message: dict[str, Any]) -> tuple[str, str]:
+        """The Redis channel and the text of ``message``, stamped with this instance's name."""
+        return self.key(channel), json.dumps({"from": self.instance, **message}, separators=(",", ":"))
+
     def publish_on(self, pipe: Any, channel: str, message: dict[str, Any]) -> None:
-        """Queue a message on ``pipe`` (a pipeline), stamped with this instance's name."""
-        pipe.publish(self.key(channel), json.dumps({"from": self.instance, **message}, separators=(",", ":")))
+        """Queue a message on ``pipe`` (a pipeline)."""
+        pipe.publish(*self.message(channel, message))
 
     async def start(self, wait: float = 10.0) -> None:
         """Start the pub/sub loop; wait up to ``wait`` s for the first connection (a gateway

@@ -39,8 +39,9 @@ from gateway.store import MemoryStore, conversation_from, monitor_from, plain
 
 log = logging.getLogger(__name__)
 
-#: KEYS: lease, fence counter. ARGV: monitor, instance, ttl ms. The slot is free, or already
-#: this monitor's: take it with a new token (returned); else 0.
+#: KEYS: lease, fence counter. ARGV: monitor, instance, ttl ms, channel, message. The slot is
+#: free, or already this monitor's: take it with a new token (returned) and tell the other
+#: instances (in the script: no second round trip); else 0.
 _CLAIM = """
 local current = redis.call('GET', KEYS[1])
 if current and string.sub(current, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '|' then
@@ -48,6 +49,7 @@ if current and string.sub(current, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '|'
 end
 local token = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2] .. '|' .. token, 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return token
 """
 #: KEYS: lease. ARGV: the holder's whole value, ttl ms. 1 if renewed, 0 if the lease is not this one.
@@ -208,21 +210,17 @@ class RedisStore(MemoryStore):
     # -- the voice slot (R8) -------------------------------------------------------------
 
     async def claim_voice(self, cid: str, monitor: Monitor) -> bool:
+        channel, message = self._shared.message(self.CHANNEL, {"voice": cid, "monitor": monitor.id})
         token = await self._shared.call(
             self._claim(
                 keys=[self._key("voice", cid), self._key("fence", cid)],
-                args=[monitor.id, self._shared.instance, self._lease_ms],
+                args=[monitor.id, self._shared.instance, self._lease_ms, channel, message],
             )
         )
         if not token:
             return False
         self.leases[cid] = (monitor.id, f"{monitor.id}|{self._shared.instance}|{int(token)}")
         self._voice[cid] = monitor.id
-
-        def write(pipe: Any) -> None:
-            self._shared.publish_on(pipe, self.CHANNEL, {"voice": cid, "monitor": monitor.id})
-
-        self._queue(write)
         return True
 
     def release_voice(self, cid: str, mid: str) -> None:
