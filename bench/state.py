@@ -32,12 +32,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import chat as chat_bench  # noqa: E402  (bench/chat.py)
-from devtools.redis_server import start_redis  # noqa: E402
-from gateway.domain import Monitor  # noqa: E402
-from gateway.shared.connection import SharedState  # noqa: E402
-from gateway.shared.store import RedisStore  # noqa: E402
-from gateway.store import SqliteStore, Store  # noqa: E402
+import chat as chat_bench
+
+from devtools.redis_server import start_redis
+from gateway.domain import Monitor
+from gateway.shared.connection import SharedState
+from gateway.shared.store import RedisStore
+from gateway.store import SqliteStore, Store
 
 
 async def claims_per_second(store: Store, seconds: float, workers: int) -> tuple[float, float]:
