@@ -199,7 +199,10 @@ async def server_main(args: argparse.Namespace) -> dict[str, float]:
     assert child.stdout is not None
     line = await child.stdout.readline()
     assert line.strip() == b"READY", line
+    connect_deadline = time.monotonic() + 120
     while chat.hub.subscribers() < n:
+        if time.monotonic() > connect_deadline:
+            raise SystemExit(f"only {chat.hub.subscribers()} of {n} monitor streams subscribed after 120 s")
         await asyncio.sleep(0.05)
     rss_connected = rss_mb()
     if args.gc_freeze:

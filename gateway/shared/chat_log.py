@@ -131,13 +131,20 @@ class RedisChatLog:
         return int(await self._shared.call(self._redis.get(head)) or 0)
 
     async def low_water(self, conversation: str) -> int:
+        return (await self.read_window(conversation, 0, 0))[0]
+
+    async def read_window(self, conversation: str, after: int, limit: int = 500) -> tuple[int, list[ChatEntry]]:
         head, log, _ = self._keys(conversation)
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._redis.pipeline(transaction=True)  # one round trip, one consistent view
         pipe.get(head)
         pipe.xrange(log, count=1)
-        top, first = await self._shared.call(pipe.execute())
+        if limit > 0:
+            pipe.xrange(log, min=f"{after + 1}-0", count=limit)
+        top, first, *rows = await self._shared.call(pipe.execute())
         # the first entry still stored, or (every entry trimmed or expired) the next seq
-        return _seq(first[0][0]) if first else int(top or 0) + 1
+        low = _seq(first[0][0]) if first else int(top or 0) + 1
+        entries = [_entry(conversation, _seq(entry_id), fields[b"e"]) for entry_id, fields in rows[0]] if rows else []
+        return low, entries
 
     async def trim(self, conversation: str, below: int) -> int:
         head, log, _ = self._keys(conversation)

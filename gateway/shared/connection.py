@@ -42,7 +42,7 @@ class SharedState:
         timeout: float = 1.0,
         prefix: str = "gw:",
         instance: str | None = None,
-        max_connections: int = 32,
+        max_connections: int = 64,
     ) -> None:
         self.url = url
         self.timeout = timeout
@@ -103,8 +103,12 @@ class SharedState:
         try:
             async with asyncio.timeout(self.timeout):
                 return await asyncio.shield(task)
-        except FAILURES as exc:
+        except TimeoutError as exc:
+            # This answer can not be confirmed; whether Redis itself is gone is the pub/sub
+            # loop's call (its ping): one slow operation under load does not fail every request.
             task.cancel()
+            raise _unavailable() from exc
+        except FAILURES as exc:
             self.mark_down(exc)
             raise _unavailable() from exc
 
