@@ -46,16 +46,20 @@ class SharedState:
     ) -> None:
         self.url = url
         self.timeout = timeout
+        #: An operation's own deadline (a connection from the pool included): longer than the
+        #: health check's, so a burst of work is not taken for an outage; an outage is seen by
+        #: the health check within ``timeout`` and then refused at once (``check``).
+        self.operation_timeout = 5 * timeout
         self.prefix = prefix
         #: This process's name in leases and fanned-out messages (its own are skipped).
         self.instance = instance or secrets.token_hex(6)
-        # A bounded pool that makes a burst wait for a connection (within ``timeout``) rather
-        # than open one per concurrent command.
+        # A bounded pool that makes a burst wait for a connection rather than open one per
+        # concurrent command.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
+            timeout=self.operation_timeout,
+            socket_timeout=self.operation_timeout,
             socket_connect_timeout=timeout,
         )
         self._pool = pool
@@ -92,7 +96,7 @@ class SharedState:
         self._available = False
 
     async def call(self, operation: Awaitable[T]) -> T:
-        """Await one Redis operation; a failure (or ``timeout``) is 503 ``state_unavailable``.
+        """Await one Redis operation; a failure (or ``operation_timeout``) is 503 ``state_unavailable``.
 
         The operation runs in a task of its own, shielded: a caller that is cancelled (a chat
         stream whose client left) stops waiting at once, while the operation finishes and hands
@@ -101,7 +105,7 @@ class SharedState:
         task = asyncio.ensure_future(operation)
         task.add_done_callback(_retrieve)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.operation_timeout):
                 return await asyncio.shield(task)
         except TimeoutError as exc:
             # This answer can not be confirmed; whether Redis itself is gone is the pub/sub
@@ -137,13 +141,13 @@ class SharedState:
 
     async def flush(self) -> None:
         """Wait until every write queued so far is in Redis (503 ``state_unavailable`` if that
-        takes longer than ``timeout``)."""
+        takes longer than ``operation_timeout``)."""
         target = self._queued
         if self._written >= target:
             return
         async with self._progress:
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(self.operation_timeout):
                     await self._progress.wait_for(lambda: self._written >= target)
             except TimeoutError:
                 raise _unavailable() from None
@@ -158,7 +162,7 @@ class SharedState:
                     pipe = self.redis.pipeline(transaction=True)
                     for write in batch:
                         write(pipe)
-                    await asyncio.wait_for(pipe.execute(), self.timeout)
+                    await asyncio.wait_for(pipe.execute(), self.operation_timeout)
                 except FAILURES as exc:
                     self.mark_down(exc)
                     await asyncio.sleep(0.2)
@@ -205,12 +209,22 @@ class SharedState:
         await self.redis.aclose()
         await self._pool.disconnect()
 
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        data = json.loads(message["data"])
+        if data.get("from") != self.instance:
+            handler = self._handlers.get(text_of(message["channel"]))
+            if handler is not None:
+                handler(data)
+
     async def _run(self) -> None:
         backoff = 0.1
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await asyncio.wait_for(pubsub.subscribe(*self._handlers), self.timeout)
+                # always one channel at least: PING on a connection in subscribed mode is what
+                # tells this instance that Redis answers
+                channels = [self.key("health"), *self._handlers]
+                await asyncio.wait_for(pubsub.subscribe(*channels), self.timeout)
                 if self._writes:  # what was changed here while Redis was away goes first
                     self._wake.set()
                     await self.flush()
@@ -220,21 +234,23 @@ class SharedState:
                 self._connected.set()
                 backoff = 0.1
                 log.info("shared state connected", extra={"instance": self.instance})
-                last_ping = asyncio.get_running_loop().time()
+                loop = asyncio.get_running_loop()
+                last_ping = last_heard = loop.time()
                 while True:
-                    message = await pubsub.get_message(timeout=self.timeout / 2)
-                    if message is not None and message.get("type") == "message":
-                        data = json.loads(message["data"])
-                        if data.get("from") != self.instance:
-                            handler = self._handlers.get(message["channel"].decode())
-                            if handler is not None:
-                                handler(data)
-                    now = asyncio.get_running_loop().time()
+                    # Health is judged on this connection alone (its own PINGs), never on the
+                    # shared pool, which a burst of requests may keep busy.
+                    message = await pubsub.get_message(timeout=self.timeout / 4)
+                    now = loop.time()
+                    if message is not None:
+                        last_heard = now
+                        if message.get("type") == "message":
+                            self._dispatch(message)
+                    if now - last_heard > self.timeout * 1.5:
+                        raise TimeoutError(f"no answer from Redis for {now - last_heard:.1f} s")
+                    self._available = True
                     if now - last_ping >= self.timeout / 2:
-                        # a server that stopped answering (not just closed) is caught here
-                        await asyncio.wait_for(self.redis.ping(), self.timeout)
+                        await pubsub.ping()
                         last_ping = now
-                        self._available = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: unavailable, reconnect, reload
