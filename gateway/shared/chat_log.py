@@ -8,7 +8,8 @@ Per conversation (one hash tag, so a Redis Cluster keeps them on one node):
   after a seq and ``XTRIM MINID`` trims below one; each entry holds one JSON field;
 * ``{prefix}chat:{cid}:clients``: ``client_id`` -> seq, for idempotent ingest.
 
-An append is one Lua script (atomic in Redis, whichever instance runs it): an already used
+An append is one Lua script (atomic in Redis, whichever instance runs it; the appends of one
+instance that wait at the same moment go in one pipeline): an already used
 ``client_id`` answers the stored entry; otherwise ``INCR`` the head and ``XADD`` with it, so
 the seq grows by exactly one. The caller hears the seq only when Redis has answered, and with
 ``appendfsync always`` Redis answers only once the write is fsynced to its AOF ("durable before
@@ -20,9 +21,13 @@ last entry; a reader resuming after that gets ``gap`` (the head stays).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from hashlib import sha1
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from gateway.chat.log import KINDS, SENDERS, VISIBILITIES, ChatEntry
 from gateway.errors import state_unavailable
@@ -77,7 +82,10 @@ class RedisChatLog:
         self._redis = shared.redis
         self._retention_ms = int(retention_seconds * 1000)
         self._wait_replicas = wait_replicas
-        self._append = self._redis.register_script(_APPEND)
+        self._append_sha = sha1(_APPEND.encode()).hexdigest()
+        #: appends waiting for the next pipeline, and the task that sends them
+        self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
         self._by_client = self._redis.register_script(_BY_CLIENT)
         self._trim = self._redis.register_script(_TRIM)
 
@@ -105,9 +113,8 @@ class RedisChatLog:
             raise ValueError(f"unknown visibility {visibility!r}")
         when = time.time() if ts is None else ts
         data = json.dumps([kind, sender, author, text, visibility, client_id, when], separators=(",", ":"))
-        created, seq, *stored = await self._shared.call(
-            self._append(keys=self._keys(conversation), args=[client_id or "", data, self._retention_ms])
-        )
+        args = [*self._keys(conversation), client_id or "", data, self._retention_ms]
+        created, seq, *stored = await self._shared.call(self._pipelined(args))
         if self._wait_replicas > 0:
             acked = await self._shared.call(self._redis.wait(self._wait_replicas, int(self._shared.timeout * 1000)))
             if acked < self._wait_replicas:
@@ -115,6 +122,43 @@ class RedisChatLog:
                 # with the same client_id answers this entry)
                 raise state_unavailable("the chat entry is not on enough Redis replicas yet")
         return _entry(conversation, int(seq), stored[0] if stored else data), bool(created)
+
+    def _pipelined(self, args: list[Any]) -> asyncio.Future[Any]:
+        """Queue one append script call; appends queued while a pipeline is on its way go
+        together in the next one (one round trip and one AOF fsync for all of them). The
+        conversation's lock in the chat service keeps one append per conversation in flight."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, done))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_appends())
+        return done
+
+    async def _send_appends(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._run_appends([args for args, _ in batch])
+            except Exception as exc:  # the connection failed: every append of the batch failed
+                results = [exc] * len(batch)
+            for (_, done), result in zip(batch, results):
+                if done.done():
+                    continue  # its caller gave up (timeout)
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+    async def _run_appends(self, batch: list[list[Any]]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for args in batch:
+            pipe.execute_command("EVALSHA", self._append_sha, 3, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        redo = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if redo:  # a new or restarted Redis does not know the script yet: load it, send those again
+            await self._redis.script_load(_APPEND)
+            for i, result in zip(redo, await self._run_appends([batch[i] for i in redo])):
+                results[i] = result
+        return results
 
     async def get_by_client_id(self, conversation: str, client_id: str) -> ChatEntry | None:
         _, log, clients = self._keys(conversation)
@@ -151,7 +195,9 @@ class RedisChatLog:
         return int(await self._shared.call(self._trim(keys=[head, log], args=[below])))
 
     async def close(self) -> None:
-        return None  # the connection is the instance's (SharedState.close)
+        """Wait for the appends on their way (the connection is the instance's: SharedState.close)."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
 
 
 def _seq(entry_id: Any) -> int:
