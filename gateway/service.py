@@ -375,6 +375,10 @@ class MonitoringService:
                     raise GatewayError(
                         ErrorCode.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call"
                     )
+                if self.store.get_conversation(cid) is not conversation or conversation.ended:
+                    # it ended (or was replaced) while a shared store decided the claim
+                    self.store.release_voice(cid, monitor.id)
+                    raise not_found("conversation")
                 monitor.voice_kind = VoiceKind(voice["kind"])
                 monitor.voice_uri = voice.get("uri") if monitor.voice_kind is VoiceKind.SIP else None
         except GatewayError as exc:

@@ -250,7 +250,10 @@ async def test_redis_down_is_503_state_unavailable_and_recovers(
     async with running_gateway(make_settings(tmp_path, redis_url=redis_server.url, redis_prefix=redis_prefix)) as gw:
         sam = await gw.login("sam")
         assert (await gw.conversation("d1")).status == 201
-        redis_server.stop()
+        say = {"from": "customer", "text": "before", "client_id": "b1"}
+        before = await gw.call("POST", "/v1/conversations/d1/messages", await gw.platform(), say)
+        assert before.status == 201
+        redis_server.stop(kill=True)  # SIGKILL: nothing flushed on the way out
         try:
             answer = await gw.call("GET", "/v1/conversations", sam)
             if answer.status == 200:  # asked before the loss was noticed: the next one knows
@@ -269,3 +272,10 @@ async def test_redis_down_is_503_state_unavailable_and_recovers(
         assert listing.status == 200 and [c["id"] for c in listing.body] == ["d1"]
         created = await gw.monitor("sam", "d1", {"kind": "webrtc"})
         assert created.status == 201 and created.body["channels"] == ["chat", "voice"]
+        # the acknowledged message survived Redis's kill -9 (AOF, fsync always); the seq goes
+        # on, and the restarted Redis, which forgot the append script, is given it again
+        platform = await gw.platform()
+        again = await gw.call("POST", "/v1/conversations/d1/messages", platform, say)
+        assert (again.status, again.body) == (201, {"seq": before.body["seq"], "duplicate": True})
+        after = await gw.call("POST", "/v1/conversations/d1/messages", platform, {"from": "customer", "text": "after"})
+        assert after.status == 201 and after.body["seq"] > before.body["seq"]
