@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from devtools.redis_server import RedisServer
-from gateway.api.context import SHARED
+from gateway.api.context import SERVICE, SHARED
 from gateway.domain import Conversation, Direction, Monitor
 from gateway.shared.connection import SharedState
 from gateway.shared.sessions import RedisSessionRights
@@ -168,13 +168,13 @@ async def test_session_rights_are_shared_and_survive_a_restart(redis_server: Red
 
 @asynccontextmanager
 async def two_gateways(
-    tmp_path: Path, server: RedisServer, prefix: str
+    tmp_path: Path, server: RedisServer, prefix: str, **overrides: Any
 ) -> AsyncIterator[tuple[GatewayClient, GatewayClient]]:
     """Two gateways on one Redis; B uses A's embedded identity provider."""
-    settings_a = make_settings(tmp_path / "a", redis_url=server.url, redis_prefix=prefix)
+    settings_a = make_settings(tmp_path / "a", redis_url=server.url, redis_prefix=prefix, **overrides)
     async with running_gateway(settings_a) as a:
         settings_b = make_settings(
-            tmp_path / "b", redis_url=server.url, redis_prefix=prefix, keycloak_url=settings_a.base_url
+            tmp_path / "b", redis_url=server.url, redis_prefix=prefix, keycloak_url=settings_a.base_url, **overrides
         )
         async with running_gateway(settings_b) as b:
             yield a, b
@@ -241,6 +241,36 @@ async def test_two_gateways_share_conversations_voice_and_events(
             assert posted.status == 201, posted.body
             seqs.append((posted.body["seq"], posted.body["duplicate"]))
         assert seqs[1][0] > seqs[0][0] and seqs[2] == (seqs[0][0], True) and not seqs[0][1]
+        await events_b.close()
+
+
+async def test_an_instance_that_stops_renewing_loses_the_voice_to_media_failure(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with two_gateways(tmp_path, redis_server, redis_prefix, voice_lease_seconds=0.6) as (a, b):
+        assert (await a.conversation("k1")).status == 201
+        events_b = await events_of(b, "tom")
+        held = await a.monitor("sam", "k1", {"kind": "webrtc"})
+        assert held.status == 201 and held.body["channels"] == ["chat", "voice"]
+        store_a = a.app[SERVICE].store  # type: ignore[index]
+        assert isinstance(store_a, RedisStore) and list(store_a.leases) == ["k1"]
+        # A hangs (its lease upkeep stops, as in a crash): within the TTL B frees the slot and
+        # ends that monitor's voice; its chat goes on
+        store_a._tasks[0].cancel()
+        while True:
+            event = await next_event(events_b, "monitor_updated")
+            if event["monitor"]["id"] == held.body["id"]:
+                break
+        assert event["monitor"]["channels"] == ["chat"]
+        assert event["monitor"]["voice_blocked_reason"] == "media_failure"
+        taken = await b.monitor("tom", "k1", {"kind": "webrtc"})
+        assert taken.status == 201 and taken.body["channels"] == ["chat", "voice"]
+        # A comes back with its stale lease: refused, and it takes nothing from tom
+        await store_a.renew_leases()
+        assert not store_a.leases
+        listing = await b.call("GET", "/v1/conversations", await b.login("tom"))
+        voice = [m["supervisor"] for m in listing.body[0]["monitors"] if "voice" in m["channels"]]
+        assert voice == ["tom"]
         await events_b.close()
 
 
