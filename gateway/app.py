@@ -105,6 +105,10 @@ async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         log = SqliteChatLog(settings.chat_path)
     chat = ChatService(settings, log)
+    if SHARED in app:
+        from gateway.shared.events import ChatFanout
+
+        ChatFanout(app[SHARED], chat.hub)
     app[CHAT] = chat
 
     async def close_streams(app: web.Application) -> None:

@@ -241,6 +241,22 @@ async def test_two_gateways_share_conversations_voice_and_events(
             assert posted.status == 201, posted.body
             seqs.append((posted.body["seq"], posted.body["duplicate"]))
         assert seqs[1][0] > seqs[0][0] and seqs[2] == (seqs[0][0], True) and not seqs[0][1]
+        # a monitor's chat stream on B gets an entry stored through A live (the heartbeat is 15 s)
+        stream = await b.http.ws_connect(
+            b.ws_url(f"/v1/monitors/{second.body['id']}/chat?after={seqs[1][0]}"),
+            headers={"Authorization": f"Bearer {await b.login(other)}"},
+        )
+        await asyncio.sleep(0.2)  # subscribed (its replay is empty)
+        body = {"from": "agent", "text": "live from A"}
+        live = await a.call("POST", "/v1/conversations/x1/messages", platform, body)
+        assert live.status == 201
+        while True:
+            frame = await stream.receive_json(timeout=5)
+            assert frame["type"] == "entry", frame
+            if frame["text"] == "live from A":
+                break
+        assert frame["seq"] == live.body["seq"]
+        await stream.close()
         await events_b.close()
 
 

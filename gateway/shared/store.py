@@ -192,9 +192,11 @@ class RedisStore(MemoryStore):
         pipe = self._redis.pipeline(transaction=True)
         pipe.hgetall(self._key("conversations"))
         pipe.hgetall(self._key("monitors"))
-        conversations, monitors = await asyncio.wait_for(pipe.execute(), self._shared.timeout)
+        conversations, monitors = await asyncio.wait_for(pipe.execute(), self._shared.operation_timeout)
         voice_keys = [self._key("voice", cid.decode()) for cid in conversations]
-        holders = await asyncio.wait_for(self._redis.mget(voice_keys), self._shared.timeout) if voice_keys else []
+        holders = (
+            await asyncio.wait_for(self._redis.mget(voice_keys), self._shared.operation_timeout) if voice_keys else []
+        )
         self._conversations.clear()
         self._monitors.clear()
         self._by_conversation.clear()
@@ -254,7 +256,7 @@ class RedisStore(MemoryStore):
         pipe = self._redis.pipeline(transaction=False)
         for cid, (_, value) in leases:
             await self._renew(keys=[self._key("voice", cid)], args=[value, self._lease_ms], client=pipe)
-        results = await asyncio.wait_for(pipe.execute(), self._shared.timeout)
+        results = await asyncio.wait_for(pipe.execute(), self._shared.operation_timeout)
         for (cid, (mid, value)), renewed in zip(leases, results):
             if not renewed and self.leases.get(cid) == (mid, value):
                 del self.leases[cid]
@@ -270,7 +272,7 @@ class RedisStore(MemoryStore):
         if not foreign:
             return
         keys = [self._key("voice", cid) for cid, _ in foreign]
-        holders = await asyncio.wait_for(self._redis.mget(keys), self._shared.timeout)
+        holders = await asyncio.wait_for(self._redis.mget(keys), self._shared.operation_timeout)
         for (cid, mid), holder in zip(foreign, holders):
             if holder is None and self._voice.get(cid) == mid:
                 del self._voice[cid]
