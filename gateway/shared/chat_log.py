@@ -24,10 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from hashlib import sha1
 from typing import Any
-
-from redis.exceptions import NoScriptError
 
 from gateway.chat.log import KINDS, SENDERS, VISIBILITIES, ChatEntry
 from gateway.errors import state_unavailable
@@ -82,10 +79,7 @@ class RedisChatLog:
         self._redis = shared.redis
         self._retention_ms = int(retention_seconds * 1000)
         self._wait_replicas = wait_replicas
-        self._append_sha = sha1(_APPEND.encode()).hexdigest()
-        #: appends waiting for the next pipeline, and the task that sends them
-        self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._append_sha = shared.script(_APPEND)
         self._by_client = self._redis.register_script(_BY_CLIENT)
         self._trim = self._redis.register_script(_TRIM)
 
@@ -114,7 +108,9 @@ class RedisChatLog:
         when = time.time() if ts is None else ts
         data = json.dumps([kind, sender, author, text, visibility, client_id, when], separators=(",", ":"))
         args = [*self._keys(conversation), client_id or "", data, self._retention_ms]
-        created, seq, *stored = await self._shared.call(self._pipelined(args))
+        # appends (and head reads) waiting at the same moment share one pipeline; the chat
+        # service's per-conversation lock keeps one append per conversation on its way
+        created, seq, *stored = await self._shared.call(self._shared.pipelined("EVALSHA", self._append_sha, 3, *args))
         if self._wait_replicas > 0:
             acked = await self._shared.call(self._redis.wait(self._wait_replicas, int(self._shared.timeout * 1000)))
             if acked < self._wait_replicas:
@@ -122,43 +118,6 @@ class RedisChatLog:
                 # with the same client_id answers this entry)
                 raise state_unavailable("the chat entry is not on enough Redis replicas yet")
         return _entry(conversation, int(seq), stored[0] if stored else data), bool(created)
-
-    def _pipelined(self, args: list[Any]) -> asyncio.Future[Any]:
-        """Queue one append script call; appends queued while a pipeline is on its way go
-        together in the next one (one round trip and one AOF fsync for all of them). The
-        conversation's lock in the chat service keeps one append per conversation in flight."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((args, done))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_appends())
-        return done
-
-    async def _send_appends(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                results = await self._run_appends([args for args, _ in batch])
-            except Exception as exc:  # the connection failed: every append of the batch failed
-                results = [exc] * len(batch)
-            for (_, done), result in zip(batch, results):
-                if done.done():
-                    continue  # its caller gave up (timeout)
-                if isinstance(result, Exception):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
-
-    async def _run_appends(self, batch: list[list[Any]]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
-        for args in batch:
-            pipe.execute_command("EVALSHA", self._append_sha, 3, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        redo = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if redo:  # a new or restarted Redis does not know the script yet: load it, send those again
-            await self._redis.script_load(_APPEND)
-            for i, result in zip(redo, await self._run_appends([batch[i] for i in redo])):
-                results[i] = result
-        return results
 
     async def get_by_client_id(self, conversation: str, client_id: str) -> ChatEntry | None:
         _, log, clients = self._keys(conversation)
@@ -172,23 +131,25 @@ class RedisChatLog:
 
     async def head(self, conversation: str) -> int:
         head, _, _ = self._keys(conversation)
-        return int(await self._shared.call(self._redis.get(head)) or 0)
+        # pipelined: a thousand streams' heartbeats fall due together after a restart
+        return int(await self._shared.call(self._shared.pipelined("GET", head)) or 0)
 
     async def low_water(self, conversation: str) -> int:
         return (await self.read_window(conversation, 0, 0))[0]
 
     async def read_window(self, conversation: str, after: int, limit: int = 500) -> tuple[int, list[ChatEntry]]:
         head, log, _ = self._keys(conversation)
-        pipe = self._redis.pipeline(transaction=True)  # one round trip, one consistent view
-        pipe.get(head)
-        pipe.xrange(log, count=1)
-        if limit > 0:
-            pipe.xrange(log, min=f"{after + 1}-0", count=limit)
-        top, first, *rows = await self._shared.call(pipe.execute())
+        # pipelined with whatever else waits (a thousand streams resuming at once); not atomic,
+        # and needs not be: an entry trimmed in between only shows as a gap to the stream
+        shared = self._shared
+        top_seq = shared.pipelined("GET", head)
+        first = shared.pipelined("XRANGE", log, "-", "+", "COUNT", 1)
+        rows = shared.pipelined("XRANGE", log, f"{after + 1}-0", "+", "COUNT", max(1, limit))
+        top, oldest, found = await shared.call(asyncio.gather(top_seq, first, rows))
         # the first entry still stored, or (every entry trimmed or expired) the next seq
-        low = _seq(first[0][0]) if first else int(top or 0) + 1
-        entries = [_entry(conversation, _seq(entry_id), fields[b"e"]) for entry_id, fields in rows[0]] if rows else []
-        return low, entries
+        low = _seq(oldest[0][0]) if oldest else int(top or 0) + 1
+        entries = [_entry(conversation, _seq(entry_id), fields[b"e"]) for entry_id, fields in found]
+        return low, entries[:limit]
 
     async def trim(self, conversation: str, below: int) -> int:
         head, log, _ = self._keys(conversation)
@@ -196,8 +157,7 @@ class RedisChatLog:
 
     async def close(self) -> None:
         """Wait for the appends on their way (the connection is the instance's: SharedState.close)."""
-        if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
+        await self._shared.drain_pipeline()
 
 
 def _seq(entry_id: Any) -> int:

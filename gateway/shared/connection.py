@@ -17,10 +17,13 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from hashlib import sha1
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import GatewayError, state_unavailable
 
@@ -30,6 +33,8 @@ Handler = Callable[[dict[str, Any]], None]
 
 #: What a broken, refused or slow connection raises (redis-py wraps most in RedisError).
 FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+#: What says Redis is gone (rather than that it refused one command).
+LOST: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class SharedState:
@@ -75,6 +80,9 @@ class SharedState:
         self._written = 0
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
+        self._pipeline_queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._pipeline_sender: asyncio.Task[None] | None = None
+        self._scripts: dict[str, str] = {}
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -112,9 +120,62 @@ class SharedState:
             # loop's call (its ping): one slow operation under load does not fail every request.
             task.cancel()
             raise _unavailable() from exc
-        except FAILURES as exc:
+        except LOST as exc:
             self.mark_down(exc)
             raise _unavailable() from exc
+        except RedisError as exc:  # Redis answered, with an error: this request fails, not the instance
+            log.error("Redis refused an operation: %r", exc)
+            raise _unavailable() from exc
+
+    def pipelined(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue one command (``EVALSHA`` of a script given to :meth:`script`, ``GET``...);
+        the commands queued while a pipeline is on its way go together in the next one: one
+        round trip (and one AOF fsync) for a burst, rather than one connection each from the
+        pool. Await the result through :meth:`call`."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pipeline_queue.append((command, done))
+        if self._pipeline_sender is None or self._pipeline_sender.done():
+            self._pipeline_sender = asyncio.create_task(self._send_pipelined())
+        return done
+
+    def script(self, body: str) -> str:
+        """The SHA of a Lua script for ``pipelined("EVALSHA", sha, ...)`` (loaded when Redis
+        does not know it: a new or restarted server)."""
+        sha = sha1(body.encode()).hexdigest()
+        self._scripts[sha] = body
+        return sha
+
+    async def _send_pipelined(self) -> None:
+        while self._pipeline_queue:
+            batch, self._pipeline_queue = self._pipeline_queue, []
+            try:
+                results = await self._run_pipeline([command for command, _ in batch])
+            except Exception as exc:  # the connection failed: every command of the batch failed
+                results = [exc] * len(batch)
+            for (_, done), result in zip(batch, results):
+                if done.done():
+                    continue  # its caller gave up (timeout)
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+    async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        redo = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if redo:
+            for sha in {commands[i][1] for i in redo}:
+                await self.redis.script_load(self._scripts[sha])
+            for i, result in zip(redo, await self._run_pipeline([commands[i] for i in redo])):
+                results[i] = result
+        return results
+
+    async def drain_pipeline(self) -> None:
+        if self._pipeline_sender is not None:
+            await asyncio.gather(self._pipeline_sender, return_exceptions=True)
 
     async def check_durability(self) -> None:
         """Refuse to start unless Redis fsyncs every write before answering (``appendonly yes``,
@@ -200,6 +261,7 @@ class SharedState:
             await asyncio.wait_for(self._connected.wait(), wait)
 
     async def close(self) -> None:
+        await self.drain_pipeline()
         with contextlib.suppress(GatewayError):
             await self.flush()
         tasks = [t for t in (self._task, self._writer) if t is not None]
