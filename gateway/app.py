@@ -177,6 +177,15 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
             await ws.close(code=1001, message=b"gateway shutting down")
 
     app.on_shutdown.append(close_event_streams)
+    if SHARED in app:
+        runtime = app[RUNTIME]
+
+        async def close_for_lost_state() -> None:
+            for ws in list(runtime.event_sockets):
+                await ws.close(code=1013, message=b"shared state unreachable; reconnect")
+
+        # events published while this instance can not hear them would be missed silently
+        app[SHARED].on_lost(lambda: runtime.background.spawn(close_for_lost_state()))
     yield
     await app[PLANES].close_listeners()
     # The planes' reactions still running are cancelled while the planes still exist.

@@ -296,6 +296,7 @@ async def test_redis_down_is_503_state_unavailable_and_recovers(
     async with running_gateway(make_settings(tmp_path, redis_url=redis_server.url, redis_prefix=redis_prefix)) as gw:
         sam = await gw.login("sam")
         assert (await gw.conversation("d1")).status == 201
+        console = await events_of(gw, "sam")
         say = {"from": "customer", "text": "before", "client_id": "b1"}
         before = await gw.call("POST", "/v1/conversations/d1/messages", await gw.platform(), say)
         assert before.status == 201
@@ -311,6 +312,10 @@ async def test_redis_down_is_503_state_unavailable_and_recovers(
             assert (refused.status, refused.code) == (503, "state_unavailable")
             ready = await gw.call("GET", "/readyz")
             assert ready.status == 503 and ready.body["checks"]["shared_state"] is False
+            # the console's event stream is closed (it would miss events): it reconnects later
+            while (message := await console.receive(timeout=5)).type is aiohttp.WSMsgType.TEXT:
+                pass
+            assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1013
         finally:
             redis_server.start()
         await until(lambda: gw.app[SHARED].available)  # type: ignore[index]

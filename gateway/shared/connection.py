@@ -72,6 +72,7 @@ class SharedState:
         self._available = False
         self._handlers: dict[str, Handler] = {}
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+        self._on_lost: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -101,7 +102,15 @@ class SharedState:
     def mark_down(self, exc: BaseException | None = None) -> None:
         if self._available:
             log.warning("shared state unreachable: %r", exc)
+            self._available = False
+            for callback in self._on_lost:
+                callback()
         self._available = False
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time Redis is found gone (e.g. close the ``/v1/events``
+        streams: events published meanwhile would be missed, so consoles reconnect and re-read)."""
+        self._on_lost.append(callback)
 
     async def call(self, operation: Awaitable[T]) -> T:
         """Await one Redis operation; a failure (or ``operation_timeout``) is 503 ``state_unavailable``.
