@@ -146,9 +146,13 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     if SHARED in app:
         redis_store.on_lease_lost = lambda cid, mid: service.voice_lost(mid, END_MEDIA_FAILURE)
-        await shared.start()
         if settings.redis_require_fsync:
-            await shared.check_durability()
+            # on every (re)connection, before the instance serves: a Redis restarted without
+            # fsync must not go on acknowledging chat entries it could lose
+            shared.on_reconnect(shared.check_durability)
+        await shared.start()
+        if not shared.available:
+            log.warning("started without the shared state (Redis): answering 503 until it is usable")
         await redis_store.start()
     yield
     if SHARED in app:

@@ -13,9 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from devtools.redis_server import RedisServer
+from devtools.redis_server import RedisServer, start_redis
 from gateway.api.context import SERVICE, SHARED
+from gateway.app import create_app, make_runner
 from gateway.domain import Conversation, Direction, Monitor
 from gateway.shared.connection import SharedState
 from gateway.shared.sessions import RedisSessionRights
@@ -330,3 +332,24 @@ async def test_redis_down_is_503_state_unavailable_and_recovers(
         assert (again.status, again.body) == (201, {"seq": before.body["seq"], "duplicate": True})
         after = await gw.call("POST", "/v1/conversations/d1/messages", platform, {"from": "customer", "text": "after"})
         assert after.status == 201 and after.body["seq"] > before.body["seq"]
+
+
+async def test_a_redis_that_does_not_fsync_each_write_is_not_used(tmp_path: Path, redis_prefix: str) -> None:
+    """An acknowledged chat entry must survive a crash of Redis: with ``appendfsync everysec``
+    the gateway serves nothing (503 ``state_unavailable``, not ready) and says why."""
+    with start_redis(tmp_path / "redis", appendfsync="everysec") as lax:
+        settings = make_settings(tmp_path, redis_url=lax.url, redis_prefix=redis_prefix)
+        app = create_app(settings)
+        runner = make_runner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{settings.base_url}/v1/conversations") as answer:
+                    assert answer.status == 503
+                    assert (await answer.json())["error"]["code"] == "state_unavailable"
+                async with http.get(f"{settings.base_url}/readyz") as ready:
+                    assert ready.status == 503 and (await ready.json())["checks"]["shared_state"] is False
+        finally:
+            await runner.cleanup()

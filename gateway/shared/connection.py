@@ -3,8 +3,8 @@
 Health is what makes "never a wrong answer" hold: every read the instance answers from its
 local copy of the shared state (:class:`~gateway.shared.store.RedisStore`) is only as fresh as
 the pub/sub connection that keeps it up to date. So the instance is *available* only while that
-connection is up and a ping answers within ``timeout``; otherwise requests get 503
-``state_unavailable`` at once. When the connection comes back, every ``on_reconnect`` callback
+connection is up and its PINGs (every ``timeout`` / 2) are answered within 1.5 x ``timeout``;
+otherwise requests get 503 ``state_unavailable`` at once. When the connection comes back, every ``on_reconnect`` callback
 runs (the store reloads, since messages sent meanwhile were lost) before the instance is
 available again: it recovers by itself.
 """
@@ -100,12 +100,12 @@ class SharedState:
             raise _unavailable()
 
     def mark_down(self, exc: BaseException | None = None) -> None:
-        if self._available:
-            log.warning("shared state unreachable: %r", exc)
-            self._available = False
-            for callback in self._on_lost:
-                callback()
+        if not self._available:
+            return
+        log.warning("shared state unreachable: %r", exc)
         self._available = False
+        for callback in self._on_lost:
+            callback()
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time Redis is found gone (e.g. close the ``/v1/events``
@@ -261,13 +261,14 @@ class SharedState:
         """Queue a message on ``pipe`` (a pipeline)."""
         pipe.publish(*self.message(channel, message))
 
-    async def start(self, wait: float = 10.0) -> None:
-        """Start the pub/sub loop; wait up to ``wait`` s for the first connection (a gateway
-        started while Redis is down comes up unavailable and recovers when Redis does)."""
+    async def start(self, wait: float | None = None) -> None:
+        """Start the pub/sub loop; wait up to ``wait`` s (3 x ``timeout``) for the first
+        connection (a gateway started while Redis is down, or not usable, comes up answering
+        503 and recovers when Redis does)."""
         self._writer = asyncio.create_task(self._write_loop(), name="shared-state-writer")
         self._task = asyncio.create_task(self._run(), name="shared-state")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), wait)
+            await asyncio.wait_for(self._connected.wait(), 3 * self.timeout if wait is None else wait)
 
     async def close(self) -> None:
         await self.drain_pipeline()
@@ -325,6 +326,8 @@ class SharedState:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: unavailable, reconnect, reload
+                if not isinstance(exc, LOST) and not self._available:
+                    log.error("shared state not usable: %s", exc)  # e.g. Redis without fsync: say so each time
                 self.mark_down(exc)
             finally:
                 with contextlib.suppress(Exception):
