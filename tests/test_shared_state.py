@@ -262,6 +262,31 @@ async def test_two_gateways_share_conversations_voice_and_events(
         await events_b.close()
 
 
+async def test_a_login_sessions_rights_are_the_same_on_every_instance(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """R2 across instances: the teams resolved at the session's first request (on A) hold on B,
+    even though Keycloak changed in between; a new login gets the new teams everywhere."""
+    async with two_gateways(tmp_path, redis_server, redis_prefix) as (a, b):
+        assert (await a.conversation("r2", sessions=["chat"])).status == 201
+        old = await a.login("sam")
+        assert [c["id"] for c in (await a.call("GET", "/v1/conversations", old)).body] == ["r2"]
+        admin = await a.http.post(
+            a.token_url,
+            data={"grant_type": "client_credentials", "client_id": "cx-admin", "client_secret": "dev-admin-secret"},
+        )
+        admin_token = (await admin.json())["access_token"]
+        groups = await a.call("GET", "/admin/realms/cx/groups?briefRepresentation=false", admin_token)
+        team_a = next(g for g in groups.body if g["name"] == "team-a")
+        team_a["attributes"]["supervisor"] = ["tom"]
+        assert (await a.call("PUT", f"/admin/realms/cx/groups/{team_a['id']}", admin_token, team_a)).status == 204
+        # the old session's first request on B: A's resolution holds
+        assert [c["id"] for c in (await b.call("GET", "/v1/conversations", old)).body] == ["r2"]
+        new = await a.login("sam", fresh=True)
+        for via in (a, b):
+            assert (await via.call("GET", "/v1/conversations", new)).body == []
+
+
 async def test_an_instance_that_stops_renewing_loses_the_voice_to_media_failure(
     tmp_path: Path, redis_server: RedisServer, redis_prefix: str
 ) -> None:
