@@ -129,6 +129,32 @@ async def test_lease_expires_stale_owner_is_refused_and_others_see_it_free(
         assert not await a.claim_voice("v3", monitor("v3", "m3", "sue"))
 
 
+async def test_a_release_heard_late_is_not_taken_for_a_crash(redis_server: RedisServer, redis_prefix: str) -> None:
+    async with instances(redis_server, redis_prefix, 2) as (a, b):
+        held = monitor("v4", "m1")
+        assert await a.claim_voice("v4", held)
+        a.put_monitor(held)
+        await a.flush()
+        await until(lambda: b.voice_holder("v4") is not None)
+        lost: list[tuple[str, str]] = []
+        b.on_lease_lost = lambda cid, mid: lost.append((cid, mid))
+        # the slot is freed in Redis; the message saying so reaches B a moment later
+        await a._redis.delete(a._key("voice", "v4"))
+        reaping = asyncio.create_task(b.reap_foreign_leases())
+        await asyncio.sleep(RedisStore.RECHECK_SECONDS / 4)
+        b._apply_remote({"voice": "v4", "monitor": None})
+        await reaping
+        assert lost == []
+        # a lease that stays gone (its instance crashed) is reaped
+        await until(lambda: b.voice_holder("v4") is None)
+        assert await a.claim_voice("v4", monitor("v4", "m2"))
+        await until(lambda: b._voice.get("v4") == "m2")  # B heard of the claim
+        a.leases.clear()  # A "crashes": nobody renews or releases
+        await a._redis.delete(a._key("voice", "v4"))
+        await b.reap_foreign_leases()
+        assert lost == [("v4", "m2")]
+
+
 async def test_state_written_on_one_instance_is_read_on_the_other(redis_server: RedisServer, redis_prefix: str) -> None:
     async with instances(redis_server, redis_prefix, 2) as (a, b):
         a.put_conversation(conversation("s1"))

@@ -84,6 +84,8 @@ class RedisStore(MemoryStore):
     """The shared store of a cluster (``GATEWAY_REDIS_URL``); see the module's docstring."""
 
     CHANNEL = "state"
+    #: Seconds between the two looks at a lease that seems gone (see reap_foreign_leases).
+    RECHECK_SECONDS = 0.2
 
     def __init__(self, shared: SharedState, *, lease_seconds: float = 6.0) -> None:
         super().__init__()
@@ -267,17 +269,31 @@ class RedisStore(MemoryStore):
 
     async def reap_foreign_leases(self) -> None:
         """Slots the copy shows held by another instance whose lease is gone (it crashed):
-        free them and end that monitor's voice."""
-        foreign = [(cid, mid) for cid, mid in self._voice.items() if cid not in self.leases]
-        if not foreign:
+        free them and end that monitor's voice.
+
+        A slot released normally disappears from Redis a moment before the message saying so
+        reaches this instance (another connection), so a missing lease is looked at twice, a
+        short while apart: a release has been heard of by then, a crash has not."""
+        missing = await self._foreign_leases_missing()
+        if not missing:
             return
+        await asyncio.sleep(self.RECHECK_SECONDS)
+        for cid, mid in await self._foreign_leases_missing(only=missing):
+            del self._voice[cid]
+            log.warning("voice lease of another instance expired", extra={"conversation": cid, "monitor": mid})
+            self.on_lease_lost(cid, mid)
+
+    async def _foreign_leases_missing(self, only: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+        foreign = [(cid, mid) for cid, mid in self._voice.items() if cid not in self.leases]
+        if only is not None:
+            foreign = [held for held in foreign if held in only]
+        if not foreign:
+            return []
         keys = [self._key("voice", cid) for cid, _ in foreign]
         holders = await asyncio.wait_for(self._redis.mget(keys), self._shared.operation_timeout)
-        for (cid, mid), holder in zip(foreign, holders):
-            if holder is None and self._voice.get(cid) == mid:
-                del self._voice[cid]
-                log.warning("voice lease of another instance expired", extra={"conversation": cid, "monitor": mid})
-                self.on_lease_lost(cid, mid)
+        return [
+            (cid, mid) for (cid, mid), holder in zip(foreign, holders) if holder is None and self._voice.get(cid) == mid
+        ]
 
     async def _lease_loop(self) -> None:
         interval = self._lease_ms / 3000
