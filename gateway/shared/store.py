@@ -20,8 +20,8 @@ every third of it. The token comes from a per-conversation counter, so it only g
 fencing token): renewing or releasing compares the whole value, so an owner whose lease
 expired (a paused or partitioned instance) is refused and told it lost the slot
 (``on_lease_lost``), and a crashed instance's slot frees itself after the TTL. Every instance
-checks the slots its copy shows held by others and ends the voice of a monitor whose lease is
-gone (``media_failure``).
+checks the slots its copy shows held by others and, when a lease is gone, one of them (``SET NX``)
+ends the voice of its monitor (``media_failure``).
 """
 
 from __future__ import annotations
@@ -280,8 +280,14 @@ class RedisStore(MemoryStore):
         await asyncio.sleep(self.RECHECK_SECONDS)
         for cid, mid in await self._foreign_leases_missing(only=missing):
             del self._voice[cid]
-            log.warning("voice lease of another instance expired", extra={"conversation": cid, "monitor": mid})
-            self.on_lease_lost(cid, mid)
+            # every instance sees it; one of them ends the monitor's voice (one event, one audit line)
+            mine = await asyncio.wait_for(
+                self._redis.set(self._key("reaped", cid, mid), self._shared.instance, nx=True, px=self._lease_ms * 10),
+                self._shared.operation_timeout,
+            )
+            if mine:
+                log.warning("voice lease of another instance expired", extra={"conversation": cid, "monitor": mid})
+                self.on_lease_lost(cid, mid)
 
     async def _foreign_leases_missing(self, only: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
         foreign = [(cid, mid) for cid, mid in self._voice.items() if cid not in self.leases]
