@@ -29,6 +29,7 @@ VOICE_SIP_ARGS ?=
 bench:
 	@scripts/setup.sh bench
 	$(PY) bench/chat.py
+	$(PY) bench/state.py
 	$(PY) bench/voice_sip.py $(VOICE_SIP_ARGS)
 	$(PY) bench/voice_webrtc.py
 
@@ -39,6 +40,7 @@ bench-sip:
 bench-smoke:
 	@scripts/setup.sh bench
 	$(PY) bench/chat.py --smoke
+	$(PY) bench/state.py --smoke
 	$(PY) bench/voice_sip.py --smoke
 	$(PY) bench/voice_webrtc.py --smoke
 

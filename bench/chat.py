@@ -12,6 +12,9 @@ which is the measurement behind "SQLite writes run on the event loop, checkpoint
 
     .venv/bin/python bench/chat.py            # 1000 conversations x 1 msg/s, 20 s
     .venv/bin/python bench/chat.py --smoke    # 100 conversations, 3 s
+    .venv/bin/python bench/chat.py --redis-url redis://127.0.0.1:6379/0   # the Redis Streams log
+
+bench/state.py runs this bench's server side on both logs and prints them side by side.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from gateway.api.chat_ws import serve_chat_stream
-from gateway.chat.log import SqliteChatLog
+from gateway.chat.log import ChatLog, SqliteChatLog
 from gateway.chat.service import ChatService
 from gateway.config import Settings
+from gateway.shared.chat_log import RedisChatLog
+from gateway.shared.connection import SharedState
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -149,13 +154,21 @@ async def append_cost(path: Path, count: int = 3000) -> dict[str, tuple[float, f
     return out
 
 
-async def server_main(args: argparse.Namespace) -> None:
+async def server_main(args: argparse.Namespace) -> dict[str, float]:
+    """Run the bench, print its table; returns the headline numbers (for bench/state.py)."""
     tmp = Path(tempfile.mkdtemp(prefix="chatbench-"))
-    costs = await append_cost(tmp / "cost.sqlite3") if not args.smoke else {}
+    redis_url = getattr(args, "redis_url", None)
+    costs = await append_cost(tmp / "cost.sqlite3") if not args.smoke and not redis_url else {}
     settings = Settings(data_dir=str(tmp), chat_rate_per_second=0)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval / 1000)
-    log = SqliteChatLog(settings.chat_path, writer_thread=args.writer_thread)
+    shared = None
+    log: ChatLog
+    if redis_url:
+        shared = SharedState(redis_url, prefix=f"chatbench{os.getpid()}:")
+        log = RedisChatLog(shared)
+    else:
+        log = SqliteChatLog(settings.chat_path, writer_thread=args.writer_thread)
     chat = ChatService(settings, log, heartbeat_interval=15.0)
     app = web.Application()
 
@@ -186,7 +199,10 @@ async def server_main(args: argparse.Namespace) -> None:
     assert child.stdout is not None
     line = await child.stdout.readline()
     assert line.strip() == b"READY", line
+    connect_deadline = time.monotonic() + 120
     while chat.hub.subscribers() < n:
+        if time.monotonic() > connect_deadline:
+            raise SystemExit(f"only {chat.hub.subscribers()} of {n} monitor streams subscribed after 120 s")
         await asyncio.sleep(0.05)
     rss_connected = rss_mb()
     if args.gc_freeze:
@@ -258,6 +274,8 @@ async def server_main(args: argparse.Namespace) -> None:
     res = json.loads(out.decode().strip().splitlines()[-1])
     await runner.cleanup()
     await chat.close()
+    if shared is not None:
+        await shared.close()
 
     lat = res["latencies_ms"]
     sent = cursor
@@ -270,7 +288,7 @@ async def server_main(args: argparse.Namespace) -> None:
             f"{pct(lat, 0.5):.2f} / {pct(lat, 0.9):.2f} / {pct(lat, 0.99):.2f} / {max(lat) if lat else float('nan'):.2f}",
         ),
         (
-            "post() incl. SQLite commit p50 / p99 / max (µs)",
+            f"post() incl. {'Redis' if redis_url else 'SQLite'} commit p50 / p99 / max (µs)",
             f"{pct(post_times, 0.5) * 1e6:.0f} / {pct(post_times, 0.99) * 1e6:.0f} / {max(post_times) * 1e6:.0f}",
         ),
         ("posts slower than 2 ms", f"{sum(1 for t in post_times if t > 0.002)}"),
@@ -297,7 +315,7 @@ async def server_main(args: argparse.Namespace) -> None:
         ("hub buffered entries peak (all subscribers)", f"{buffered_peak}"),
     ]
     width = max(len(r[0]) for r in rows)
-    mode = "writer thread" if args.writer_thread else "writes on the loop"
+    mode = "Redis Streams log" if redis_url else "writer thread" if args.writer_thread else "writes on the loop"
     print(
         f"\nchat mirroring bench ({'smoke' if args.smoke else 'full'}; {mode}; "
         f"switchinterval {sys.getswitchinterval() * 1000:g} ms), python {sys.version.split()[0]}, "
@@ -307,6 +325,17 @@ async def server_main(args: argparse.Namespace) -> None:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print("-" * (width + 40))
+    return {
+        "sent": sent,
+        "received": res["received"],
+        "problems": sum(res["problems"].values()),
+        "rate": sent / elapsed,
+        "p50_ms": pct(lat, 0.5),
+        "p99_ms": pct(lat, 0.99),
+        "max_ms": max(lat) if lat else float("nan"),
+        "post_p99_ms": pct(post_times, 0.99) * 1000,
+        "server_cpu": (cpu1 - cpu0) / (elapsed + 0.5) * 100,
+    }
 
 
 def main() -> None:
@@ -318,6 +347,7 @@ def main() -> None:
     ap.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval in ms")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after connecting")
     ap.add_argument("--smoke", action="store_true", help="100 conversations for 3 s")
+    ap.add_argument("--redis-url", help="the Redis Streams chat log on this Redis (appendfsync always)")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()

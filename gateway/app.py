@@ -1,8 +1,10 @@
 """The application factory: every long-lived resource is a cleanup context.
 
 Start-up and shutdown of each resource sit together in one generator, in dependency order:
-identity → chat → core (store, audit, the service) → SIP → wiring (→ dev tools: the
-embedded identity provider and the demo platform, from ``devtools/``). The event bus, the
+(shared state →) identity → chat → core (store, audit, the service) → SIP → wiring (→ dev
+tools: the embedded identity provider and the demo platform, from ``devtools/``). With
+``GATEWAY_REDIS_URL`` the store, the chat log, the login-session rights and the events are
+Redis's (``gateway.shared``); without it, SQLite files and this process. The event bus, the
 runtime state and the planes' holder exist from the start: later contexts fill them in.
 """
 
@@ -29,24 +31,37 @@ from gateway.api.context import (
     RUNTIME,
     SERVICE,
     SETTINGS,
+    SHARED,
     SIP,
     WHEP,
 )
-from gateway.api.middleware import ServerLog, errors_middleware
+from gateway.api.middleware import ServerLog, errors_middleware, state_middleware
 from gateway.config import PACKAGE_DIR, ConfigurationError, Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
 from gateway.planes import Listeners, Planes
 from gateway.policy.audit import AuditLog
-from gateway.policy.auth import Authenticator, Directory, JwksCache, TokenValidator
+from gateway.policy.auth import Authenticator, Directory, JwksCache, SessionRights, TokenValidator
 from gateway.policy.limits import TokenBuckets
+from gateway.policy.rules import END_MEDIA_FAILURE
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
-from gateway.store import SqliteStore
+from gateway.store import SqliteStore, Store
 from gateway.wiring import DomainSipHooks, attach_planes
 
 log = logging.getLogger(__name__)
 WEB_DIR = PACKAGE_DIR / "web"
+
+
+async def shared_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Redis connection; started by :func:`core_ctx` once every shared part listens on it."""
+    from gateway.shared.connection import SharedState
+
+    settings = app[SETTINGS]
+    shared = SharedState(settings.redis_url, timeout=settings.redis_timeout, prefix=settings.redis_prefix)
+    app[SHARED] = shared
+    yield
+    await shared.close()
 
 
 async def identity_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -55,7 +70,12 @@ async def identity_ctx(app: web.Application) -> AsyncIterator[None]:
     jwks = JwksCache(directory.certs, settings.jwks_refetch_interval, settings.identity_timeout)
     app[DIRECTORY] = directory
     app[JWKS] = jwks
-    app[AUTHENTICATOR] = Authenticator(TokenValidator(settings, jwks), directory)
+    rights: SessionRights | None = None
+    if SHARED in app:
+        from gateway.shared.sessions import RedisSessionRights
+
+        rights = RedisSessionRights(app[SHARED], ttl_seconds=settings.session_max_seconds)
+    app[AUTHENTICATOR] = Authenticator(TokenValidator(settings, jwks), directory, rights)
 
     async def prefetch() -> None:
         # The embedded provider answers on our own port, which listens only after start-up:
@@ -73,11 +93,24 @@ async def identity_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
-    from gateway.chat.log import SqliteChatLog
+    from gateway.chat.log import ChatLog, SqliteChatLog
     from gateway.chat.service import ChatService
 
     settings = app[SETTINGS]
-    chat = ChatService(settings, SqliteChatLog(settings.chat_path))
+    log: ChatLog
+    if SHARED in app:
+        from gateway.shared.chat_log import RedisChatLog
+
+        log = RedisChatLog(
+            app[SHARED], retention_seconds=settings.chat_retention_seconds, wait_replicas=settings.redis_wait_replicas
+        )
+    else:
+        log = SqliteChatLog(settings.chat_path)
+    chat = ChatService(settings, log)
+    if SHARED in app:
+        from gateway.shared.events import ChatFanout
+
+        ChatFanout(app[SHARED], chat.hub)
     app[CHAT] = chat
 
     async def close_streams(app: web.Application) -> None:
@@ -93,9 +126,18 @@ async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
 async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     audit = AuditLog(settings.audit_path)
-    store = SqliteStore(settings.state_path)
+    store: Store
+    if SHARED in app:
+        from gateway.shared.events import EventFanout
+        from gateway.shared.store import RedisStore
+
+        shared = app[SHARED]
+        redis_store = store = RedisStore(shared, lease_seconds=settings.voice_lease_seconds)
+        EventFanout(shared, app[BUS])
+    else:
+        sqlite_store = store = SqliteStore(settings.state_path)
     app[AUDIT] = audit
-    app[SERVICE] = MonitoringService(
+    service = app[SERVICE] = MonitoringService(
         store,
         audit,
         app[BUS],
@@ -105,8 +147,21 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         background=app[RUNTIME].background,
         start_limit=TokenBuckets(settings.monitor_starts_per_minute / 60, settings.monitor_start_burst),
     )
+    if SHARED in app:
+        redis_store.on_lease_lost = lambda cid, mid: service.voice_lost(mid, END_MEDIA_FAILURE)
+        if settings.redis_require_fsync:
+            # on every (re)connection, before the instance serves: a Redis restarted without
+            # fsync must not go on acknowledging chat entries it could lose
+            shared.on_reconnect(shared.check_durability)
+        await shared.start()
+        if not shared.available:
+            log.warning("started without the shared state (Redis): answering 503 until it is usable")
+        await redis_store.start()
     yield
-    store.close()
+    if SHARED in app:
+        await redis_store.close()
+    else:
+        sqlite_store.close()
     audit.close()
 
 
@@ -139,6 +194,15 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
             await ws.close(code=1001, message=b"gateway shutting down")
 
     app.on_shutdown.append(close_event_streams)
+    if SHARED in app:
+        runtime = app[RUNTIME]
+
+        async def close_for_lost_state() -> None:
+            for ws in list(runtime.event_sockets):
+                await ws.close(code=1013, message=b"shared state unreachable; reconnect")
+
+        # events published while this instance can not hear them would be missed silently
+        app[SHARED].on_lost(lambda: runtime.background.spawn(close_for_lost_state()))
     yield
     await app[PLANES].close_listeners()
     # The planes' reactions still running are cancelled while the planes still exist.
@@ -151,7 +215,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     problem = settings.startup_problem()
     if problem is not None:
         raise ConfigurationError(problem)
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    middlewares = [errors_middleware, state_middleware] if settings.redis_url else [errors_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[BUS] = EventBus()
@@ -160,6 +225,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[WHEP] = listeners
     app[PLANES] = Planes(runtime.background, listeners, sip=lambda: app.get(SIP))
 
+    if settings.redis_url:
+        app.cleanup_ctx.append(shared_ctx)
     app.cleanup_ctx.append(identity_ctx)
     app.cleanup_ctx.append(chat_ctx)
     app.cleanup_ctx.append(core_ctx)

@@ -72,6 +72,26 @@ class Settings:
     audit_db: str = ""  # empty: {data_dir}/audit.sqlite3
     chat_db: str = ""  # empty: {data_dir}/chat.sqlite3
 
+    # --- shared state (several instances) -------------------------------------------------
+    #: ``redis://host:port/db``: conversations, monitors, the voice slot, login-session rights,
+    #: the chat log and the events live in Redis, shared by every instance. Empty: SQLite files.
+    redis_url: str = ""
+    #: Seconds a Redis operation may take before the request gets 503 ``state_unavailable``.
+    redis_timeout: float = 1.0
+    #: Refuse to start unless Redis fsyncs each write before answering (AOF, ``appendfsync always``).
+    redis_require_fsync: bool = True
+    #: A chat entry is acknowledged once this many Redis replicas also have it (``WAIT``).
+    redis_wait_replicas: int = 0
+    #: Key prefix, so several gateways (or tests) can share one Redis.
+    redis_prefix: str = "gw:"
+    #: TTL of the voice slot's lease (R8); the owning instance renews it every third of it, so a
+    #: crashed instance's slot frees itself within this time.
+    voice_lease_seconds: float = 6.0
+    #: How long a login session's rights are kept in Redis (Keycloak's "SSO Session Max").
+    session_max_seconds: float = 36000.0
+    #: Redis chat log: a conversation's entries expire this long after its last one (0: kept).
+    chat_retention_seconds: float = 0.0
+
     # --- limits ---------------------------------------------------------------------------
     max_body_bytes: int = 64 * 1024
     max_message_chars: int = 4000

@@ -138,6 +138,9 @@ class DomainEvent:
     team: str | None
     payload: dict[str, Any]
     at: float = field(default_factory=time.time)
+    #: Published by another gateway instance (``gateway.shared.events``): its own reactions
+    #: (audit lines, chat notes, metrics) already happened there.
+    remote: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type.value, "conversation": self.conversation, "at": self.at, **self.payload}

@@ -40,6 +40,8 @@ class ErrorCode(StrEnum):
     INVALID_TOKEN = "invalid_token"
     FORBIDDEN = "forbidden"
     IDENTITY_UNAVAILABLE = "identity_unavailable"
+    # shared state (Redis)
+    STATE_UNAVAILABLE = "state_unavailable"
     # malformed input
     BAD_REQUEST = "bad_request"
     EMPTY_BODY = "empty_body"
@@ -106,6 +108,7 @@ ERRORS: dict[ErrorCode, ErrorInfo] = {
     E.INVALID_TOKEN: ErrorInfo(401, "invalid token"),
     E.FORBIDDEN: ErrorInfo(403, "this call needs another role"),
     E.IDENTITY_UNAVAILABLE: ErrorInfo(503, "identity provider unreachable"),
+    E.STATE_UNAVAILABLE: ErrorInfo(503, "the shared state (Redis) is unreachable"),
     E.BAD_REQUEST: ErrorInfo(400, "the request is malformed"),
     E.EMPTY_BODY: ErrorInfo(400, "a JSON body is required"),
     E.MALFORMED_JSON: ErrorInfo(400, "the body is not valid JSON"),
@@ -203,3 +206,7 @@ def identity_unavailable(detail: str = "identity provider unreachable", retry_af
     error = GatewayError(ErrorCode.IDENTITY_UNAVAILABLE, detail)
     error.headers["Retry-After"] = str(retry_after)
     return error
+
+
+def state_unavailable(detail: str = "the shared state (Redis) is unreachable") -> GatewayError:
+    return GatewayError(ErrorCode.STATE_UNAVAILABLE, detail)

@@ -1,8 +1,10 @@
-"""In-process publish/subscribe of domain events.
+"""In-process publish/subscribe of domain events (and, with a shared store, every instance's).
 
 Planes register plain callbacks (run synchronously, in order, on the event loop); websocket
 clients of ``/v1/events`` get a bounded queue each, so one slow console never holds up the
 gateway: when its queue is full the subscriber is marked lagging and closed by its handler.
+With several instances, ``forward`` sends each local event to the others
+(``gateway.shared.events``), which hand it to :meth:`EventBus.deliver_remote`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class EventBus:
         self._listeners: list[Listener] = []
         self._subscriptions: set[Subscription] = set()
         self._subscriber_queue = subscriber_queue
+        #: Sends a local event to the other instances (set when the state is shared).
+        self.forward: Listener | None = None
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -54,6 +58,12 @@ class EventBus:
         self._subscriptions.discard(sub)
 
     def publish(self, event: DomainEvent) -> None:
+        if self.forward is not None:
+            self.forward(event)
+        self.deliver_remote(event)
+
+    def deliver_remote(self, event: DomainEvent) -> None:
+        """Hand an event to the listeners and subscribers (``event.remote``: from another instance)."""
         for listener in self._listeners:
             try:
                 listener(event)

@@ -116,6 +116,16 @@ class MonitoringService:
         #: media tap): start/leave churn is refused with 429 ``monitor_rate_limited``. Leaving never is (R12).
         self._start_limit: TokenBuckets[str] = start_limit if start_limit is not None else TokenBuckets(0, 1)
 
+    # ------------------------------------------------------------------ shared state
+
+    def check_state(self) -> None:
+        """503 ``state_unavailable`` when the (shared) store can not answer truthfully now."""
+        self.store.check_available()
+
+    async def committed(self) -> None:
+        """Wait until every change so far is where every instance sees it (before an answer)."""
+        await self.store.flush()
+
     # ------------------------------------------------------------------ lookups
 
     def conversation(self, cid: str) -> Conversation:
@@ -367,7 +377,7 @@ class MonitoringService:
     async def start_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
         """Start monitoring (R1, R3, R8-R10); a ``kind: sip`` voice calls the supervisor's phone
         before the answer, so a call that fails at once answers the monitor without voice."""
-        monitor = self._open_monitor(principal, cid, voice)
+        monitor = await self._open_monitor(principal, cid, voice)
         # The note to the agent's view is not part of the answer: a chat hiccup must not undo the monitor.
         self._background.spawn(
             self._chat.post(
@@ -383,7 +393,7 @@ class MonitoringService:
             await self._call_phone(monitor.id)
         return monitor
 
-    def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
+    async def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
         # Checked first, spent only when a monitor opens: a refused attempt costs the supervisor
         # nothing (and keeps its own code), a concurrent burst is still one event-loop step.
         wait = self._start_limit.wait(principal.username)
@@ -416,10 +426,14 @@ class MonitoringService:
             )
             if "voice" in monitor.channels:
                 assert voice is not None
-                if not self.store.claim_voice(cid, monitor):  # R8, atomic in the store
+                if not await self.store.claim_voice(cid, monitor):  # R8, atomic in the store
                     raise GatewayError(
                         ErrorCode.VOICE_MONITOR_BUSY, "another supervisor is already listening to this call"
                     )
+                if self.store.get_conversation(cid) is not conversation or conversation.ended:
+                    # it ended (or was replaced) while a shared store decided the claim
+                    self.store.release_voice(cid, monitor.id)
+                    raise not_found("conversation")
                 monitor.voice_kind = VoiceKind(voice["kind"])
                 monitor.voice_uri = voice.get("uri") if monitor.voice_kind is VoiceKind.SIP else None
         except GatewayError as exc:

@@ -1,10 +1,13 @@
 """Where conversations and monitors live: a small interface and its in-process implementation.
 
 One gateway instance keeps its state in :class:`MemoryStore` (tests) or :class:`SqliteStore`
-(the embedded default: the same, written through to SQLite so a restart loses nothing). Several instances behind one
-platform need a shared store (Redis): that implementation must make :meth:`Store.claim_voice`
-atomic across instances (a Lua script or ``SET NX``), which is why voice claiming is a store
-operation rather than a read followed by a write in the service.
+(the embedded default: the same, written through to SQLite so a restart loses nothing).
+Several instances share :class:`gateway.shared.store.RedisStore` (``GATEWAY_REDIS_URL``).
+
+Reads and writes are synchronous: the service reads and changes a conversation between two
+awaits, and the event loop keeps that together. Only what must be decided across instances is
+async: :meth:`Store.claim_voice` (R8, atomic in Redis: a lease) and :meth:`Store.flush` (the API
+awaits it before answering, so an answer never gets ahead of the shared state).
 """
 
 from __future__ import annotations
@@ -33,9 +36,17 @@ class Store(Protocol):
     def put_monitor(self, monitor: Monitor) -> None: ...
     def monitors_of(self, cid: str) -> list[Monitor]: ...
     def voice_holder(self, cid: str) -> Monitor | None: ...
-    def claim_voice(self, cid: str, monitor: Monitor) -> bool: ...
+    async def claim_voice(self, cid: str, monitor: Monitor) -> bool: ...
     def release_voice(self, cid: str, mid: str) -> None: ...
     def forget_conversation(self, cid: str) -> None: ...
+    async def flush(self) -> None:
+        """Wait until every change made so far is where every instance sees it (a shared
+        store; in-process stores have nothing to wait for)."""
+        ...
+
+    def check_available(self) -> None:
+        """Raise 503 ``state_unavailable`` if the store can not answer truthfully now."""
+        ...
 
 
 class MemoryStore:
@@ -85,7 +96,10 @@ class MemoryStore:
         mid = self._voice.get(cid)
         return self._monitors.get(mid) if mid else None
 
-    def claim_voice(self, cid: str, monitor: Monitor) -> bool:
+    async def claim_voice(self, cid: str, monitor: Monitor) -> bool:
+        return self._claim_voice(cid, monitor)
+
+    def _claim_voice(self, cid: str, monitor: Monitor) -> bool:
         holder = self.voice_holder(cid)
         if holder is not None and holder.active and holder.id != monitor.id:
             return False
@@ -95,6 +109,12 @@ class MemoryStore:
     def release_voice(self, cid: str, mid: str) -> None:
         if self._voice.get(cid) == mid:
             del self._voice[cid]
+
+    async def flush(self) -> None:
+        return None
+
+    def check_available(self) -> None:
+        return None
 
     def forget_conversation(self, cid: str) -> None:
         """Drop an ended conversation. Its (ended) monitors stay a while: their supervisors may
@@ -129,31 +149,31 @@ class SqliteStore(MemoryStore):
 
     def _load(self) -> None:
         for (data,) in self._db.execute("SELECT data FROM conversations"):
-            conversation = _conversation_from(json.loads(data))
+            conversation = conversation_from(json.loads(data))
             conversation.voice_legs.clear()
             conversation.voice_streams.clear()
             super().put_conversation(conversation)
         for (data,) in self._db.execute("SELECT data FROM monitors ORDER BY rowid"):
-            monitor = _monitor_from(json.loads(data))
+            monitor = monitor_from(json.loads(data))
             if monitor.active and monitor.voice_kind is VoiceKind.SIP and "voice" in monitor.channels:
                 monitor.channels = [c for c in monitor.channels if c != "voice"]
                 monitor.voice_blocked_reason = END_MEDIA_FAILURE
             super().put_monitor(monitor)
             if monitor.active and "voice" in monitor.channels:
-                self.claim_voice(monitor.conversation, monitor)
+                self._claim_voice(monitor.conversation, monitor)
 
     def put_conversation(self, conversation: Conversation) -> None:
         super().put_conversation(conversation)
         self._db.execute(
             "INSERT OR REPLACE INTO conversations (id, data) VALUES (?, ?)",
-            (conversation.id, json.dumps(_plain(conversation))),
+            (conversation.id, json.dumps(plain(conversation))),
         )
 
     def put_monitor(self, monitor: Monitor) -> None:
         super().put_monitor(monitor)
         self._db.execute(
             "INSERT OR REPLACE INTO monitors (id, conversation, data) VALUES (?, ?, ?)",
-            (monitor.id, monitor.conversation, json.dumps(_plain(monitor))),
+            (monitor.id, monitor.conversation, json.dumps(plain(monitor))),
         )
 
     def forget_conversation(self, cid: str) -> None:
@@ -168,7 +188,7 @@ class SqliteStore(MemoryStore):
         self._db.close()
 
 
-def _plain(item: Conversation | Monitor) -> dict[str, Any]:
+def plain(item: Conversation | Monitor) -> dict[str, Any]:
     data = asdict(item)
     for key, value in data.items():
         if isinstance(value, Enum):
@@ -178,13 +198,13 @@ def _plain(item: Conversation | Monitor) -> dict[str, Any]:
     return data
 
 
-def _conversation_from(data: dict[str, Any]) -> Conversation:
+def conversation_from(data: dict[str, Any]) -> Conversation:
     data["direction"] = Direction(data["direction"])
     data["voice_legs"] = set(data.get("voice_legs", []))
     return Conversation(**data)
 
 
-def _monitor_from(data: dict[str, Any]) -> Monitor:
+def monitor_from(data: dict[str, Any]) -> Monitor:
     data["mode"] = MonitorMode(data["mode"])
     data["voice_kind"] = VoiceKind(data["voice_kind"]) if data.get("voice_kind") else None
     return Monitor(**data)

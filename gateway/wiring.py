@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def attach_planes(app: web.Application) -> None:
-    """Subscribe the planes to the domain events (called once, after every plane exists)."""
+    """Subscribe the planes to the domain events (called once, after every plane exists).
+    Events from other instances (``event.remote``) end this instance's streams and media of
+    what ended there; the chat note and the metrics belong to the instance where it happened."""
     runtime = app[RUNTIME]
     planes = app[PLANES]
     chat = app[CHAT]
@@ -34,9 +36,11 @@ def attach_planes(app: web.Application) -> None:
             monitor = event.payload["monitor"]
             mid = monitor["id"]
             reason = event.payload["reason"]
-            metrics.monitors_ended.labels(reason=reason).inc()
             runtime.end_monitor_streams(mid, reason)
             planes.release_voice(event.conversation, mid)
+            if event.remote:
+                return  # counted, and the note posted, where it ended
+            metrics.monitors_ended.labels(reason=reason).inc()
             if reason == rules.END_LEFT:
                 runtime.background.spawn(
                     chat.post(

@@ -155,3 +155,9 @@ async def test_idempotent_ingest(gateway: GatewayClient) -> None:
         "POST", "/v1/conversations/i1/messages", platform, {"from": "customer", "text": "hi", "client_id": "up-124"}
     )
     assert other.body["seq"] == first.body["seq"] + 1
+
+
+@pytest.fixture
+def gateway(gateway_any: GatewayClient) -> GatewayClient:
+    """Every test here runs against the SQLite store and against Redis."""
+    return gateway_any

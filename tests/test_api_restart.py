@@ -1,4 +1,5 @@
-"""A gateway restart loses nothing: conversations, monitors, chat history and seq continue."""
+"""A gateway restart loses nothing: conversations, monitors, chat history and seq continue
+(with its SQLite files, or with Redis)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,16 @@ async def _read_entries(ws: aiohttp.ClientWebSocketResponse, until_seq: int) -> 
                 return entries
 
 
-async def test_restart_resumes_monitor_chat_exactly_once(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_restart_resumes_monitor_chat_exactly_once(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest, redis_prefix: str
+) -> None:
+    """The same with the SQLite files or with Redis (``GATEWAY_REDIS_URL``): the restarted
+    instance reloads its copy from Redis and the chat log goes on there."""
+    shared: dict[str, object] = {}
+    if backend == "redis":
+        shared = {"redis_url": request.getfixturevalue("redis_server").url, "redis_prefix": redis_prefix}
+    settings = make_settings(tmp_path, **shared)
     async with running_gateway(settings) as gateway:
         await gateway.conversation("rs", sessions=["chat"])
         platform, sam = await gateway.platform(), await gateway.login("sam")

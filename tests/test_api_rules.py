@@ -348,3 +348,9 @@ async def test_conversation_ids_are_not_reused(gateway: GatewayClient) -> None:
     state = await gateway.call("GET", f"/v1/monitors/{mid}", sam)
     assert state.status == 200 and state.body["end_reason"] == "ended"
     assert (await gateway.call("DELETE", f"/v1/monitors/{mid}", sam)).status == 204
+
+
+@pytest.fixture
+def gateway(gateway_any: GatewayClient) -> GatewayClient:
+    """Every test here runs against the SQLite store and against Redis."""
+    return gateway_any

@@ -23,69 +23,87 @@ def msg(log: SqliteChatLog, cid: str, text: str, **kw: object):
     return asyncio.run(log.append(cid, **args))  # type: ignore[arg-type]
 
 
-def test_seq_is_gap_free_per_conversation(tmp_path):
-    log = SqliteChatLog(tmp_path / "c.sqlite3")
+async def amsg(log: ChatLog, cid: str, text: str, **kw: object):
+    args = dict(kind="message", sender="customer", author=None, text=text, visibility="all")
+    args.update(kw)
+    return await log.append(cid, **args)  # type: ignore[arg-type]
+
+
+async def seqs(log: ChatLog, cid: str, after: int = 0) -> list[int]:
+    return [e.seq for e in await log.read(cid, after)]
+
+
+async def test_seq_is_gap_free_per_conversation(make_log):
+    log = make_log()
     assert isinstance(log, ChatLog)
     for i in range(5):
-        msg(log, "a", f"a{i}")
-        msg(log, "b", f"b{i}")
-    assert [e.seq for e in log.read_sync("a", 0)] == [1, 2, 3, 4, 5]
-    assert [e.text for e in log.read_sync("b", 3)] == ["b3", "b4"]
-    assert log.head_sync("a") == 5 and log.head_sync("zzz") == 0
-    assert log.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert log.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        await amsg(log, "a", f"a{i}")
+        await amsg(log, "b", f"b{i}")
+    assert await seqs(log, "a") == [1, 2, 3, 4, 5]
+    assert [e.text for e in await log.read("b", 3)] == ["b3", "b4"]
+    assert await log.head("a") == 5 and await log.head("zzz") == 0
+    if isinstance(log, SqliteChatLog):
+        assert log.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert log.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    await log.close()
 
 
-def test_idempotent_client_id(tmp_path):
-    log = SqliteChatLog(tmp_path / "c.sqlite3")
-    first, created = msg(log, "a", "hello", client_id="up-1")
-    again, created2 = msg(log, "a", "hello (retry)", client_id="up-1")
-    other, created3 = msg(log, "b", "hello", client_id="up-1")  # another conversation
+async def test_idempotent_client_id(make_log):
+    log = make_log()
+    first, created = await amsg(log, "a", "hello", client_id="up-1")
+    again, created2 = await amsg(log, "a", "hello (retry)", client_id="up-1")
+    other, created3 = await amsg(log, "b", "hello", client_id="up-1")  # another conversation
     assert created and not created2 and created3
     assert again == first and other.seq == 1
-    assert log.head_sync("a") == 1
+    assert await log.head("a") == 1
+    assert await log.get_by_client_id("a", "up-1") == first
+    assert await log.get_by_client_id("a", "nope") is None
+    await log.close()
 
 
-def test_history_and_seq_survive_restart(tmp_path):
-    path = tmp_path / "c.sqlite3"
-    log = SqliteChatLog(path)
+async def test_history_and_seq_survive_restart(make_log):
+    log = make_log("c")
     for i in range(3):
-        msg(log, "a", f"m{i}", client_id=f"c{i}")
-    asyncio.run(log.close())
-    log2 = SqliteChatLog(path)
-    assert [e.text for e in log2.read_sync("a", 0)] == ["m0", "m1", "m2"]
-    e, created = msg(log2, "a", "m3")
+        await amsg(log, "a", f"m{i}", client_id=f"c{i}")
+    await log.close()
+    log2 = make_log("c")
+    assert [e.text for e in await log2.read("a", 0)] == ["m0", "m1", "m2"]
+    e, created = await amsg(log2, "a", "m3")
     assert created and e.seq == 4
-    assert msg(log2, "a", "dup", client_id="c1")[0].seq == 2
+    assert (await amsg(log2, "a", "dup", client_id="c1"))[0].seq == 2
+    await log2.close()
 
 
-def test_trim_keeps_head_and_low_water(tmp_path):
-    log = SqliteChatLog(tmp_path / "c.sqlite3")
+async def test_trim_keeps_head_and_low_water(make_log):
+    log = make_log()
     for i in range(10):
-        msg(log, "a", f"m{i}")
-    assert asyncio.run(log.trim("a", 4)) == 3
-    assert log.low_water_sync("a") == 4
-    assert [e.seq for e in log.read_sync("a", 0)][:2] == [4, 5]
-    asyncio.run(log.trim("a", 100))  # trimming past the head keeps the head
-    assert log.read_sync("a", 0) == [] and log.head_sync("a") == 10
-    assert log.low_water_sync("a") == 11
-    assert msg(log, "a", "next")[0].seq == 11
+        await amsg(log, "a", f"m{i}")
+    assert await log.low_water("a") == 1
+    assert await log.trim("a", 4) == 3
+    assert await log.low_water("a") == 4
+    assert (await seqs(log, "a"))[:2] == [4, 5]
+    await log.trim("a", 100)  # trimming past the head keeps the head
+    assert await log.read("a", 0) == [] and await log.head("a") == 10
+    assert await log.low_water("a") == 11
+    assert (await amsg(log, "a", "next"))[0].seq == 11
+    await log.close()
 
 
-def test_unknown_kind_refused(tmp_path):
-    log = SqliteChatLog(tmp_path / "c.sqlite3")
+async def test_unknown_kind_refused(make_log):
+    log = make_log()
     with pytest.raises(ValueError):
-        msg(log, "a", "x", kind="shout")
-    assert log.head_sync("a") == 0
+        await amsg(log, "a", "x", kind="shout")
+    assert await log.head("a") == 0
+    await log.close()
 
 
-def service(tmp_path, **over: object) -> ChatService:
-    settings = Settings(data_dir=str(tmp_path)).with_overrides(**over)
-    return ChatService(settings, SqliteChatLog(settings.chat_path), ChatHub(settings.chat_reader_cap))
+def service(make_log, **over: object) -> ChatService:
+    settings = Settings().with_overrides(**over)
+    return ChatService(settings, make_log(), ChatHub(settings.chat_reader_cap))
 
 
-async def test_post_validation_and_whisper_visibility(tmp_path):
-    chat = service(tmp_path, max_message_chars=10)
+async def test_post_validation_and_whisper_visibility(make_log):
+    chat = service(make_log, max_message_chars=10)
     with pytest.raises(GatewayError) as e:
         await chat.post("c", kind="message", sender="agent", author="alice", text="x" * 11, visibility="all")
     assert (e.value.status, e.value.code) == (413, "message_too_long")
@@ -98,10 +116,10 @@ async def test_post_validation_and_whisper_visibility(tmp_path):
     await chat.close()
 
 
-async def test_rate_limit_per_author(tmp_path):
+async def test_rate_limit_per_author(make_log):
     t = [0.0]
-    settings = Settings(data_dir=str(tmp_path), chat_rate_per_second=2.0)
-    chat = ChatService(settings, SqliteChatLog(settings.chat_path), clock=lambda: t[0])
+    settings = Settings(chat_rate_per_second=2.0)
+    chat = ChatService(settings, make_log(), clock=lambda: t[0])
 
     async def post(author: str, client_id: str | None = None):
         return await chat.post(
@@ -122,8 +140,8 @@ async def test_rate_limit_per_author(tmp_path):
     await chat.close()
 
 
-async def test_end_reaches_subscribers_and_late_subscribers(tmp_path):
-    chat = service(tmp_path)
+async def test_end_reaches_subscribers_and_late_subscribers(make_log):
+    chat = service(make_log)
     woke: list[int] = []
     sub = chat.subscribe("c", lambda: woke.append(1))
     await chat.post("c", kind="message", sender="customer", author=None, text="hi", visibility="all")
@@ -165,6 +183,14 @@ async def test_concurrent_posts_stay_ordered(tmp_path, writer_thread):
     settings = Settings(data_dir=str(tmp_path), chat_rate_per_second=0)
     chat = ChatService(settings, SqliteChatLog(settings.chat_path, writer_thread=writer_thread))
     assert (chat.log._writer is not None) == writer_thread  # type: ignore[attr-defined]
+    await concurrent_posts_stay_ordered(chat)
+
+
+async def test_concurrent_posts_stay_ordered_any_log(make_log):
+    await concurrent_posts_stay_ordered(ChatService(Settings(chat_rate_per_second=0), make_log()))
+
+
+async def concurrent_posts_stay_ordered(chat: ChatService) -> None:
     seen: dict[str, list[int]] = {f"c{i}": [] for i in range(5)}
     subs = {cid: chat.subscribe(cid, lambda: None) for cid in seen}
 

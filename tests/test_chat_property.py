@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from typing import Any
 
@@ -19,10 +20,13 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.redis_server import RedisServer
 from gateway.api.chat_ws import serve_chat_stream
-from gateway.chat.log import SqliteChatLog
+from gateway.chat.log import ChatLog, SqliteChatLog
 from gateway.chat.service import ChatService, visible
 from gateway.config import Settings
+from gateway.shared.chat_log import RedisChatLog
+from gateway.shared.connection import SharedState
 
 pytestmark = pytest.mark.api
 
@@ -82,9 +86,12 @@ class ViewClient:
         await self.task
 
 
-async def scenario(ops: list[tuple[str, str, bool]]) -> None:
+async def scenario(ops: list[tuple[str, str, bool]], redis_url: str | None = None) -> None:
+    """One example, on a SQLite log in memory or (``redis_url``) on fresh keys in Redis."""
     s = Settings(chat_rate_per_second=0, chat_reader_cap=64)
-    chat = ChatService(s, SqliteChatLog(":memory:"))
+    shared = SharedState(redis_url, prefix=f"prop{secrets.token_hex(4)}:") if redis_url else None
+    log: ChatLog = RedisChatLog(shared) if shared is not None else SqliteChatLog(":memory:")
+    chat = ChatService(s, log)
     app = web.Application()
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -142,9 +149,12 @@ async def scenario(ops: list[tuple[str, str, bool]]) -> None:
     finally:
         await srv.close()
         await chat.log.close()
+        if shared is not None:
+            await shared.close()
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, max_size=30))
-def test_views_are_exact_and_customer_never_sees_a_whisper(ops):
-    asyncio.run(scenario(ops))
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_views_are_exact_and_customer_never_sees_a_whisper(redis_server: RedisServer, backend: str, ops):
+    asyncio.run(scenario(ops, redis_server.url if backend == "redis" else None))

@@ -12,7 +12,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.api.chat_ws import serve_chat_stream
 from gateway.chat.hub import ChatHub
-from gateway.chat.log import SqliteChatLog
+from gateway.chat.log import ChatLog
 from gateway.chat.service import ChatService
 from gateway.config import Settings
 
@@ -79,14 +79,15 @@ def make_app(chat: ChatService, *, heartbeat: float = 30.0, sndbuf: int | None =
     return app
 
 
-def make_chat(path: Any, **over: Any) -> ChatService:
-    settings = Settings(data_dir=str(path), chat_rate_per_second=0).with_overrides(**over)
-    return ChatService(settings, SqliteChatLog(settings.chat_path), ChatHub(settings.chat_reader_cap))
+def make_chat(make_log: Callable[[str], ChatLog], **over: Any) -> ChatService:
+    """A chat service on a SQLite or a Redis log (``make_log``: every test here runs on both)."""
+    settings = Settings(chat_rate_per_second=0).with_overrides(**over)
+    return ChatService(settings, make_log("chat"), ChatHub(settings.chat_reader_cap))
 
 
 @pytest.fixture
-async def chat(tmp_path) -> AsyncIterator[ChatService]:
-    service = make_chat(tmp_path)
+async def chat(make_log) -> AsyncIterator[ChatService]:
+    service = make_chat(make_log)
     yield service
     await service.close()
 
@@ -215,8 +216,8 @@ async def test_replay_live_drop_and_resume_exactly_once(chat, server, session):
     assert chat.hub.subscribers() == 0
 
 
-async def test_restart_new_process_same_file_resumes(tmp_path, session):
-    chat = make_chat(tmp_path)
+async def test_restart_new_process_same_file_resumes(make_log, session):
+    chat = make_chat(make_log)
     srv = TestServer(make_app(chat), host="127.0.0.1", port=0)
     await srv.start_server()
     client = ResumingClient(session, str(srv.make_url("/v1/conversations/c1/chat?view=customer")))
@@ -228,7 +229,7 @@ async def test_restart_new_process_same_file_resumes(tmp_path, session):
     assert await client.read_until_closed() == 1001
     await chat.close()
 
-    chat2 = make_chat(tmp_path)  # new log on the same file, new service, new server
+    chat2 = make_chat(make_log)  # new log on the same file (keys), new service, new server
     srv2 = TestServer(make_app(chat2), host="127.0.0.1", port=0)
     await srv2.start_server()
     client.url = str(srv2.make_url("/v1/conversations/c1/chat?view=customer"))
@@ -290,8 +291,8 @@ async def test_views_whisper_barge_system_and_monitor_marks(chat, server, sessio
     assert [f.get("seq") for f in frames] == [5, 6, None] and frames[-1]["reason"] == "agent_left"
 
 
-async def test_heartbeat_gap_and_final_reason(tmp_path, session):
-    chat = make_chat(tmp_path)
+async def test_heartbeat_gap_and_final_reason(make_log, session):
+    chat = make_chat(make_log)
     app = make_app(chat, heartbeat=0.1)
 
     async def over(request: web.Request) -> web.StreamResponse:
@@ -384,9 +385,9 @@ def small_rcvbuf_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=factory))
 
 
-async def test_slow_reader_is_bounded_cut_off_and_resumes_without_loss(tmp_path, session):
+async def test_slow_reader_is_bounded_cut_off_and_resumes_without_loss(make_log, session):
     cap = 32
-    chat = make_chat(tmp_path, chat_reader_cap=cap)
+    chat = make_chat(make_log, chat_reader_cap=cap)
     srv = TestServer(make_app(chat, sndbuf=4096), host="127.0.0.1", port=0)
     await srv.start_server()
     url = str(srv.make_url("/v1/conversations/c1/chat?view=monitor"))

@@ -12,6 +12,7 @@ from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
+from gateway.shared.connection import SharedState
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", EventBus)
@@ -34,3 +35,5 @@ SIP = web.AppKey("sip", SipPlane)
 MEDIA = web.AppKey("media", WebRtcPlane)
 #: WebRTC listeners by monitor id, then session id (``gateway.media.whep.WhepSession``).
 WHEP = web.AppKey("whep", Listeners)
+#: The instance's Redis connection (``gateway.shared``), present only with ``GATEWAY_REDIS_URL``.
+SHARED = web.AppKey("shared", SharedState)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.api.context import METRICS
+from gateway.api.context import METRICS, SERVICE
 from gateway.errors import CODE_OF_STATUS, ERRORS, ErrorCode, GatewayError, http_status
 
 log = logging.getLogger(__name__)
@@ -63,4 +63,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = error_response(500, ErrorCode.INTERNAL_ERROR.value, ERRORS[ErrorCode.INTERNAL_ERROR].message)
     metrics.requests.labels(route=route, status=str(response.status)).inc()
     metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+    return response
+
+
+@web.middleware
+async def state_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a shared store (Redis): an API request is refused at once with 503
+    ``state_unavailable`` while the store can not answer truthfully, and its answer waits until
+    what it changed is in the shared store (so no answer gets ahead of what other instances see)."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    service = request.app[SERVICE]
+    service.check_state()
+    response = await handler(request)
+    if not isinstance(response, web.WebSocketResponse):
+        await service.committed()
     return response

@@ -65,7 +65,8 @@ class Operation:
 
 # ---------------------------------------------------------------------------- refusal sets
 
-_AUTH = (E.INVALID_TOKEN, E.FORBIDDEN, E.IDENTITY_UNAVAILABLE)
+#: Every `/v1/` route: authentication, and (with a shared store) whether Redis answers.
+_AUTH = (E.INVALID_TOKEN, E.FORBIDDEN, E.IDENTITY_UNAVAILABLE, E.STATE_UNAVAILABLE)
 _JSON = (E.BODY_TOO_LARGE, E.UNSUPPORTED_MEDIA_TYPE, E.MALFORMED_JSON, E.INVALID_BODY, E.MISSING_FIELD, E.INVALID_FIELD)
 _REQUIRED_JSON = (E.EMPTY_BODY, *_JSON)
 _CID = (E.INVALID_CONVERSATION_ID,)

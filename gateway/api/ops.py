@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api.context import JWKS, METRICS, RUNTIME, SETTINGS, SIP
+from gateway.api.context import JWKS, METRICS, RUNTIME, SETTINGS, SHARED, SIP
 from gateway.api.openapi import openapi_document
 
 routes = web.RouteTableDef()
@@ -18,7 +18,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Ready for traffic: SIP workers up, identity keys loaded, not draining."""
+    """Ready for traffic: SIP workers up, identity keys loaded, shared state reachable, not draining."""
     checks: dict[str, bool] = {"not_draining": not request.app[RUNTIME].draining}
     jwks = request.app[JWKS]
     if not jwks.loaded:
@@ -27,6 +27,9 @@ async def readyz(request: web.Request) -> web.Response:
     sip = request.app.get(SIP)
     if sip is not None:
         checks["sip_workers"] = bool(sip.ready)
+    shared = request.app.get(SHARED)
+    if shared is not None:
+        checks["shared_state"] = shared.available
     ready = all(checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not_ready", "checks": checks}, status=200 if ready else 503

@@ -114,6 +114,9 @@ class ChatHub:
         self.cap = cap
         self._subs: dict[str, set[Subscription]] = {}
         self.overflows = 0
+        #: Sends each stored entry to the other instances' hubs (set when the log is shared,
+        #: ``gateway.shared.events``); they hand it to :meth:`deliver`.
+        self.forward: Callable[[ChatEntry], None] | None = None
 
     def subscribe(
         self,
@@ -127,6 +130,14 @@ class ChatHub:
         return sub
 
     def publish(self, entry: ChatEntry) -> None:
+        """An entry was stored here: to this instance's streams, and to the others'."""
+        if self.forward is not None:
+            self.forward(entry)
+        self.deliver(entry)
+
+    def deliver(self, entry: ChatEntry) -> None:
+        """Wake this instance's streams of the entry's conversation (entries from another
+        instance may arrive out of order: a stream fills a hole from the log)."""
         subs = self._subs.get(entry.conversation)
         if not subs:
             return

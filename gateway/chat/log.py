@@ -99,6 +99,10 @@ class ChatLog(Protocol):
         """The highest seq ever assigned in the conversation (0: none)."""
         ...
 
+    async def read_window(self, conversation: str, after: int, limit: int = 500) -> tuple[int, list[ChatEntry]]:
+        """``(low_water, read(after, limit))`` in one step (one round trip for a remote log)."""
+        ...
+
     async def low_water(self, conversation: str) -> int:
         """The lowest seq still stored (entries below it were trimmed); 1 when never trimmed."""
         ...
@@ -491,6 +495,9 @@ class SqliteChatLog:
 
     async def low_water(self, conversation: str) -> int:
         return self.low_water_sync(conversation)
+
+    async def read_window(self, conversation: str, after: int, limit: int = 500) -> tuple[int, list[ChatEntry]]:
+        return self.low_water_sync(conversation), self.read_sync(conversation, after, limit)
 
     async def trim(self, conversation: str, below: int) -> int:
         target: asyncio.Future[int] = asyncio.get_running_loop().create_future()

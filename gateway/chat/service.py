@@ -154,12 +154,10 @@ class ChatService:
     async def read(self, cid: str, after: int, limit: int = 500) -> tuple[tuple[int, int] | None, list[ChatEntry]]:
         """``(gap, entries)``: entries after ``after``; ``gap=(from, to)`` when the entries
         right after ``after`` were trimmed away."""
-        low = await self.log.low_water(cid)
-        gap = None
-        if after + 1 < low:
-            gap = (after + 1, low - 1)
-            after = low - 1
-        return gap, await self.log.read(cid, after, limit)
+        # entries below the low water are gone, so reading after ``after`` starts at the low water
+        low, entries = await self.log.read_window(cid, after, limit)
+        gap = (after + 1, low - 1) if after + 1 < low else None
+        return gap, entries
 
     async def head(self, cid: str) -> int:
         return await self.log.head(cid)

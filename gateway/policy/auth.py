@@ -20,7 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
@@ -229,14 +229,53 @@ class Directory:
         return team
 
 
+#: A login session's (roles, teams) as resolved at its first request.
+Rights = tuple[frozenset[str], frozenset[str]]
+
+
+class SessionRights(Protocol):
+    """Where the rights of each login session are kept (R2): in this process
+    (:class:`MemorySessionRights`) or shared by every instance and across restarts
+    (``gateway.shared.sessions.RedisSessionRights``)."""
+
+    async def get(self, key: str) -> Rights | None: ...
+
+    async def put_first(self, key: str, rights: Rights) -> Rights:
+        """Keep ``rights`` for ``key`` unless some were kept already; answer the kept ones
+        (two instances resolving one new session at once agree on the first)."""
+        ...
+
+
+class MemorySessionRights:
+    """The most recent ``max_sessions`` sessions, in this process (a restart re-resolves)."""
+
+    def __init__(self, max_sessions: int = 50_000) -> None:
+        self._sessions: OrderedDict[str, Rights] = OrderedDict()
+        self._max_sessions = max_sessions
+
+    def cached(self, key: str) -> Rights | None:
+        rights = self._sessions.get(key)
+        if rights is not None:
+            self._sessions.move_to_end(key)
+        return rights
+
+    async def get(self, key: str) -> Rights | None:
+        return self.cached(key)
+
+    async def put_first(self, key: str, rights: Rights) -> Rights:
+        kept = self._sessions.setdefault(key, rights)
+        if len(self._sessions) > self._max_sessions:
+            self._sessions.popitem(last=False)
+        return kept
+
+
 class Authenticator:
     """Turns a bearer token into a :class:`Principal`, with teams cached per login session."""
 
-    def __init__(self, validator: TokenValidator, directory: Directory, max_sessions: int = 50_000) -> None:
+    def __init__(self, validator: TokenValidator, directory: Directory, rights: SessionRights | None = None) -> None:
         self._validator = validator
         self._directory = directory
-        self._sessions: OrderedDict[str, tuple[frozenset[str], frozenset[str]]] = OrderedDict()
-        self._max_sessions = max_sessions
+        self._rights = rights if rights is not None else MemorySessionRights()
 
     async def authenticate(self, token: str) -> Principal:
         claims = await self._validator.validate(token)
@@ -262,12 +301,8 @@ class Authenticator:
     ) -> tuple[frozenset[str], frozenset[str]]:
         """Roles and teams as they were at the first request of this login session (R2): a
         token refreshed within the session keeps them even if Keycloak changed since."""
-        cached = self._sessions.get(key)
+        cached = await self._rights.get(key)
         if cached is not None:
-            self._sessions.move_to_end(key)
             return cached
         teams = await self._directory.supervisor_teams(username) if "supervisor" in roles else frozenset()
-        self._sessions[key] = (roles, teams)
-        if len(self._sessions) > self._max_sessions:
-            self._sessions.popitem(last=False)
-        return roles, teams
+        return await self._rights.put_first(key, (roles, teams))

@@ -23,6 +23,7 @@ const GATEWAY_ERRORS = {
   monitor_rate_limited: "You started monitoring too often in a short time. Please wait a moment.",
   message_too_long: "That message is too long.",
   identity_unavailable: "The identity service is not answering. Try again shortly.",
+  state_unavailable: "The gateway cannot reach its shared state. Try again shortly.",
 };
 
 /** Codes of the identity provider (OAuth 2.0 errors) and of the console itself. */
