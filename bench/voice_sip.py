@@ -224,7 +224,10 @@ def gateway_defaults(python: str, root: Path) -> GatewayDefaults:
         "s = S.from_env()\n"
         "try:\n    import pjsua2; v = pjsua2.Endpoint().libVersion().full\n"
         "except Exception:\n    v = '?'\n"
-        "print(s.sip_workers, s.calls_per_worker, s.sip_reserve_phone_slot, v)"
+        "try:\n    import pjsua2; built = getattr(pjsua2, 'MAX_CALLS', 4)\n"
+        "except Exception:\n    built = 4\n"
+        # calls_per_worker 0 means: as many as the worker's pjsua2 build holds
+        "print(s.sip_workers, s.calls_per_worker or built, s.sip_reserve_phone_slot, v)"
     )
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([python, "-c", code], env=env, cwd=root, capture_output=True, text=True)
