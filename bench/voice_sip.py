@@ -271,8 +271,10 @@ async def gateway_step(workload: str, n: int, opts: Options, tmp: Path) -> dict[
         "GATEWAY_RTP_PORT_BASE": str(rtp_base),
         "GATEWAY_SIP_WORKER_READY_TIMEOUT": "300",
         "GATEWAY_SIP_MEDIA_TIMEOUT": "120",
-        # One bench process plays every platform: the per-source INVITE rate limit is off.
+        # One bench process plays every platform and one supervisor: the per-source INVITE
+        # limit is off and the supervisor may open every monitor at once.
         "GATEWAY_SIP_INVITE_RATE": "0",
+        "GATEWAY_MONITOR_START_BURST": "100000",
         "GATEWAY_DRAIN_SECONDS": "2",
         "GATEWAY_LOG_LEVEL": "WARNING",
     }
