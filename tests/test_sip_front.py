@@ -655,3 +655,42 @@ async def wait_for_connections(rig: Rig, n: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the front did not see the connection")
+
+
+async def test_refusals_of_the_front_are_logged_once_per_source_per_second(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13 (visibility): a refusal the front answers itself is one JSON line with the reason,
+    status, Call-ID and conversation id; a flood from one source logs one line a second and counts
+    the rest; the whole message is never logged."""
+    caplog.set_level("INFO", logger="gateway.sip.front")
+    p = rig.platform
+    bad = p.invite(rig.port, method="OPTIONS", headers={"X-Conversation-ID": "c-log"})[0]
+    bad = bad.replace(b"OPTIONS sip:", b"OPTIONS tel:", 1)
+    call_id = response_header(bad.decode(), "call-id")[0]
+    assert (await p.request(bad, rig.port))[0] == 416
+    [rec] = [r for r in caplog.records if getattr(r, "status", None) == 416]
+    assert rec.levelname == "INFO" and rec.call_id == call_id and rec.conversation == "c-log"  # type: ignore[attr-defined]
+    assert rec.reason == "unsupported URI scheme"  # type: ignore[attr-defined]
+    from gateway.logs import JsonFormatter
+
+    line = JsonFormatter().format(rec)
+    assert '"status": 416' in line and "c-log" in line and "Content-Length" not in line and "v=0" not in line
+    caplog.clear()
+    await asyncio.sleep(1.05)  # the 416's line opened this source's second
+    # A flood of refusals from one source (each a new transaction, so none is a cached answer).
+    for _ in range(200):
+        p.send(p.invite(rig.port, method="BYE")[0], rig.port)  # 481: BYE outside any dialog
+    while await p.recv(0.3) is not None:
+        pass
+    lines = [r for r in caplog.records if getattr(r, "status", None) == 481]
+    assert 1 <= len(lines) <= 2, len(lines)  # the flood took well under two seconds
+    assert rig.front.counts["refusal_logs_dropped"] >= 198 - len(lines)
+    # Another source is logged at once, even during the flood.
+    other = RawSip("127.0.0.2")
+    try:
+        assert (await other.request(other.invite(rig.port, method="BYE")[0], rig.port))[0] == 481
+    finally:
+        other.close()
+    sources = {getattr(r, "source", "").split(":")[0] for r in caplog.records if getattr(r, "status", None) == 481}
+    assert sources == {"127.0.0.1", "127.0.0.2"}

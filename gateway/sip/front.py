@@ -73,6 +73,9 @@ _PARTIAL_SECONDS = 30.0  # a TCP message must arrive whole within this long
 _WILDCARD = {"", "0.0.0.0", "::"}
 _LOOSE_VIA = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*\S+\s+\S")
 _ACCEPT = ("Accept", "application/sdp, multipart/mixed")
+#: One refusal log line per source address per this many seconds (a flood costs a dict lookup).
+_REFUSAL_LOG_SECONDS = 1.0
+_LOGGED_CHARS = 200  # of any value taken from a message into a log line
 _CLEN = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\S*)[ \t]*$", re.I | re.M)
 
 
@@ -161,7 +164,11 @@ class SipFront:
         self._local_for: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # resolutions and outgoing connections in flight
         # the plane's front_* stats
-        self.counts = {"malformed": 0, "invites": 0, "rejected": 0, "forwarded": 0, "rate_limited": 0}
+        self.counts = {
+            "malformed": 0, "invites": 0, "rejected": 0, "forwarded": 0, "rate_limited": 0, "refusal_logs_dropped": 0,
+        }  # fmt: skip
+        #: source address → (monotonic second of its last refusal log line, lines dropped since)
+        self._refusal_logged: dict[str, tuple[float, int]] = {}
         self._last_sweep = time.monotonic()
 
     # --- transports ------------------------------------------------------------------------
@@ -308,6 +315,7 @@ class SipFront:
         self.tcp_requests = {k: v for k, v in self.tcp_requests.items() if v[1] > now and not v[0].closed}
         self.dialog_connections = {k: c for k, c in self.dialog_connections.items() if not c.closed}
         self.limit.sweep(now)
+        self._refusal_logged = {k: v for k, v in self._refusal_logged.items() if now - v[0] < _REFUSAL_LOG_SECONDS}
         for conn in [c for c in self.connections if c.partial_since and now - c.partial_since > _PARTIAL_SECONDS]:
             conn.close()  # a message that never completes (slow loris) holds no connection slot
 
@@ -322,19 +330,19 @@ class SipFront:
             self._send(cached[0], peer)
             return
         if msg.version != "SIP/2.0":
-            self._final(msg, peer, 505, None, [])
+            self._refuse(msg, peer, 505, "unsupported SIP version")
             return
         defect = msg.defect or ("bad Via" if any(parse_via(v) is None for v in values(msg, "via")) else "")
         if defect:
             self.counts["malformed"] += 1
-            self._final(msg, peer, 400, defect, [])
+            self._refuse(msg, peer, 400, defect, reason_phrase=defect)
             return
         if uri_scheme(msg.uri or "") != "sip":
-            self._final(msg, peer, 416, None, [])
+            self._refuse(msg, peer, 416, "unsupported URI scheme")
             return
         unsupported = [t for t in msg.tags("proxy-require") if t not in SUPPORTED_OPTIONS]
         if method != "CANCEL" and unsupported:
-            self._final(msg, peer, 420, None, [("Unsupported", ", ".join(unsupported))])
+            self._refuse(msg, peer, 420, "unsupported Proxy-Require", [("Unsupported", ", ".join(unsupported))])
             return
         if method == "CANCEL":
             self._cancel(msg, peer)
@@ -344,12 +352,12 @@ class SipFront:
             return
         self._pop_my_routes(msg)  # an initial request may name us in a pre-loaded Route
         if values(msg, "route"):
-            self._final(msg, peer, 403, "No Relay", [])
+            self._refuse(msg, peer, 403, "No Relay", reason_phrase="No Relay")
             return
         if method in ("INVITE", "OPTIONS"):
             unsupported = [t for t in msg.tags("require") if t not in SUPPORTED_OPTIONS]
             if unsupported:
-                self._final(msg, peer, 420, None, [("Unsupported", ", ".join(unsupported))])
+                self._refuse(msg, peer, 420, "unsupported Require", [("Unsupported", ", ".join(unsupported))])
                 return
         if method == "INVITE":
             self._invite(msg, peer, now)
@@ -361,11 +369,11 @@ class SipFront:
                 extra.append(("Retry-After", "5"))
             self._final(msg, peer, 200 if ok else 503, None, extra)
         elif method == "BYE":
-            self._final(msg, peer, 481, None, [])
+            self._refuse(msg, peer, 481, "BYE outside any dialog")
         elif method in _KNOWN:
-            self._final(msg, peer, 405, None, [("Allow", _ALLOW)])
+            self._refuse(msg, peer, 405, "method not allowed", [("Allow", _ALLOW)])
         else:
-            self._final(msg, peer, 501, None, [("Allow", _ALLOW)])
+            self._refuse(msg, peer, 501, "unknown method", [("Allow", _ALLOW)])
 
     def _invite(self, msg: SipMessage, peer: Peer, now: float) -> None:
         """A new INVITE from outside: forwarded again if retransmitted, else rate-limited and decided."""
@@ -376,16 +384,17 @@ class SipFront:
         contacts = values(msg, "contact")  # none is RFC 2543 (RFC 4475 §3.4); pjsua says 500 to a bad one
         if len(contacts) > 1 or contacts and parse_uri(contacts[0]) is None:
             self.counts["malformed"] += 1
-            self._final(msg, peer, 400, "Contact must be one SIP URI", [])
+            self._refuse(msg, peer, 400, "Contact must be one SIP URI", reason_phrase="Contact must be one SIP URI")
             return
         mf = (msg.get("max-forwards") or "70").strip()
         if mf.isdigit() and int(mf) == 0:
-            self._final(msg, peer, 483, None, [])  # it could not go on to a worker: decide nothing
+            self._refuse(msg, peer, 483, "Max-Forwards is 0")  # it could not go on to a worker: decide nothing
             return
         wait = self.limit.wait(peer.addr[0], now)
         if wait > 0:
             # Answered once, not cached nor retransmitted: a flood must not make us work for it.
             self.counts["rate_limited"] += 1
+            self._log_refusal(msg, peer, 503, "INVITE rate limit", now)
             extra = [("Retry-After", RateLimit.retry_after(wait))]
             self._send(build_response(msg, 503, "Rate Limited", extra, to_tag=uuid.uuid4().hex[:10]), peer)
             return
@@ -434,7 +443,7 @@ class SipFront:
         elif (msg.call_id, msg.branch, "INVITE") in self.answered:
             self._final(msg, peer, 200, None, [])  # the INVITE was already answered: no effect
         else:
-            self._final(msg, peer, 481, None, [])
+            self._refuse(msg, peer, 481, "CANCEL matches no transaction")
 
     def _routes_to_me(self, msg: SipMessage) -> bool:
         routes = values(msg, "route")
@@ -458,7 +467,8 @@ class SipFront:
         target = parse_uri(msg.uri or "")
         if values(msg, "route") or not self._is_worker_uri(target):
             if msg.method != "ACK":
-                self._final(msg, peer, 481 if msg.to_tag else 404, None, [])
+                status = 481 if msg.to_tag else 404
+                self._refuse(msg, peer, status, "in-dialog request for no dialog of a worker")
             return
         assert target is not None
         if peer.conn is not None:
@@ -501,6 +511,7 @@ class SipFront:
         hops = int(mf) if mf is not None and mf.strip().isdigit() else 70
         if hops <= 0:
             if msg.method != "ACK":
+                self._log_refusal(msg, source, 483, "Max-Forwards is 0", time.monotonic())
                 self._send(build_response(msg, 483), source)
             return None
         msg.headers = [(k, v) for k, v in msg.headers if k != "max-forwards"]
@@ -549,6 +560,46 @@ class SipFront:
         elif nxt.reply_to in self.workers():  # toward the worker that sent the request
             self._send(data, Peer(nxt.reply_to))
 
+    def _refuse(
+        self,
+        msg: SipMessage,
+        peer: Peer,
+        status: int,
+        why: str,
+        extra: list[tuple[str, str]] | None = None,
+        *,
+        reason_phrase: str | None = None,
+    ) -> None:
+        """A refusal the front answers before the plane is asked: logged, then answered."""
+        self._log_refusal(msg, peer, status, why, time.monotonic())
+        self._final(msg, peer, status, reason_phrase, extra or [])
+
+    def _log_refusal(self, msg: SipMessage, peer: Peer, status: int, why: str, now: float) -> None:
+        """One JSON line per source address per second (a flood costs a dict lookup and a count;
+        the next line says how many were left out). Never the whole message."""
+        source = peer.addr[0]
+        last, dropped = self._refusal_logged.get(source, (0.0, 0))
+        if now - last < _REFUSAL_LOG_SECONDS:
+            self._refusal_logged[source] = (last, dropped + 1)
+            self.counts["refusal_logs_dropped"] += 1
+            return
+        self._refusal_logged[source] = (now, 0)
+        cid = (msg.get("x-conversation-id") or "").strip()[:_LOGGED_CHARS] or None
+        log.info(
+            "sip front: %s refused %d: %s",
+            (msg.method or "?")[:_LOGGED_CHARS],
+            status,
+            why[:_LOGGED_CHARS],
+            extra={
+                "status": status,
+                "reason": why[:_LOGGED_CHARS],
+                "call_id": msg.call_id[:_LOGGED_CHARS],
+                "conversation": cid,
+                "source": f"{source}:{peer.addr[1]}/{peer.transport}",
+                "suppressed": dropped or None,
+            },
+        )
+
     def _final(
         self, msg: SipMessage, peer: Peer, status: int, reason: str | None, extra: list[tuple[str, str]]
     ) -> None:
@@ -581,6 +632,7 @@ class SipFront:
         except SipParseError:
             return
         if msg.is_request and msg.method != "ACK":
+            self._log_refusal(msg, peer, 413, "message too large", time.monotonic())
             self._send(build_response(msg, 413), peer)
 
 

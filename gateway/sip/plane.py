@@ -354,6 +354,7 @@ class SipPlane:
             "front_malformed": float(self.front.counts["malformed"] if self.front else 0),
             "front_forwarded": float(self.front.counts["forwarded"] if self.front else 0),
             "front_rate_limited": float(self.front.counts["rate_limited"] if self.front else 0),
+            "front_refusal_logs_dropped": float(self.front.counts["refusal_logs_dropped"] if self.front else 0),
         }
 
     def worker_pids(self) -> list[int]:
