@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -71,6 +72,7 @@ _ANSWERED_CAP = 20000  # cached answers kept for retransmissions, at most
 MAX_CONNECTIONS = 1000  # TCP connections at once; more are closed at once (file descriptors)
 _PARTIAL_SECONDS = 30.0  # a TCP message must arrive whole within this long
 _WILDCARD = {"", "0.0.0.0", "::"}
+_TLS_HANDSHAKE_SECONDS = 10.0
 _LOOSE_VIA = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*\S+\s+\S")
 _ACCEPT = ("Accept", "application/sdp, multipart/mixed")
 #: One refusal log line per source address per this many seconds (a flood costs a dict lookup).
@@ -120,7 +122,9 @@ class Peer:
 
     @property
     def transport(self) -> str:
-        return "TCP" if self.conn is not None else "UDP"
+        if self.conn is None:
+            return "UDP"
+        return "TLS" if self.conn.tls else "TCP"
 
 
 @dataclass
@@ -144,12 +148,17 @@ class SipFront:
         self.options_ok = options_ok
         self.workers = workers
         self.port = settings.sip_port
+        self.tls_port = settings.sip_tls_port
+        self.server_tls = server_tls_context(settings) if settings.sip_tls_port else None
+        #: TLS toward platforms and ``sips:`` phones: their certificate and host name are verified.
+        self.client_tls = ssl.create_default_context(cafile=settings.sip_tls_ca or None)
         self.bind_host = settings.sip_host
         self.inner_host = loopback_host(settings.sip_host)
         self.my_hosts = {self.inner_host, "127.0.0.1", "localhost", settings.sip_host} - _WILDCARD
         self.limit = RateLimit(settings.sip_invite_rate, settings.sip_invite_burst)
         self.udp: asyncio.DatagramTransport | None = None
         self.server: asyncio.Server | None = None
+        self.tls_server: asyncio.Server | None = None
         self.connections: set[SipConnection] = set()
         #: (call-id, branch, method) → (response, expires) for retransmitted requests
         self.answered: dict[tuple[str, str, str], tuple[bytes, float]] = {}
@@ -173,7 +182,8 @@ class SipFront:
 
     # --- transports ------------------------------------------------------------------------
     async def start(self) -> None:
-        """Listen on UDP and TCP ``sip_host:sip_port`` (``OSError`` if either is taken)."""
+        """Listen on UDP and TCP ``sip_host:sip_port``, and TLS on ``sip_tls_port`` when set
+        (``OSError`` if any is taken)."""
         loop = asyncio.get_running_loop()
         self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.bind_host, self.port))
         sock = self.udp.get_extra_info("socket")
@@ -186,6 +196,20 @@ class SipFront:
         except OSError:
             self.udp.close()
             raise
+        if self.server_tls is not None:
+            try:
+                self.tls_server = await loop.create_server(
+                    lambda: SipConnection(self, tls=True),
+                    self.bind_host,
+                    self.tls_port,
+                    ssl=self.server_tls,
+                    ssl_handshake_timeout=_TLS_HANDSHAKE_SECONDS,
+                    reuse_address=True,
+                )
+            except OSError:
+                self.udp.close()
+                self.server.close()
+                raise
 
     def close(self) -> None:
         for h in self.awaiting_ack.values():
@@ -195,6 +219,8 @@ class SipFront:
             self.udp.close()
         if self.server is not None:
             self.server.close()
+        if self.tls_server is not None:
+            self.tls_server.close()
         for conn in list(self.connections):
             conn.close()
         for task in self._tasks:
@@ -215,21 +241,22 @@ class SipFront:
             self.udp.sendto(data, peer.addr)
 
     def _send_outside(self, data: bytes, addr: tuple[str, int], transport: str, call_id: str = "") -> None:
-        """Send toward a platform or phone: UDP, or TCP on the dialog's connection, one to that
-        address, or a new one. Host names are resolved (A records; no SRV)."""
-        if transport != "TCP":
+        """Send toward a platform or phone: UDP, or TCP/TLS on the dialog's connection, one to
+        that address, or a new one. Host names are resolved (A records; no SRV)."""
+        if transport not in ("TCP", "TLS"):
             if _is_ip(addr[0]):
                 self._send(data, Peer(addr))
             else:
                 self._spawn(self._resolve_and_send(data, addr))
             return
+        tls = transport == "TLS"
         conn = self.dialog_connections.get(call_id)
-        if conn is None or conn.closed or conn.peer[0] != addr[0]:
-            conn = next((c for c in self.connections if c.peer == addr and not c.closed), None)
+        if conn is None or conn.closed or conn.peer[0] != addr[0] or conn.tls != tls:
+            conn = next((c for c in self.connections if c.peer == addr and c.tls == tls and not c.closed), None)
         if conn is not None:
             conn.write(data)
         else:
-            self._spawn(self._connect_and_send(data, addr))
+            self._spawn(self._connect_and_send(data, addr, tls))
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -244,12 +271,19 @@ class SipFront:
             return
         self._send(data, Peer((str(infos[0][4][0]), addr[1])))
 
-    async def _connect_and_send(self, data: bytes, addr: tuple[str, int]) -> None:
+    async def _connect_and_send(self, data: bytes, addr: tuple[str, int], tls: bool) -> None:
         loop = asyncio.get_running_loop()
+        kind = "TLS" if tls else "TCP"
+        context = self.client_tls if tls else None
         try:
-            _t, conn = await asyncio.wait_for(loop.create_connection(lambda: SipConnection(self), *addr), 5.0)
-        except (OSError, TimeoutError) as exc:
-            log.info("sip front: TCP connection to %s:%s failed: %s", addr[0], addr[1], exc)
+            _t, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: SipConnection(self, tls=tls), *addr, ssl=context, server_hostname=addr[0] if tls else None
+                ),
+                5.0,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.info("sip front: %s connection to %s:%s failed: %s", kind, addr[0], addr[1], exc)
             return
         conn.write(data)
 
@@ -258,7 +292,7 @@ class SipFront:
         return peer.conn is None and peer.addr in self.workers()
 
     def _is_me(self, host: str, port: int | None) -> bool:
-        return (port or 5060) == self.port and host.strip("[]").lower() in self.my_hosts
+        return (port or 5060) in (self.port, self.tls_port) and host.strip("[]").lower() in self.my_hosts
 
     def _is_worker_uri(self, uri: Uri | None) -> bool:
         if uri is None:
@@ -337,7 +371,8 @@ class SipFront:
             self.counts["malformed"] += 1
             self._refuse(msg, peer, 400, defect, reason_phrase=defect)
             return
-        if uri_scheme(msg.uri or "") != "sip":
+        scheme = uri_scheme(msg.uri or "")
+        if scheme != "sip" and not (scheme == "sips" and peer.transport == "TLS"):
             self._refuse(msg, peer, 416, "unsupported URI scheme")
             return
         unsupported = [t for t in msg.tags("proxy-require") if t not in SUPPORTED_OPTIONS]
@@ -489,8 +524,8 @@ class SipFront:
             if msg.method != "ACK":
                 self._send(build_response(msg, 482, "Loop Detected"), peer)
             return
-        named = target.params.get("transport")
-        transport = "TCP" if (named or hinted.lower()) == "tcp" else "UDP"
+        named = (target.params.get("transport") or hinted).upper()
+        transport = "TLS" if target.scheme == "sips" or named == "TLS" else "TCP" if named == "TCP" else "UDP"
         data = self._prepare(msg, peer, transport, addr, record_route=not msg.to_tag and msg.method == "INVITE")
         if data is not None:
             self._send_outside(data, addr, transport, msg.call_id)
@@ -524,12 +559,15 @@ class SipFront:
             via = top_via_value(top, source)
             push_header(msg, "via", via)
         out_host = self.inner_host if outside else self._outer_host(Peer(dest))
-        push_header(msg, "via", f"SIP/2.0/{transport} {out_host}:{self.port};branch={branch};rport")
+        out_port = self.tls_port if transport == "TLS" else self.port
+        push_header(msg, "via", f"SIP/2.0/{transport} {out_host}:{out_port};branch={branch};rport")
         if record_route:
             outer_peer = source if outside else Peer(dest)
-            outer = f"sip:{self._outer_host(outer_peer)}:{self.port};lr"
-            if (source.conn is not None) if outside else transport == "TCP":
-                outer = set_param(outer, "transport", "tcp")
+            outer_transport = source.transport if outside else transport
+            outer_port = self.tls_port if outer_transport == "TLS" else self.port
+            outer = f"sip:{self._outer_host(outer_peer)}:{outer_port};lr"
+            if outer_transport != "UDP":
+                outer = set_param(outer, "transport", outer_transport.lower())
             inner = f"sip:{self.inner_host}:{self.port};lr"
             # The side that gets the request uses the top entry first (RFC 5658 double record-route).
             first, second = (inner, outer) if outside else (outer, inner)
@@ -636,6 +674,15 @@ class SipFront:
             self._send(build_response(msg, 413), peer)
 
 
+def server_tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS listener's context: the system OpenSSL through :mod:`ssl`, TLS 1.2 or newer,
+    the gateway's certificate (chain) and key; clients are not asked for a certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.sip_tls_cert, settings.sip_tls_key)
+    return ctx
+
+
 def top_via_value(value: str, source: Peer) -> str:
     """The top Via of a request from ``source`` with ``received``/``rport`` filled in."""
     via = parse_via(value)
@@ -668,11 +715,13 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class SipConnection(asyncio.Protocol):
-    """One SIP-over-TCP connection (either direction): messages framed by Content-Length
-    (RFC 3261 §18.3), CRLF keep-alives answered (RFC 5626 §3.5.1)."""
+    """One SIP-over-TCP or SIP-over-TLS connection (either direction; asyncio's ssl layer
+    below): messages framed by Content-Length (RFC 3261 §18.3), CRLF keep-alives answered
+    (RFC 5626 §3.5.1)."""
 
-    def __init__(self, front: SipFront) -> None:
+    def __init__(self, front: SipFront, *, tls: bool = False) -> None:
         self.front = front
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.peer: tuple[str, int] = ("", 0)
