@@ -40,7 +40,8 @@ COPY scripts/check-pjsua2.py /tmp/
 RUN python /tmp/check-pjsua2.py && rm /tmp/check-pjsua2.py
 
 USER gateway
-EXPOSE 8080/tcp 5060/udp
+# SIP on UDP and TCP; 5061: SIP over TLS when GATEWAY_SIP_TLS_PORT=5061 (off by default).
+EXPOSE 8080/tcp 5060/udp 5060/tcp 5061/tcp
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)" || exit 1
 ENTRYPOINT ["python", "-m", "gateway"]

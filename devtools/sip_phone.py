@@ -1,12 +1,16 @@
 """A pjsua2 SIP phone that plays the supervisor: answers calls and records what it hears.
 
     python -m devtools.sip_phone --port 5090 --record out.wav [--tone 1500] [--hangup-after 5]
+        [--tls-port 5091 --tls-cert phone.pem --tls-key phone.key] [--srtp mandatory]
 
 It prints one line per event on stdout (``READY``, ``INCOMING <from>``,
 ``CONNECTED dir=<n> status=<n> remote=<the caller's RTP host:port>``, ``DISCONNECTED <code>``)
 so scripts and tests can follow it. The recording is a 8 kHz mono WAV
 (a second call in the same run records to ``out-2.wav`` and so on). ``--tone`` sends a sine
 tone toward the caller: the gateway must drop it (a silent monitor is receive-only).
+``--tls-port`` adds a SIP-over-TLS listener (call it as ``sips:supervisor@host:tls-port`` or
+``sip:...;transport=tls``); ``--srtp mandatory`` accepts only SRTP (SDES) calls (``CONNECTED``
+then carries ``srtp=1``).
 Runs in its own process (pjsua2 is a per-process singleton); stop it with SIGTERM or Ctrl-C.
 """
 
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pjsua2 as pj
+
+from devtools import pj_secure
 
 
 def say(line: str) -> None:
@@ -59,6 +65,8 @@ class Phone:
         t.port = a.port
         t.boundAddress = a.host
         self.ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, t)
+        if a.tls_port:
+            pj_secure.create_tls_transport(pj, self.ep, a.host, a)
         self.ep.libStart()
         self.ep.audDevManager().setNullDev()
         for c in self.ep.codecEnum2():
@@ -68,6 +76,7 @@ class Phone:
         acfg.mediaConfig.transportConfig.port = a.rtp_port
         acfg.mediaConfig.transportConfig.portRange = 20
         acfg.mediaConfig.transportConfig.boundAddress = a.host
+        pj_secure.apply_srtp(pj, acfg.mediaConfig, a.srtp)
         self.acc = PhoneAccount(self)
         self.acc.create(acfg, True)
         say("READY")
@@ -128,6 +137,11 @@ class PhoneCall(pj.Call):
         super().__init__(acc, call_id)
         self.phone = phone
         self.wired = False
+        self.srtp = False  # our answer keyed SRTP (RTP/SAVP with a=crypto)
+
+    def onCallSdpCreated(self, prm: Any) -> None:
+        sdp = prm.sdp.wholeSdp
+        self.srtp = "RTP/SAVP" in sdp and "a=crypto:" in sdp
 
     def onCallState(self, prm: Any) -> None:
         ci = self.getInfo()
@@ -170,7 +184,8 @@ class PhoneCall(pj.Call):
             ph.connected_at = time.monotonic()
             # The caller's media address as its SDP gave it (the gateway's RTP port for this call).
             remote = self.getStreamInfo(mi.index).remoteRtpAddress
-            say(f"CONNECTED dir={mi.dir} status={mi.status} remote={remote}")
+            srtp = int(self.srtp)
+            say(f"CONNECTED dir={mi.dir} status={mi.status} remote={remote} srtp={srtp}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reject", type=int, default=0, help="answer calls with this status instead of 200")
     p.add_argument("--once", action="store_true", help="exit after the first call ends")
     p.add_argument("--log-level", type=int, default=1)
+    pj_secure.add_arguments(p)
     args = p.parse_args(argv)
     phone = Phone(args)
 

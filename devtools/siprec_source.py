@@ -4,6 +4,7 @@
         --conv demo-a1:alice --conv demo-b1:bob \\
         --agent-wav fixtures/audio/agent_speech.wav --customer-wav fixtures/audio/customer_speech.wav \\
         [--duration 0] [--redial 1] [--swap] [--cid-header] [--record-prefix out]
+        [--tls-port 5201 --tls-ca ca.pem] [--srtp mandatory]
 
 One SIPREC call per conversation (``multipart/mixed``: SDP with two ``a=sendonly`` audio
 m-lines labelled 1 and 2, plus ``rs-metadata+xml`` naming the agent as a participant), so one
@@ -12,6 +13,11 @@ WAV in a loop. ``--duration S`` hangs each call up S seconds after its media is 
 ``--redial S``: a call that ends (the gateway hung up, the INVITE failed) is dialled again
 after S seconds, doubling up to 10 s while it keeps failing; without it the process exits
 once every call has ended.
+
+``--tls-port`` sends the INVITE over TLS (``sip:srs@FRONT;transport=tls``, FRONT naming the
+gateway's TLS port) from a TLS transport on that local port; ``--tls-ca`` verifies the
+gateway's certificate. ``--srtp mandatory`` offers RTP/SAVP with SDES keys only, ``optional``
+RTP/AVP with keys.
 
 It prints one line per event on stdout, the conversation id last: ``READY``,
 ``REDIRECTED <uri> <cid>``, ``CONNECTED <streams> <cid>``, ``DISCONNECTED <code> <cid>``,
@@ -30,6 +36,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from devtools import pj_secure
 
 MAX_CONVERSATIONS = 4  # pjsua2: 4 calls per process, SIPREC: 1 call per conversation
 REDIAL_MAX_SECONDS = 10.0
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
     ap.add_argument("--record-prefix", help="record what the gateway sends back, per leg (single conversation)")
     ap.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     ap.add_argument("--log-level", type=int, default=1)
+    pj_secure.add_arguments(ap)
     a = ap.parse_args(argv)
     convs = [Conv(cid, agent) for cid, agent in a.conv]
     if a.agent and (a.cid or not convs):
@@ -139,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
     t.port = a.port
     t.boundAddress = a.host
     ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, t)
+    if a.tls_port:
+        pj_secure.create_tls_transport(pj, ep, a.host, a)
     ep.libStart()
     ep.audDevManager().setNullDev()
     for c in ep.codecEnum2():
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
     acfg.mediaConfig.transportConfig.port = a.port + 2
     acfg.mediaConfig.transportConfig.portRange = 8 * MAX_CONVERSATIONS
     acfg.mediaConfig.transportConfig.boundAddress = a.host
+    pj_secure.apply_srtp(pj, acfg.mediaConfig, a.srtp)
     acc = pj.Account()
     acc.create(acfg, True)
     graveyard: list[Any] = []  # pj objects released outside their callbacks
@@ -169,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
 
         def onCallSdpCreated(self, prm: Any) -> None:
             # pjsua writes no a=label; SIPREC needs one per stream.
+            if not prm.sdp.wholeSdp:
+                say("SDP too long for pjsua2 to hand over (1 KB): no a=label added")
+                return
             out, n = [], 0
             for line in prm.sdp.wholeSdp.replace("\r\n", "\n").split("\n"):
                 out.append(line)
@@ -285,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
         conv.probe_sent = conv.probe_ok = 0.0
         conv.dead = ""
         try:
-            call.makeCall(f"sip:srs@{a.front}", prm)
+            call.makeCall(f"sip:srs@{a.front}" + (";transport=tls" if a.tls_port else ""), prm)
         except pj.Error as exc:
             say(f"FAILED {exc.info().splitlines()[0] if exc.info() else 'makeCall'}{tag(conv)}")
             conv.call = None

@@ -11,6 +11,7 @@ demo realm, and the demo realm's client secrets as defaults.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -26,6 +27,10 @@ def _default_realm_file() -> str:
 
 #: The demo realm's client that reads groups, used only in dev mode when none is set.
 DEV_ADMIN_CLIENT = ("cx-platform", "dev-secret")
+
+
+#: Values of ``sip_srtp``.
+SRTP_MODES = ("off", "optional", "mandatory")
 
 
 class ConfigurationError(ValueError):
@@ -133,6 +138,18 @@ class Settings:
     #: beyond; 0: no limit), and the burst it may send at once.
     sip_invite_rate: float = 20.0
     sip_invite_burst: int = 40
+    #: SIP over TLS at the SIP address: the front's TLS listener port (0: none). Needs
+    #: ``sip_tls_cert`` and ``sip_tls_key`` (PEM files; the certificate file may hold the chain).
+    sip_tls_port: int = 0
+    sip_tls_cert: str = ""
+    sip_tls_key: str = ""
+    #: CA certificates (PEM file) the front trusts when it opens TLS toward a platform or a
+    #: ``sips:`` phone; empty: the system's. Peers are verified (certificate and host name).
+    sip_tls_ca: str = ""
+    #: SRTP (SDES, RFC 4568) on ingress legs and supervisor phones: ``off``, ``optional``
+    #: (used when the peer offers or accepts it), ``mandatory`` (plain RTP refused with 488,
+    #: phones offered RTP/SAVP only).
+    sip_srtp: str = "optional"
 
     # --- WebRTC ---------------------------------------------------------------------------
     #: Comma-separated ICE server URLs (``stun:host:port``). Default none: never a public host.
@@ -176,6 +193,10 @@ class Settings:
             )
         if self.demo and not self.dev:
             return "GATEWAY_DEMO needs GATEWAY_DEV=true (the demo platform uses the demo realm's clients)"
+        if self.sip_srtp not in SRTP_MODES:
+            return f"GATEWAY_SIP_SRTP={self.sip_srtp!r}: use one of {', '.join(SRTP_MODES)}"
+        if self.sip_tls_port:
+            return _tls_problem(self.sip_tls_cert, self.sip_tls_key, self.sip_tls_ca)
         return None
 
     @property
@@ -226,6 +247,22 @@ class Settings:
                 continue
             values[f.name] = _parse(raw, f.type, f.name)
         return cls(**values)
+
+
+def _tls_problem(cert: str, key: str, ca: str) -> str | None:
+    """Why the SIP TLS files can not be used, or None (loaded once here so a bad file stops
+    the start with one line instead of failing the SIP plane later)."""
+    if not (cert and key):
+        return "GATEWAY_SIP_TLS_PORT is set: set GATEWAY_SIP_TLS_CERT and GATEWAY_SIP_TLS_KEY (PEM files)"
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        return f"GATEWAY_SIP_TLS_CERT / GATEWAY_SIP_TLS_KEY can not be loaded: {exc}"
+    try:
+        ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        return f"GATEWAY_SIP_TLS_CA can not be loaded: {exc}"
+    return None
 
 
 def _parse(raw: str, type_name: Any, name: str) -> Any:

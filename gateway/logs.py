@@ -8,7 +8,7 @@ import sys
 
 _CONTEXT_FIELDS = (
     "conversation", "monitor", "supervisor", "reason", "worker", "leg", "route", "status", "code",
-    "participant", "identified_by", "call_id",
+    "participant", "identified_by", "call_id", "source", "suppressed",
 )  # fmt: skip
 
 

@@ -281,9 +281,10 @@ async def start_siprec(
     swap: bool = False,
     cid_in_metadata: bool = True,
     record_prefix: Path | None = None,
+    extra: Sequence[str] = (),
 ) -> Proc:
     """Start the pjsua2 SIPREC client (``python -m devtools.siprec_source``, one conversation, no
-    redial: it hangs up ``duration`` s after media is up and exits)."""
+    redial: it hangs up ``duration`` s after media is up and exits); ``extra``: more options."""
     port = free_udp_block(40, 40000, 59000)
     args = [
         PYTHON, "-m", "devtools.siprec_source", "--front", f"127.0.0.1:{front_port}", "--port", str(port),
@@ -297,6 +298,7 @@ async def start_siprec(
         args.append("--cid-header")
     if record_prefix is not None:
         args += ["--record-prefix", str(record_prefix)]
+    args += extra
     proc = await asyncio.create_subprocess_exec(
         *args,
         stdout=asyncio.subprocess.PIPE,

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -222,3 +223,16 @@ async def test_production_realm_directory_client_reads_teams(tmp_path: Path) -> 
         vera = await gw.login("vera", "pw")
         listed = await gw.call("GET", "/v1/conversations", vera)
         assert listed.status == 200 and [c["id"] for c in listed.body] == ["p-1"]
+
+
+def test_sip_tls_and_srtp_settings_are_checked_before_serving(tmp_path: Path) -> None:
+    """SIP over TLS and SRTP (issue 11, item 5): a wrong setting stops the start with one line."""
+    base: dict[str, Any] = {"dev": True, "data_dir": str(tmp_path)}
+    assert Settings().sip_srtp == "optional" and Settings().sip_tls_port == 0
+    with pytest.raises(ConfigurationError, match="GATEWAY_SIP_SRTP"):
+        create_app(Settings(sip_srtp="always", **base))
+    with pytest.raises(ConfigurationError, match="GATEWAY_SIP_TLS_CERT and GATEWAY_SIP_TLS_KEY"):
+        create_app(Settings(sip_tls_port=5061, **base))
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(ConfigurationError, match="can not be loaded"):
+        create_app(Settings(sip_tls_port=5061, sip_tls_cert=missing, sip_tls_key=missing, **base))

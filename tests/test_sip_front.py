@@ -7,10 +7,12 @@ Real workers and real calls through the front: ``tests/test_sip_front_calls.py``
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -23,6 +25,7 @@ from gateway.sip.message import SipMessage, classify_invite, parse_message
 from gateway.sip.ratelimit import RateLimit
 
 from .sip_support import RawSip, free_udp_block, in_dialog_request, metadata, multipart, response_header, sdp
+from .tls_support import make_pki
 
 pytestmark = [pytest.mark.unit]
 
@@ -227,7 +230,7 @@ async def test_conformance_answers(rig: Rig) -> None:
 
     assert (await status(options().replace(b" SIP/2.0\r\n", b" SIP/3.0\r\n", 1)))[0] == 505
     assert (await status(options().replace(b"OPTIONS sip:", b"OPTIONS tel:", 1)))[0] == 416
-    assert (await status(options().replace(b"OPTIONS sip:", b"OPTIONS sips:", 1)))[0] == 416  # no TLS yet
+    assert (await status(options().replace(b"OPTIONS sip:", b"OPTIONS sips:", 1)))[0] == 416  # sips: over UDP
     code, text = await status(leg_invite(rig, Require="siprec, x-teleport"))
     assert code == 420 and response_header(text, "unsupported") == ["x-teleport"]
     code, text = await status(options()[:-2] + b"Proxy-Require: x-warp\r\n\r\n")
@@ -655,3 +658,197 @@ async def wait_for_connections(rig: Rig, n: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the front did not see the connection")
+
+
+async def test_refusals_of_the_front_are_logged_once_per_source_per_second(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13 (visibility): a refusal the front answers itself is one JSON line with the reason,
+    status, Call-ID and conversation id; a flood from one source logs one line a second and counts
+    the rest; the whole message is never logged."""
+    caplog.set_level("INFO", logger="gateway.sip.front")
+    p = rig.platform
+    bad = p.invite(rig.port, method="OPTIONS", headers={"X-Conversation-ID": "c-log"})[0]
+    bad = bad.replace(b"OPTIONS sip:", b"OPTIONS tel:", 1)
+    call_id = response_header(bad.decode(), "call-id")[0]
+    assert (await p.request(bad, rig.port))[0] == 416
+    [rec] = [r for r in caplog.records if getattr(r, "status", None) == 416]
+    assert rec.levelname == "INFO" and rec.call_id == call_id and rec.conversation == "c-log"  # type: ignore[attr-defined]
+    assert rec.reason == "unsupported URI scheme"  # type: ignore[attr-defined]
+    from gateway.logs import JsonFormatter
+
+    line = JsonFormatter().format(rec)
+    assert '"status": 416' in line and "c-log" in line and "Content-Length" not in line and "v=0" not in line
+    caplog.clear()
+    await asyncio.sleep(1.05)  # the 416's line opened this source's second
+    # A flood of refusals from one source (each a new transaction, so none is a cached answer).
+    for _ in range(200):
+        p.send(p.invite(rig.port, method="BYE")[0], rig.port)  # 481: BYE outside any dialog
+    while await p.recv(0.3) is not None:
+        pass
+    lines = [r for r in caplog.records if getattr(r, "status", None) == 481]
+    assert 1 <= len(lines) <= 2, len(lines)  # the flood took well under two seconds
+    assert rig.front.counts["refusal_logs_dropped"] >= 198 - len(lines)
+    # Another source is logged at once, even during the flood.
+    other = RawSip("127.0.0.2")
+    try:
+        assert (await other.request(other.invite(rig.port, method="BYE")[0], rig.port))[0] == 481
+    finally:
+        other.close()
+    sources = {getattr(r, "source", "").split(":")[0] for r in caplog.records if getattr(r, "status", None) == 481}
+    assert sources == {"127.0.0.1", "127.0.0.2"}
+
+
+# --- SIP over TLS (issue 11, item 5) ------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    return make_pki(tmp_path)
+
+
+@pytest.fixture
+async def tls_rig(pki: dict[str, Path]) -> AsyncIterator[Rig]:
+    """The rig's front with a TLS listener on ``port + 1`` (certificate of the test CA, which it
+    also trusts toward phones)."""
+    worker, platform = RawSip(), RawSip()
+
+    def decide(msg: SipMessage) -> Decision:
+        classify_invite(msg, AGENTS.get)
+        return Forward(("127.0.0.1", worker.port), "t-1")
+
+    port = free_udp_block(2)
+    settings = Settings(
+        sip_port=port,
+        sip_tls_port=port + 1,
+        sip_tls_cert=str(pki["gateway.pem"]),
+        sip_tls_key=str(pki["gateway.key"]),
+        sip_tls_ca=str(pki["ca"]),
+    )
+    front = SipFront(settings, decide, lambda: True, lambda: {("127.0.0.1", worker.port)})
+    await front.start()
+    try:
+        yield Rig(front, port, worker, platform, [])
+    finally:
+        front.close()
+        worker.close()
+        platform.close()
+
+
+async def tls_client(port: int, ca: Path) -> TcpSip:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    return TcpSip(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"))
+
+
+async def test_a_call_through_the_front_over_tls(tls_rig: Rig, pki: dict[str, Path]) -> None:
+    """A platform over TLS (``sips:`` Request-URI): the INVITE reaches the worker over loopback
+    UDP, the front Record-Routes itself for TLS, the answer and the worker's BYE go back on the
+    TLS connection. ``sips:`` over UDP stays 416."""
+    rig = tls_rig
+    tls = await tls_client(rig.port + 1, pki["ca"])
+    try:
+        body = sdp()
+        invite = tcp_invite(rig.port + 1, tls.port, body, "application/sdp", X_Conversation_ID="c-1", X_Leg="agent")
+        invite = invite.replace(b"INVITE sip:", b"INVITE sips:", 1).replace(b";transport=tcp", b"", 1)
+        invite = invite.replace(b"SIP/2.0/TCP", b"SIP/2.0/TLS", 1).replace(b";transport=tcp>", b";transport=tls>", 1)
+        tls.send(invite)
+        fwd, _ = await worker_gets(rig)
+        assert fwd.body == body and fwd.uri is not None and fwd.uri.startswith("sips:")
+        rr = [v for line in fwd.get_all("record-route") for v in line.split(",")]
+        assert rr == [f"<sip:127.0.0.1:{rig.port};lr>", f"<sip:127.0.0.1:{rig.port + 1};lr;transport=tls>"]
+        assert fwd.get("via", "").startswith(f"SIP/2.0/UDP 127.0.0.1:{rig.port};")  # type: ignore[union-attr]
+        rig.worker.send(answer(fwd, 200, "OK", contact=rig.worker.port), rig.port)
+        ok = await tls.recv()
+        assert ok is not None and ok.startswith(b"SIP/2.0 200")
+        bye_lines = [
+            f"BYE sip:platform@127.0.0.1:{tls.port};transport=tls SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{rig.worker.port};rport;branch=z9hG4bKw{uuid.uuid4().hex[:8]}",
+            f"Route: {rr[0]}, {rr[1]}",
+            f"From: {response_header(ok.decode(), 'to')[0]}",
+            f"To: {fwd.get('from')}",
+            f"Call-ID: {fwd.call_id}",
+            "CSeq: 5 BYE",
+            "Content-Length: 0",
+        ]
+        rig.worker.send((CRLF.join(bye_lines) + CRLF + CRLF).encode(), rig.port)
+        got = await tls.recv()
+        assert got is not None
+        bye = parse_message(got)
+        assert bye.method == "BYE" and bye.get("via", "").startswith(f"SIP/2.0/TLS 127.0.0.1:{rig.port + 1};")  # type: ignore[union-attr]
+        # An OPTIONS to the front over TLS is answered there.
+        opts = rig.platform.invite(rig.port, method="OPTIONS")[0].replace(b"OPTIONS sip:", b"OPTIONS sips:", 1)
+        tls.send(opts.replace(b"SIP/2.0/UDP", b"SIP/2.0/TLS", 1))
+        pong = await tls.recv()
+        assert pong is not None and pong.startswith(b"SIP/2.0 200")
+    finally:
+        tls.close()
+    opts = rig.platform.invite(rig.port, method="OPTIONS")[0].replace(b"OPTIONS sip:", b"OPTIONS sips:", 1)
+    assert (await rig.platform.request(opts, rig.port))[0] == 416  # sips: needs TLS
+
+
+async def test_a_worker_calls_a_sips_phone_over_verified_tls(
+    tls_rig: Rig, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """The worker's INVITE to ``sip:...;transport=tls`` (how it spells a ``sips:`` phone) leaves
+    the front over TLS, to a phone whose certificate the configured CA signed; a phone with a
+    certificate of another CA never gets the INVITE."""
+    rig = tls_rig
+    got: asyncio.Queue[tuple[bytes, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def phone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                return
+            clen = int(response_header(head.decode(), "content-length")[0])
+            await got.put((head + await reader.readexactly(clen), writer))
+
+    def invite_to(phone_port: int) -> bytes:
+        lines = [
+            f"INVITE sip:sam@127.0.0.1:{phone_port};transport=tls SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{rig.worker.port};rport;branch=z9hG4bKw{uuid.uuid4().hex[:8]}",
+            f"Route: <sip:127.0.0.1:{rig.port};lr>",
+            "Max-Forwards: 70",
+            f"From: <sip:gateway@127.0.0.1:{rig.worker.port}>;tag=w9",
+            f"To: <sip:sam@127.0.0.1:{phone_port}>",
+            f"Call-ID: {uuid.uuid4().hex}",
+            "CSeq: 1 INVITE",
+            f"Contact: <sip:gateway@127.0.0.1:{rig.worker.port}>",
+            "Content-Length: 0",
+        ]
+        return (CRLF.join(lines) + CRLF + CRLF).encode()
+
+    good = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    good.load_cert_chain(pki["phone.pem"], pki["phone.key"])
+    other = make_pki(tmp_path / "other")  # another CA
+    rogue = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    rogue.load_cert_chain(other["phone.pem"], other["phone.key"])
+    server = await asyncio.start_server(phone, "127.0.0.1", 0, ssl=good)
+    rogue_server = await asyncio.start_server(phone, "127.0.0.1", 0, ssl=rogue)
+    try:
+        rig.worker.send(invite_to(server.sockets[0].getsockname()[1]), rig.port)
+        data, writer = await asyncio.wait_for(got.get(), 3.0)
+        inv = parse_message(data)
+        assert inv.method == "INVITE" and inv.get("via", "").startswith(f"SIP/2.0/TLS 127.0.0.1:{rig.port + 1};")  # type: ignore[union-attr]
+        rr = [v for line in inv.get_all("record-route") for v in line.split(",")]
+        assert rr == [f"<sip:127.0.0.1:{rig.port + 1};lr;transport=tls>", f"<sip:127.0.0.1:{rig.port};lr>"]
+        writer.write(answer(inv, 200, "OK", to_tag="p1"))
+        ok, _ = await worker_gets(rig)
+        assert ok.status == 200
+        # The phone whose certificate our CA did not sign: the handshake fails, nothing is sent.
+        rig.worker.send(invite_to(rogue_server.sockets[0].getsockname()[1]), rig.port)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(got.get(), 1.5)
+    finally:
+        server.close()
+        rogue_server.close()
+
+
+def test_a_sips_phone_uri_is_called_as_sip_over_tls() -> None:
+    from gateway.sip.routing import tls_hop_uri
+
+    assert tls_hop_uri("sips:tom@10.0.0.5:5061") == "sip:tom@10.0.0.5:5061;transport=tls"
+    assert tls_hop_uri("SIPS:tom@h?X-A=1") == "sip:tom@h;transport=tls?X-A=1"
+    assert tls_hop_uri("sips:tom@h;transport=tls") == "sip:tom@h;transport=tls"
+    assert tls_hop_uri("sip:tom@h") == "sip:tom@h"

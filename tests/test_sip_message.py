@@ -174,3 +174,26 @@ async def test_front_forwards_retransmissions_to_the_same_worker_once_decided() 
     assert fwd.get("record-route") == "<sip:127.0.0.1:5060;lr>"
     assert fwd.get("max-forwards") == "69"
     front.close()
+
+
+def test_srtp_setting_decides_which_offers_are_refused_488() -> None:
+    """Issue 11, item 5: the plane refuses at once (488) what the workers' SRTP setting would refuse."""
+    headers = {"X-Conversation-ID": "c-1", "X-Leg": "agent"}
+    plain = sdp()
+    keyed = plain.replace(b"RTP/AVP", b"RTP/SAVP") + b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + b"A" * 40 + b"\r\n"
+    optional_keys = plain + b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + b"A" * 40 + b"\r\n"  # RTP/AVP with a key
+    dtls = plain.replace(b"RTP/AVP", b"UDP/TLS/RTP/SAVP") + b"a=fingerprint:sha-256 AB:CD\r\n"
+
+    def status(body: bytes, mode: str) -> int:
+        try:
+            classify_invite(parse_message(invite(body, headers=headers)), AGENTS.get, mode)
+        except SipParseError as exc:
+            return exc.status
+        return 200
+
+    assert [status(b, "optional") for b in (plain, keyed, optional_keys, dtls)] == [200, 200, 200, 488]
+    assert [status(b, "mandatory") for b in (plain, keyed, optional_keys, dtls)] == [488, 200, 488, 488]
+    assert [status(b, "off") for b in (plain, keyed, optional_keys, dtls)] == [200, 488, 200, 488]
+    with pytest.raises(SipParseError, match="SRTP is required") as exc:
+        classify_invite(parse_message(invite(plain, headers=headers)), AGENTS.get, "mandatory")
+    assert exc.value.conversation == "c-1"  # the refusal is logged with its conversation

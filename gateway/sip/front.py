@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -71,8 +72,12 @@ _ANSWERED_CAP = 20000  # cached answers kept for retransmissions, at most
 MAX_CONNECTIONS = 1000  # TCP connections at once; more are closed at once (file descriptors)
 _PARTIAL_SECONDS = 30.0  # a TCP message must arrive whole within this long
 _WILDCARD = {"", "0.0.0.0", "::"}
+_TLS_HANDSHAKE_SECONDS = 10.0
 _LOOSE_VIA = re.compile(r"^\s*SIP\s*/\s*2\.0\s*/\s*\S+\s+\S")
 _ACCEPT = ("Accept", "application/sdp, multipart/mixed")
+#: One refusal log line per source address per this many seconds (a flood costs a dict lookup).
+_REFUSAL_LOG_SECONDS = 1.0
+_LOGGED_CHARS = 200  # of any value taken from a message into a log line
 _CLEN = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\S*)[ \t]*$", re.I | re.M)
 
 
@@ -117,7 +122,9 @@ class Peer:
 
     @property
     def transport(self) -> str:
-        return "TCP" if self.conn is not None else "UDP"
+        if self.conn is None:
+            return "UDP"
+        return "TLS" if self.conn.tls else "TCP"
 
 
 @dataclass
@@ -141,12 +148,17 @@ class SipFront:
         self.options_ok = options_ok
         self.workers = workers
         self.port = settings.sip_port
+        self.tls_port = settings.sip_tls_port
+        self.server_tls = server_tls_context(settings) if settings.sip_tls_port else None
+        #: TLS toward platforms and ``sips:`` phones: their certificate and host name are verified.
+        self.client_tls = ssl.create_default_context(cafile=settings.sip_tls_ca or None)
         self.bind_host = settings.sip_host
         self.inner_host = loopback_host(settings.sip_host)
         self.my_hosts = {self.inner_host, "127.0.0.1", "localhost", settings.sip_host} - _WILDCARD
         self.limit = RateLimit(settings.sip_invite_rate, settings.sip_invite_burst)
         self.udp: asyncio.DatagramTransport | None = None
         self.server: asyncio.Server | None = None
+        self.tls_server: asyncio.Server | None = None
         self.connections: set[SipConnection] = set()
         #: (call-id, branch, method) → (response, expires) for retransmitted requests
         self.answered: dict[tuple[str, str, str], tuple[bytes, float]] = {}
@@ -161,12 +173,17 @@ class SipFront:
         self._local_for: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # resolutions and outgoing connections in flight
         # the plane's front_* stats
-        self.counts = {"malformed": 0, "invites": 0, "rejected": 0, "forwarded": 0, "rate_limited": 0}
+        self.counts = {
+            "malformed": 0, "invites": 0, "rejected": 0, "forwarded": 0, "rate_limited": 0, "refusal_logs_dropped": 0,
+        }  # fmt: skip
+        #: source address → (monotonic second of its last refusal log line, lines dropped since)
+        self._refusal_logged: dict[str, tuple[float, int]] = {}
         self._last_sweep = time.monotonic()
 
     # --- transports ------------------------------------------------------------------------
     async def start(self) -> None:
-        """Listen on UDP and TCP ``sip_host:sip_port`` (``OSError`` if either is taken)."""
+        """Listen on UDP and TCP ``sip_host:sip_port``, and TLS on ``sip_tls_port`` when set
+        (``OSError`` if any is taken)."""
         loop = asyncio.get_running_loop()
         self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.bind_host, self.port))
         sock = self.udp.get_extra_info("socket")
@@ -179,6 +196,20 @@ class SipFront:
         except OSError:
             self.udp.close()
             raise
+        if self.server_tls is not None:
+            try:
+                self.tls_server = await loop.create_server(
+                    lambda: SipConnection(self, tls=True),
+                    self.bind_host,
+                    self.tls_port,
+                    ssl=self.server_tls,
+                    ssl_handshake_timeout=_TLS_HANDSHAKE_SECONDS,
+                    reuse_address=True,
+                )
+            except OSError:
+                self.udp.close()
+                self.server.close()
+                raise
 
     def close(self) -> None:
         for h in self.awaiting_ack.values():
@@ -188,6 +219,8 @@ class SipFront:
             self.udp.close()
         if self.server is not None:
             self.server.close()
+        if self.tls_server is not None:
+            self.tls_server.close()
         for conn in list(self.connections):
             conn.close()
         for task in self._tasks:
@@ -208,21 +241,22 @@ class SipFront:
             self.udp.sendto(data, peer.addr)
 
     def _send_outside(self, data: bytes, addr: tuple[str, int], transport: str, call_id: str = "") -> None:
-        """Send toward a platform or phone: UDP, or TCP on the dialog's connection, one to that
-        address, or a new one. Host names are resolved (A records; no SRV)."""
-        if transport != "TCP":
+        """Send toward a platform or phone: UDP, or TCP/TLS on the dialog's connection, one to
+        that address, or a new one. Host names are resolved (A records; no SRV)."""
+        if transport not in ("TCP", "TLS"):
             if _is_ip(addr[0]):
                 self._send(data, Peer(addr))
             else:
                 self._spawn(self._resolve_and_send(data, addr))
             return
+        tls = transport == "TLS"
         conn = self.dialog_connections.get(call_id)
-        if conn is None or conn.closed or conn.peer[0] != addr[0]:
-            conn = next((c for c in self.connections if c.peer == addr and not c.closed), None)
+        if conn is None or conn.closed or conn.peer[0] != addr[0] or conn.tls != tls:
+            conn = next((c for c in self.connections if c.peer == addr and c.tls == tls and not c.closed), None)
         if conn is not None:
             conn.write(data)
         else:
-            self._spawn(self._connect_and_send(data, addr))
+            self._spawn(self._connect_and_send(data, addr, tls))
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -237,12 +271,19 @@ class SipFront:
             return
         self._send(data, Peer((str(infos[0][4][0]), addr[1])))
 
-    async def _connect_and_send(self, data: bytes, addr: tuple[str, int]) -> None:
+    async def _connect_and_send(self, data: bytes, addr: tuple[str, int], tls: bool) -> None:
         loop = asyncio.get_running_loop()
+        kind = "TLS" if tls else "TCP"
+        context = self.client_tls if tls else None
         try:
-            _t, conn = await asyncio.wait_for(loop.create_connection(lambda: SipConnection(self), *addr), 5.0)
-        except (OSError, TimeoutError) as exc:
-            log.info("sip front: TCP connection to %s:%s failed: %s", addr[0], addr[1], exc)
+            _t, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: SipConnection(self, tls=tls), *addr, ssl=context, server_hostname=addr[0] if tls else None
+                ),
+                5.0,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.info("sip front: %s connection to %s:%s failed: %s", kind, addr[0], addr[1], exc)
             return
         conn.write(data)
 
@@ -251,7 +292,7 @@ class SipFront:
         return peer.conn is None and peer.addr in self.workers()
 
     def _is_me(self, host: str, port: int | None) -> bool:
-        return (port or 5060) == self.port and host.strip("[]").lower() in self.my_hosts
+        return (port or 5060) in (self.port, self.tls_port) and host.strip("[]").lower() in self.my_hosts
 
     def _is_worker_uri(self, uri: Uri | None) -> bool:
         if uri is None:
@@ -308,6 +349,7 @@ class SipFront:
         self.tcp_requests = {k: v for k, v in self.tcp_requests.items() if v[1] > now and not v[0].closed}
         self.dialog_connections = {k: c for k, c in self.dialog_connections.items() if not c.closed}
         self.limit.sweep(now)
+        self._refusal_logged = {k: v for k, v in self._refusal_logged.items() if now - v[0] < _REFUSAL_LOG_SECONDS}
         for conn in [c for c in self.connections if c.partial_since and now - c.partial_since > _PARTIAL_SECONDS]:
             conn.close()  # a message that never completes (slow loris) holds no connection slot
 
@@ -322,19 +364,20 @@ class SipFront:
             self._send(cached[0], peer)
             return
         if msg.version != "SIP/2.0":
-            self._final(msg, peer, 505, None, [])
+            self._refuse(msg, peer, 505, "unsupported SIP version")
             return
         defect = msg.defect or ("bad Via" if any(parse_via(v) is None for v in values(msg, "via")) else "")
         if defect:
             self.counts["malformed"] += 1
-            self._final(msg, peer, 400, defect, [])
+            self._refuse(msg, peer, 400, defect, reason_phrase=defect)
             return
-        if uri_scheme(msg.uri or "") != "sip":
-            self._final(msg, peer, 416, None, [])
+        scheme = uri_scheme(msg.uri or "")
+        if scheme != "sip" and not (scheme == "sips" and peer.transport == "TLS"):
+            self._refuse(msg, peer, 416, "unsupported URI scheme")
             return
         unsupported = [t for t in msg.tags("proxy-require") if t not in SUPPORTED_OPTIONS]
         if method != "CANCEL" and unsupported:
-            self._final(msg, peer, 420, None, [("Unsupported", ", ".join(unsupported))])
+            self._refuse(msg, peer, 420, "unsupported Proxy-Require", [("Unsupported", ", ".join(unsupported))])
             return
         if method == "CANCEL":
             self._cancel(msg, peer)
@@ -344,12 +387,12 @@ class SipFront:
             return
         self._pop_my_routes(msg)  # an initial request may name us in a pre-loaded Route
         if values(msg, "route"):
-            self._final(msg, peer, 403, "No Relay", [])
+            self._refuse(msg, peer, 403, "No Relay", reason_phrase="No Relay")
             return
         if method in ("INVITE", "OPTIONS"):
             unsupported = [t for t in msg.tags("require") if t not in SUPPORTED_OPTIONS]
             if unsupported:
-                self._final(msg, peer, 420, None, [("Unsupported", ", ".join(unsupported))])
+                self._refuse(msg, peer, 420, "unsupported Require", [("Unsupported", ", ".join(unsupported))])
                 return
         if method == "INVITE":
             self._invite(msg, peer, now)
@@ -361,11 +404,11 @@ class SipFront:
                 extra.append(("Retry-After", "5"))
             self._final(msg, peer, 200 if ok else 503, None, extra)
         elif method == "BYE":
-            self._final(msg, peer, 481, None, [])
+            self._refuse(msg, peer, 481, "BYE outside any dialog")
         elif method in _KNOWN:
-            self._final(msg, peer, 405, None, [("Allow", _ALLOW)])
+            self._refuse(msg, peer, 405, "method not allowed", [("Allow", _ALLOW)])
         else:
-            self._final(msg, peer, 501, None, [("Allow", _ALLOW)])
+            self._refuse(msg, peer, 501, "unknown method", [("Allow", _ALLOW)])
 
     def _invite(self, msg: SipMessage, peer: Peer, now: float) -> None:
         """A new INVITE from outside: forwarded again if retransmitted, else rate-limited and decided."""
@@ -376,16 +419,17 @@ class SipFront:
         contacts = values(msg, "contact")  # none is RFC 2543 (RFC 4475 §3.4); pjsua says 500 to a bad one
         if len(contacts) > 1 or contacts and parse_uri(contacts[0]) is None:
             self.counts["malformed"] += 1
-            self._final(msg, peer, 400, "Contact must be one SIP URI", [])
+            self._refuse(msg, peer, 400, "Contact must be one SIP URI", reason_phrase="Contact must be one SIP URI")
             return
         mf = (msg.get("max-forwards") or "70").strip()
         if mf.isdigit() and int(mf) == 0:
-            self._final(msg, peer, 483, None, [])  # it could not go on to a worker: decide nothing
+            self._refuse(msg, peer, 483, "Max-Forwards is 0")  # it could not go on to a worker: decide nothing
             return
         wait = self.limit.wait(peer.addr[0], now)
         if wait > 0:
             # Answered once, not cached nor retransmitted: a flood must not make us work for it.
             self.counts["rate_limited"] += 1
+            self._log_refusal(msg, peer, 503, "INVITE rate limit", now)
             extra = [("Retry-After", RateLimit.retry_after(wait))]
             self._send(build_response(msg, 503, "Rate Limited", extra, to_tag=uuid.uuid4().hex[:10]), peer)
             return
@@ -434,7 +478,7 @@ class SipFront:
         elif (msg.call_id, msg.branch, "INVITE") in self.answered:
             self._final(msg, peer, 200, None, [])  # the INVITE was already answered: no effect
         else:
-            self._final(msg, peer, 481, None, [])
+            self._refuse(msg, peer, 481, "CANCEL matches no transaction")
 
     def _routes_to_me(self, msg: SipMessage) -> bool:
         routes = values(msg, "route")
@@ -458,7 +502,8 @@ class SipFront:
         target = parse_uri(msg.uri or "")
         if values(msg, "route") or not self._is_worker_uri(target):
             if msg.method != "ACK":
-                self._final(msg, peer, 481 if msg.to_tag else 404, None, [])
+                status = 481 if msg.to_tag else 404
+                self._refuse(msg, peer, status, "in-dialog request for no dialog of a worker")
             return
         assert target is not None
         if peer.conn is not None:
@@ -479,8 +524,8 @@ class SipFront:
             if msg.method != "ACK":
                 self._send(build_response(msg, 482, "Loop Detected"), peer)
             return
-        named = target.params.get("transport")
-        transport = "TCP" if (named or hinted.lower()) == "tcp" else "UDP"
+        named = (target.params.get("transport") or hinted).upper()
+        transport = "TLS" if target.scheme == "sips" or named == "TLS" else "TCP" if named == "TCP" else "UDP"
         data = self._prepare(msg, peer, transport, addr, record_route=not msg.to_tag and msg.method == "INVITE")
         if data is not None:
             self._send_outside(data, addr, transport, msg.call_id)
@@ -501,6 +546,7 @@ class SipFront:
         hops = int(mf) if mf is not None and mf.strip().isdigit() else 70
         if hops <= 0:
             if msg.method != "ACK":
+                self._log_refusal(msg, source, 483, "Max-Forwards is 0", time.monotonic())
                 self._send(build_response(msg, 483), source)
             return None
         msg.headers = [(k, v) for k, v in msg.headers if k != "max-forwards"]
@@ -513,12 +559,15 @@ class SipFront:
             via = top_via_value(top, source)
             push_header(msg, "via", via)
         out_host = self.inner_host if outside else self._outer_host(Peer(dest))
-        push_header(msg, "via", f"SIP/2.0/{transport} {out_host}:{self.port};branch={branch};rport")
+        out_port = self.tls_port if transport == "TLS" else self.port
+        push_header(msg, "via", f"SIP/2.0/{transport} {out_host}:{out_port};branch={branch};rport")
         if record_route:
             outer_peer = source if outside else Peer(dest)
-            outer = f"sip:{self._outer_host(outer_peer)}:{self.port};lr"
-            if (source.conn is not None) if outside else transport == "TCP":
-                outer = set_param(outer, "transport", "tcp")
+            outer_transport = source.transport if outside else transport
+            outer_port = self.tls_port if outer_transport == "TLS" else self.port
+            outer = f"sip:{self._outer_host(outer_peer)}:{outer_port};lr"
+            if outer_transport != "UDP":
+                outer = set_param(outer, "transport", outer_transport.lower())
             inner = f"sip:{self.inner_host}:{self.port};lr"
             # The side that gets the request uses the top entry first (RFC 5658 double record-route).
             first, second = (inner, outer) if outside else (outer, inner)
@@ -548,6 +597,46 @@ class SipFront:
                 self._send_outside(data, nxt.reply_to, nxt.transport, msg.call_id)
         elif nxt.reply_to in self.workers():  # toward the worker that sent the request
             self._send(data, Peer(nxt.reply_to))
+
+    def _refuse(
+        self,
+        msg: SipMessage,
+        peer: Peer,
+        status: int,
+        why: str,
+        extra: list[tuple[str, str]] | None = None,
+        *,
+        reason_phrase: str | None = None,
+    ) -> None:
+        """A refusal the front answers before the plane is asked: logged, then answered."""
+        self._log_refusal(msg, peer, status, why, time.monotonic())
+        self._final(msg, peer, status, reason_phrase, extra or [])
+
+    def _log_refusal(self, msg: SipMessage, peer: Peer, status: int, why: str, now: float) -> None:
+        """One JSON line per source address per second (a flood costs a dict lookup and a count;
+        the next line says how many were left out). Never the whole message."""
+        source = peer.addr[0]
+        last, dropped = self._refusal_logged.get(source, (0.0, 0))
+        if now - last < _REFUSAL_LOG_SECONDS:
+            self._refusal_logged[source] = (last, dropped + 1)
+            self.counts["refusal_logs_dropped"] += 1
+            return
+        self._refusal_logged[source] = (now, 0)
+        cid = (msg.get("x-conversation-id") or "").strip()[:_LOGGED_CHARS] or None
+        log.info(
+            "sip front: %s refused %d: %s",
+            (msg.method or "?")[:_LOGGED_CHARS],
+            status,
+            why[:_LOGGED_CHARS],
+            extra={
+                "status": status,
+                "reason": why[:_LOGGED_CHARS],
+                "call_id": msg.call_id[:_LOGGED_CHARS],
+                "conversation": cid,
+                "source": f"{source}:{peer.addr[1]}/{peer.transport}",
+                "suppressed": dropped or None,
+            },
+        )
 
     def _final(
         self, msg: SipMessage, peer: Peer, status: int, reason: str | None, extra: list[tuple[str, str]]
@@ -581,7 +670,17 @@ class SipFront:
         except SipParseError:
             return
         if msg.is_request and msg.method != "ACK":
+            self._log_refusal(msg, peer, 413, "message too large", time.monotonic())
             self._send(build_response(msg, 413), peer)
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS listener's context: the system OpenSSL through :mod:`ssl`, TLS 1.2 or newer,
+    the gateway's certificate (chain) and key; clients are not asked for a certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.sip_tls_cert, settings.sip_tls_key)
+    return ctx
 
 
 def top_via_value(value: str, source: Peer) -> str:
@@ -616,11 +715,13 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class SipConnection(asyncio.Protocol):
-    """One SIP-over-TCP connection (either direction): messages framed by Content-Length
-    (RFC 3261 §18.3), CRLF keep-alives answered (RFC 5626 §3.5.1)."""
+    """One SIP-over-TCP or SIP-over-TLS connection (either direction; asyncio's ssl layer
+    below): messages framed by Content-Length (RFC 3261 §18.3), CRLF keep-alives answered
+    (RFC 5626 §3.5.1)."""
 
-    def __init__(self, front: SipFront) -> None:
+    def __init__(self, front: SipFront, *, tls: bool = False) -> None:
         self.front = front
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.peer: tuple[str, int] = ("", 0)

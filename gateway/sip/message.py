@@ -470,6 +470,17 @@ class SdpStream:
     label: str | None = None
     direction: str = "sendrecv"
     codecs: dict[int, str] = field(default_factory=dict)
+    proto: str = "RTP/AVP"
+    crypto: bool = False  # carries an SDES key (a=crypto, RFC 4568)
+
+    @property
+    def srtp(self) -> str:
+        """``sdes`` (RTP/SAVP with a key: what the workers take), ``plain`` (RTP/AVP, maybe
+        with optional keys), or ``other`` (a secure profile without SDES, e.g. DTLS-SRTP)."""
+        proto = self.proto.upper()
+        if proto in ("RTP/SAVP", "RTP/SAVPF"):
+            return "sdes" if self.crypto else "other"
+        return "other" if proto.endswith(("/SAVP", "/SAVPF")) else "plain"
 
     @property
     def audio_ok(self) -> bool:
@@ -510,7 +521,7 @@ def parse_sdp(sdp: bytes) -> list[SdpStream]:
                     if not p.isdigit() or int(p) > 127:
                         raise SipParseError(f"bad RTP payload type {p[:8]!r}")
                     pts.append(int(p))
-            streams.append(SdpStream(len(streams), parts[0].lower(), int(port_s), pts))
+            streams.append(SdpStream(len(streams), parts[0].lower(), int(port_s), pts, proto=parts[2]))
         elif kind == "a" and streams:
             attr, _, rest = value.partition(":")
             attr = attr.lower()
@@ -519,6 +530,8 @@ def parse_sdp(sdp: bytes) -> list[SdpStream]:
                 cur.label = rest.strip()
             elif attr in ("sendonly", "recvonly", "sendrecv", "inactive"):
                 cur.direction = attr
+            elif attr == "crypto":
+                cur.crypto = True
             elif attr == "rtpmap":
                 pt_s, _, enc = rest.partition(" ")
                 if not pt_s.isdigit() or int(pt_s) > 127:
@@ -599,13 +612,16 @@ class InviteInfo:
     attribution: list[StreamLeg] = field(default_factory=list)
 
 
-def classify_invite(msg: SipMessage, directory: PartyDirectory | Callable[[str], str | None]) -> InviteInfo:
+def classify_invite(
+    msg: SipMessage, directory: PartyDirectory | Callable[[str], str | None], srtp: str = "optional"
+) -> InviteInfo:
     """Validate an ingress INVITE and decide which stream is which leg.
 
     ``directory`` answers which conversation a recording belongs to and who its parties are (a
     plain ``cid → agent username`` callable is a directory without recording keys). Raises
     :class:`SipParseError` with the SIP status to answer: 400 malformed, 404 unknown
-    conversation or agent not among the participants, 415 unsupported body, 488 no usable audio.
+    conversation or agent not among the participants, 415 unsupported body, 488 no usable audio
+    or a leg's stream not what ``srtp`` (``off``/``optional``/``mandatory``) accepts.
     """
     d: PartyDirectory = _UsernamesOnly(directory) if callable(directory) else directory
     sdp_b, meta_b = split_body(msg)
@@ -621,14 +637,34 @@ def classify_invite(msg: SipMessage, directory: PartyDirectory | Callable[[str],
     if parties is None:
         raise SipParseError("unknown conversation", 404, cid)
     if meta is not None:
-        return _siprec_legs(cid, identified_by, streams, audio, meta, parties)
-    leg = (msg.get("x-leg") or "").strip().lower()
-    if leg not in ("agent", "customer"):
-        raise SipParseError("X-Leg must be agent or customer", 400, cid)
-    legs: list[str | None] = [None] * len(streams)
-    legs[audio[0].index] = leg
-    first = StreamLeg(audio[0].index, leg, audio[0].label or "", "", "X-Leg header")
-    return InviteInfo(cid, "leg", legs, leg, identified_by, [first])
+        info = _siprec_legs(cid, identified_by, streams, audio, meta, parties)
+    else:
+        leg = (msg.get("x-leg") or "").strip().lower()
+        if leg not in ("agent", "customer"):
+            raise SipParseError("X-Leg must be agent or customer", 400, cid)
+        legs: list[str | None] = [None] * len(streams)
+        legs[audio[0].index] = leg
+        first = StreamLeg(audio[0].index, leg, audio[0].label or "", "", "X-Leg header")
+        info = InviteInfo(cid, "leg", legs, leg, identified_by, [first])
+    _check_srtp(streams, info, srtp)
+    return info
+
+
+def _check_srtp(streams: list[SdpStream], info: InviteInfo, mode: str) -> None:
+    """488 for a leg's stream the workers' SRTP setting would refuse anyway (after the slot was
+    placed): plain RTP when SRTP is mandatory, RTP/SAVP when it is off, DTLS-SRTP always."""
+    for s, leg in zip(streams, info.streams, strict=True):
+        if leg is None:
+            continue
+        kind = s.srtp
+        if kind == "other":
+            raise SipParseError(
+                f"stream {s.index}: secure RTP without an SDES key (only SDES is supported)", 488, info.conversation
+            )
+        if mode == "mandatory" and kind != "sdes":
+            raise SipParseError(f"stream {s.index}: plain RTP but SRTP is required", 488, info.conversation)
+        if mode == "off" and kind == "sdes":
+            raise SipParseError(f"stream {s.index}: SRTP offered but off", 488, info.conversation)
 
 
 def _conversation_of(msg: SipMessage, meta: RecordingMetadata | None, d: PartyDirectory) -> tuple[str, str]:

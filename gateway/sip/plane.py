@@ -180,7 +180,7 @@ class SipPlane:
             _log_refusal(msg, 503, "draining", None)
             return Refuse(503, "Draining", _RETRY)
         try:
-            info: InviteInfo = classify_invite(msg, self.hooks)
+            info: InviteInfo = classify_invite(msg, self.hooks, self.settings.sip_srtp)
         except SipParseError as exc:
             _log_refusal(msg, exc.status, str(exc), exc.conversation)
             raise
@@ -237,7 +237,7 @@ class SipPlane:
             res = self.placement.reservation(msg.get(PLACEMENT_HEADER) or "", worker, time.monotonic())
             if res is None:
                 raise SipParseError("no placement for this call", 403)
-            info = classify_invite(msg, self.hooks)
+            info = classify_invite(msg, self.hooks, self.settings.sip_srtp)
             if info.conversation != res.cid or {s for s in info.streams if s} != res.legs:
                 raise SipParseError("INVITE differs from the one placed", 403, res.cid)
         except SipParseError as exc:
@@ -371,6 +371,7 @@ class SipPlane:
             "front_malformed": float(self.front.counts["malformed"] if self.front else 0),
             "front_forwarded": float(self.front.counts["forwarded"] if self.front else 0),
             "front_rate_limited": float(self.front.counts["rate_limited"] if self.front else 0),
+            "front_refusal_logs_dropped": float(self.front.counts["refusal_logs_dropped"] if self.front else 0),
         }
 
     def worker_pids(self) -> list[int]:

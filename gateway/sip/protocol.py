@@ -156,6 +156,8 @@ class WorkerArgs:
     ring_timeout: float = 30.0
     #: Hang up an ingress call after this long without RTP (0: never).
     media_timeout: float = 20.0
+    #: SRTP (SDES) use on every call: ``off``, ``optional``, ``mandatory`` (settings' ``sip_srtp``).
+    srtp: str = "optional"
     log_level: int = 1
 
     def argv(self) -> list[str]:

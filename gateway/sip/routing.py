@@ -31,7 +31,7 @@ class Via:
         """Where a response goes over UDP (RFC 3261 §18.2.2 with RFC 3581 ``rport``)."""
         host = self.params.get("received") or self.host
         rport = self.params.get("rport")
-        port = int(rport) if rport and rport.isdigit() else (self.port or 5060)
+        port = int(rport) if rport and rport.isdigit() else (self.port or (5061 if self.transport == "TLS" else 5060))
         return host.strip("[]"), port
 
 
@@ -66,8 +66,10 @@ class Uri:
     def transport(self) -> str:
         return (self.params.get("transport") or "udp").lower()
 
-    def address(self, default_port: int = 5060) -> tuple[str, int]:
-        return self.host.strip("[]"), self.port or default_port
+    def address(self, default_port: int = 0) -> tuple[str, int]:
+        """Host and port; without a port, 5061 for ``sips:`` or ``transport=tls``, else 5060."""
+        default = default_port or (5061 if self.scheme == "sips" or self.transport == "tls" else 5060)
+        return self.host.strip("[]"), self.port or default
 
 
 def parse_uri(value: str) -> Uri | None:
@@ -145,3 +147,16 @@ def set_param(value: str, name: str, param: str) -> str:
     """``value`` with the header parameter ``name=param`` added (or replaced)."""
     parts = [p for p in value.split(";") if p.split("=", 1)[0].strip().lower() != name]
     return ";".join([*parts, f"{name}={param}" if param else name])
+
+
+def tls_hop_uri(uri: str) -> str:
+    """A ``sips:`` phone URI as ``sip:...;transport=tls``: pjsua refuses a ``sips:`` target from
+    an endpoint without a TLS transport of its own, and the worker has none (its only hop is
+    the front, over loopback). The front opens TLS toward the phone for either spelling and
+    verifies its certificate."""
+    if not uri[:5].lower() == "sips:":
+        return uri
+    head, sep, headers = uri[5:].partition("?")
+    if ";transport=" not in head.lower():
+        head += ";transport=tls"
+    return "sip:" + head + sep + headers

@@ -259,6 +259,7 @@ class Supervisor:
             ctl_fd=ctl_child.fileno(), frame_fd=frm_child.fileno(), host="127.0.0.1", proxy=front_route(s), sip_port=w.sip_port,
             media_host=s.media_host, rtp_port=w.rtp_port, rtp_range=self.rtp_ports, max_calls=s.calls_per_worker,
             token_key=w.token_key, media_timeout=s.sip_media_timeout, ring_timeout=s.sip_ring_timeout,
+            srtp=s.sip_srtp,
         )  # fmt: skip
         try:
             proc = w.proc = await self._spawn(args, ctl_child, frm_child)

@@ -60,6 +60,7 @@ from .protocol import (
     encode_leg_frame,
     token_valid,
 )
+from .routing import tls_hop_uri
 
 CLOCK_RATE = 8000
 SAMPLES = CLOCK_RATE // 50
@@ -119,6 +120,23 @@ def _audio_only(opt: Any, audio_streams: int) -> None:
     opt.videoCount = 0
     if hasattr(opt, "textCount"):
         opt.textCount = 0
+
+
+_SRTP_USE = {"off": "PJMEDIA_SRTP_DISABLED", "optional": "PJMEDIA_SRTP_OPTIONAL", "mandatory": "PJMEDIA_SRTP_MANDATORY"}
+
+
+def _srtp(media: Any, mode: str) -> None:
+    """SRTP with SDES keys (RFC 4568) per ``mode``; DTLS-SRTP is not offered.
+
+    ``srtpSecureSignaling = 0``: pjsua's default (1) demands TLS on the hop the worker itself
+    sees, and that hop is always the front over loopback UDP, so every SRTP call would be
+    refused. The keys travel in the SDP; the front terminates TLS toward the platform and the
+    phones, and the loopback hop never leaves the host. Which transports may carry keys is the
+    deployment's choice (``sip_tls_port``), not the worker's.
+    """
+    media.srtpUse = getattr(pj, _SRTP_USE[mode])
+    media.srtpSecureSignaling = 0
+    media.srtpOpt.keyings = pj.IntVector([pj.PJMEDIA_SRTP_KEYING_SDES])
 
 
 def _placement_token(msg: str) -> str:
@@ -261,6 +279,7 @@ class Worker:
         acfg.natConfig.sdpNatRewriteUse = 0
         acfg.natConfig.viaRewriteUse = 0
         acfg.natConfig.contactRewriteUse = 0
+        _srtp(acfg.mediaConfig, a.srtp)
         if a.proxy:  # every request (BYE to the platform, INVITE to a phone) goes through the front
             acfg.sipConfig.proxies = pj.StringVector([a.proxy])
         if siprec_use is not None:
@@ -394,7 +413,7 @@ class Worker:
                 _audio_only(prm.opt, 1)
                 prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
                 prm.opt.mediaDir = pj.IntVector([pj.PJMEDIA_DIR_ENCODING])
-                call.makeCall(cmd.uri, prm)  # raises pj.Error for a URI pj refuses
+                call.makeCall(tls_hop_uri(cmd.uri), prm)  # raises pj.Error for a URI pj refuses
                 call.ringing_since = time.monotonic()
                 self.calls[call.key] = call
                 conv.phone = call
