@@ -111,7 +111,9 @@ async def test_track_paces_sends_silence_when_tap_is_late_and_bounds_buffer(tap_
     t0 = loop.time()
     outs = [await track.recv() for _ in range(30)]
     elapsed = loop.time() - t0
-    assert 0.5 < elapsed < 0.75  # 29 ticks of 20 ms after the first
+    # 29 ticks of 20 ms after the first: paced, never faster than real time. How much slower
+    # depends on the machine's load (a loaded CI machine took 3.3 s), so no upper bound here.
+    assert elapsed > 0.5
     assert all(isinstance(p, av.Packet) for p in outs)
     assert [p.pts for p in outs] == [i * 960 for i in range(30)]
     assert track.stats.frames_in == 10 and track.stats.underruns == 20  # EOF -> silence

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 Forward = Callable[[str, str, bool], None]
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 #: Seconds a media process may take to come up, and to answer an offer.
-READY_TIMEOUT = 15.0
+READY_TIMEOUT = 30.0
 ANSWER_TIMEOUT = 10.0
 RESTART_DELAY = 0.5
 
