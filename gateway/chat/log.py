@@ -71,7 +71,7 @@ class ChatEntry:
 
 @runtime_checkable
 class ChatLog(Protocol):
-    """What the chat plane needs from a durable log (SQLite today, Redis Streams later)."""
+    """What the chat plane needs from a durable log (SQLite, or Redis Streams with GATEWAY_REDIS_URL)."""
 
     async def append(
         self,
