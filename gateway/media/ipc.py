@@ -6,7 +6,7 @@ Two channels per media process:
   object per line, each message a small frozen dataclass tagged by its ``TYPE``; the codec is
   the SIP worker protocol's (:class:`gateway.sip.protocol.JsonLineCodec`). A command with ``re``
   set is a request: the media process answers it with a :class:`Reply` carrying the same ``re``.
-* **audio**: the media process's own unix datagram socket (its path is in :class:`Ready`). The
+* **audio**: the media process's own unix seqpacket socket (its path is in :class:`Ready`). The
   SIP workers send the LegFrames of every conversation it serves straight there
   (:class:`gateway.sip.protocol.SetTap` with ``to``), in the LegFrame wire format of
   :mod:`gateway.sip.protocol`: the main process never touches the audio.
