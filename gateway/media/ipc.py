@@ -17,15 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
+# The bases, Quit (close every listener and exit) and the codec are the SIP worker protocol's.
+from ..sip.protocol import Command as Command
+from ..sip.protocol import Event as Event
 from ..sip.protocol import JsonLineCodec
+from ..sip.protocol import Quit as Quit
 
 # --- main process -> media process ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Command:
-    TYPE: ClassVar[str]
-    re: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,19 +48,7 @@ class Close(Command):
     reason: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class Quit(Command):
-    """Close every listener and exit."""
-
-    TYPE: ClassVar[str] = "quit"
-
-
 # --- media process -> main process ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Event:
-    TYPE: ClassVar[str]
 
 
 @dataclass(frozen=True, kw_only=True)
