@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -107,6 +108,22 @@ def test_rate_limit_per_source() -> None:
     limit.sweep(10.0)
     assert len(limit) == 0  # full buckets are forgotten
     assert RateLimit(0, 1).wait("a", 0.0) == 0.0  # 0 turns it off
+
+
+def worker_bye(rig: Any, transport: str, platform_port: int, rr: list[str], ok: bytes, fwd: Any) -> bytes:
+    """The BYE a worker sends toward the platform of the dialog ``fwd``/``ok`` set up, along its
+    route set (both of the front's Record-Route entries)."""
+    lines = [
+        f"BYE sip:platform@127.0.0.1:{platform_port};transport={transport} SIP/2.0",
+        f"Via: SIP/2.0/UDP 127.0.0.1:{rig.worker.port};rport;branch=z9hG4bKw{uuid.uuid4().hex[:8]}",
+        f"Route: {rr[0]}, {rr[1]}",
+        f"From: {response_header(ok.decode(), 'to')[0]}",
+        f"To: {fwd.get('from')}",
+        f"Call-ID: {fwd.call_id}",
+        "CSeq: 5 BYE",
+        "Content-Length: 0",
+    ]
+    return (CRLF.join(lines) + CRLF + CRLF).encode()
 
 
 async def test_an_invite_flood_from_one_source_is_limited_others_get_through(rig: Rig) -> None:
@@ -333,17 +350,7 @@ async def test_a_call_through_the_front_over_tcp(rig: Rig) -> None:
         ok = await tcp.recv()
         assert ok is not None and ok.startswith(b"SIP/2.0 200")
         # The worker's BYE, along its route set (both of our entries), goes out on that connection.
-        bye_lines = [
-            f"BYE sip:platform@127.0.0.1:{tcp.port};transport=tcp SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{rig.worker.port};rport;branch=z9hG4bKw{uuid.uuid4().hex[:8]}",
-            f"Route: {rr[0]}, {rr[1]}",
-            f"From: {response_header(ok.decode(), 'to')[0]}",
-            f"To: {fwd.get('from')}",
-            f"Call-ID: {fwd.call_id}",
-            "CSeq: 5 BYE",
-            "Content-Length: 0",
-        ]
-        rig.worker.send((CRLF.join(bye_lines) + CRLF + CRLF).encode(), rig.port)
+        rig.worker.send(worker_bye(rig, "tcp", tcp.port, rr, ok, fwd), rig.port)
         got = await tcp.recv()
         assert got is not None
         bye = parse_message(got)
@@ -760,17 +767,7 @@ async def test_a_call_through_the_front_over_tls(tls_rig: Rig, pki: dict[str, Pa
         rig.worker.send(answer(fwd, 200, "OK", contact=rig.worker.port), rig.port)
         ok = await tls.recv()
         assert ok is not None and ok.startswith(b"SIP/2.0 200")
-        bye_lines = [
-            f"BYE sip:platform@127.0.0.1:{tls.port};transport=tls SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{rig.worker.port};rport;branch=z9hG4bKw{uuid.uuid4().hex[:8]}",
-            f"Route: {rr[0]}, {rr[1]}",
-            f"From: {response_header(ok.decode(), 'to')[0]}",
-            f"To: {fwd.get('from')}",
-            f"Call-ID: {fwd.call_id}",
-            "CSeq: 5 BYE",
-            "Content-Length: 0",
-        ]
-        rig.worker.send((CRLF.join(bye_lines) + CRLF + CRLF).encode(), rig.port)
+        rig.worker.send(worker_bye(rig, "tls", tls.port, rr, ok, fwd), rig.port)
         got = await tls.recv()
         assert got is not None
         bye = parse_message(got)
