@@ -78,7 +78,7 @@ async def serve(settings: Settings) -> None:
     # Imported here: the audit commands need none of the server (aiohttp, aiortc, pjsua2 plumbing).
     from aiohttp import web
 
-    from gateway.api.context import RUNTIME, SERVICE, SIP
+    from gateway.api.context import CLUSTER, RUNTIME, SERVICE, SIP
     from gateway.app import create_app, make_runner
 
     app = create_app(settings)
@@ -106,6 +106,9 @@ async def serve(settings: Settings) -> None:
             sip = app.get(SIP)
             if sip is not None:
                 sip.set_draining(True)
+            cluster = app.get(CLUSTER)
+            if cluster is not None:
+                cluster.poke()  # the other instances (and their forwarding) know at once
             log.info("draining for up to %.0fs", settings.drain_seconds)
             drain_task.append(asyncio.ensure_future(drain()))
 
@@ -117,7 +120,11 @@ async def serve(settings: Settings) -> None:
 
         def busy() -> bool:
             sip = app.get(SIP)
-            return app[SERVICE].active_monitors() > 0 or (sip is not None and sip.stats().get("calls", 0) > 0)
+            if sip is not None and sip.stats().get("calls", 0) > 0:
+                return True
+            if CLUSTER in app:  # the monitors of the whole cluster are in the store: count this one's
+                return bool(app[CLUSTER].owned)
+            return app[SERVICE].active_monitors() > 0
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)

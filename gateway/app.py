@@ -23,7 +23,9 @@ from gateway.api.context import (
     AUTHENTICATOR,
     BUS,
     CHAT,
+    CLUSTER,
     DIRECTORY,
+    FORWARDER,
     JWKS,
     MEDIA,
     METRICS,
@@ -47,7 +49,7 @@ from gateway.policy.rules import END_MEDIA_FAILURE
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
 from gateway.store import SqliteStore, Store
-from gateway.wiring import DomainSipHooks, attach_planes
+from gateway.wiring import ClusterMediaOwners, DomainSipHooks, attach_planes, media_wanted
 
 log = logging.getLogger(__name__)
 WEB_DIR = PACKAGE_DIR / "web"
@@ -58,7 +60,12 @@ async def shared_ctx(app: web.Application) -> AsyncIterator[None]:
     from gateway.shared.connection import SharedState
 
     settings = app[SETTINGS]
-    shared = SharedState(settings.redis_url, timeout=settings.redis_timeout, prefix=settings.redis_prefix)
+    shared = SharedState(
+        settings.redis_url,
+        timeout=settings.redis_timeout,
+        prefix=settings.redis_prefix,
+        instance=settings.instance_name,
+    )
     app[SHARED] = shared
     yield
     await shared.close()
@@ -134,6 +141,12 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         shared = app[SHARED]
         redis_store = store = RedisStore(shared, lease_seconds=settings.voice_lease_seconds)
         EventFanout(shared, app[BUS])
+        from gateway.api.forwarding import Forwarder
+        from gateway.shared.cluster import Cluster, Instance
+
+        me = Instance(settings.instance_name, settings.base_url, *settings.sip_address)
+        cluster = app[CLUSTER] = Cluster(shared, me, ttl=settings.voice_lease_seconds)
+        app[FORWARDER] = Forwarder(cluster, store)
     else:
         sqlite_store = store = SqliteStore(settings.state_path)
     app[AUDIT] = audit
@@ -159,6 +172,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         await redis_store.start()
     yield
     if SHARED in app:
+        await app[FORWARDER].close()
         await redis_store.close()
     else:
         sqlite_store.close()
@@ -168,7 +182,8 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
 async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
     from gateway.sip.plane import SipPlane
 
-    plane = SipPlane(app[SETTINGS], DomainSipHooks(app[SERVICE], app[RUNTIME]))
+    owners = ClusterMediaOwners(app[CLUSTER]) if CLUSTER in app else None
+    plane = SipPlane(app[SETTINGS], DomainSipHooks(app[SERVICE], app[RUNTIME]), owners=owners)
     await plane.start()
     app[SIP] = plane
     yield
@@ -203,7 +218,13 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
 
         # events published while this instance can not hear them would be missed silently
         app[SHARED].on_lost(lambda: runtime.background.spawn(close_for_lost_state()))
+        cluster = app[CLUSTER]
+        cluster.wanted = lambda: media_wanted(app)
+        cluster.draining = lambda: runtime.draining
+        await cluster.start()
     yield
+    if CLUSTER in app:
+        await app[CLUSTER].close()  # out of the registry, media leases freed, before the planes stop
     await app[PLANES].close_listeners()
     # The planes' reactions still running are cancelled while the planes still exist.
     await app[RUNTIME].background.cancel_all()

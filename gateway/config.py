@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -92,6 +93,12 @@ class Settings:
     #: TTL of the voice slot's lease (R8); the owning instance renews it every third of it, so a
     #: crashed instance's slot frees itself within this time.
     voice_lease_seconds: float = 6.0
+    #: This instance's name in the cluster registry and its leases (Redis mode). Empty:
+    #: ``{host}:{port}`` (unique per host and port; set it when several hosts share an address).
+    instance_id: str = ""
+    #: The host other instances reach this one's SIP address on (a relayed INVITE). Empty:
+    #: ``sip_host``, or the host of ``public_url`` when ``sip_host`` is a wildcard.
+    sip_public_host: str = ""
     #: How long a login session's rights are kept in Redis (Keycloak's "SSO Session Max").
     session_max_seconds: float = 36000.0
     #: Redis chat log: a conversation's entries expire this long after its last one (0: kept).
@@ -202,6 +209,18 @@ class Settings:
     @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance_id or f"{self.host}:{self.port}"
+
+    @property
+    def sip_address(self) -> tuple[str, int]:
+        """Where other instances send this one a relayed INVITE."""
+        host = self.sip_public_host or self.sip_host
+        if host in ("", "0.0.0.0", "::"):
+            host = urlsplit(self.base_url).hostname or "127.0.0.1"
+        return host, self.sip_port
 
     @property
     def embedded_idp(self) -> bool:

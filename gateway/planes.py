@@ -73,6 +73,8 @@ class SipPlane(Protocol):
 
     def forward_frames(self, cid: str, path: str, on: bool) -> None: ...
 
+    def conversations(self) -> set[str]: ...
+
 
 class WebRtcPlane(Protocol):
     """``gateway.media.pool.MediaProcesses``: the WebRTC media processes."""
@@ -162,6 +164,10 @@ class Planes:
             failure = rules.END_MEDIA_FAILURE
         self._pending_phones.pop(cid, None)
         return failure
+
+    def pending_conversations(self) -> set[str]:
+        """Conversations with a supervisor phone waiting for their first leg."""
+        return set(self._pending_phones)
 
     def take_pending_phone(self, cid: str) -> str | None:
         """The monitor whose phone waits for ``cid``'s first leg, if any (now no longer waiting)."""

@@ -12,11 +12,12 @@ from typing import cast
 
 from aiohttp import web
 
-from gateway.api.context import BUS, CHAT, JWKS, MEDIA, METRICS, PLANES, RUNTIME, SERVICE
+from gateway.api.context import BUS, CHAT, JWKS, MEDIA, METRICS, PLANES, RUNTIME, SERVICE, SIP
 from gateway.domain import DomainEvent, EventType, Leg
 from gateway.policy import rules
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
+from gateway.shared.cluster import Cluster
 from gateway.sip.parties import Parties
 
 log = logging.getLogger(__name__)
@@ -111,3 +112,44 @@ class DomainSipHooks:
 
     def on_phone_ended(self, monitor_id: str, reason: str) -> None:
         self._service.voice_lost(monitor_id, reason)
+
+
+def media_wanted(app: web.Application) -> set[str]:
+    """Conversations whose media this instance must keep holding (``Cluster.wanted``): legs or
+    calls on its SIP workers, a supervisor phone waiting for the legs, a WebRTC listener, or a
+    voice slot it holds (the monitor's listener or phone comes here)."""
+    wanted: set[str] = set()
+    sip = app.get(SIP)
+    if sip is not None:
+        wanted |= sip.conversations()
+    planes = app[PLANES]
+    wanted |= planes.pending_conversations()
+    store = app[SERVICE].store
+    for mid in planes.listeners:
+        monitor = store.get_monitor(mid)
+        if monitor is not None:
+            wanted.add(monitor.conversation)
+    wanted |= set(getattr(store, "leases", {}))
+    return wanted
+
+
+class ClusterMediaOwners:
+    """The SIP plane's view of the cluster (``gateway.sip.plane.MediaOwners``)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    async def claim(self, cid: str) -> tuple[str, int] | None:
+        owner = await self._cluster.claim_media(cid)
+        return owner.sip if owner is not None else None
+
+    async def owner(self, cid: str) -> tuple[str, int] | None:
+        owner = await self._cluster.media_owner(cid)
+        return owner.sip if owner is not None else None
+
+    @property
+    def marker(self) -> str:
+        return self._cluster.secret
+
+    def is_marker(self, value: str | None) -> bool:
+        return self._cluster.is_forwarded(value)

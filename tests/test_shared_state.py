@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from devtools.redis_server import RedisServer, start_redis
-from gateway.api.context import SERVICE, SHARED
+from gateway.api.context import CLUSTER, SERVICE, SHARED
 from gateway.app import create_app, make_runner
 from gateway.domain import Conversation, Direction, Monitor
 from gateway.shared.connection import SharedState
@@ -329,6 +329,7 @@ async def test_an_instance_that_stops_renewing_loses_the_voice_to_media_failure(
         # A hangs (its lease upkeep stops, as in a crash): within the TTL B frees the slot and
         # ends that monitor's voice; its chat goes on
         store_a._tasks[0].cancel()
+        a.app[CLUSTER]._task.cancel()  # type: ignore[index,union-attr]  # its registry card expires too
         while True:
             event = await next_event(events_b, "monitor_updated")
             if event["monitor"]["id"] == held.body["id"]:

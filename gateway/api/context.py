@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.forwarding import Forwarder
 from gateway.config import Settings
 from gateway.events import EventBus
 from gateway.metrics import Metrics
@@ -12,6 +13,7 @@ from gateway.policy.audit import AuditLog
 from gateway.policy.auth import Authenticator, Directory, JwksCache
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
+from gateway.shared.cluster import Cluster
 from gateway.shared.connection import SharedState
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -37,3 +39,7 @@ MEDIA = web.AppKey("media", WebRtcPlane)
 WHEP = web.AppKey("whep", Listeners)
 #: The instance's Redis connection (``gateway.shared``), present only with ``GATEWAY_REDIS_URL``.
 SHARED = web.AppKey("shared", SharedState)
+#: With ``GATEWAY_REDIS_URL``: this instance in the cluster (registry, media owners).
+CLUSTER = web.AppKey("cluster", Cluster)
+#: With ``GATEWAY_REDIS_URL``: sends what needs a conversation's media to the instance holding it.
+FORWARDER = web.AppKey("forwarder", Forwarder)

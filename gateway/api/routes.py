@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from gateway.api import models
-from gateway.api.context import BUS, CHAT, METRICS, RUNTIME, SERVICE, SETTINGS
+from gateway.api.context import BUS, CHAT, FORWARDER, METRICS, RUNTIME, SERVICE, SETTINGS
 from gateway.api.identity import authenticate, authenticate_supervisor
 from gateway.api.validation import conversation_id, read_body, sequence_number
 from gateway.domain import Principal
@@ -133,12 +134,24 @@ async def get_conversation(request: web.Request) -> web.Response:
 @routes.post("/v1/conversations/{cid}/monitors")
 async def start_monitor(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
-    refuse_when_draining(request)
+    forwarder = request.app.get(FORWARDER)
+    if forwarder is None:
+        refuse_when_draining(request)
     cid = _cid(request)
     body = await read_body(
         request, models.MonitorStartIn, max_bytes=request.app[SETTINGS].max_body_bytes, required=False
     )
     voice = None if body.voice is None else body.voice.model_dump()
+    if forwarder is not None:  # several instances: a voice monitor is opened where the media is
+        draining = request.app[RUNTIME].draining
+        target = await forwarder.monitor_target(request, cid, voice=voice is not None, draining=draining)
+        if target is not None:
+            forwarded = json.dumps({"voice": voice}).encode()
+            answer = await forwarder.forward(request, target, forwarded, content_type="application/json")
+            if answer.status == 201 and answer.body is not None:
+                await forwarder.seen(json.loads(bytes(answer.body))["id"])  # type: ignore[arg-type]
+            return answer
+        refuse_when_draining(request)
     monitor = await request.app[SERVICE].start_monitor(principal, cid, voice)
     request.app[METRICS].monitors_started.labels(voice=monitor.voice_kind.value if monitor.voice_kind else "none").inc()
     return _json(monitor_json(monitor), 201)

@@ -12,7 +12,7 @@ from collections.abc import Collection
 
 from aiohttp import web
 
-from gateway.api.context import MEDIA, METRICS, PLANES, SERVICE, SETTINGS, SIP
+from gateway.api.context import FORWARDER, MEDIA, METRICS, PLANES, RUNTIME, SERVICE, SETTINGS, SIP
 from gateway.api.identity import authenticate_supervisor
 from gateway.api.routes import refuse_when_draining
 from gateway.api.validation import read_limited
@@ -29,11 +29,21 @@ async def whep_offer(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
     app = request.app
     settings = app[SETTINGS]
-    refuse_when_draining(request)
+    forwarder = app.get(FORWARDER)
+    if forwarder is None:
+        refuse_when_draining(request)
     conversation, monitor = app[SERVICE].check_may_listen(principal, request.match_info["mid"])
     if request.content_type != "application/sdp":
         raise GatewayError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the offer as application/sdp")
-    offer = (await read_limited(request, settings.max_body_bytes)).decode("utf-8", errors="replace")
+    raw = await read_limited(request, settings.max_body_bytes)
+    if forwarder is not None:  # several instances: the listener is served where the media is
+        target = await forwarder.listen_target(request, monitor.conversation, draining=app[RUNTIME].draining)
+        if target is not None:
+            if "Origin" in request.headers:  # a browser: see gateway.api.forwarding
+                return await forwarder.forward(request, target, raw)
+            return forwarder.redirect(request, target)
+        refuse_when_draining(request)
+    offer = raw.decode("utf-8", errors="replace")
     sip = app.get(SIP)
     if sip is None:
         raise GatewayError(ErrorCode.SIP_DISABLED, "no SIP media on this gateway, so there is nothing to listen to")
@@ -86,6 +96,13 @@ async def whep_delete(request: web.Request) -> web.Response:
     session = request.app[PLANES].take_listener(monitor.id, request.match_info["session"])
     if session is not None:  # already gone (closed, replaced, monitor ended): DELETE is idempotent
         await session.close("deleted")
+        return web.Response(status=204)
+    forwarder = request.app.get(FORWARDER)
+    if forwarder is not None and not forwarder.forwarded(request):
+        # a browser's listener is served by the media owner behind the instance it talks to
+        owner = await forwarder.owner(monitor.conversation)
+        if owner is not None:
+            return await forwarder.forward(request, owner)
     return web.Response(status=204)
 
 

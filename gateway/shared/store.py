@@ -177,6 +177,8 @@ class RedisStore(MemoryStore):
             if lease is not None and lease[0] == monitor.id and not monitor.has_voice:
                 # it ended (or lost its voice) on another instance, which freed the slot
                 del self.leases[monitor.conversation]
+            if not monitor.has_voice and self._voice.get(monitor.conversation) == monitor.id:
+                del self._voice[monitor.conversation]  # e.g. its lease expired and another instance reaped it
         elif "voice" in message:
             cid, mid = message["voice"], message.get("monitor")
             if mid:

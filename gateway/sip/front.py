@@ -24,6 +24,7 @@ address (503 + ``Retry-After``). Malformed input never raises out of :meth:`SipF
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import re
@@ -31,7 +32,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 
 from ..config import Settings
@@ -98,9 +99,21 @@ class Forward:
     token: str
 
 
-Decision = Refuse | Forward
-#: decide(msg) → what to do with a new INVITE (called once per INVITE transaction).
-Decider = Callable[[SipMessage], Decision]
+@dataclass(frozen=True)
+class Relay:
+    """The INVITE goes to another gateway instance (``instance``: its SIP address), which holds
+    the conversation's media and places it itself; ``marker`` tells it not to relay it again."""
+
+    instance: tuple[str, int]
+    marker: str
+
+
+Decision = Refuse | Forward | Relay
+#: decide(msg) → what to do with a new INVITE (called once per INVITE transaction), or an
+#: awaitable of it (a cluster asks Redis which instance holds the conversation first).
+Decider = Callable[[SipMessage], Decision | Awaitable[Decision]]
+#: The header a relayed INVITE carries (the cluster's secret: see ``gateway.shared.cluster``).
+RELAY_HEADER = "x-gateway-relay"
 
 
 def loopback_host(sip_host: str) -> str:
@@ -154,6 +167,8 @@ class SipFront:
         self.client_tls = ssl.create_default_context(cafile=settings.sip_tls_ca or None)
         self.bind_host = settings.sip_host
         self.inner_host = loopback_host(settings.sip_host)
+        #: our Via host on an INVITE relayed to another instance (the address it reaches us on)
+        self.relay_host = self.inner_host
         self.my_hosts = {self.inner_host, "127.0.0.1", "localhost", settings.sip_host} - _WILDCARD
         self.limit = RateLimit(settings.sip_invite_rate, settings.sip_invite_burst)
         self.udp: asyncio.DatagramTransport | None = None
@@ -164,8 +179,12 @@ class SipFront:
         self.answered: dict[tuple[str, str, str], tuple[bytes, float]] = {}
         #: (call-id, branch) → retransmission timer handle, until the ACK arrives
         self.awaiting_ack: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        #: (call-id, incoming branch) → the INVITE forwarded to a worker
+        #: (call-id, incoming branch) → the INVITE forwarded to a worker (or relayed to an instance)
         self.forwarded: dict[tuple[str, str], _Forwarded] = {}
+        #: (call-id, incoming branch) of INVITEs whose decision is awaited: retransmissions wait too
+        self.deciding: set[tuple[str, str]] = set()
+        #: our branch → expiry, of requests relayed to another instance: their responses go outside
+        self.relayed: dict[str, float] = {}
         #: our branch → (TCP connection the request came on, expires): its responses go back there
         self.tcp_requests: dict[str, tuple[SipConnection, float]] = {}
         #: Call-ID → TCP connection a dialog's platform uses (requests toward it go on it)
@@ -174,7 +193,7 @@ class SipFront:
         self._tasks: set[asyncio.Task[None]] = set()  # resolutions and outgoing connections in flight
         # the plane's front_* stats
         self.counts = {
-            "malformed": 0, "invites": 0, "rejected": 0, "forwarded": 0, "rate_limited": 0, "refusal_logs_dropped": 0,
+            "malformed": 0, "invites": 0, "rejected": 0, "forwarded": 0, "relayed": 0, "rate_limited": 0, "refusal_logs_dropped": 0,
         }  # fmt: skip
         #: source address → (monotonic second of its last refusal log line, lines dropped since)
         self._refusal_logged: dict[str, tuple[float, int]] = {}
@@ -346,6 +365,7 @@ class SipFront:
         self._last_sweep = now
         self.answered = {k: v for k, v in self.answered.items() if v[1] > now}
         self.forwarded = {k: v for k, v in self.forwarded.items() if v.expires > now}
+        self.relayed = {k: v for k, v in self.relayed.items() if v > now}
         self.tcp_requests = {k: v for k, v in self.tcp_requests.items() if v[1] > now and not v[0].closed}
         self.dialog_connections = {k: c for k, c in self.dialog_connections.items() if not c.closed}
         self.limit.sweep(now)
@@ -416,6 +436,8 @@ class SipFront:
         if fwd is not None:
             self._send(fwd.data, Peer(fwd.worker))
             return
+        if (msg.call_id, msg.branch) in self.deciding:
+            return  # its decision is on its way; the INVITE is forwarded (or answered) then
         contacts = values(msg, "contact")  # none is RFC 2543 (RFC 4475 §3.4); pjsua says 500 to a bad one
         if len(contacts) > 1 or contacts and parse_uri(contacts[0]) is None:
             self.counts["malformed"] += 1
@@ -441,19 +463,52 @@ class SipFront:
         except Exception:
             log.exception("sip front: decide failed")
             decision = Refuse(500)
+        if inspect.isawaitable(decision):
+            key = (msg.call_id, msg.branch)
+            self.deciding.add(key)
+            self._spawn(self._decide_later(msg, peer, decision, key))
+            return
+        self._decided(msg, peer, decision, now)
+
+    async def _decide_later(
+        self, msg: SipMessage, peer: Peer, pending: Awaitable[Decision], key: tuple[str, str]
+    ) -> None:
+        try:
+            decision = await pending
+        except SipParseError as exc:
+            decision = Refuse(exc.status, str(exc))
+        except Exception:
+            log.exception("sip front: decide failed")
+            decision = Refuse(500)
+        finally:
+            self.deciding.discard(key)
+        self._decided(msg, peer, decision, time.monotonic())
+
+    def _decided(self, msg: SipMessage, peer: Peer, decision: Decision, now: float) -> None:
         if isinstance(decision, Refuse):
             self.counts["rejected"] += 1
             extra = [*decision.headers, _ACCEPT] if decision.status == 415 else decision.headers
             self._final(msg, peer, decision.status, decision.reason, extra)
             return
         self.counts["forwarded"] += 1
-        if peer.conn is not None:
-            self.dialog_connections[msg.call_id] = peer.conn
         in_branch = msg.branch
-        push_header(msg, PLACEMENT_HEADER, decision.token)
-        data = self._forward(msg, peer, Peer(decision.worker), record_route=True)
+        remove_header(msg, RELAY_HEADER)
+        if isinstance(decision, Relay):
+            # Stateless (RFC 3261 §16.11) and not record-routed: the dialog is the owner's, so
+            # its later requests go straight there and a crash of this instance does not end it.
+            self.counts["relayed"] += 1
+            push_header(msg, RELAY_HEADER, decision.marker)
+            dest = decision.instance
+            self.relayed[stateless_branch(msg)] = now + 2 * _TIMER_H
+            data = self._forward(msg, peer, Peer(dest), record_route=False)
+        else:
+            if peer.conn is not None:
+                self.dialog_connections[msg.call_id] = peer.conn
+            push_header(msg, PLACEMENT_HEADER, decision.token)
+            dest = decision.worker
+            data = self._forward(msg, peer, Peer(dest), record_route=True)
         if data is not None:
-            self.forwarded[(msg.call_id, in_branch)] = _Forwarded(decision.worker, data, now + 2 * _TIMER_H)
+            self.forwarded[(msg.call_id, in_branch)] = _Forwarded(dest, data, now + 2 * _TIMER_H)
 
     def _ack(self, msg: SipMessage, peer: Peer) -> None:
         key = (msg.call_id, msg.branch)
@@ -558,7 +613,10 @@ class SipFront:
             pop_header(msg, "via")
             via = top_via_value(top, source)
             push_header(msg, "via", via)
-        out_host = self.inner_host if outside else self._outer_host(Peer(dest))
+        if outside:
+            out_host = self.inner_host if dest in self.workers() else self.relay_host
+        else:
+            out_host = self._outer_host(Peer(dest))
         out_port = self.tls_port if transport == "TLS" else self.port
         push_header(msg, "via", f"SIP/2.0/{transport} {out_host}:{out_port};branch={branch};rport")
         if record_route:
@@ -589,7 +647,7 @@ class SipFront:
         if nxt is None:
             return
         data = msg.to_bytes()
-        if self._is_worker(peer):  # toward the platform or phone
+        if self._is_worker(peer) or branch in self.relayed:  # toward the platform or phone
             conn = self.tcp_requests.get(branch, (None, 0.0))[0]
             if conn is not None and not conn.closed:
                 conn.write(data)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from ..config import Settings
 from ..errors import ErrorCode, GatewayError
-from .front import Decision, Forward, Refuse, SipFront
+from .front import RELAY_HEADER, Decision, Forward, Refuse, Relay, SipFront
 from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, valid_sip_uri
 from .parties import Parties
 from .placement import Placement, Refusal
@@ -85,6 +85,22 @@ class SipHooks(Protocol):  # implemented by the control plane; all called on the
     ) -> None: ...  # phone hung up: 'left'; worker died: 'media_failure'; call failed: 'phone_unreachable'
 
 
+class MediaOwners(Protocol):
+    """Which gateway instance holds a conversation's media (several instances on one Redis,
+    ``gateway.shared.cluster``): the legs of a conversation must meet on one instance."""
+
+    # None: this instance holds it (now); else the SIP address of the live instance that does.
+    # Raises GatewayError when that can not be told (Redis unreachable).
+    def claim(self, cid: str) -> Awaitable[tuple[str, int] | None]: ...
+
+    def owner(self, cid: str) -> Awaitable[tuple[str, int] | None]: ...  # the same, without claiming
+
+    @property
+    def marker(self) -> str: ...  # the RELAY_HEADER value an instance puts on a relayed INVITE
+
+    def is_marker(self, value: str | None) -> bool: ...
+
+
 class SipPlane:
     """Facade of the SIP plane; every method runs on the asyncio loop thread.
 
@@ -92,9 +108,19 @@ class SipPlane:
     in-process fake worker speaks the same protocol).
     """
 
-    def __init__(self, settings: Settings, hooks: SipHooks, *, spawn: Spawn = spawn_subprocess) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hooks: SipHooks,
+        *,
+        spawn: Spawn = spawn_subprocess,
+        owners: MediaOwners | None = None,
+    ) -> None:
         self.settings = settings
         self.hooks = hooks
+        #: set in a cluster: a new conversation's INVITE is placed here only if this instance
+        #: holds (or now claims) its media, else relayed to the instance that does
+        self.owners = owners
         self.taps = TapFanout(self._switch_tap)
         #: conversation -> media process sockets its worker sends the LegFrames to as well
         self.forwards: dict[str, set[str]] = {}
@@ -128,6 +154,7 @@ class SipPlane:
         """Bind the SIP front, UDP and TCP (raises ``OSError`` if the port is taken), spawn the
         workers (``RuntimeError`` if they are not ready within ``sip_worker_ready_timeout``)."""
         front = self.front = SipFront(self.settings, self._decide_invite, self._options_ok, self._worker_addresses)
+        front.relay_host = self.settings.sip_address[0]
         await front.start()
         self._started = True
         try:
@@ -175,8 +202,9 @@ class SipPlane:
         """The workers' SIP addresses (loopback only): what the front forwards to and trusts."""
         return {("127.0.0.1", w.sip_port) for w in self.workers}
 
-    def _decide_invite(self, msg: SipMessage) -> Decision:
-        if self.draining or self.stopping or self._safe(self.hooks.accepting) is False:
+    def _decide_invite(self, msg: SipMessage) -> Decision | Awaitable[Decision]:
+        draining = self.draining or self.stopping or self._safe(self.hooks.accepting) is False
+        if draining and self.owners is None:
             _log_refusal(msg, 503, "draining", None)
             return Refuse(503, "Draining", _RETRY)
         try:
@@ -184,6 +212,39 @@ class SipPlane:
         except SipParseError as exc:
             _log_refusal(msg, exc.status, str(exc), exc.conversation)
             raise
+        if self.owners is None:
+            return self._place(msg, info)
+        if not draining and info.conversation in self.placement.conversations:
+            return self._place(msg, info)  # held here already: no need to ask
+        return self._decide_in_cluster(self.owners, msg, info, draining)
+
+    async def _decide_in_cluster(
+        self, owners: MediaOwners, msg: SipMessage, info: InviteInfo, draining: bool
+    ) -> Decision:
+        """Place the INVITE here if this instance holds the conversation's media or claims it
+        now; relay it (once: a relayed INVITE is never relayed again) to the instance that does."""
+        cid = info.conversation
+        relayed = owners.is_marker(msg.get(RELAY_HEADER))
+        try:
+            # a draining instance takes no new conversation, but still sends a leg to its owner
+            owner = await (owners.owner(cid) if draining else owners.claim(cid))
+        except GatewayError as exc:
+            _log_refusal(msg, 503, f"which instance holds the conversation is unknown ({exc.code})", cid)
+            return Refuse(503, "State Unavailable", _RETRY)
+        if owner is not None and not relayed:
+            log.info("sip: INVITE relayed to the instance holding the conversation", extra={
+                "conversation": cid, "call_id": msg.call_id, "instance": f"{owner[0]}:{owner[1]}",
+            })  # fmt: skip
+            return Relay(owner, owners.marker)
+        if draining or self.stopping:
+            _log_refusal(msg, 503, "draining", cid)
+            return Refuse(503, "Draining", _RETRY)
+        if owner is not None:  # taken over between the two instances' looks: let the platform retry
+            _log_refusal(msg, 503, "relayed, but another instance holds the conversation", cid)
+            return Refuse(503, "Conversation Moved", _RETRY)
+        return self._place(msg, info)
+
+    def _place(self, msg: SipMessage, info: InviteInfo) -> Decision:
         wanted = {s for s in info.streams if s}
         res = self.placement.reserve(
             info.conversation, info.kind, wanted, self.supervisor.ready_workers(), time.monotonic()
@@ -270,6 +331,10 @@ class SipPlane:
             self.taps.finish(conv.cid)
 
     # --- public API ------------------------------------------------------------------------
+    def conversations(self) -> set[str]:
+        """Conversations placed on this instance's workers (legs, calls, phones, reservations)."""
+        return set(self.placement.conversations)
+
     def legs(self, cid: str) -> set[str]:
         """Legs of ``cid`` currently connected (media up)."""
         conv = self.placement.conversations.get(cid)
@@ -370,6 +435,7 @@ class SipPlane:
             "front_rejected": float(self.front.counts["rejected"] if self.front else 0),
             "front_malformed": float(self.front.counts["malformed"] if self.front else 0),
             "front_forwarded": float(self.front.counts["forwarded"] if self.front else 0),
+            "front_relayed": float(self.front.counts["relayed"] if self.front else 0),
             "front_rate_limited": float(self.front.counts["rate_limited"] if self.front else 0),
             "front_refusal_logs_dropped": float(self.front.counts["refusal_logs_dropped"] if self.front else 0),
         }
