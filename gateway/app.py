@@ -221,6 +221,14 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
         cluster = app[CLUSTER]
         cluster.wanted = lambda: media_wanted(app)
         cluster.draining = lambda: runtime.draining
+        service = app[SERVICE]
+        placed = app.get(SIP)
+        cluster.legs_elsewhere = lambda: {
+            c.id
+            for c in service.store.conversations()
+            if c.voice_legs and not c.ended and (placed is None or c.id not in placed.conversations())
+        }
+        cluster.on_orphaned = lambda cid: service.legs_lost(cid, END_MEDIA_FAILURE)
         await cluster.start()
     yield
     if CLUSTER in app:

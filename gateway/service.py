@@ -350,6 +350,18 @@ class MonitoringService:
         conversation.touch()
         self._publish_conversation(conversation)
 
+    def legs_lost(self, cid: str, reason: str) -> None:
+        """Every leg of ``cid`` ended at once: the instance holding them is gone (a cluster)."""
+        conversation = self.store.get_conversation(cid)
+        if conversation is None or conversation.ended:
+            return
+        # the voice its monitors had ended with the media (``reason``), not with the call
+        for monitor in self.store.monitors_of(cid):
+            if monitor.active and monitor.has_voice:
+                self._drop_voice(conversation, monitor, reason)
+        for leg in sorted(conversation.voice_legs):
+            self.leg_ended(cid, leg, reason)
+
     def _start_session(self, conversation: Conversation, channel: Channel) -> None:
         if channel in conversation.sessions:
             return

@@ -109,6 +109,12 @@ class Cluster:
         self.draining: Callable[[], bool] = lambda: False
         #: told when a media lease of this instance was taken over by another one
         self.on_media_lost: Callable[[str], None] = lambda cid: None
+        #: conversations the shared state shows with legs up, and that are not placed here
+        self.legs_elsewhere: Callable[[], set[str]] = lambda: set()
+        #: told (on one instance) that such a conversation has no media owner any more: the
+        #: instance holding its legs died, so they are gone
+        self.on_orphaned: Callable[[str], None] = lambda cid: None
+        self._suspects: set[str] = set()
         #: the forwarding marker (see the module's docstring); empty until read from Redis
         self.secret = ""
         self._task: asyncio.Task[None] | None = None
@@ -183,6 +189,30 @@ class Cluster:
                 live[instance_id] = Instance.from_card(card)
         self.instances = live
         await self._upkeep()
+        await self._reap_orphans()
+
+    async def _reap_orphans(self) -> None:
+        """Conversations with legs up that no live instance holds the media of: their owner
+        died (its lease expired, or was taken over). Looked at on two heartbeats in a row (a normal release is heard of by
+        then: the legs' end is published before the lease is released); one instance (``SET
+        NX``) reports them."""
+        candidates = sorted(self.legs_elsewhere())
+        if not candidates:
+            self._suspects = set()
+            return
+        timeout = self._shared.operation_timeout
+        holders = await asyncio.wait_for(self._redis.mget([self._key("media", c) for c in candidates]), timeout)
+        # no holder, or this instance (it took the media over, e.g. for a new monitor, but its
+        # workers do not hold these legs): the legs the shared state shows are a dead instance's
+        missing = {cid for cid, holder in zip(candidates, holders) if holder is None or text_of(holder) == self.me.id}
+        confirmed, self._suspects = missing & self._suspects, missing - self._suspects
+        for cid in sorted(confirmed):
+            mine = await asyncio.wait_for(
+                self._redis.set(self._key("orphaned", cid), self.me.id, nx=True, px=self.ttl_ms * 10), timeout
+            )
+            if mine:
+                log.warning("the instance holding a conversation's legs is gone", extra={"conversation": cid})
+                self.on_orphaned(cid)
 
     async def _upkeep(self) -> None:
         wanted = self.wanted()

@@ -1,0 +1,420 @@
+"""Several gateway processes on one Redis are one gateway (issue 10): real Redis, two real
+``python -m gateway serve`` processes on loopback (B uses A's embedded identity provider),
+sipp legs and a pjsua2 phone; Kamailio in front once its harness is there."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from devtools.redis_server import RedisServer
+
+from .sip_support import (
+    AUDIO,
+    free_udp_block,
+    read_wav,
+    require_pjsua2,
+    require_tool,
+    start_phone,
+    start_sipp_leg,
+    tone_levels,
+)
+from .support import GatewayClient, free_port
+
+pytestmark = [pytest.mark.sip, pytest.mark.api]
+ROOT = Path(__file__).resolve().parent.parent
+#: TTL of the voice slot, the media-owner lease and the registry card (short: the crash test waits it out).
+LEASE = 1.5
+
+
+@dataclass
+class Instance:
+    """One gateway process and a client of its API."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    client: GatewayClient
+    sip_port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.client.base_url
+
+    def kill(self) -> None:
+        """kill -9 of the gateway process (its SIP workers see their control socket close)."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+async def start_instance(
+    tmp: Path, name: str, redis: RedisServer, prefix: str, http: aiohttp.ClientSession, idp: str | None = None
+) -> Instance:
+    port = free_port()
+    sip_port = free_udp_block(4)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GATEWAY_DEV": "true",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_INSTANCE_ID": name,
+        "GATEWAY_DATA_DIR": str(tmp / name),
+        "GATEWAY_REDIS_URL": redis.url,
+        "GATEWAY_REDIS_PREFIX": prefix,
+        "GATEWAY_VOICE_LEASE_SECONDS": str(LEASE),
+        "GATEWAY_SIP_PORT": str(sip_port),
+        "GATEWAY_SIP_WORKERS": "1",
+        "GATEWAY_RTP_PORT_BASE": str(free_udp_block(40, 30000, 39000)),
+        "GATEWAY_WEBRTC_PROCESSES": "0",
+        "GATEWAY_DRAIN_SECONDS": "30",
+        "GATEWAY_LOG_LEVEL": "INFO",
+    }
+    if idp is not None:
+        env["GATEWAY_KEYCLOAK_URL"] = idp
+    log = tmp / f"{name}.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=out, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    client = GatewayClient(base, idp or base, http)
+    instance = Instance(name, proc, client, sip_port, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.returncode is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}:\n{instance.tail()}")
+        try:
+            if (await client.call("GET", "/readyz")).status == 200:
+                return instance
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} not ready:\n{instance.tail()}")
+
+
+async def stop_instance(instance: Instance) -> None:
+    """Stop the process and whatever it started (its process group)."""
+    try:
+        os.killpg(instance.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    await instance.proc.wait()
+
+
+@asynccontextmanager
+async def cluster(tmp: Path, redis: RedisServer, prefix: str) -> AsyncIterator[tuple[Instance, Instance]]:
+    """Two instances on ``redis``: A with the embedded identity provider, B using A's."""
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        a = await start_instance(tmp, "gw-a", redis, prefix, http)
+        stack.push_async_callback(stop_instance, a)
+        b = await start_instance(tmp, "gw-b", redis, prefix, http, idp=a.url)
+        stack.push_async_callback(stop_instance, b)
+        yield a, b
+
+
+async def events_of(gateway: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await gateway.http.ws_connect(
+        gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"}
+    )
+    assert (await ws.receive_json(timeout=5))["type"] == "hello"
+    return ws
+
+
+async def monitor_event(ws: aiohttp.ClientWebSocketResponse, mid: str, timeout: float) -> dict[str, Any]:
+    """The next monitor_updated / monitor_ended of monitor ``mid``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        event = await ws.receive_json(timeout=max(0.1, deadline - time.monotonic()))
+        if event["type"] in ("monitor_updated", "monitor_ended") and event["monitor"]["id"] == mid:
+            return dict(event)
+
+
+async def until(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def voice_legs(gw: GatewayClient, cid: str) -> set[str]:
+    answer = await gw.call("GET", f"/v1/conversations/{cid}", await gw.platform())
+    return set(answer.body["voice_legs"]) if answer.status == 200 else set()
+
+
+async def whep_offer() -> str:
+    """A browser-like WHEP offer (receive-only audio, DTLS fingerprint) from aiortc."""
+    from aiortc import RTCPeerConnection
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = pc.localDescription.sdp
+    await pc.close()
+    return offer
+
+
+async def reap(*procs: asyncio.subprocess.Process) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+# ---------------------------------------------------------------------------- API on any instance
+
+
+async def test_fifty_voice_monitors_over_both_instances_one_wins_and_chat_resumes_elsewhere(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
+        assert (await a.client.conversation("c50")).status == 201
+        sam, tom = await a.client.login("sam"), await a.client.login("tom")
+
+        async def attempt(i: int) -> Any:
+            via = (a, b)[i % 2].client
+            return await via.call(
+                "POST", "/v1/conversations/c50/monitors", sam if i % 4 < 2 else tom, {"voice": {"kind": "webrtc"}}
+            )
+
+        answers = await asyncio.gather(*(attempt(i) for i in range(50)))
+        created = [x for x in answers if x.status == 201]
+        assert len(created) == 1, [(x.status, x.code) for x in answers]
+        refusals = {(x.status, x.code) for x in answers if x.status != 201}
+        assert refusals <= {(409, "already_monitoring"), (409, "voice_monitor_busy")}, refusals
+        monitor = created[0].body
+        assert monitor["channels"] == ["chat", "voice"]
+        holder = sam if monitor["supervisor"] == "sam" else tom
+        # the monitor is known on both instances at once (the forwarding instance waits for it)
+        for gw in (a, b):
+            assert (await gw.client.call("GET", f"/v1/monitors/{monitor['id']}", holder)).status == 200
+
+        # WHEP: the instance that does not hold the media answers 307 to the one that does; a
+        # browser (Origin) gets the answer forwarded instead (it drops Authorization on a
+        # cross-origin redirect), with a Location it can DELETE through the same instance
+        bearer = {"Authorization": f"Bearer {holder}", "Content-Type": "application/sdp"}
+        whep = f"/v1/monitors/{monitor['id']}/whep"
+        first: dict[str, tuple[int, str]] = {}
+        for gw in (a, b):
+            async with gw.client.http.post(
+                gw.url + whep, data=await whep_offer(), headers=bearer, allow_redirects=False
+            ) as answer:
+                first[gw.name] = (answer.status, answer.headers.get("Location", ""))
+        owner, other = (a, b) if first["gw-b"][0] == 307 else (b, a)
+        assert first[other.name] == (307, owner.url + whep), first
+        assert first[owner.name][0] == 201 and first[owner.name][1].startswith(whep + "/"), first
+        async with other.client.http.post(
+            first[other.name][1], data=await whep_offer(), headers=bearer, allow_redirects=False
+        ) as followed:
+            assert followed.status == 201 and "a=sendonly" in await followed.text()
+        async with other.client.http.post(
+            other.url + whep, data=await whep_offer(), headers={**bearer, "Origin": other.url}
+        ) as proxied:
+            assert proxied.status == 201 and "a=sendonly" in await proxied.text()
+            location = proxied.headers["Location"]
+        assert location.startswith(whep + "/")
+        assert (await other.client.call("DELETE", location, holder)).status == 204
+
+        # chat: a monitor's mirror read on A, resumed on B after the last seq it saw: every
+        # message exactly once, whichever instance ingested it
+        platform = await a.client.platform()
+        sent: list[int] = []
+
+        async def post(gw: Instance, i: int) -> None:
+            body = {"from": "customer" if i % 2 else "agent", "text": f"m{i}", "client_id": f"k{i}"}
+            answer = await gw.client.call("POST", "/v1/conversations/c50/messages", platform, body)
+            assert answer.status == 201, answer.body
+            sent.append(answer.body["seq"])
+
+        token = holder
+        stream = await a.client.http.ws_connect(
+            a.client.ws_url(f"/v1/monitors/{monitor['id']}/chat?after=0"), headers={"Authorization": f"Bearer {token}"}
+        )
+        for i in range(10):
+            await post((a, b)[i % 2], i)
+        seen: list[int] = []
+        texts: list[str] = []
+        while len([t for t in texts if t.startswith("m")]) < 5:
+            frame = await stream.receive_json(timeout=5)
+            if frame["type"] == "entry":
+                seen.append(frame["seq"])
+                texts.append(frame["text"])
+        await stream.close()
+        for i in range(10, 20):  # more arrive while nobody reads
+            await post((a, b)[i % 2], i)
+        resumed = await b.client.http.ws_connect(
+            b.client.ws_url(f"/v1/monitors/{monitor['id']}/chat?after={seen[-1]}"),
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        while not set(sent) <= set(seen):
+            frame = await resumed.receive_json(timeout=5)
+            if frame["type"] == "entry":
+                seen.append(frame["seq"])
+                texts.append(frame["text"])
+        await resumed.close()
+        assert seen == sorted(seen) and len(seen) == len(set(seen)), seen
+        assert [t for t in texts if t.startswith("m")] == [f"m{i}" for i in range(20)]
+
+
+# ---------------------------------------------------------------------------- SIP across instances
+
+
+async def media_owner(redis: RedisServer, prefix: str, cid: str) -> str | None:
+    """The instance id the media lease of ``cid`` names (what the gateways route by)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis.url)
+    try:
+        value = await client.get(f"{prefix}media:{cid}")
+    finally:
+        await client.aclose()
+    return value.decode() if value is not None else None
+
+
+async def legs_then_phone(
+    tmp: Path, redis: RedisServer, prefix: str, a: Instance, b: Instance, cid: str, *, seconds: int
+) -> tuple[Instance, Instance, list[asyncio.subprocess.Process]]:
+    """Agent leg to A's SIP address, customer leg to B's: they meet on one instance (the other
+    relays its INVITE there). Returns (owner, other, the sipp processes)."""
+    assert (await a.client.conversation(cid)).status in (200, 201)
+    agent = await start_sipp_leg(tmp, a.sip_port, cid, "agent", AUDIO / "agent_600.ulaw", seconds * 1000)
+    customer = await start_sipp_leg(tmp, b.sip_port, cid, "customer", AUDIO / "customer_1000.ulaw", seconds * 1000)
+    await until(lambda: _both(a.client, cid), 10, "both legs up")
+    name = await media_owner(redis, prefix, cid)
+    owner, other = (a, b) if name == a.name else (b, a)
+    assert owner.name == name
+    return owner, other, [agent, customer]
+
+
+async def sip_stat(gw: GatewayClient, stat: str) -> float:
+    text = (await gw.call("GET", "/metrics")).body
+    line = next(x for x in text.splitlines() if x.startswith(f'gateway_plane_stat{{plane="sip",stat="{stat}"}}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def _both(gw: GatewayClient, cid: str) -> bool:
+    return await voice_legs(gw, cid) == {"agent", "customer"}
+
+
+async def test_legs_sent_to_both_instances_meet_and_a_phone_started_through_the_other_hears_both(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    require_pjsua2()
+    require_tool("sipp")
+    async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
+        owner, other, legs = await legs_then_phone(tmp_path, redis_server, redis_prefix, a, b, "cs", seconds=8)
+        try:
+            phone_port = free_udp_block(30, 40000, 59000)
+            record = tmp_path / "phone.wav"
+            phone = await start_phone(phone_port, record)
+            try:
+                answer = await other.client.monitor(
+                    "sam", "cs", {"kind": "sip", "uri": f"sip:sam@127.0.0.1:{phone_port}"}
+                )
+                assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
+                await phone.wait_line("CONNECTED", 5)
+                await asyncio.sleep(2.0)
+                left = await other.client.call(
+                    "DELETE", f"/v1/monitors/{answer.body['id']}", await other.client.login("sam")
+                )
+                assert left.status == 204
+                await phone.wait_line("DISCONNECTED", 3)  # hung up by the owner, told through Redis
+            finally:
+                await phone.stop()
+            heard, rate = read_wav(record)
+            levels = tone_levels(heard[-8000:], rate, [600.0, 1000.0, 1500.0])
+            assert levels[600.0] > 0.3 and levels[1000.0] > 0.3, levels
+            # the owner placed both legs; the other relayed the one INVITE it got there
+            for gw, relayed in ((owner, 0.0), (other, 1.0)):
+                assert await sip_stat(gw.client, "front_relayed") == relayed, gw.name
+        finally:
+            await reap(*legs)
+
+
+async def test_kill_9_of_the_owner_mid_call(tmp_path: Path, redis_server: RedisServer, redis_prefix: str) -> None:
+    """The owner dies: its phone monitor loses the voice (media_failure) within the lease TTL, as
+    the surviving instance's /v1/events shows; the slot is free for another supervisor; chat
+    goes on; the platform's new INVITEs for the conversation are placed on the survivor."""
+    require_pjsua2()
+    require_tool("sipp")
+    async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
+        owner, survivor, legs = await legs_then_phone(tmp_path, redis_server, redis_prefix, a, b, "ck", seconds=20)
+        phone_port = free_udp_block(30, 40000, 59000)
+        phone = await start_phone(phone_port, tmp_path / "phone_k.wav")
+        refork: list[asyncio.subprocess.Process] = []
+        try:
+            events = await events_of(survivor.client, "tom")
+            answer = await survivor.client.monitor(
+                "sam", "ck", {"kind": "sip", "uri": f"sip:sam@127.0.0.1:{phone_port}"}
+            )
+            assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
+            await phone.wait_line("CONNECTED", 5)
+            mid = answer.body["id"]
+            platform = await survivor.client.platform()
+            say = {"from": "customer", "text": "before", "client_id": "kb"}
+            before = await survivor.client.call("POST", "/v1/conversations/ck/messages", platform, say)
+            assert before.status == 201
+
+            killed = time.monotonic()
+            owner.kill()
+            event = await monitor_event(events, mid, timeout=3 * LEASE + 2)
+            took = time.monotonic() - killed
+            assert event["type"] == "monitor_updated", event
+            assert event["monitor"]["voice_blocked_reason"] == "media_failure"
+            assert took < 2 * LEASE + 1.0, took  # the lease TTL, a third of it to notice, the recheck
+            # the slot is free: another supervisor takes it through the survivor
+            taken = await until(
+                lambda: _voice_monitor(survivor.client, "tom", "ck"), 3 * LEASE, "the voice slot to be free"
+            )
+            assert taken["channels"] == ["chat", "voice"]
+            # chat goes on: nothing acknowledged is lost, the seq goes on
+            again = await survivor.client.call("POST", "/v1/conversations/ck/messages", platform, say)
+            assert again.body == {"seq": before.body["seq"], "duplicate": True}
+            after = await survivor.client.call(
+                "POST", "/v1/conversations/ck/messages", platform, {"from": "agent", "text": "after"}
+            )
+            assert after.status == 201 and after.body["seq"] > before.body["seq"]
+            # the dead instance's legs are reported gone, and the platform re-forks to the survivor
+            await until(lambda: _no_legs(survivor.client, "ck"), 3 * LEASE + 2, "the dead owner's legs to end")
+            refork = [
+                await start_sipp_leg(tmp_path, survivor.sip_port, "ck", leg, AUDIO / f, 4000)
+                for leg, f in (("agent", "agent_600.ulaw"), ("customer", "customer_1000.ulaw"))
+            ]
+            await until(lambda: _both(survivor.client, "ck"), 10, "the re-forked legs")
+            assert await media_owner(redis_server, redis_prefix, "ck") == survivor.name
+            await events.close()
+        finally:
+            await phone.stop()
+            await reap(*legs, *refork)
+
+
+async def _voice_monitor(gw: GatewayClient, user: str, cid: str) -> dict[str, Any] | None:
+    answer = await gw.monitor(user, cid, {"kind": "webrtc"})
+    if answer.status == 201:
+        return dict(answer.body)
+    assert answer.code in ("voice_monitor_busy", "unavailable", "already_monitoring"), answer.body
+    if answer.code == "already_monitoring":  # opened without voice while the slot was held: leave, retry
+        await gw.call("DELETE", f"/v1/monitors/{answer.body['error']['monitor']}", await gw.login(user))
+    return None
+
+
+async def _no_legs(gw: GatewayClient, cid: str) -> bool:
+    return not await voice_legs(gw, cid)
