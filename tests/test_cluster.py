@@ -52,6 +52,10 @@ class Instance:
     def url(self) -> str:
         return self.client.base_url
 
+    @property
+    def sip_uri(self) -> str:
+        return f"sip:127.0.0.1:{self.sip_port}"
+
     def kill(self) -> None:
         """kill -9 of the gateway process (its SIP workers see their control socket close)."""
         if self.proc.returncode is None:
@@ -289,19 +293,28 @@ async def media_owner(redis: RedisServer, prefix: str, cid: str) -> str | None:
     return value.decode() if value is not None else None
 
 
-async def legs_then_phone(
-    tmp: Path, redis: RedisServer, prefix: str, a: Instance, b: Instance, cid: str, *, seconds: int
-) -> tuple[Instance, Instance, list[asyncio.subprocess.Process]]:
-    """Agent leg to A's SIP address, customer leg to B's: they meet on one instance (the other
-    relays its INVITE there). Returns (owner, other, the sipp processes)."""
-    assert (await a.client.conversation(cid)).status in (200, 201)
-    agent = await start_sipp_leg(tmp, a.sip_port, cid, "agent", AUDIO / "agent_600.ulaw", seconds * 1000)
-    customer = await start_sipp_leg(tmp, b.sip_port, cid, "customer", AUDIO / "customer_1000.ulaw", seconds * 1000)
-    await until(lambda: _both(a.client, cid), 10, "both legs up")
-    name = await media_owner(redis, prefix, cid)
-    owner, other = (a, b) if name == a.name else (b, a)
-    assert owner.name == name
-    return owner, other, [agent, customer]
+def kamailio_for(tmp: Path, *instances: Instance) -> Any:
+    """Kamailio (the cluster's one SIP address) in front of ``instances``."""
+    from devtools.kamailio import start_kamailio
+
+    return start_kamailio(tmp / "kamailio", destinations=[instance.sip_uri for instance in instances])
+
+
+def hashed_to(k: Any, instance: Instance, stem: str) -> str:
+    """A conversation id Kamailio's hash sends to ``instance`` while every instance is up."""
+    for i in range(200):
+        cid = f"{stem}{i}"
+        if k.destination_for(cid) == instance.sip_uri:
+            return cid
+    raise AssertionError(f"no conversation id hashes to {instance.name}")
+
+
+async def start_legs(tmp: Path, port: int, cid: str, seconds: int) -> list[asyncio.subprocess.Process]:
+    """The platform's two per-leg calls (600 Hz agent, 1000 Hz customer) to SIP ``port``."""
+    return [
+        await start_sipp_leg(tmp, port, cid, leg, AUDIO / audio, seconds * 1000)
+        for leg, audio in (("agent", "agent_600.ulaw"), ("customer", "customer_1000.ulaw"))
+    ]
 
 
 async def sip_stat(gw: GatewayClient, stat: str) -> float:
@@ -314,96 +327,136 @@ async def _both(gw: GatewayClient, cid: str) -> bool:
     return await voice_legs(gw, cid) == {"agent", "customer"}
 
 
-async def test_legs_sent_to_both_instances_meet_and_a_phone_started_through_the_other_hears_both(
+def assert_heard_both_legs(record: Path) -> None:
+    heard, rate = read_wav(record)
+    levels = tone_levels(heard[-8000:], rate, [600.0, 1000.0])
+    assert levels[600.0] > 0.3 and levels[1000.0] > 0.3, levels
+
+
+async def test_legs_through_kamailio_meet_on_one_instance_and_a_phone_started_through_the_other_hears_both(
     tmp_path: Path, redis_server: RedisServer, redis_prefix: str
 ) -> None:
     require_pjsua2()
     require_tool("sipp")
     async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
-        owner, other, legs = await legs_then_phone(tmp_path, redis_server, redis_prefix, a, b, "cs", seconds=8)
-        try:
-            phone_port = free_udp_block(30, 40000, 59000)
-            record = tmp_path / "phone.wav"
-            phone = await start_phone(phone_port, record)
+        with kamailio_for(tmp_path, a, b) as k:
+            cid = hashed_to(k, a, "kc")
+            assert (await b.client.conversation(cid)).status == 201
+            legs = await start_legs(tmp_path, k.port, cid, 8)
             try:
-                answer = await other.client.monitor(
-                    "sam", "cs", {"kind": "sip", "uri": f"sip:sam@127.0.0.1:{phone_port}"}
-                )
+                await until(lambda: _both(b.client, cid), 10, "both legs up")
+                assert await media_owner(redis_server, redis_prefix, cid) == a.name
+                phone_port = free_udp_block(30, 40000, 59000)
+                record = tmp_path / "phone.wav"
+                phone = await start_phone(phone_port, record)
+                try:  # started through B's API: forwarded to A, which calls the phone
+                    uri = f"sip:sam@127.0.0.1:{phone_port}"
+                    answer = await b.client.monitor("sam", cid, {"kind": "sip", "uri": uri})
+                    assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
+                    await phone.wait_line("CONNECTED", 5)
+                    await asyncio.sleep(2.0)
+                    sam = await b.client.login("sam")
+                    assert (await b.client.call("DELETE", f"/v1/monitors/{answer.body['id']}", sam)).status == 204
+                    await phone.wait_line("DISCONNECTED", 3)  # hung up by A, told through Redis
+                finally:
+                    await phone.stop()
+                assert_heard_both_legs(record)
+                assert await sip_stat(a.client, "legs") == 2.0 and await sip_stat(b.client, "legs") == 0.0
+            finally:
+                await reap(*legs)
+
+
+async def test_a_monitor_first_then_legs_hashed_to_the_other_instance_are_relayed_to_it(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A dialect Kamailio can not keep together (or a monitor before the call): the phone monitor
+    opened on B makes B the media owner; the legs Kamailio sends to A are relayed by A's SIP
+    address to B (stateless, not record-routed), and B's waiting phone hears both."""
+    require_pjsua2()
+    require_tool("sipp")
+    async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
+        with kamailio_for(tmp_path, a, b) as k:
+            cid = hashed_to(k, a, "kr")
+            assert (await a.client.conversation(cid)).status == 201
+            phone_port = free_udp_block(30, 40000, 59000)
+            record = tmp_path / "phone_r.wav"
+            phone = await start_phone(phone_port, record)
+            legs: list[asyncio.subprocess.Process] = []
+            try:
+                uri = f"sip:sam@127.0.0.1:{phone_port}"
+                answer = await b.client.monitor("sam", cid, {"kind": "sip", "uri": uri})
                 assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
-                await phone.wait_line("CONNECTED", 5)
+                assert await media_owner(redis_server, redis_prefix, cid) == b.name
+                legs = await start_legs(tmp_path, k.port, cid, 6)
+                await phone.wait_line("CONNECTED", 8)
+                await until(lambda: _both(a.client, cid), 10, "both legs up")
                 await asyncio.sleep(2.0)
-                left = await other.client.call(
-                    "DELETE", f"/v1/monitors/{answer.body['id']}", await other.client.login("sam")
-                )
-                assert left.status == 204
-                await phone.wait_line("DISCONNECTED", 3)  # hung up by the owner, told through Redis
+                assert await sip_stat(a.client, "front_relayed") == 2.0
+                assert await sip_stat(b.client, "legs") == 2.0 and await sip_stat(a.client, "legs") == 0.0
+                for leg in legs:  # ACK and BYE went along the route set: Kamailio, then B
+                    assert await asyncio.wait_for(leg.wait(), 15) == 0
             finally:
                 await phone.stop()
-            heard, rate = read_wav(record)
-            levels = tone_levels(heard[-8000:], rate, [600.0, 1000.0, 1500.0])
-            assert levels[600.0] > 0.3 and levels[1000.0] > 0.3, levels
-            # the owner placed both legs; the other relayed the one INVITE it got there
-            for gw, relayed in ((owner, 0.0), (other, 1.0)):
-                assert await sip_stat(gw.client, "front_relayed") == relayed, gw.name
-        finally:
-            await reap(*legs)
+                await reap(*legs)
+            assert_heard_both_legs(record)
 
 
 async def test_kill_9_of_the_owner_mid_call(tmp_path: Path, redis_server: RedisServer, redis_prefix: str) -> None:
     """The owner dies: its phone monitor loses the voice (media_failure) within the lease TTL, as
     the surviving instance's /v1/events shows; the slot is free for another supervisor; chat
-    goes on; the platform's new INVITEs for the conversation are placed on the survivor."""
+    goes on; the platform's new INVITEs through Kamailio are placed on the survivor."""
     require_pjsua2()
     require_tool("sipp")
-    async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
-        owner, survivor, legs = await legs_then_phone(tmp_path, redis_server, redis_prefix, a, b, "ck", seconds=20)
-        phone_port = free_udp_block(30, 40000, 59000)
-        phone = await start_phone(phone_port, tmp_path / "phone_k.wav")
-        refork: list[asyncio.subprocess.Process] = []
-        try:
-            events = await events_of(survivor.client, "tom")
-            answer = await survivor.client.monitor(
-                "sam", "ck", {"kind": "sip", "uri": f"sip:sam@127.0.0.1:{phone_port}"}
-            )
-            assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
-            await phone.wait_line("CONNECTED", 5)
-            mid = answer.body["id"]
-            platform = await survivor.client.platform()
-            say = {"from": "customer", "text": "before", "client_id": "kb"}
-            before = await survivor.client.call("POST", "/v1/conversations/ck/messages", platform, say)
-            assert before.status == 201
+    async with cluster(tmp_path, redis_server, redis_prefix) as (owner, survivor):
+        with kamailio_for(tmp_path, owner, survivor) as k:
+            cid = hashed_to(k, owner, "kk")
+            assert (await survivor.client.conversation(cid)).status == 201
+            legs = await start_legs(tmp_path, k.port, cid, 20)
+            phone_port = free_udp_block(30, 40000, 59000)
+            phone = await start_phone(phone_port, tmp_path / "phone_k.wav")
+            refork: list[asyncio.subprocess.Process] = []
+            try:
+                await until(lambda: _both(survivor.client, cid), 10, "both legs up")
+                events = await events_of(survivor.client, "tom")
+                uri = f"sip:sam@127.0.0.1:{phone_port}"
+                answer = await survivor.client.monitor("sam", cid, {"kind": "sip", "uri": uri})
+                assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
+                await phone.wait_line("CONNECTED", 5)
+                mid = answer.body["id"]
+                platform = await survivor.client.platform()
+                say = {"from": "customer", "text": "before", "client_id": "kb"}
+                path = f"/v1/conversations/{cid}/messages"
+                before = await survivor.client.call("POST", path, platform, say)
+                assert before.status == 201
 
-            killed = time.monotonic()
-            owner.kill()
-            event = await monitor_event(events, mid, timeout=3 * LEASE + 2)
-            took = time.monotonic() - killed
-            assert event["type"] == "monitor_updated", event
-            assert event["monitor"]["voice_blocked_reason"] == "media_failure"
-            assert took < 2 * LEASE + 1.0, took  # the lease TTL, a third of it to notice, the recheck
-            # the slot is free: another supervisor takes it through the survivor
-            taken = await until(
-                lambda: _voice_monitor(survivor.client, "tom", "ck"), 3 * LEASE, "the voice slot to be free"
-            )
-            assert taken["channels"] == ["chat", "voice"]
-            # chat goes on: nothing acknowledged is lost, the seq goes on
-            again = await survivor.client.call("POST", "/v1/conversations/ck/messages", platform, say)
-            assert again.body == {"seq": before.body["seq"], "duplicate": True}
-            after = await survivor.client.call(
-                "POST", "/v1/conversations/ck/messages", platform, {"from": "agent", "text": "after"}
-            )
-            assert after.status == 201 and after.body["seq"] > before.body["seq"]
-            # the dead instance's legs are reported gone, and the platform re-forks to the survivor
-            await until(lambda: _no_legs(survivor.client, "ck"), 3 * LEASE + 2, "the dead owner's legs to end")
-            refork = [
-                await start_sipp_leg(tmp_path, survivor.sip_port, "ck", leg, AUDIO / f, 4000)
-                for leg, f in (("agent", "agent_600.ulaw"), ("customer", "customer_1000.ulaw"))
-            ]
-            await until(lambda: _both(survivor.client, "ck"), 10, "the re-forked legs")
-            assert await media_owner(redis_server, redis_prefix, "ck") == survivor.name
-            await events.close()
-        finally:
-            await phone.stop()
-            await reap(*legs, *refork)
+                killed = time.monotonic()
+                owner.kill()
+                event = await monitor_event(events, mid, timeout=3 * LEASE + 2)
+                took = time.monotonic() - killed
+                assert event["type"] == "monitor_updated", event
+                assert event["monitor"]["voice_blocked_reason"] == "media_failure"
+                assert took < 2 * LEASE + 1.0, took  # the lease TTL, a third of it to notice, the recheck
+                # the slot is free: another supervisor takes it through the survivor
+                taken = await until(
+                    lambda: _voice_monitor(survivor.client, "tom", cid), 3 * LEASE, "the voice slot to be free"
+                )
+                assert taken["channels"] == ["chat", "voice"]
+                # chat goes on: nothing acknowledged is lost, the seq goes on
+                again = await survivor.client.call("POST", path, platform, say)
+                assert again.body == {"seq": before.body["seq"], "duplicate": True}
+                after = await survivor.client.call("POST", path, platform, {"from": "agent", "text": "after"})
+                assert after.status == 201 and after.body["seq"] > before.body["seq"]
+                # the dead instance's legs are reported gone; the platform re-forks through
+                # Kamailio (which takes the dead instance out, or fails over from it) to the survivor
+                await until(lambda: _no_legs(survivor.client, cid), 3 * LEASE + 2, "the dead owner's legs to end")
+                refork = await start_legs(tmp_path, k.port, cid, 4)
+                await until(lambda: _both(survivor.client, cid), 10, "the re-forked legs")
+                assert await media_owner(redis_server, redis_prefix, cid) == survivor.name
+                assert await sip_stat(survivor.client, "legs") == 2.0
+                await events.close()
+            finally:
+                await phone.stop()
+                await reap(*legs, *refork)
 
 
 async def _voice_monitor(gw: GatewayClient, user: str, cid: str) -> dict[str, Any] | None:
