@@ -18,14 +18,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from devtools.redis_server import RedisServer
+from devtools.redis_server import RedisServer, start_redis
 
 from .sip_support import (
     AUDIO,
+    RawSip,
     free_udp_block,
     read_wav,
     require_pjsua2,
     require_tool,
+    sdp,
     start_phone,
     start_sipp_leg,
     tone_levels,
@@ -471,3 +473,96 @@ async def _voice_monitor(gw: GatewayClient, user: str, cid: str) -> dict[str, An
 
 async def _no_legs(gw: GatewayClient, cid: str) -> bool:
     return not await voice_legs(gw, cid)
+
+
+# ---------------------------------------------------------------------------- drain, Redis restart
+
+
+async def test_drain_moves_new_calls_and_monitors_to_the_other_instance(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    require_tool("sipp")
+    async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
+        with kamailio_for(tmp_path, a, b) as k:
+            busy = hashed_to(k, a, "dbusy")
+            fresh = hashed_to(k, a, "dnew")
+            for cid in (busy, fresh):
+                assert (await b.client.conversation(cid)).status == 201
+            legs = await start_legs(tmp_path, k.port, busy, 10)
+            new_legs: list[asyncio.subprocess.Process] = []
+            try:
+                await until(lambda: _both(b.client, busy), 10, "the busy conversation's legs on A")
+                assert await media_owner(redis_server, redis_prefix, busy) == a.name
+                a.proc.send_signal(signal.SIGTERM)  # A drains: it still holds a call, so it stays up
+                k.wait_state(a.sip_uri, "I", timeout=10)  # Kamailio's probes got 503
+                # a new call Kamailio would have hashed to A goes to B
+                new_legs = await start_legs(tmp_path, k.port, fresh, 4)
+                await until(lambda: _both(a.client, fresh), 10, "the new conversation's legs")
+                assert await media_owner(redis_server, redis_prefix, fresh) == b.name
+                # A's API sends new monitors elsewhere: a voice monitor to the owner (B), a chat
+                # monitor to a live instance; a voice monitor of the media A still holds: 503
+                voice = await a.client.monitor("tom", fresh, {"kind": "webrtc"})
+                assert voice.status == 201 and voice.body["channels"] == ["chat", "voice"], voice.body
+                chat = await a.client.monitor("tom", busy)
+                assert chat.status == 201 and chat.body["channels"] == ["chat"], chat.body
+                held = await a.client.monitor("sam", busy, {"kind": "webrtc"})
+                assert (held.status, held.code) == (503, "draining"), held.body
+                assert a.proc.returncode is None
+                # the call ends (the platform hangs up), and A stops by itself: the monitors,
+                # B's now, do not hold it up
+                for leg in legs:
+                    assert await asyncio.wait_for(leg.wait(), 15) == 0
+                await asyncio.wait_for(a.proc.wait(), 10)
+                assert a.proc.returncode == 0, a.tail()
+            finally:
+                await reap(*legs, *new_legs)
+
+
+async def test_redis_restart_is_503_state_unavailable_then_recovers(tmp_path: Path, redis_prefix: str) -> None:
+    with start_redis(tmp_path / "redis") as redis:
+        async with cluster(tmp_path, redis, redis_prefix) as (a, b):
+            assert (await a.client.conversation("rr")).status == 201
+            sam, tom = await a.client.login("sam"), await a.client.login("tom")
+            redis.stop(kill=True)
+            try:
+                for gw in (a, b):
+                    answer = await until(lambda gw=gw: _refused(gw.client, sam), 5, f"{gw.name} to notice")
+                    assert answer.headers["Retry-After"] == "1"
+                    started = time.monotonic()
+                    voice = await gw.client.call(
+                        "POST", "/v1/conversations/rr/monitors", tom, {"voice": {"kind": "webrtc"}}
+                    )
+                    assert (voice.status, voice.code) == (503, "state_unavailable")
+                    assert time.monotonic() - started < 0.5
+                    # a new INVITE: which instance holds the conversation can not be told: 503 at once
+                    raw = RawSip()
+                    try:
+                        data, _, _ = raw.invite(
+                            gw.sip_port, body=sdp(), headers={"X-Conversation-ID": "rr", "X-Leg": "agent"}
+                        )
+                        started = time.monotonic()
+                        status, text = await raw.request(data, gw.sip_port)
+                        assert status == 503 and "Retry-After" in text, text
+                        assert time.monotonic() - started < 0.5
+                    finally:
+                        raw.close()
+            finally:
+                redis.start()
+            for gw in (a, b):  # both recover by themselves
+                await until(lambda gw=gw: _ready(gw.client), 10, f"{gw.name} to recover")
+            voice = await b.client.call("POST", "/v1/conversations/rr/monitors", tom, {"voice": {"kind": "webrtc"}})
+            assert voice.status == 201 and voice.body["channels"] == ["chat", "voice"], voice.body
+            busy = await a.client.call("POST", "/v1/conversations/rr/monitors", sam, {"voice": {"kind": "webrtc"}})
+            assert (busy.status, busy.code) == (409, "voice_monitor_busy")
+
+
+async def _refused(gw: GatewayClient, token: str) -> Any:
+    answer = await gw.call("GET", "/v1/conversations", token)
+    if answer.status == 200:
+        return None
+    assert (answer.status, answer.code) == (503, "state_unavailable"), answer.body
+    return answer
+
+
+async def _ready(gw: GatewayClient) -> bool:
+    return (await gw.call("GET", "/readyz")).status == 200

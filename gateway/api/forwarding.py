@@ -59,10 +59,19 @@ class Forwarder:
     async def monitor_target(self, request: web.Request, cid: str, *, voice: bool, draining: bool) -> Instance | None:
         """Where a new monitor of ``cid`` is opened: ``None`` here, else that instance."""
         if self.forwarded(request):
+            if voice and await self.cluster.claim_media(cid) is not None:
+                # sent here as the instance to hold it, but another one took it meanwhile
+                error = GatewayError(ErrorCode.UNAVAILABLE, "the conversation's media moved to another instance")
+                error.headers["Retry-After"] = "1"
+                raise error
             return None
         if voice:
-            # a draining instance claims nothing new: it only looks who holds the media
-            owner = await (self.cluster.media_owner(cid) if draining else self.cluster.claim_media(cid))
+            if draining:  # a draining instance claims nothing new: it only looks who holds the media
+                owner = await self.cluster.media_owner(cid)
+                if owner is None and cid in self.cluster.owned:
+                    return None  # the media is here, on its way out: 503 draining
+            else:
+                owner = await self.cluster.claim_media(cid)
             if owner is not None:
                 return owner
         return self.cluster.live_peer() if draining else None
