@@ -170,6 +170,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                 E.VOICE_MONITOR_BUSY,
                 E.ALREADY_MONITORING,
                 E.MONITOR_RATE_LIMITED,
+                E.UNAVAILABLE,  # several instances: the one holding the media does not answer
             ),
             body=models.MonitorStartIn,
             body_required=False,
@@ -190,7 +191,13 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                     "the SDP answer",
                     media_type="application/sdp",
                     headers={"Location": "the listener session, to DELETE when done"},
-                )
+                ),
+                307: Answer(
+                    "several instances: another one holds this conversation's media; send the same "
+                    "offer to Location (a browser's offer, with an Origin header, is forwarded instead)",
+                    media_type="",
+                    headers={"Location": "the same path on the instance holding the media"},
+                ),
             },
             (
                 *_AUTH,
@@ -204,6 +211,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                 E.NO_AUDIO,
                 E.NO_COMMON_CODEC,
                 E.MEDIA_FAILURE,
+                E.UNAVAILABLE,
             ),
             sdp_body=True,
             query=(Query("stereo", {"type": "boolean"}, "agent and customer on two channels (1/true/yes)"),),
@@ -214,7 +222,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
             "Stop listening (idempotent)",
             ("supervisor",),
             {204: Answer("stopped", media_type="")},
-            (*_AUTH, E.NOT_FOUND),
+            (*_AUTH, E.NOT_FOUND, E.UNAVAILABLE),
         ),
     },
     "/v1/monitors/{mid}/chat": {
