@@ -68,7 +68,13 @@ class Instance:
 
 
 async def start_instance(
-    tmp: Path, name: str, redis: RedisServer, prefix: str, http: aiohttp.ClientSession, idp: str | None = None
+    tmp: Path,
+    name: str,
+    redis: RedisServer,
+    prefix: str,
+    http: aiohttp.ClientSession,
+    idp: str | None = None,
+    **extra: str,
 ) -> Instance:
     port = free_port()
     sip_port = free_udp_block(4)
@@ -91,6 +97,7 @@ async def start_instance(
     }
     if idp is not None:
         env["GATEWAY_KEYCLOAK_URL"] = idp
+    env.update({f"GATEWAY_{key.upper()}": value for key, value in extra.items()})
     log = tmp / f"{name}.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -123,13 +130,13 @@ async def stop_instance(instance: Instance) -> None:
 
 
 @asynccontextmanager
-async def cluster(tmp: Path, redis: RedisServer, prefix: str) -> AsyncIterator[tuple[Instance, Instance]]:
+async def cluster(tmp: Path, redis: RedisServer, prefix: str, **extra: str) -> AsyncIterator[tuple[Instance, Instance]]:
     """Two instances on ``redis``: A with the embedded identity provider, B using A's."""
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        a = await start_instance(tmp, "gw-a", redis, prefix, http)
+        a = await start_instance(tmp, "gw-a", redis, prefix, http, **extra)
         stack.push_async_callback(stop_instance, a)
-        b = await start_instance(tmp, "gw-b", redis, prefix, http, idp=a.url)
+        b = await start_instance(tmp, "gw-b", redis, prefix, http, idp=a.url, **extra)
         stack.push_async_callback(stop_instance, b)
         yield a, b
 

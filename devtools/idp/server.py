@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway.config import Settings
 
 from .keys import load_or_create_key, public_jwks
-from .realm import Client, Group, Realm, RealmError, User, load_realm
+from .realm import Client, Group, Realm, RealmError, User, _uri_matches, load_realm
 from .tokens import TokenError, TokenService, new_code
 
 log = logging.getLogger("devtools.idp")
@@ -644,6 +644,55 @@ async def admin_user_groups(request: web.Request, idp: EmbeddedIdp) -> web.Respo
     return web.json_response(_page(request, reps))
 
 
+def _origin_allowed(idp: EmbeddedIdp, origin: str) -> bool:
+    """Whether some client of the realm lists ``origin`` in its web origins ("+": the origins of
+    its redirect URIs, as Keycloak derives them; ``http://127.0.0.1:*`` any loopback port)."""
+    for client in idp.realm.clients.values():
+        for allowed in client.web_origins:
+            patterns = [_origin_of(uri) for uri in client.redirect_uris] if allowed == "+" else [allowed]
+            if any(_uri_matches(pattern, origin) for pattern in patterns):
+                return True
+    return False
+
+
+def _origin_of(uri: str) -> str:
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}" if sep else ""
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _cors(handler: Handler) -> Handler:
+    """CORS on the endpoints a browser console calls, as Keycloak answers them: a console served
+    by another origin (another gateway instance using this one's provider) signs in here."""
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin", "")
+        allowed = bool(origin) and _origin_allowed(_idp(request), origin)
+        if request.method == "OPTIONS":
+            response: web.StreamResponse = web.Response(status=200 if allowed else 403)
+            if allowed:
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+                response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+                response.headers["Access-Control-Max-Age"] = "600"
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if allowed:
+                    exc.headers["Access-Control-Allow-Origin"] = origin
+                    exc.headers["Access-Control-Allow-Credentials"] = "true"
+                raise
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return run
+
+
 def add_idp_routes(app: web.Application, settings: Settings) -> EmbeddedIdp:
     """Serve the embedded provider for ``settings.realm`` on ``app`` (Keycloak's paths).
 
@@ -658,11 +707,10 @@ def add_idp_routes(app: web.Application, settings: Settings) -> EmbeddedIdp:
     admin = "/admin/realms/{realm}"
     app.router.add_get("/realms/{realm}/.well-known/openid-configuration", well_known)
     app.router.add_get(f"{oidc}/certs", certs)
-    app.router.add_post(f"{oidc}/token", token)
-    app.router.add_route("GET", f"{oidc}/userinfo", userinfo)
-    app.router.add_route("POST", f"{oidc}/userinfo", userinfo)
-    app.router.add_route("GET", f"{oidc}/logout", logout)
-    app.router.add_route("POST", f"{oidc}/logout", logout)
+    for name, handler in (("token", token), ("userinfo", userinfo), ("logout", logout)):
+        methods = ("POST",) if name == "token" else ("GET", "POST")
+        for method in (*methods, "OPTIONS"):
+            app.router.add_route(method, f"{oidc}/{name}", _cors(handler))
     app.router.add_route("GET", f"{oidc}/auth", authorize)
     app.router.add_route("POST", f"{oidc}/auth", authorize)
     app.router.add_get(f"{admin}/groups", admin_groups)

@@ -31,8 +31,8 @@ class EventFanout:
         bus.forward = self._send
 
     def _send(self, event: DomainEvent) -> None:
-        if event.type is EventType.LEVELS:
-            return  # ten a second per listener, for its own supervisor, who is on this instance
+        # Levels too (ten a second per listener): the listener is served by the instance holding
+        # the media, its supervisor's console may be connected to another one.
         message = {
             "type": event.type.value,
             "conversation": event.conversation,
