@@ -1,6 +1,6 @@
 """Several gateway processes on one Redis are one gateway (issue 10): real Redis, two real
 ``python -m gateway serve`` processes on loopback (B uses A's embedded identity provider),
-sipp legs and a pjsua2 phone; Kamailio in front once its harness is there."""
+sipp legs, a pjsua2 SIPREC client and phone, and Kamailio as the cluster's one SIP address."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from .sip_support import (
     sdp,
     start_phone,
     start_sipp_leg,
+    start_siprec,
     tone_levels,
 )
 from .support import GatewayClient, free_port
@@ -408,6 +409,52 @@ async def test_a_monitor_first_then_legs_hashed_to_the_other_instance_are_relaye
                 await phone.stop()
                 await reap(*legs)
             assert_heard_both_legs(record)
+
+
+def tone_wav(path: Path, hz: float, seconds: float) -> Path:
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(8000 * seconds)) / 8000
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes((8000 * np.sin(2 * np.pi * hz * t)).astype("<i2").tobytes())
+    return path
+
+
+async def test_a_siprec_call_found_by_its_metadata_is_relayed_to_the_instance_holding_the_media(
+    tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A SIPREC INVITE whose conversation is only in its metadata (Kamailio can only hash its
+    Call-ID) reaches A while B holds the conversation (its phone monitor came first): A relays
+    the one INVITE, both streams become B's legs, and B's phone hears both parties."""
+    require_pjsua2()
+    async with cluster(tmp_path, redis_server, redis_prefix) as (a, b):
+        assert (await a.client.conversation("sr")).status == 201
+        phone_port = free_udp_block(30, 40000, 59000)
+        record = tmp_path / "phone_sr.wav"
+        phone = await start_phone(phone_port, record)
+        source = None
+        try:
+            uri = f"sip:sam@127.0.0.1:{phone_port}"
+            answer = await b.client.monitor("sam", "sr", {"kind": "sip", "uri": uri})
+            assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
+            agent, customer = tone_wav(tmp_path / "a.wav", 600, 6), tone_wav(tmp_path / "c.wav", 1000, 6)
+            source = await start_siprec(a.sip_port, "sr", "alice", agent, customer, 5.0)
+            await source.wait_line("CONNECTED", 8)
+            await phone.wait_line("CONNECTED", 8)
+            await asyncio.sleep(2.0)
+            assert await sip_stat(a.client, "front_relayed") == 1.0
+            assert await sip_stat(b.client, "legs") == 2.0 and await sip_stat(a.client, "legs") == 0.0
+            await source.wait_line("BYEBYE", 10)  # its BYE went to B directly (A did not record-route)
+        finally:
+            await phone.stop()
+            if source is not None:
+                await source.stop()
+        assert_heard_both_legs(record)
 
 
 async def test_kill_9_of_the_owner_mid_call(tmp_path: Path, redis_server: RedisServer, redis_prefix: str) -> None:
