@@ -436,14 +436,16 @@ async def test_a_siprec_call_found_by_its_metadata_is_relayed_to_the_instance_ho
         assert (await a.client.conversation("sr")).status == 201
         phone_port = free_udp_block(30, 40000, 59000)
         record = tmp_path / "phone_sr.wav"
-        phone = await start_phone(phone_port, record)
+        phone = await start_phone(phone_port, record, "--tone", "1500")  # the supervisor "speaks"
         source = None
         try:
             uri = f"sip:sam@127.0.0.1:{phone_port}"
             answer = await b.client.monitor("sam", "sr", {"kind": "sip", "uri": uri})
             assert answer.status == 201 and answer.body["channels"] == ["chat", "voice"], answer.body
             agent, customer = tone_wav(tmp_path / "a.wav", 600, 6), tone_wav(tmp_path / "c.wav", 1000, 6)
-            source = await start_siprec(a.sip_port, "sr", "alice", agent, customer, 5.0)
+            source = await start_siprec(
+                a.sip_port, "sr", "alice", agent, customer, 5.0, record_prefix=tmp_path / "platform"
+            )
             await source.wait_line("CONNECTED", 8)
             await phone.wait_line("CONNECTED", 8)
             await asyncio.sleep(2.0)
@@ -455,6 +457,11 @@ async def test_a_siprec_call_found_by_its_metadata_is_relayed_to_the_instance_ho
             if source is not None:
                 await source.stop()
         assert_heard_both_legs(record)
+        # receive-only: nothing the supervisor's phone sent (1500 Hz) reached the agent or the
+        # customer: what the platform recorded from the gateway is silence
+        for leg in ("agent", "customer"):
+            back, _ = read_wav(tmp_path / f"platform-{leg}.wav")
+            assert len(back) > 8000 * 3 and float(abs(back.astype(float)).max()) < 100, leg
 
 
 async def test_kill_9_of_the_owner_mid_call(tmp_path: Path, redis_server: RedisServer, redis_prefix: str) -> None:
