@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from devtools.redis_server import RedisServer, start_redis
+from gateway.shared.cluster import Cluster
 
 from .sip_support import (
     AUDIO,
@@ -627,3 +628,68 @@ async def _refused(gw: GatewayClient, token: str) -> Any:
 
 async def _ready(gw: GatewayClient) -> bool:
     return (await gw.call("GET", "/readyz")).status == 200
+
+
+# ---------------------------------------------------------------------------- the leases themselves
+
+
+@asynccontextmanager
+async def registry(redis: RedisServer, prefix: str, *names: str, ttl: float) -> AsyncIterator[list[Cluster]]:
+    """Clusters of instances ``names`` on ``redis`` (no gateway around them, no heartbeat loop)."""
+    from gateway.shared.cluster import Cluster
+    from gateway.shared.cluster import Instance as Card
+    from gateway.shared.connection import SharedState
+
+    states = [SharedState(redis.url, prefix=prefix, instance=name) for name in names]
+    try:
+        for state in states:
+            await state.start()
+        yield [
+            Cluster(s, Card(s.instance, f"http://{s.instance}", "127.0.0.1", 5060 + i), ttl=ttl)
+            for i, s in enumerate(states)
+        ]
+    finally:
+        for state in states:
+            await state.close()
+
+
+async def test_media_lease_claim_takeover_release_and_orphans(redis_server: RedisServer, redis_prefix: str) -> None:
+    async with registry(redis_server, redis_prefix, "a", "b", "c", ttl=0.6) as (a, b, c):
+        for one in (a, b, c, a):
+            await one.heartbeat()
+        assert set(a.instances) == {"a", "b", "c"} and a.secret == b.secret != ""
+        assert a.is_forwarded(b.secret) and not a.is_forwarded("guess") and not a.is_forwarded(None)
+        # one holder; the others are told who
+        assert await a.claim_media("x") is None
+        assert (await b.claim_media("x")).id == "a"  # type: ignore[union-attr]
+        assert (await b.media_owner("x")).sip == ("127.0.0.1", 5060)  # type: ignore[union-attr]
+        assert await a.media_owner("x") is None  # its own
+        # a keeps it while it wants it; b (still alive) can not take it
+        a.wanted = lambda: {"x"}
+        await asyncio.sleep(0.7)
+        await a.heartbeat()
+        await b.heartbeat()
+        assert (await b.claim_media("x")).id == "a"  # type: ignore[union-attr]
+        # a stops heartbeating (a crash): once its card expires, b takes the media over, and a,
+        # coming back, learns it lost it
+        lost: list[str] = []
+        a.on_media_lost = lost.append
+        await asyncio.sleep(0.7)
+        assert await b.claim_media("x") is None
+        await a.heartbeat()
+        assert lost == ["x"] and "x" not in a.owned
+        # b no longer wants it: released after the claim's grace
+        await asyncio.sleep(0.7)
+        await b.heartbeat()
+        assert "x" not in b.owned and await c.media_owner("x") is None
+        # legs up that no live instance holds: reported once (two looks in a row, one instance)
+        orphaned: list[tuple[str, str]] = []
+        for one in (b, c):
+            one.legs_elsewhere = lambda: {"y"}
+            one.on_orphaned = lambda cid, one=one: orphaned.append((one.me.id, cid))  # type: ignore[misc]
+        await b.heartbeat()
+        await c.heartbeat()
+        assert orphaned == []
+        await b.heartbeat()
+        await c.heartbeat()
+        assert orphaned == [("b", "y")]

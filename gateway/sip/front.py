@@ -169,6 +169,8 @@ class SipFront:
         self.inner_host = loopback_host(settings.sip_host)
         #: our Via host on an INVITE relayed to another instance (the address it reaches us on)
         self.relay_host = self.inner_host
+        #: whether a RELAY_HEADER value is the cluster's marker (set by the plane in a cluster)
+        self.relayed_by_peer: Callable[[str | None], bool] = lambda value: False
         self.my_hosts = {self.inner_host, "127.0.0.1", "localhost", settings.sip_host} - _WILDCARD
         self.limit = RateLimit(settings.sip_invite_rate, settings.sip_invite_burst)
         self.udp: asyncio.DatagramTransport | None = None
@@ -447,7 +449,8 @@ class SipFront:
         if mf.isdigit() and int(mf) == 0:
             self._refuse(msg, peer, 483, "Max-Forwards is 0")  # it could not go on to a worker: decide nothing
             return
-        wait = self.limit.wait(peer.addr[0], now)
+        # an INVITE another instance relayed was counted there, against the platform's address
+        wait = 0.0 if self.relayed_by_peer(msg.get(RELAY_HEADER)) else self.limit.wait(peer.addr[0], now)
         if wait > 0:
             # Answered once, not cached nor retransmitted: a flood must not make us work for it.
             self.counts["rate_limited"] += 1

@@ -155,6 +155,8 @@ class SipPlane:
         workers (``RuntimeError`` if they are not ready within ``sip_worker_ready_timeout``)."""
         front = self.front = SipFront(self.settings, self._decide_invite, self._options_ok, self._worker_addresses)
         front.relay_host = self.settings.sip_address[0]
+        if self.owners is not None:
+            front.relayed_by_peer = self.owners.is_marker
         await front.start()
         self._started = True
         try:
