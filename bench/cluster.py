@@ -127,7 +127,12 @@ async def run(n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=150, help="conversations (each: one monitor and one INVITE per way; one SIP worker holds ~170)")
+    ap.add_argument(
+        "--n",
+        type=int,
+        default=150,
+        help="conversations (each: one monitor and one INVITE per way; one SIP worker holds ~170)",
+    )
     ap.add_argument("--smoke", action="store_true", help="20 conversations")
     args = ap.parse_args()
     asyncio.run(run(20 if args.smoke else args.n))

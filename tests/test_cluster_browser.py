@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.redis_server import RedisServer
 from tests.sip_support import require_tool
+from tests.support import GatewayClient
 from tests.test_cluster import _both, cluster, start_legs, until
 
 pytestmark = [pytest.mark.browser, pytest.mark.sip, pytest.mark.slow]
@@ -72,8 +74,15 @@ async def test_console_on_one_instance_listens_to_media_on_the_other(
                             f"Number(document.getElementById('{meter}').dataset.dbfs) > -30", timeout=5000
                         )
                     assert not failed, failed
+                    mid = await page.get_attribute("[data-testid='monitor-panel']", "data-monitor")
                     await page.click("[data-testid='leave']")
-                    await page.wait_for_selector("[data-testid='voice-state'][data-state='stopped']")
+                    await page.wait_for_selector("[data-testid='monitor-panel']", state="hidden")
+                    sam = await b.client.login("sam")
+                    ended = await until(lambda: _ended(b.client, sam, str(mid)), 5, "the monitor to end through B")
+                    assert ended["end_reason"] == "left"
+                    # the voice slot is free again (on A, where the forwarded monitor held it)
+                    tom = await a.client.monitor("tom", "cw", {"kind": "webrtc"})
+                    assert tom.status == 201 and tom.body["channels"] == ["chat", "voice"], tom.body
                 finally:
                     await browser.close()
         finally:
@@ -81,3 +90,8 @@ async def test_console_on_one_instance_listens_to_media_on_the_other(
                 if leg.returncode is None:
                     leg.kill()
                 await leg.wait()
+
+
+async def _ended(gw: GatewayClient, token: str, mid: str) -> dict[str, Any] | None:
+    answer = await gw.call("GET", f"/v1/monitors/{mid}", token)
+    return dict(answer.body) if answer.status == 200 and answer.body["ended_at"] else None
