@@ -258,7 +258,9 @@ class DemoLegs:
                         log.info("demo voice: %s connected", cid)
                     self.connected.add(cid)
                 elif event == "DISCONNECTED":
-                    if cid in self.connected:
+                    if cid in self.connected and self.on_demand and cid not in self.wanted:
+                        log.info("demo voice: %s hung up (fork released)", cid)
+                    elif cid in self.connected:
                         log.info("demo voice: %s disconnected (%s); re-dialling", cid, words[1])
                     self.connected.discard(cid)
             rc = await proc.wait()

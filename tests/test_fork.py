@@ -29,6 +29,7 @@ from gateway.shared.store import RedisStore
 from gateway.store import SqliteStore
 from tests.support import GatewayClient, free_port, make_settings, running_gateway
 from tests.test_shared_state import conversation as plain_conversation
+from tests.test_shared_state import two_gateways
 
 pytestmark = pytest.mark.api
 
@@ -179,6 +180,24 @@ async def test_fork_fields_survive_in_both_stores(tmp_path: Path, redis_server: 
         finally:
             await store.close()
             await shared.close()
+
+
+async def test_fork_events_cross_instances(tmp_path: Path, redis_server: RedisServer, redis_prefix: str) -> None:
+    """With Redis, a platform following instance B hears the fork asked for on instance A, and
+    the release when the monitor is left through B."""
+    async with two_gateways(tmp_path, redis_server, redis_prefix) as (a, b):
+        platform = await events(b, await b.platform())
+        assert (await a.conversation("rx-1", fork="on_demand")).status == 201
+        started = await a.monitor("sam", "rx-1", WEBRTC)
+        assert started.body["voice_pending"] is True
+        requested = await until_event(platform, "voice_fork_requested")
+        assert requested["conversation"] == "rx-1"
+        listing = await b.call("GET", "/v1/conversations/rx-1", await b.platform())
+        assert listing.body["fork_requested"] == requested["id"]  # B's copy knows
+        assert (await b.call("DELETE", f"/v1/monitors/{started.body['id']}", await b.login("sam"))).status == 204
+        released = await until_event(platform, "voice_fork_released")
+        assert released["conversation"] == "rx-1" and released["id"] != requested["id"]
+        await platform.close()
 
 
 # ---------------------------------------------------------------------------- the webhook
