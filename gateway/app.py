@@ -187,6 +187,13 @@ async def fork_webhook_ctx(app: web.Application) -> AsyncIterator[None]:
 
     app[BUS].listen(on_event)
     app[FORK_WEBHOOK] = webhook
+    stats = app[METRICS].plane_stats
+
+    def collect() -> None:  # gateway_plane_stat{plane="fork",stat="webhook_delivered"|"webhook_failed"}
+        stats.labels(plane="fork", stat="webhook_delivered").set(webhook.delivered)
+        stats.labels(plane="fork", stat="webhook_failed").set(webhook.failed)
+
+    app[METRICS].on_scrape(collect)
     yield
     await webhook.close()
 

@@ -258,6 +258,8 @@ async def test_webhook_is_signed_retried_with_the_same_id_and_ordered(tmp_path: 
             assert time.monotonic() - t0 < 0.4, "the API answer never waits for the webhook"
             assert (await gw.call("DELETE", f"/v1/monitors/{started.body['id']}", await gw.login("sam"))).status == 204
             await until(lambda: len(hook.delivered()) == 2)
+            metrics = (await gw.call("GET", "/metrics")).body
+            assert 'gateway_plane_stat{plane="fork",stat="webhook_delivered"} 2.0' in metrics, metrics[-600:]
     # attempts 1, 2 failed, 3 delivered the request; then the release (after it: kept in order)
     assert [status for _, _, status in hook.calls] == [500, 503, 200, 200]
     ids = [headers[EVENT_ID_HEADER] for headers, _, _ in hook.calls]
