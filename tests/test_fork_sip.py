@@ -163,12 +163,14 @@ def tone_wav(src: Path, out: Path) -> Path:
     return out
 
 
-async def start_on_demand_source(front_port: int, agent_wav: Path, customer_wav: Path, cid: str) -> Proc:
+async def start_on_demand_source(
+    front_port: int, agent_wav: Path, customer_wav: Path, cid: str, record_prefix: Path
+) -> Proc:
     port = free_udp_block(40, 40000, 59000)
     proc = await asyncio.create_subprocess_exec(
         PYTHON, "-m", "devtools.siprec_source", "--front", f"127.0.0.1:{front_port}", "--port", str(port),
         "--conv", f"{cid}:alice", "--agent-wav", str(agent_wav), "--customer-wav", str(customer_wav),
-        "--redial", "1", "--on-demand",
+        "--redial", "1", "--on-demand", "--record-prefix", str(record_prefix),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT),
     )  # fmt: skip
@@ -207,7 +209,8 @@ async def test_siprec_fork_on_request_reaches_a_webrtc_listener_and_bye_on_relea
     )  # fmt: skip
     agent_wav = tone_wav(AUDIO / "agent_600.ulaw", tmp_path / "agent_600.wav")
     customer_wav = tone_wav(AUDIO / "customer_1000.ulaw", tmp_path / "customer_1000.wav")
-    source = await start_on_demand_source(sip_port, agent_wav, customer_wav, "fk-2")
+    # the source records what the gateway sends back on each leg: it must stay silent
+    source = await start_on_demand_source(sip_port, agent_wav, customer_wav, "fk-2", tmp_path / "src")
     assert source.proc.stdin is not None
     stdin = source.proc.stdin
 
@@ -244,14 +247,24 @@ async def test_siprec_fork_on_request_reaches_a_webrtc_listener_and_bye_on_relea
                 await wait_until(lambda: platform.kinds() == ["voice_fork_requested", "voice_fork_released"], 3)
                 await source.wait_line("DISCONNECTED", 5)  # the source's BYE
                 await wait_until(lambda: plane.legs("fk-2") == set(), 5, "legs gone after the BYE")
-                # a second listener asks again: same conversation, a new request, the source dials again
-                again = await gw.monitor("tom", "fk-2", {"kind": "webrtc"})
-                assert again.status == 201 and again.body["voice_pending"] is True
-                await wait_until(lambda: platform.kinds().count("voice_fork_requested") == 2, 3)
-                await wait_until(lambda: plane.legs("fk-2") == {"agent", "customer"}, 10, "legs again")
-                assert (
-                    await gw.call("DELETE", f"/v1/monitors/{again.body['id']}", await gw.login("tom"))
-                ).status == 204
+                # a second supervisor, on a SIP phone that sends a 1500 Hz tone: a new request, the
+                # source dials again, the phone (called once the legs are up) hears both tones
+                phone_port = free_udp_block(30, 40000, 59000)
+                phone = await start_phone(phone_port, tmp_path / "tom.wav", "--tone", "1500")
+                try:
+                    again = await gw.monitor("tom", "fk-2", {"kind": "sip", "uri": f"sip:tom@127.0.0.1:{phone_port}"})
+                    assert again.status == 201 and again.body["voice_pending"] is True
+                    await wait_until(lambda: platform.kinds().count("voice_fork_requested") == 2, 3)
+                    await phone.wait_line("CONNECTED", 10)
+                    assert plane.legs("fk-2") == {"agent", "customer"}
+                    await asyncio.sleep(2.0)
+                    tom = await gw.login("tom")
+                    assert (await gw.call("DELETE", f"/v1/monitors/{again.body['id']}", tom)).status == 204
+                    await phone.wait_line("DISCONNECTED", 3)
+                    await wait_until(lambda: platform.kinds().count("voice_fork_released") == 2, 3)
+                    await wait_until(lambda: plane.legs("fk-2") == set(), 5, "legs gone after the second BYE")
+                finally:
+                    await phone.stop()
     finally:
         await source.stop()
     mix = np.concatenate(received)
@@ -262,3 +275,11 @@ async def test_siprec_fork_on_request_reaches_a_webrtc_listener_and_bye_on_relea
         _peak_power(tail, rate, 600),
         _peak_power(tail, rate, 1000),
     )
+    heard, phone_rate = read_wav(tmp_path / "tom.wav")
+    levels = tone_levels(heard[-phone_rate:], phone_rate, [600.0, 1000.0, 1500.0])
+    assert levels[600.0] > 0.3 and levels[1000.0] > 0.3 and levels[1500.0] < 0.05, levels
+    # nothing the phone sent reached the platform's legs (the second call's recordings)
+    for leg in ("agent", "customer"):
+        back, back_rate = read_wav(tmp_path / f"src-{leg}.wav")
+        assert len(back) > back_rate, f"{leg}: recording too short ({len(back)} samples)"
+        assert float(np.sqrt(np.mean(back**2))) < 50, f"the {leg} leg got audio back"
