@@ -45,7 +45,7 @@ from tests.sip_support import (
 from tests.support import GatewayClient, make_settings, running_gateway
 from tests.test_webrtc_whep import _peak_power
 
-pytestmark = [pytest.mark.sip, pytest.mark.api]
+pytestmark = [pytest.mark.sip, pytest.mark.api, pytest.mark.webrtc]
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
