@@ -140,28 +140,32 @@ class DemoPlatform:
                         log.warning("demo: could not create %s: %s", conv.id, await response.text())
             await self._start_voice()
             follow = asyncio.create_task(self._follow_forks(http), name="demo-forks")
-            log.info("demo platform: %d conversations live", len(CONVERSATIONS))
-            print(self.banner(), flush=True)
-            lines = itertools.cycle(zip(CUSTOMER_LINES, AGENT_LINES))
-            refresh = asyncio.get_running_loop().time() + 200
-            while not follow.done():
-                await asyncio.sleep(self.interval)
-                if asyncio.get_running_loop().time() > refresh:  # demo tokens live 300 s
-                    headers = {"Authorization": f"Bearer {await self._token(http)}"}
-                    refresh = asyncio.get_running_loop().time() + 200
-                customer_line, agent_line = next(lines)
-                for conv in CONVERSATIONS:
-                    if "chat" not in conv.sessions:
-                        continue
-                    for sender, text in (("customer", customer_line), ("agent", agent_line)):
-                        await asyncio.sleep(random.uniform(0.2, 0.8))
-                        async with http.post(
-                            f"{base}/v1/conversations/{conv.id}/messages",
-                            json={"from": sender, "text": text},
-                            headers=headers,
-                        ) as response:
-                            if response.status >= 300:
-                                log.debug("demo message refused: %s", await response.text())
+            try:
+                log.info("demo platform: %d conversations live", len(CONVERSATIONS))
+                print(self.banner(), flush=True)
+                lines = itertools.cycle(zip(CUSTOMER_LINES, AGENT_LINES))
+                refresh = asyncio.get_running_loop().time() + 200
+                while True:
+                    await asyncio.sleep(self.interval)
+                    if asyncio.get_running_loop().time() > refresh:  # demo tokens live 300 s
+                        headers = {"Authorization": f"Bearer {await self._token(http)}"}
+                        refresh = asyncio.get_running_loop().time() + 200
+                    customer_line, agent_line = next(lines)
+                    for conv in CONVERSATIONS:
+                        if "chat" not in conv.sessions:
+                            continue
+                        for sender, text in (("customer", customer_line), ("agent", agent_line)):
+                            await asyncio.sleep(random.uniform(0.2, 0.8))
+                            async with http.post(
+                                f"{base}/v1/conversations/{conv.id}/messages",
+                                json={"from": sender, "text": text},
+                                headers=headers,
+                            ) as response:
+                                if response.status >= 300:
+                                    log.debug("demo message refused: %s", await response.text())
+            finally:  # stopped: the event follower goes with the rest
+                follow.cancel()
+                await asyncio.gather(follow, return_exceptions=True)
 
     async def _follow_forks(self, http: aiohttp.ClientSession) -> None:
         """Dial / hang up the on-demand conversations' SIPREC calls as the gateway asks, on
