@@ -368,7 +368,11 @@ class MonitoringService:
         conversation.voice_legs.discard(leg)
         conversation.voice_streams = [s for s in conversation.voice_streams if s["leg"] != leg]
         if not conversation.voice_legs:
-            conversation.fork_released = False  # the released fork is gone; a new one may be asked for
+            conversation.fork_released = False  # the released fork is gone
+            if conversation.fork_requested is not None:  # a fork is wanted: its listener waits again
+                for monitor in self.store.monitors_of(cid):
+                    if monitor.has_voice and not monitor.voice_pending:
+                        self._await_fork(monitor, publish=True)
         # An on-demand fork comes and goes with its listeners: the platform, not the legs, says
         # when such a conversation's voice ends.
         on_demand = conversation.fork == "on_demand"
@@ -494,26 +498,36 @@ class MonitoringService:
         is asked for already, or legs are there that no release is taking away."""
         if conversation.fork != "on_demand":
             return
-        if conversation.fork_requested is None and (not conversation.voice_legs or conversation.fork_released):
-            event = fork_event(EventType.VOICE_FORK_REQUESTED, conversation, self._fork)
-            conversation.fork_requested = event.payload["id"]
-            conversation.fork_released = False
-            self.store.put_conversation(conversation)
-            self.audit.record("voice_fork_requested", conversation=conversation.id, event=event.payload["id"])
-            self.bus.publish(event)
-        if not conversation.voice_legs or conversation.fork_released:
+        if conversation.fork_requested is not None or (conversation.voice_legs and not conversation.fork_released):
+            return  # asked for already, or forked by the platform on its own
+        event = fork_event(EventType.VOICE_FORK_REQUESTED, conversation, self._fork)
+        conversation.fork_requested = event.payload["id"]
+        self.store.put_conversation(conversation)
+        self.audit.record("voice_fork_requested", conversation=conversation.id, event=event.payload["id"])
+        self.bus.publish(event)
+        # Legs still up here belong to the released fork (their BYE is on its way): the listener
+        # hears them meanwhile, and waits again if they go first (``leg_ended``).
+        self._await_fork(monitor, publish=False, pending=not conversation.voice_legs)
+
+    def _await_fork(self, monitor: Monitor, *, publish: bool, pending: bool = True) -> None:
+        """The monitor waits for the fork's legs, at most ``fork_timeout`` seconds."""
+        if pending:
             monitor.voice_pending = True
             self.store.put_monitor(monitor)
-            self._background.spawn(self._fork_deadline(conversation.id, monitor.id))
+            conversation = self.store.get_conversation(monitor.conversation)
+            if publish and conversation is not None:
+                self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
+        self._background.spawn(self._fork_deadline(monitor.conversation, monitor.id))
 
     async def _fork_deadline(self, cid: str, mid: str) -> None:
-        """The platform never forked: the monitor's voice ends (``fork_timeout``), which
-        releases the fork it was asked for."""
+        """No leg by now: the monitor's voice ends (``fork_timeout``), which releases the fork."""
         await asyncio.sleep(self._fork.timeout)
         monitor = self.store.get_monitor(mid)
-        if monitor is not None and monitor.has_voice and monitor.voice_pending:
-            log.warning("the platform did not fork in time", extra={"conversation": cid, "monitor": mid})
-            self.voice_lost(mid, rules.END_FORK_TIMEOUT)
+        conversation = self.store.get_conversation(cid)
+        if monitor is None or not monitor.has_voice or conversation is None or conversation.voice_legs:
+            return
+        log.warning("the platform did not fork in time", extra={"conversation": cid, "monitor": mid})
+        self.voice_lost(mid, rules.END_FORK_TIMEOUT)
 
     def _release_fork(self, conversation: Conversation | None) -> None:
         """``on_demand``: the last voice monitor left; the platform may stop forking (BYE)."""

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from devtools.redis_server import RedisServer
-from gateway.api.context import SETTINGS
+from gateway.api.context import SERVICE, SETTINGS
 from gateway.domain import DomainEvent, EventType, Principal
 from gateway.fork import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
 from gateway.policy.rules import may_see_event
@@ -138,6 +138,48 @@ async def test_a_fork_that_never_comes_ends_the_voice_after_the_timeout(tmp_path
         assert body["ended_at"] is None and body["voice_pending"] is False  # chat goes on
         assert updated["conversation"] == "od-3"
         await platform.close()
+
+
+async def test_a_monitor_during_the_release_asks_again_and_legs_ending_keep_the_voice(gateway: GatewayClient) -> None:
+    """The SIP plane's reports (legs up, legs gone) are played through the service here (no
+    SIP): a monitor that arrives while a released fork's legs are still up (their BYE on its
+    way) asks for a new fork and waits for new legs; the old legs' BYE does not end the voice
+    session; a platform that forked on its own is not asked."""
+    service = gateway.app[SERVICE]
+    platform = await events(gateway, await gateway.platform())
+    await gateway.conversation("od-4", fork="on_demand")
+    sam = await gateway.monitor("sam", "od-4", WEBRTC)
+    first = await until_event(platform, "voice_fork_requested")
+    service.leg_started("od-4", "agent")
+    service.leg_started("od-4", "customer")
+    sam_token, tom_token = await gateway.login("sam"), await gateway.login("tom")
+    assert (await gateway.call("GET", f"/v1/monitors/{sam.body['id']}", sam_token)).body["voice_pending"] is False
+    assert (await gateway.call("DELETE", f"/v1/monitors/{sam.body['id']}", sam_token)).status == 204
+    await until_event(platform, "voice_fork_released")
+
+    tom = await gateway.monitor("tom", "od-4", WEBRTC)  # the old legs are still up: tom hears them
+    assert tom.body["channels"] == ["chat", "voice"] and tom.body["voice_pending"] is False
+    second = await until_event(platform, "voice_fork_requested")
+    assert second["id"] != first["id"]
+    service.leg_ended("od-4", "agent", "bye")  # the released fork's BYE arrives now: tom waits
+    service.leg_ended("od-4", "customer", "bye")
+    state = (await gateway.call("GET", f"/v1/monitors/{tom.body['id']}", tom_token)).body
+    assert state["channels"] == ["chat", "voice"] and state["voice_pending"] is True, state
+    conv = (await gateway.call("GET", "/v1/conversations/od-4", tom_token)).body
+    assert conv["sessions"]["voice"] is True and conv["fork_requested"] == second["id"]
+    service.leg_started("od-4", "agent")  # the new fork
+    assert (await gateway.call("GET", f"/v1/monitors/{tom.body['id']}", tom_token)).body["voice_pending"] is False
+    assert (await gateway.call("DELETE", f"/v1/monitors/{tom.body['id']}", tom_token)).status == 204
+    await until_event(platform, "voice_fork_released")
+
+    # a platform that forks on its own (legs up, nothing released): nobody is asked
+    await gateway.conversation("od-5", fork="on_demand")
+    service.leg_started("od-5", "agent")
+    again = await gateway.monitor("sam", "od-5", WEBRTC)
+    assert again.body["voice_pending"] is False
+    seen = [e["type"] for e in await drain(platform, 0.5)]
+    assert "voice_fork_requested" not in seen, seen
+    await platform.close()
 
 
 def test_fork_events_reach_only_the_owning_platform_client() -> None:
