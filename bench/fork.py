@@ -27,7 +27,8 @@ Table 2, **ingress CPU at 10 % monitored**: N conversations, every 10th monitore
 ``always``: every conversation forked (a SIPREC call with RTP on both legs), as platforms that
 record everything do. ``on_demand``: only the monitored ones, forked when their monitor starts.
 CPU of the gateway (main process and workers, from /proc, all threads) over ``--seconds``,
-after every monitored mix reached its phone; ``saved`` = 1 - on_demand / always.
+after every monitored mix reached its phone and every forked call has both legs up (``legs up``);
+``saved`` = 1 - on_demand / always.
 No asserts: the numbers are printed.
 """
 
@@ -330,6 +331,15 @@ async def ingress_cpu(mode: str, n: int, seconds: float, workers: int, tmp: Path
         await asyncio.gather(*(monitor(cids[i]) for i in watched))
         await sink.wait_all(30 + 0.05 * n)
         row["forked"] = len(platform.calls)
+        deadline = time.monotonic() + 30 + 0.05 * n
+        while True:  # every forked call has both legs up (its RTP reached the gateway)
+            _, listing = await gw.call("platform", "GET", "/v1/conversations")
+            row["legs_up"] = sum(1 for c in listing if set(c.get("voice_legs", [])) >= {"agent", "customer"})
+            if row["legs_up"] >= row["forked"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"conversations with both legs up: {row['legs_up']}/{row['forked']}")
+            await asyncio.sleep(0.3)
         await asyncio.sleep(1.0)
         pids = gw.pids()
         cpu = CpuWindow(pids)
@@ -373,11 +383,13 @@ async def run(args: argparse.Namespace) -> None:
             f"\ningress CPU of the gateway, {args.n} conversations, 10 % monitored by a SIP phone, {args.seconds:g} s"
         )
         print(
-            f"{'mode':<10} {'convs':>6} {'monitored':>9} {'forked':>7} {'CPU %':>7} {'%/conv':>7} {'RSS MB':>7}  error"
+            f"{'mode':<10} {'convs':>6} {'monitored':>9} {'forked':>7} {'legs up':>7} {'CPU %':>7} {'%/conv':>7} "
+            f"{'RSS MB':>7}  error"
         )
         for r in rows:
             print(
-                f"{r['mode']:<10} {r['n']:>6} {r['monitored']:>9} {r.get('forked', 0):>7} {r.get('cpu', float('nan')):7.1f} "
+                f"{r['mode']:<10} {r['n']:>6} {r['monitored']:>9} {r.get('forked', 0):>7} {r.get('legs_up', 0):>7} "
+                f"{r.get('cpu', float('nan')):7.1f} "
                 f"{r.get('cpu_per_conv', float('nan')):7.3f} {r.get('rss_mb', float('nan')):7.0f}  {r['error']}"
             )
         if all("cpu" in r for r in rows) and rows[0]["cpu"] > 0:
