@@ -99,6 +99,7 @@ class DemoPlatform:
     SIP:       platforms INVITE sip:{self.settings.sip_host}:{self.settings.sip_port}; a phone to listen with:
                  .venv/bin/python -m devtools.sip_phone --port 5090 --record heard.wav
                then POST /v1/conversations/demo-a1/monitors {{"voice":{{"kind":"sip","uri":"sip:sam@127.0.0.1:5090"}}}}
+               (demo-a1 is forked on demand: its legs arrive when a voice monitor starts; demo-b1 always)
 """
 
     async def _token(self, http: aiohttp.ClientSession) -> str:
