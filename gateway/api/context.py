@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway.api.forwarding import Forwarder
 from gateway.config import Settings
 from gateway.events import EventBus
+from gateway.fork import ForkWebhook
 from gateway.metrics import Metrics
 from gateway.planes import ChatPlane, Listeners, Planes, SipPlane, WebRtcPlane
 from gateway.policy.audit import AuditLog
@@ -43,3 +44,5 @@ SHARED = web.AppKey("shared", SharedState)
 CLUSTER = web.AppKey("cluster", Cluster)
 #: With ``GATEWAY_REDIS_URL``: sends what needs a conversation's media to the instance holding it.
 FORWARDER = web.AppKey("forwarder", Forwarder)
+#: The fork webhook (``gateway.fork.ForkWebhook``), present only with ``GATEWAY_FORK_WEBHOOK_URL``.
+FORK_WEBHOOK = web.AppKey("fork_webhook", ForkWebhook)
