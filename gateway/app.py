@@ -176,6 +176,8 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         await redis_store.start()
     yield
     if SHARED in app:
+        # after the planes stopped (their legs' end is published): out of the registry, media leases freed
+        await app[CLUSTER].close()
         await app[FORWARDER].close()
         await redis_store.close()
     else:
@@ -264,8 +266,6 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
         cluster.on_orphaned = lambda cid: service.legs_lost(cid, END_MEDIA_FAILURE)
         await cluster.start()
     yield
-    if CLUSTER in app:
-        await app[CLUSTER].close()  # out of the registry, media leases freed, before the planes stop
     await app[PLANES].close_listeners()
     # The planes' reactions still running are cancelled while the planes still exist.
     await app[RUNTIME].background.cancel_all()

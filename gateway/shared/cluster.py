@@ -119,6 +119,9 @@ class Cluster:
         self.secret = ""
         self._task: asyncio.Task[None] | None = None
         self._beat = asyncio.Event()
+        # Back from a Redis outage: renew the card at once (it may have expired meanwhile), before
+        # the instance serves again, so no other instance takes its conversations for a dead one's.
+        shared.on_reconnect(self._heartbeat_if_started)
         self._claim = self._redis.register_script(_CLAIM)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
@@ -148,6 +151,10 @@ class Cluster:
             pipe.srem(self._key("instances"), self.me.id)
             await asyncio.wait_for(pipe.execute(), 1.0)
         self.owned.clear()
+
+    async def _heartbeat_if_started(self) -> None:
+        if self._task is not None:
+            await self.heartbeat()
 
     def poke(self) -> None:
         """Heartbeat now (e.g. draining started: the others should know at once)."""
