@@ -389,9 +389,29 @@ class MonitoringService:
                 visibility="agent",
             )
         )
+        if voice is not None and voice.get("kind") == VoiceKind.SIP.value:
+            # the phone the supervisor just chose is the one the console offers next time
+            self.remember_phone(principal, voice.get("uri"))
         if monitor.voice_kind is VoiceKind.SIP:
             await self._call_phone(monitor.id)
         return monitor
+
+    # ------------------------------------------------------------------ per-user preferences
+
+    def me(self, principal: Principal) -> dict[str, Any]:
+        """``GET /v1/me``: the caller and what is remembered for its username."""
+        return {
+            "username": principal.username,
+            "teams": sorted(principal.teams),
+            "phone_uri": self.store.phone_uri(principal.username),
+        }
+
+    def remember_phone(self, principal: Principal, uri: str | None) -> None:
+        """Remember (``None``: forget) the SIP phone this supervisor listens on."""
+        if self.store.phone_uri(principal.username) == uri:
+            return
+        self.store.put_phone_uri(principal.username, uri)
+        self.audit.record("phone_remembered" if uri else "phone_forgotten", actor=principal.username)
 
     async def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
         # Checked first, spent only when a monitor opens: a refused attempt costs the supervisor

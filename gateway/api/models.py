@@ -148,10 +148,14 @@ class WebRtcVoice(RequestBody):
     kind: Literal["webrtc"]
 
 
-def _sip_uri(uri: str) -> str:
+def _sip_uri(uri: str, field: str = "voice.uri") -> str:
     if len(uri) > SIP_URI_MAX_LENGTH or not _SIP_URI.fullmatch(uri):
-        raise PydanticCustomError(ErrorCode.INVALID_SIP_URI.value, "voice.uri must be a sip: URI")
+        raise PydanticCustomError(ErrorCode.INVALID_SIP_URI.value, f"{field} must be a sip: URI")
     return uri
+
+
+def _phone_uri(uri: str) -> str:
+    return _sip_uri(uri, "uri")
 
 
 class SipVoice(RequestBody):
@@ -172,6 +176,16 @@ class MonitorStartIn(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"voice": {"kind": "webrtc"}}, {"voice": None}]})
 
     voice: Voice | None = None
+
+
+class PhoneIn(RequestBody):
+    """`PUT /v1/me/phone`: the SIP phone the console offers to ring when this supervisor monitors."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"uri": "sip:sam@phones.example.com"}]})
+
+    uri: Annotated[str, AfterValidator(_phone_uri)] = Field(
+        json_schema_extra={"pattern": SIP_URI_PATTERN, "maxLength": SIP_URI_MAX_LENGTH}
+    )
 
 
 class ChatTextIn(RequestBody):
@@ -237,6 +251,16 @@ class ConversationOut(BaseModel):
     voice_streams: list[VoiceStreamOut] = Field(description="which SIP stream became which leg, per connected leg")
     monitored: bool
     monitors: list[MonitorBrief]
+
+
+class MeOut(BaseModel):
+    """`GET /v1/me`: who the caller is, and what the gateway remembers for it (per username)."""
+
+    username: str
+    teams: list[str] = Field(description="the teams it supervises")
+    phone_uri: str | None = Field(
+        description="the SIP phone last chosen (`PUT /v1/me/phone` or a `kind: sip` monitor); null: none"
+    )
 
 
 class EventAcceptedOut(BaseModel):

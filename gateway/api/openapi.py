@@ -175,6 +175,26 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
             body_required=False,
         ),
     },
+    "/v1/me": {
+        "get": Operation(
+            "The caller and what is remembered for it (its phone)",
+            ("supervisor",),
+            {200: Answer("the caller", models.MeOut)},
+            _AUTH,
+        ),
+    },
+    "/v1/me/phone": {
+        "put": Operation(
+            "Remember the caller's SIP phone (per username)",
+            ("supervisor",),
+            {200: Answer("the caller", models.MeOut)},
+            (*_AUTH, *_REQUIRED_JSON, E.INVALID_SIP_URI),
+            body=models.PhoneIn,
+        ),
+        "delete": Operation(
+            "Forget the caller's SIP phone", ("supervisor",), {204: Answer("forgotten", media_type="")}, _AUTH
+        ),
+    },
     "/v1/monitors/{mid}": {
         "get": Operation("One of the caller's monitors", ("supervisor",), {200: _MONITOR}, (*_AUTH, E.NOT_FOUND)),
         "delete": Operation(
