@@ -82,4 +82,11 @@ if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
     pkgs+=(gcc libc6-dev janus)
   fi
   apt_install "${pkgs[@]}"
+  # axe-core (npm) for the console's accessibility check in the Chromium tests: package.json
+  # pins it, package-lock.json fixes what npm ci installs into node_modules/ (not committed).
+  command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+  if [ ! -f node_modules/axe-core/axe.min.js ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    echo "setup: installing axe-core (npm ci)"
+    npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+  fi
 fi
