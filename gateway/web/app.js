@@ -150,6 +150,7 @@ async function loadMe() {
   $("phone-uri").value = (state.me && state.me.phone_uri) || "";
   setListenChoice(choice === "phone" || choice === "browser" ? choice : "browser");
   $("phone-status").textContent = state.me && state.me.phone_uri ? "Remembered for you by the gateway." : "";
+  $("listen-on").dataset.loaded = "true";
 }
 
 function listenChoice() {
