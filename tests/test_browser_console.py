@@ -106,6 +106,22 @@ async def test_keyboard_only_monitoring_axe_and_screenshot(tmp_path: Path) -> No
                 await page.wait_for_selector("[data-testid='conv-row-c-1001']")
                 await page.wait_for_selector("[data-testid='events-status']:has-text('live')")
 
+                # --- where to listen: radio buttons take arrows, the address is typed and saved ------
+                await page.wait_for_selector("[data-testid='listen-on'][data-loaded='true']")
+                await tab_to(page, "listen-browser")
+                await page.keyboard.press("ArrowRight")
+                assert await page.is_checked("[data-testid='listen-phone']")
+                await tab_to(page, "phone-uri")
+                await page.keyboard.type("sip:sam@127.0.0.1:5999")
+                await tab_to(page, "listen-phone", key="Shift+Tab")  # leaving the field saves it
+                await page.wait_for_selector("[data-testid='phone-status']:has-text('Saved')")
+                assert (await gw.call("GET", "/v1/me", await gw.login("sam"))).body[
+                    "phone_uri"
+                ] == "sip:sam@127.0.0.1:5999"
+                await page.keyboard.press("ArrowLeft")  # back to this browser for the rest
+                assert await page.is_checked("[data-testid='listen-browser']")
+                assert await page.is_disabled("[data-testid='phone-uri']")
+
                 # the disabled buttons are skipped by Tab: the first one Tab reaches is c-1001's
                 await tab_to(page, "monitor-c-1001")
                 label = await page.get_attribute("[data-testid='monitor-c-1001']", "aria-label")
