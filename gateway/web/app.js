@@ -573,7 +573,7 @@ function setLevels(agent, customer) {
 //   poor: loss > 5 %, or jitter > 60 ms, or added latency > 400 ms
 //   fair: loss > 1 %, or jitter > 30 ms, or added latency > 150 ms (ITU-T G.114's one-way budget)
 //   good: anything better. A figure that is null (not measured yet) does not count.
-export const QUALITY_LIMITS = {
+const QUALITY_LIMITS = {
   fair: { loss_pct: 1, jitter_ms: 30, added_latency_ms: 150 },
   poor: { loss_pct: 5, jitter_ms: 60, added_latency_ms: 400 },
 };
@@ -587,7 +587,7 @@ function isNum(x) {
 function qualityLevel(q) {
   const legs = Object.values(q.legs || {});
   const figures = [["added_latency_ms", q.added_latency_ms]];
-  for (const leg of legs) figures.push(["loss_pct", leg.loss_pct], ["jitter_ms", leg.jitter_ms]);
+  for (const leg of legs) if (leg) figures.push(["loss_pct", leg.loss_pct], ["jitter_ms", leg.jitter_ms]);
   const measured = figures.filter(([, v]) => isNum(v));
   if (!measured.length) return null;
   for (const level of ["poor", "fair"]) {
@@ -610,6 +610,7 @@ function renderQuality(q) {
   const fmt = (v, unit, digits = 0) => (isNum(v) ? `${v.toFixed(digits)} ${unit}` : "not measured");
   const lines = [`Added latency: ${fmt(q.added_latency_ms, "ms")}`];
   for (const [name, leg] of Object.entries(q.legs || {})) {
+    if (!leg) continue;
     const packets = isNum(leg.packets) ? `, ${leg.packets} packets` : "";
     lines.push(`${LEG_NAMES[name] || name}: loss ${fmt(leg.loss_pct, "%", 1)}, jitter ${fmt(leg.jitter_ms, "ms", 1)}${packets}`);
   }
