@@ -67,6 +67,19 @@ async def post(gw: GatewayClient, cid: str, sender: str, text: str) -> None:
     assert answer.status == 201, answer.body
 
 
+async def settled(page: Any, timeout: float = 5.0) -> dict[str, Any]:
+    """The chat view's geometry once scrolling (and the snap animation) has come to rest."""
+    await page.wait_for_timeout(150)
+    last = await page.evaluate(CHAT_GEOMETRY)
+    for _ in range(int(timeout / 0.15)):
+        await page.wait_for_timeout(150)
+        now = await page.evaluate(CHAT_GEOMETRY)
+        if now["scrollTop"] == last["scrollTop"]:
+            return dict(now)
+        last = now
+    return dict(last)
+
+
 def half_cut(geometry: dict[str, Any]) -> list[dict[str, Any]]:
     """Bubbles the view's top edge cuts through (1 px of rounding allowed)."""
     top = geometry["view"]["top"]
@@ -289,8 +302,7 @@ async def test_rows_say_why_durations_tick_chat_aligns_and_quality_grades(tmp_pa
                 await page.hover("[data-testid='chat-log']")
                 for delta in (-137, -251, -89):
                     await page.mouse.wheel(0, delta)
-                    await page.wait_for_timeout(600)  # the snap animation
-                    geometry = await page.evaluate(CHAT_GEOMETRY)
+                    geometry = await settled(page)
                     assert not half_cut(geometry), (delta, half_cut(geometry), geometry["view"])
                 assert geometry["scrollTop"] < geometry["max"] - 50  # it did scroll back
                 # a new message while reading back does not yank the view ...
