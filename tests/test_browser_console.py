@@ -365,6 +365,11 @@ async def test_rows_say_why_durations_tick_chat_aligns_and_quality_grades(tmp_pa
                 lines = await page.locator("[data-testid='quality-line']").all_text_contents()
                 assert lines[0] == "Added latency: 42 ms", lines
                 assert lines[1] == "Both legs (mixed): loss 0.3 %, jitter 3.1 ms, 1234 packets", lines
+                assert lines[2].startswith("Measured at "), lines
+                # the gateway writes updated_at in ISO 8601
+                await feed({"added_latency_ms": 12, "legs": legs(0, 1), "updated_at": "2026-12-02T09:30:00.123Z"})
+                lines = await page.locator("[data-testid='quality-line']").all_text_contents()
+                assert lines[-1].startswith("Measured at ") and "Invalid" not in lines[-1], lines
                 # another monitor's figures are not this panel's; null hides the badge again
                 await feed({"added_latency_ms": 999, "legs": legs(50, 500)}, monitor_id="m-someone-else")
                 assert await badge.get_attribute("data-level") == "good"

@@ -614,7 +614,9 @@ function renderQuality(q) {
     const packets = isNum(leg.packets) ? `, ${leg.packets} packets` : "";
     lines.push(`${LEG_NAMES[name] || name}: loss ${fmt(leg.loss_pct, "%", 1)}, jitter ${fmt(leg.jitter_ms, "ms", 1)}${packets}`);
   }
-  if (isNum(q.updated_at)) lines.push(`Measured at ${new Date(q.updated_at * 1000).toLocaleTimeString()}`);
+  // updated_at: ISO 8601 (the gateway's) or epoch seconds
+  const at = isNum(q.updated_at) ? q.updated_at * 1000 : typeof q.updated_at === "string" ? Date.parse(q.updated_at) : NaN;
+  if (Number.isFinite(at)) lines.push(`Measured at ${new Date(at).toLocaleTimeString()}`);
   badge.hidden = false;
   badge.className = `pill quality ${level}`;
   badge.dataset.level = level;
