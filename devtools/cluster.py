@@ -37,6 +37,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 def port_free(port: int, kinds: tuple[int, ...] = (socket.SOCK_DGRAM, socket.SOCK_STREAM)) -> bool:
     for kind in kinds:
         with socket.socket(socket.AF_INET, kind) as sock:
+            if kind == socket.SOCK_STREAM:  # as servers bind: a port in TIME_WAIT is free
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -281,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster: {exc}", file=sys.stderr)
         return 1
     finally:
+        # Every instance drains at once (the demo's BYEs still go through Kamailio), then the rest.
+        for gw in gateways:
+            gw.terminate()
+        for gw in gateways:
+            gw.stop(timeout=12)
         if kamailio is not None:
             kamailio.stop()
-        for gw in reversed(gateways):
-            gw.stop()
         redis.stop()
 
 

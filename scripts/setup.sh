@@ -4,6 +4,7 @@
 #   scripts/setup.sh run    # what `make run` needs
 #   scripts/setup.sh test   # what `make test` needs (sipp, chromium, espeak-ng, sox, a JRE)
 #   scripts/setup.sh bench  # what `make bench` needs: the test peers, gcc and janus
+#   scripts/setup.sh cluster  # what `make cluster` needs: redis-server and kamailio
 # All three build pjsua2 from source once (scripts/build-pjsua2.sh) and install it into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,4 +84,7 @@ if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
     pkgs+=(gcc libc6-dev janus)
   fi
   apt_install "${pkgs[@]}"
+fi
+if [ "$what" = "cluster" ]; then
+  apt_install redis-server kamailio
 fi
