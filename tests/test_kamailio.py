@@ -349,8 +349,20 @@ async def test_draining_instance_gets_no_new_invite_and_keeps_its_calls(tmp_path
             bye = await sip.recv(5)
             assert bye is not None and bye.startswith(b"SIP/2.0 200"), bye
 
-            # The call it kept still works through Kamailio: its BYE ends it, then the instance stops.
-            sip.send(in_dialog_request("BYE", data, held, 2), k.port)
+            # The call it kept still works through Kamailio and its front: a re-INVITE (the
+            # platform refreshing the session) is answered, its BYE ends it, then the instance stops.
+            reinvite = in_dialog_request("INVITE", data, held, 2)
+            contact = next(ln for ln in data.decode().split("\r\n") if ln.startswith("Contact:"))
+            offer = sdp()
+            reinvite = reinvite.replace(
+                b"Content-Length: 0\r\n\r\n",
+                f"{contact}\r\nContent-Type: application/sdp\r\nContent-Length: {len(offer)}\r\n\r\n".encode() + offer,
+            )
+            code, refreshed = await sip.request(reinvite, k.port, ack=False)
+            assert code == 200 and "m=audio" in refreshed, refreshed
+            ack = in_dialog_request("ACK", data, held, 2).replace(b"CSeq: 1 ACK", b"CSeq: 2 ACK")
+            sip.send(ack, k.port)
+            sip.send(in_dialog_request("BYE", data, held, 3), k.port)
             bye = await sip.recv(5)
             assert bye is not None and bye.startswith(b"SIP/2.0 200"), bye
             assert one.process.process is not None
