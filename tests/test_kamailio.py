@@ -392,5 +392,36 @@ async def test_killed_instance_fails_over_then_gets_nothing(tmp_path: Path) -> N
                 sip.send(in_dialog_request("BYE", data, text, 2), k.port)
                 bye = await sip.recv(5)
                 assert bye is not None and bye.startswith(b"SIP/2.0 200"), bye
+            assert await asyncio.to_thread(k.options) == 200  # the cluster is up while one instance is
+
+            # The last instance dies too: the platform gets 503 + Retry-After (never silence, never a redirect).
+            await asyncio.to_thread(one.process.kill)
+            data, _, _ = sip.invite(k.port, body=sdp(), headers={"X-Conversation-ID": cids[0], "X-Leg": "agent"})
+            code, text = await sip.request(data, k.port, timeout=10)
+            assert code == 503 and response_header(text, "retry-after"), text
+            assert await asyncio.to_thread(k.options) == 503
         finally:
             sip.close()
+
+
+async def test_a_flooding_platform_address_is_cut_at_kamailio(tmp_path: Path) -> None:
+    """Behind Kamailio the instances see one source address, so Kamailio limits each platform
+    address (pike): beyond KAMAILIO_PIKE_DENSITY INVITEs per 2 s it answers 503 itself."""
+    with refusing_instance(404, "Not Found") as (instance, got):
+        with start_kamailio(tmp_path / "kamailio", destinations=[instance], pike_density=10) as k:
+            sip = RawSip()
+            try:
+                for _ in range(40):
+                    data, _, _ = sip.invite(k.port, body=sdp())
+                    sip.send(data, k.port)
+                finals: dict[str, str] = {}  # Call-ID -> final status line (Kamailio retransmits un-ACKed ones)
+                while (answer := await sip.recv(2)) is not None:
+                    text = answer.decode()
+                    if not text.startswith("SIP/2.0 1"):
+                        finals[response_header(text, "call-id")[0]] = text.split("\r\n", 1)[0]
+            finally:
+                sip.close()
+    statuses = list(finals.values())
+    assert len(statuses) == 40, statuses
+    assert statuses.count("SIP/2.0 503 Rate Limited") >= 20 and got[0] <= 20, (statuses, got)
+    assert statuses.count("SIP/2.0 404 Not Found") == got[0]  # the instance's own answers go back as they are
