@@ -38,6 +38,7 @@ bench:
 	$(PY) bench/state.py
 	$(PY) bench/voice_sip.py $(VOICE_SIP_ARGS)
 	$(PY) bench/voice_webrtc.py
+	$(PY) bench/fork.py
 
 bench-sip:
 	@scripts/setup.sh bench
@@ -49,6 +50,7 @@ bench-smoke:
 	$(PY) bench/state.py --smoke
 	$(PY) bench/voice_sip.py --smoke
 	$(PY) bench/voice_webrtc.py --smoke
+	$(PY) bench/fork.py --smoke
 
 clean:
 	rm -rf var .pytest_cache
