@@ -73,8 +73,8 @@ if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
   # Real peers: sipp (the telephony platform), chromium (the supervisor's browser),
   # espeak-ng + sox (speech fixtures), a Java runtime for Keycloak, maven to fetch it once,
   # redis-server (the shared state of several instances: tests and benches start their own),
-  # kamailio (the SIP address in front of several instances: devtools/kamailio.py).
-  pkgs=(sip-tester chromium espeak-ng sox maven curl redis-server kamailio)
+  # kamailio (the SIP address in front of several instances: devtools/kamailio.py; its TLS module).
+  pkgs=(sip-tester chromium espeak-ng sox maven curl redis-server kamailio kamailio-tls-modules)
   if ! ls /usr/lib/jvm 2>/dev/null | grep -qE 'temurin-2[1-9]|openjdk-(2[1-9])|java-(2[1-9])'; then
     pkgs+=(openjdk-17-jre-headless)
   fi

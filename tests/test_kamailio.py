@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -39,6 +40,7 @@ from tests.sip_support import (
     start_sipp_siprec,
 )
 from tests.support import GatewayClient, free_port
+from tests.tls_support import make_pki
 
 pytestmark = [pytest.mark.sip, pytest.mark.slow]
 
@@ -170,8 +172,8 @@ class TcpSip:
         self.local_port = writer.get_extra_info("sockname")[1]
 
     @classmethod
-    async def connect(cls, port: int) -> TcpSip:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    async def connect(cls, port: int, ssl: Any = None) -> TcpSip:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20, ssl=ssl)
         return cls(reader, writer)
 
     def send(self, data: bytes) -> None:
@@ -193,17 +195,19 @@ class TcpSip:
         await self.writer.wait_closed()
 
 
-def tcp_invite(port: int, local_port: int, call_id: str, body: bytes, ctype: str) -> bytes:
+def tcp_invite(
+    port: int, local_port: int, call_id: str, body: bytes, ctype: str, transport: str = "tcp", headers: Any = ()
+) -> bytes:
     lines = [
-        f"INVITE sip:gateway@127.0.0.1:{port};transport=tcp SIP/2.0",
-        f"Via: SIP/2.0/TCP 127.0.0.1:{local_port};branch=z9hG4bK{uuid.uuid4().hex[:12]};rport",
-        f"From: <sip:src@127.0.0.1:{local_port};transport=tcp>;tag=tcp1",
+        f"INVITE sip:gateway@127.0.0.1:{port};transport={transport} SIP/2.0",
+        f"Via: SIP/2.0/{transport.upper()} 127.0.0.1:{local_port};branch=z9hG4bK{uuid.uuid4().hex[:12]};rport",
+        f"From: <sip:src@127.0.0.1:{local_port};transport={transport}>;tag=tcp1",
         f"To: <sip:gateway@127.0.0.1:{port}>",
         f"Call-ID: {call_id}",
         "CSeq: 1 INVITE",
-        f"Contact: <sip:src@127.0.0.1:{local_port};transport=tcp>",
+        f"Contact: <sip:src@127.0.0.1:{local_port};transport={transport}>",
         "Max-Forwards: 70",
-        "Require: siprec",
+        *headers,
         f"Content-Type: {ctype}",
         f"Content-Length: {len(body)}",
     ]
@@ -226,7 +230,9 @@ async def test_sixty_kilobyte_siprec_invite_over_tcp(tmp_path: Path) -> None:
         sip = await TcpSip.connect(cluster.kamailio.port)
         try:
             call_id = f"{uuid.uuid4().hex}@src"
-            invite = tcp_invite(cluster.kamailio.port, sip.local_port, call_id, body, ctype)
+            invite = tcp_invite(
+                cluster.kamailio.port, sip.local_port, call_id, body, ctype, headers=["Require: siprec"]
+            )
             assert 58_000 < len(invite) < 64_000, len(invite)
             sip.send(invite)
             status, answer = await sip.final()
@@ -402,6 +408,56 @@ async def test_killed_instance_fails_over_then_gets_nothing(tmp_path: Path) -> N
             assert await asyncio.to_thread(k.options) == 503
         finally:
             sip.close()
+
+
+async def test_sip_over_tls_to_kamailio(tmp_path: Path) -> None:
+    """A platform that speaks SIP over TLS only: TLS to Kamailio (KAMAILIO_TLS_PORT), which
+    verifies nothing of it and sends the call on to the instance over UDP; ACK and BYE come back
+    over the same TLS connection and reach the instance (Kamailio Record-Routes both sides)."""
+    import ssl
+
+    pki = make_pki(tmp_path / "pki")
+    process = GatewayProcess(
+        "gw", tmp_path / "gw", free_port(), free_block(3), instance_settings(rtp_port_base=free_block(64, 30000, 39000))
+    )
+    process.start()
+    try:
+        await asyncio.to_thread(process.wait_ready)
+        with start_kamailio(
+            tmp_path / "kamailio",
+            destinations=[process.sip_uri],
+            tls_cert=pki["gateway.pem"],
+            tls_key=pki["gateway.key"],
+        ) as k:
+            async with aiohttp.ClientSession() as http:
+                api = GatewayClient(process.base_url, process.base_url, http)
+                assert (await api.conversation("tls-1", sessions=["voice"])).status == 201
+                context = ssl.create_default_context(cafile=str(pki["ca"]))  # the platform checks Kamailio
+                sip = await TcpSip.connect(k.tls_port, ssl=context)
+                try:
+                    invite = tcp_invite(
+                        k.tls_port, sip.local_port, uuid.uuid4().hex, sdp(), "application/sdp", "tls",
+                        ["X-Conversation-ID: tls-1", "X-Leg: agent"],
+                    )  # fmt: skip
+                    sip.send(invite)
+                    status, answer = await sip.final()
+                    assert status == 200, answer
+                    routes = ",".join(response_header(answer, "record-route"))
+                    assert f":{k.tls_port};transport=tls" in routes, routes  # later requests come back over TLS
+                    sip.send(in_dialog_request("ACK", invite, answer, 1))
+                    for _ in range(50):
+                        legs = await api.call("GET", "/v1/conversations/tls-1", await api.platform())
+                        if legs.body["voice_legs"] == ["agent"]:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert legs.body["voice_legs"] == ["agent"], legs.body
+                    sip.send(in_dialog_request("BYE", invite, answer, 2))
+                    status, answer = await sip.final()
+                    assert status == 200, answer
+                finally:
+                    await sip.close()
+    finally:
+        await asyncio.to_thread(process.stop, 5.0)
 
 
 async def test_a_flooding_platform_address_is_cut_at_kamailio(tmp_path: Path) -> None:
