@@ -73,6 +73,8 @@ class SipPlane(Protocol):
 
     def forward_frames(self, cid: str, path: str, on: bool) -> None: ...
 
+    def wideband(self, cid: str) -> bool: ...
+
 
 class WebRtcPlane(Protocol):
     """``gateway.media.pool.MediaProcesses``: the WebRTC media processes."""

@@ -49,12 +49,15 @@ async def whep_offer(request: web.Request) -> web.Response:
         service.inbound_rtp_dropped(monitor, total)
 
     stereo = _stereo(request, settings.webrtc_stereo, conversation.voice_legs)
+    # HD voice: when every leg is wideband (G.722, Opus) the frames are 16 kHz, and only Opus
+    # carries them to the browser (G.711 would cut them to 4 kHz); else the configured codec.
+    codec = "opus" if sip.wideband(cid) else None
     media = app.get(MEDIA)
     session: Listener
     try:
         if media is not None:  # a media process answers and sends; frames go there from the worker
             answer, session = await media.answer(
-                offer, cid, stereo=stereo, on_levels=on_levels, on_inbound_rtp=on_inbound_rtp
+                offer, cid, stereo=stereo, on_levels=on_levels, on_inbound_rtp=on_inbound_rtp, codec=codec
             )
         else:
             answer, session = await answer_whep(
@@ -64,6 +67,7 @@ async def whep_offer(request: web.Request) -> web.Response:
                 stereo=stereo,
                 on_levels=on_levels,
                 on_inbound_rtp=on_inbound_rtp,
+                codec=codec,
             )
     except WhepError as exc:
         raise GatewayError(ErrorCode(exc.code), str(exc)) from exc

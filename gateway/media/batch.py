@@ -35,6 +35,7 @@ from .encoder import ListenerEncoder, pre_encodable
 from .frames import FRAME_MS, LegFrame, LegTap
 from .g711 import G711_RATE, index_table
 from .levels import LevelMeter, LevelsCallback
+from .opus import OpusPacketEncoder
 from .tapreader import TapReader, TrackStats
 from .track import ARRIVAL_GRACE, FRAME_SECONDS, RESYNC_AFTER
 
@@ -100,7 +101,7 @@ class BatchTrack(MediaStreamTrack, TapReader):
         self.g711_mono = self._encoder.g711_mono
         #: the level meter, fed by the batched G.711 pass; None when nobody reads the levels
         self.meter: LevelMeter | None = self._encoder.meter if self._encoder.meter.wanted else None
-        self.codec = codec
+        self.codec = self._encoder.codec
         self.stereo = self._encoder.stereo
         self.stats = TrackStats()
         self._backlog_ticks = 0
@@ -169,6 +170,16 @@ class BatchTrack(MediaStreamTrack, TapReader):
         if payload is not None:
             self.send(payload)
 
+    def send_shared(self, frame: LegFrame, shared: SharedOpus) -> None:
+        """Meter this listener's frame and send the conversation's Opus packet for it (encoded
+        by the first of its listeners this tick)."""
+        encoder = self._encoder
+        agent, customer = encoder.legs(frame)
+        encoder.meter.feed(agent, customer)
+        payload = shared.payload(frame, encoder.mix, agent, customer)
+        if payload is not None:
+            self.send(payload)
+
     def send(self, payload: bytes) -> None:
         """Send one frame's payload as the next RTP packet."""
         route = self._route
@@ -229,6 +240,41 @@ class BatchTrack(MediaStreamTrack, TapReader):
         super().stop()
 
 
+class SharedOpus:
+    """One Opus encoder per conversation and channel layout in a process: all its Opus
+    listeners send the same packets, so a wideband conversation costs one encode per 20 ms
+    however many browsers listen (the RTP header, SRTP and ``sendto`` stay per listener).
+
+    A frame is encoded once, by its sequence number; a listener whose frame differs this
+    tick (it lagged, or dropped one) gets that frame encoded too, by the same encoder.
+    """
+
+    def __init__(self, rate: int, stereo: bool) -> None:
+        self.rate = rate
+        self._encoder = OpusPacketEncoder(rate, channels=2 if stereo else 1)
+        self._seq = -1
+        self._payload: bytes | None = None
+        self._frames = 0
+        #: the sender's tick that last used it (idle ones are dropped)
+        self.used = 0
+        self.encodes = 0
+
+    def payload(
+        self,
+        frame: LegFrame,
+        mix: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        agent: np.ndarray,
+        customer: np.ndarray,
+    ) -> bytes | None:
+        """The Opus payload of ``frame`` (``mix`` makes its PCM when it is not encoded yet)."""
+        if frame.seq != self._seq:
+            self._seq = frame.seq
+            self._payload = self._encoder.payload(mix(agent, customer), self._frames)
+            self._frames += 1
+            self.encodes += 1
+        return self._payload
+
+
 class BatchSender:
     """The process-wide ticker (one per event loop)."""
 
@@ -255,6 +301,11 @@ class BatchSender:
         #: called at the start of each pass of a tick, before any track takes its frame (a
         #: media process reads the SIP workers' frames there: no wake-up per datagram)
         self.before_tick: list[Callable[[], None]] = []
+        #: Opus encoders shared by the listeners of one conversation: (conversation, stereo) →
+        self.shared: dict[tuple[str, bool], SharedOpus] = {}
+        #: Opus packets sent from a shared encoder, and the encodes they took
+        self.shared_sends = 0
+        self.shared_encodes = 0
 
     def add(self, track: BatchTrack) -> None:
         self.tracks.add(track)
@@ -289,6 +340,8 @@ class BatchSender:
                 self.lagged_ticks += 1
             self.max_lag = max(self.max_lag, lag)
             tracks = list(self.tracks)
+            if self.ticks % 50 == 0 and self.shared:  # once a second: forget idle shared encoders
+                self.shared = {k: v for k, v in self.shared.items() if self.ticks - v.used < 50}
             deferred = self._send_all(tracks, may_defer=True)
             if deferred:
                 if len(deferred) * 2 > len(tracks) and len(tracks) >= 4:
@@ -319,11 +372,24 @@ class BatchSender:
                 codec = t.g711_mono
                 if codec is not None and (frame is None or frame.sample_rate == G711_RATE):
                     groups.setdefault(codec, []).append((t, frame))
+                elif frame is not None and t.codec == "opus":
+                    self._send_shared(t, frame)
                 else:
                     t.encode_and_send(frame)
         for codec, items in groups.items():
             _send_g711(codec, items)
         return deferred
+
+    def _send_shared(self, track: BatchTrack, frame: LegFrame) -> None:
+        key = (frame.conversation, track.stereo)
+        shared = self.shared.get(key)
+        if shared is None or shared.rate != frame.sample_rate:
+            shared = self.shared[key] = SharedOpus(frame.sample_rate, track.stereo)
+        shared.used = self.ticks
+        before = shared.encodes
+        track.send_shared(frame, shared)
+        self.shared_sends += 1
+        self.shared_encodes += shared.encodes - before
 
 
 def _send_g711(codec: str, items: list[tuple[BatchTrack, LegFrame | None]]) -> None:

@@ -32,6 +32,7 @@ from .parties import Parties
 from .placement import Placement, Refusal
 from .protocol import (
     PLACEMENT_HEADER,
+    WIDEBAND_CODECS,
     Answer,
     CallEnded,
     CallPhone,
@@ -202,7 +203,7 @@ class SipPlane:
             case Incoming():
                 self._incoming(worker, event)
             case LegUp():
-                conv = self.placement.leg_up(worker, event.call, event.cid, event.leg)
+                conv = self.placement.leg_up(worker, event.call, event.cid, event.leg, event.codec)
                 if conv is None:
                     return
                 self._safe(self.hooks.on_leg_started, conv.cid, event.leg)
@@ -274,6 +275,17 @@ class SipPlane:
         """Legs of ``cid`` currently connected (media up)."""
         conv = self.placement.conversations.get(cid)
         return set(conv.legs) if conv is not None else set()
+
+    def leg_codecs(self, cid: str) -> dict[str, str]:
+        """Connected legs of ``cid`` and their codecs (``pcmu``, ``pcma``, ``g722``, ``opus``)."""
+        conv = self.placement.conversations.get(cid)
+        return dict(conv.codecs) if conv is not None else {}
+
+    def wideband(self, cid: str) -> bool:
+        """Whether every connected leg of ``cid`` is wideband (G.722 or Opus): its taps then
+        carry 16 kHz frames, and a WebRTC listener should get Opus to hear them."""
+        codecs = self.leg_codecs(cid)
+        return bool(codecs) and all(c in WIDEBAND_CODECS for c in codecs.values())
 
     async def call_phone(self, cid: str, monitor_id: str, uri: str) -> None:
         """Call the supervisor's SIP phone with ``a=sendonly`` and send it the mix of both legs.

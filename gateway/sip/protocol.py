@@ -308,6 +308,10 @@ class Incoming(Event):
     msg: str
 
 
+#: Leg codecs (:attr:`LegUp.codec`) that carry wideband audio (16 kHz).
+WIDEBAND_CODECS = frozenset({"g722", "opus"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class LegUp(Event):
     """Media of leg ``leg`` of conversation ``cid`` is up on call ``call``."""
@@ -316,6 +320,8 @@ class LegUp(Event):
     call: int
     cid: str
     leg: str
+    #: the leg's negotiated codec, lower case (``pcmu``, ``pcma``, ``g722``, ``opus``; "" unknown)
+    codec: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

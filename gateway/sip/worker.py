@@ -37,6 +37,7 @@ import pjsua2 as pj
 
 from .protocol import (
     PLACEMENT_HEADER,
+    WIDEBAND_CODECS,
     Answer,
     CallEnded,
     CallPhone,
@@ -62,21 +63,26 @@ from .protocol import (
 )
 from .routing import tls_hop_uri
 
-CLOCK_RATE = 8000
-SAMPLES = CLOCK_RATE // 50
+#: The conference bridge's clock: 16 kHz, the rate of G.722 and of the workers' Opus, so
+#: wideband legs reach a wideband phone or tap without resampling; G.711 ports are resampled
+#: by the bridge (bench/bridge_cost.py --codec measures what that costs per conversation).
+CLOCK_RATE = 16000
+#: The rate of a conversation's tap while one of its legs is narrowband (G.711): its frames
+#: carry nothing above 4 kHz, so they cross at 8 kHz (half the bytes, and the WebRTC side
+#: keeps its batched G.711 path).
+NARROW_RATE = 8000
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
-_SILENCE = b"\0" * (2 * SAMPLES)
 #: Calls one process holds with this pjsua2: the project's build says (PJSUA_MAX_CALLS); the
 #: PyPI wheel has no such attribute and its pjsua clamps every process to 4.
 BUILD_MAX_CALLS: int = getattr(pj, "MAX_CALLS", 4)
 PJSUA2_VERSION: str = getattr(pj, "__version__", "")
 #: Descriptors a full worker needs: the build's ioqueue (4096 sockets) plus files and pipes.
 _WANTED_FDS = 8192
-#: Codecs offered and accepted, by priority: G.711 only. The conference bridge runs at 8 kHz
-#: (what the legs, the phone and the taps carry); G.722 or Opus would add a codec and a
-#: resampler per stream for audio that is 8 kHz G.711 at the platform anyway.
-_CODEC_PRIORITY = {"PCMU/": 255, "PCMA/": 254}
+#: Codecs offered and accepted, by priority: wideband first (what the gateway offers a
+#: supervisor's phone), then G.711. An ingress answer follows the platform's order (pjmedia
+#: prefers the offerer's), so a platform's G.711 stays G.711.
+_CODEC_PRIORITY = {"G722/": 255, "opus/": 254, "PCMU/": 253, "PCMA/": 252}
 
 
 class _PjStr(ctypes.Structure):
@@ -137,6 +143,18 @@ def _srtp(media: Any, mode: str) -> None:
     media.srtpUse = getattr(pj, _SRTP_USE[mode])
     media.srtpSecureSignaling = 0
     media.srtpOpt.keyings = pj.IntVector([pj.PJMEDIA_SRTP_KEYING_SDES])
+
+
+def _opus_at_bridge_rate(ep: Any) -> None:
+    """Opus (when the build has it) decodes and encodes mono at the bridge's rate: no resampler
+    per stream, and the SDP says so (``maxplaybackrate``/``sprop-maxcapturerate``)."""
+    opus = next((c.codecId for c in ep.codecEnum2() if c.codecId.lower().startswith("opus/")), None)
+    if opus is None:
+        return
+    cfg = ep.getCodecOpusConfig()
+    cfg.sample_rate = CLOCK_RATE
+    cfg.channel_cnt = 1
+    ep.setCodecOpusConfig(cfg)
 
 
 def _placement_token(msg: str) -> str:
@@ -246,7 +264,7 @@ class Worker:
         cfg.uaConfig.userAgent = "silent-monitor-gateway"
         cfg.logConfig.level = a.log_level
         cfg.logConfig.consoleLevel = a.log_level
-        # The conference bridge ticks at the legs' rate (8 kHz G.711): no resampling anywhere.
+        # The conference bridge ticks at the wideband legs' rate (CLOCK_RATE).
         cfg.medConfig.clockRate = CLOCK_RATE
         cfg.medConfig.sndClockRate = CLOCK_RATE
         cfg.medConfig.channelCount = 1
@@ -270,6 +288,7 @@ class Worker:
             ep.codecSetPriority(
                 c.codecId, next((p for name, p in _CODEC_PRIORITY.items() if c.codecId.startswith(name)), 0)
             )
+        _opus_at_bridge_rate(ep)
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:gateway@{a.host}:{a.sip_port}"
         acfg.mediaConfig.transportConfig.port = a.rtp_port
@@ -484,12 +503,15 @@ class Worker:
             if owner is call:
                 del conv.leg_owner[leg]
                 conv.legs.pop(leg, None)
+                conv.leg_codec.pop(leg, None)
         if not conv.legs:
             # No leg left: the phone has nothing to hear. Hang it up; the plane reports why.
             if conv.phone is not None:
                 conv.phone.end_reason = "voice_ended"
                 conv.phone.local_hangup()
             conv.drop_tap()
+        elif conv.want_tap and any(port.rate != conv.tap_rate for port in conv.tap_ports.values()):
+            conv.wire_tap()  # the narrowband leg left: the rest is wideband
         if not conv.calls:
             conv.drop_tap()
             self.convs.pop(conv.cid, None)
@@ -504,6 +526,7 @@ class Conv:
         self.cid_b = cid.encode()
         self.calls: set[int] = set()
         self.legs: dict[str, Any] = {}  # 'agent'/'customer' → AudioMedia
+        self.leg_codec: dict[str, str] = {}  # leg → its negotiated codec (lower case)
         self.leg_owner: dict[str, GwCall] = {}
         self.phone: GwCall | None = None
         self.phone_media: Any = None
@@ -518,9 +541,17 @@ class Conv:
     def want_tap(self) -> bool:
         return bool(self.frame_to)
 
-    def leg_up(self, leg: str, media: Any, owner: GwCall) -> None:
+    @property
+    def tap_rate(self) -> int:
+        """The rate of this conversation's LegFrames: the bridge's while every leg up is
+        wideband (G.722, Opus), else 8 kHz (a G.711 leg carries nothing above 4 kHz)."""
+        wide = self.leg_codec and all(self.leg_codec.get(leg) in WIDEBAND_CODECS for leg in self.legs)
+        return CLOCK_RATE if wide else NARROW_RATE
+
+    def leg_up(self, leg: str, media: Any, owner: GwCall, codec: str = "") -> None:
         self.legs[leg] = media
         self.leg_owner[leg] = owner
+        self.leg_codec[leg] = codec
         if self.phone_media is not None:
             media.startTransmit(self.phone_media)
         if self.want_tap:
@@ -534,13 +565,16 @@ class Conv:
             m.startTransmit(media)
 
     def wire_tap(self) -> None:
+        rate = self.tap_rate
+        if any(port.rate != rate for port in self.tap_ports.values()):
+            self.drop_tap()  # a leg came or went that changes the rate: new ports (the bridge resamples)
         for leg, media in self.legs.items():
             port = self.tap_ports.get(leg)
             if port is None:
-                port = TapPort(self, leg)
+                port = TapPort(self, leg, rate)
                 fmt = pj.MediaFormatAudio()
                 fmt.type = pj.PJMEDIA_TYPE_AUDIO
-                fmt.clockRate = CLOCK_RATE
+                fmt.clockRate = rate
                 fmt.channelCount = 1
                 fmt.bitsPerSample = 16
                 fmt.frameTimeUsec = 20000
@@ -556,10 +590,10 @@ class Conv:
         # turn so a clock-thread callback in flight never sees a freed object.
         self.w.graveyard.extend(ports.values())
 
-    def on_leg_frame(self, leg: str, data: bytes) -> None:
+    def on_leg_frame(self, leg: str, data: bytes, rate: int) -> None:
         """Runs on pj's clock thread, once per tapped leg per 20 ms: pair the legs and send."""
         if leg == "mixed":
-            self.send_mixed(data)
+            self.send_mixed(data, rate)
             return
         pending = self.pending
         other = "customer" if leg == "agent" else "agent"
@@ -578,7 +612,7 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, agent, customer))
 
     def send_frame(self, data: bytes) -> None:
         """One encoded LegFrame to every destination switched on (pj's clock thread)."""
@@ -592,24 +626,26 @@ class Conv:
             except (OSError, KeyError):  # BlockingIOError included: the reader is behind, drop
                 self.w.frames_dropped += 1
 
-    def send_mixed(self, data: bytes) -> None:
+    def send_mixed(self, data: bytes, rate: int) -> None:
         """A mixed leg (both parties in one stream) goes out as it is, on the agent side with
         silence beside it: a mono mix of the two is the stream itself, never doubled."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, data, b"\0" * len(data)))
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, data, b"\0" * len(data)))
 
 
 class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
-    def __init__(self, conv: Conv, leg: str) -> None:
+    def __init__(self, conv: Conv, leg: str, rate: int) -> None:
         super().__init__()
         self.conv = conv
         self.leg = leg
+        self.rate = rate
+        self.silence = b"\0" * (2 * rate // 50)
 
     def onFrameReceived(self, frame: Any) -> None:
         # The bridge calls every port once per tick, with a NONE frame when the mix is digital
         # silence: count those as silence so the two legs stay paired tick by tick.
         data = _buf_bytes(frame) if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO else b""
-        self.conv.on_leg_frame(self.leg, data or _SILENCE)
+        self.conv.on_leg_frame(self.leg, data or self.silence, self.rate)
 
 
 class GwAccount(pj.Account):  # type: ignore[misc]  # pjsua2 has no type information
@@ -713,13 +749,24 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
                 if index not in self.media_idx:
                     self.media_idx.append(index)
                     self.rx_changed = time.monotonic()
+                codec = self.codec_of(index)
                 old = conv.legs.get(leg)
                 if old is None:
-                    conv.leg_up(leg, media, self)
-                    self.w.emit(LegUp(call=self.key, cid=conv.cid, leg=leg))
-                elif conv.leg_owner.get(leg) is self and old.getPortId() != media.getPortId():
-                    # A re-INVITE recreated the stream on a new bridge slot: wire it again.
-                    conv.leg_up(leg, media, self)
+                    conv.leg_up(leg, media, self, codec)
+                    self.w.emit(LegUp(call=self.key, cid=conv.cid, leg=leg, codec=codec))
+                elif conv.leg_owner.get(leg) is self and (
+                    old.getPortId() != media.getPortId() or conv.leg_codec.get(leg) != codec
+                ):
+                    # A re-INVITE recreated the stream on a new bridge slot (or changed its
+                    # codec): wire it again.
+                    conv.leg_up(leg, media, self, codec)
+
+    def codec_of(self, index: int) -> str:
+        """The negotiated codec of stream ``index``, lower case (``pcmu``, ``g722``, ``opus``...)."""
+        try:
+            return str(self.getStreamInfo(index).codecName).lower()
+        except pj.Error:
+            return ""
 
 
 def audio_medias(call: Any, ci: Any) -> list[tuple[int, Any]]:

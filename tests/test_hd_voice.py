@@ -1,0 +1,281 @@
+"""HD voice end to end: wideband (G.722, Opus) legs reach a wideband phone and a browser
+wideband; G.711 legs never carry what is above 4 kHz.
+
+Real peers: the pjsua2 SIPREC source (``devtools.siprec_source --codecs ...``) plays a 16 kHz
+fixture per leg with a narrowband and a wideband tone (agent 600 + 6000 Hz, customer 1000 +
+5000 Hz, ``fixtures/audio/make_fixtures.sh``), the pjsua2 phone (``devtools.sip_phone
+--codecs ...``) records what the worker sends it, and an aiortc peer is the browser (WHEP
+answer from :func:`gateway.media.whep.answer_whep` on the plane's own tap, batched sender).
+Needs pjsua2 built with Opus (scripts/setup.sh) and sipp; a missing tool fails, never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+from gateway.config import Settings
+from gateway.media.batch import BatchSender
+from gateway.media.ice import host_addresses
+from gateway.media.whep import answer_whep
+from gateway.sip.plane import SipPlane
+
+from .sip_support import (
+    AUDIO,
+    FakeHooks,
+    RawSip,
+    collect,
+    free_udp_block,
+    read_wav,
+    require_pjsua2,
+    sdp,
+    start_phone,
+    start_siprec,
+    tone_levels,
+)
+
+pytestmark = [pytest.mark.sip, pytest.mark.webrtc]
+
+AGENT_WAV = AUDIO / "agent_600_6000.wav"
+CUSTOMER_WAV = AUDIO / "customer_1000_5000.wav"
+AGENT_LOW, AGENT_HIGH, CUSTOMER_LOW, CUSTOMER_HIGH = 600.0, 6000.0, 1000.0, 5000.0
+TONES = [AGENT_LOW, AGENT_HIGH, CUSTOMER_LOW, CUSTOMER_HIGH]
+HEARD, ABSENT = 0.1, 0.01  # tone_levels: relative to the strongest bin
+WHEP_SETTINGS = Settings(ice_host_addresses="127.0.0.1", webrtc_codec="pcmu", webrtc_batch=True)
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
+    require_pjsua2()
+    hooks = FakeHooks({"c-1": "alice", "c-2": "bob"})
+    settings = Settings(
+        sip_port=free_udp_block(3),
+        sip_workers=1,
+        calls_per_worker=8,
+        rtp_port_base=free_udp_block(80, 30000, 39000),
+        data_dir=str(tmp_path),
+    )
+    plane = SipPlane(settings, hooks)
+    await plane.start()
+    try:
+        yield plane, hooks
+    finally:
+        await plane.stop()
+
+
+async def _siprec(plane: SipPlane, hooks: FakeHooks, cid: str, agent: str, codecs: str) -> object:
+    src = await start_siprec(
+        plane.settings.sip_port, cid, agent, AGENT_WAV, CUSTOMER_WAV, 20.0, extra=["--codecs", codecs]
+    )
+    await src.wait_line("CONNECTED", 8)
+    await hooks.wait_for("leg_started", cid, "agent")
+    await hooks.wait_for("leg_started", cid, "customer")
+    return src
+
+
+async def _phone_hears(plane: SipPlane, cid: str, codecs: str, tmp_path: Path) -> tuple[str, dict[float, float], int]:
+    """Call a pjsua2 phone offering ``codecs``; its codec, the tone levels of its last second, its rate."""
+    port = free_udp_block(30, 40000, 59000)
+    rec = tmp_path / f"phone-{cid}.wav"
+    phone = await start_phone(port, rec, "--codecs", codecs)
+    try:
+        await plane.call_phone(cid, f"m-{cid}", f"sip:sup@127.0.0.1:{port}")
+        await phone.wait_line("CONNECTED", 8)
+        connected = next(text for _, text in phone.lines if text.startswith("CONNECTED"))
+        await asyncio.sleep(2.5)
+        await plane.hang_up_phone(f"m-{cid}")
+        await phone.wait_line("DISCONNECTED", 5)
+    finally:
+        await phone.stop()
+    heard, rate = read_wav(rec)
+    assert len(heard) > rate * 1.5, f"recording too short: {len(heard)} samples at {rate} Hz"
+    codec = connected.split("codec=", 1)[1].split()[0]
+    return codec, tone_levels(heard[-rate:], rate, TONES), rate
+
+
+async def _browser_hears(
+    plane: SipPlane, cid: str, *, only: str | None = None, codec: str | None = None, listeners: int = 1
+) -> tuple[list[str], list[dict[float, float]]]:
+    """``listeners`` aiortc peers listen at once through the batched sender; each answer's
+    codec and the tone levels of what each decoded. ``only``: the peer offers just that codec;
+    ``codec``: what the gateway prefers (default: as the WHEP route decides, by the legs)."""
+    want = codec or ("opus" if plane.wideband(cid) else None)
+    clients: list[RTCPeerConnection] = []
+    sessions = []
+    tracks: list[asyncio.Future[MediaStreamTrack]] = []
+    codecs: list[str] = []
+    try:
+        for _ in range(listeners):
+            client = RTCPeerConnection()
+            clients.append(client)
+            transceiver = client.addTransceiver("audio", direction="recvonly")
+            if only:
+                caps = RTCRtpSender.getCapabilities("audio").codecs
+                transceiver.setCodecPreferences([c for c in caps if c.mimeType.lower() == f"audio/{only}"])
+            got: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+            tracks.append(got)
+            client.on("track", lambda track, got=got: got.done() or got.set_result(track))
+            offer = await client.createOffer()
+            with host_addresses(["127.0.0.1"]):
+                await client.setLocalDescription(offer)
+            answer, session = await answer_whep(
+                client.localDescription.sdp, plane.open_tap(cid), settings=WHEP_SETTINGS, stereo=False, codec=want
+            )
+            sessions.append(session)
+            codecs.append(session.track.codec or "")
+            await client.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        remote = [await asyncio.wait_for(t, 5) for t in tracks]
+        received = await asyncio.gather(*(_decode(track, 1.5) for track in remote))
+    finally:
+        for session in sessions:
+            await session.close("deleted")
+        for client in clients:
+            await client.close()
+    levels = []
+    for chunks in received:
+        rate = chunks[0][1]
+        audio = np.concatenate([c for c, _ in chunks])
+        levels.append(tone_levels(audio[-rate:], rate, TONES))
+    return codecs, levels
+
+
+async def _decode(track: MediaStreamTrack, seconds: float) -> list[tuple[np.ndarray, int]]:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    out = []
+    while loop.time() < end:
+        frame = await asyncio.wait_for(track.recv(), 5)
+        channels = len(frame.layout.channels)
+        pcm = frame.to_ndarray().reshape(-1, channels).mean(axis=1)
+        out.append((pcm, frame.sample_rate))
+    return out
+
+
+def _tap_levels(frames: list) -> tuple[dict[float, float], dict[float, float], set[tuple[int, int]]]:
+    rate = frames[-1].sample_rate
+    a = np.concatenate([f.agent for f in frames]).astype(float)
+    c = np.concatenate([f.customer for f in frames]).astype(float)
+    shapes = {(f.sample_rate, f.samples) for f in frames}
+    return tone_levels(a, rate, TONES), tone_levels(c, rate, TONES), shapes
+
+
+def _heard(levels: dict[float, float], *tones: float) -> bool:
+    return all(levels[t] > HEARD for t in tones)
+
+
+def _absent(levels: dict[float, float], *tones: float) -> bool:
+    return all(levels[t] < ABSENT for t in tones)
+
+
+@pytest.mark.parametrize("codec", ["G722", "opus"])
+async def test_wideband_legs_reach_phone_and_browser_wideband(
+    gw: tuple[SipPlane, FakeHooks], tmp_path: Path, codec: str
+) -> None:
+    plane, hooks = gw
+    tap = plane.open_tap("c-1", maxsize=200)
+    src = await _siprec(plane, hooks, "c-1", "alice", codec)
+    try:
+        assert plane.leg_codecs("c-1") == {"agent": codec.lower(), "customer": codec.lower()}
+        assert plane.wideband("c-1")
+
+        # The tap (to the WebRTC plane) carries each leg at 16 kHz, its own tones only.
+        frames = await collect(tap, 1.0)
+        agent, customer, shapes = _tap_levels(frames[10:])
+        assert shapes == {(16000, 320)}, shapes
+        assert _heard(agent, AGENT_LOW, AGENT_HIGH) and _absent(agent, CUSTOMER_LOW, CUSTOMER_HIGH), agent
+        assert _heard(customer, CUSTOMER_LOW, CUSTOMER_HIGH) and _absent(customer, AGENT_LOW, AGENT_HIGH), customer
+
+        # A wideband phone gets the codec it shares with the gateway and hears all four tones.
+        got, phone, rate = await _phone_hears(plane, "c-1", f"{codec},PCMU", tmp_path)
+        assert got.lower() == codec.lower() and rate == 16000
+        assert _heard(phone, *TONES), phone
+
+        # Two browsers at once: Opus, wideband, one encode per frame for both.
+        sender = BatchSender.instance()
+        sends, encodes = sender.shared_sends, sender.shared_encodes
+        codecs, browsers = await _browser_hears(plane, "c-1", listeners=2)
+        assert codecs == ["opus", "opus"]
+        for heard in browsers:
+            assert _heard(heard, *TONES), heard
+        sent, encoded = sender.shared_sends - sends, sender.shared_encodes - encodes
+        assert sent > 100 and encoded <= 0.6 * sent, f"{encoded} Opus encodes for {sent} packets"
+
+        # A browser that offers only PCMU still hears both legs, narrowband (decimated, no alias).
+        codecs, (narrow,) = await _browser_hears(plane, "c-1", only="pcmu")
+        assert codecs == ["pcmu"]
+        assert _heard(narrow, AGENT_LOW, CUSTOMER_LOW) and _absent(narrow, AGENT_HIGH, CUSTOMER_HIGH), narrow
+    finally:
+        await src.stop()
+        tap.close()
+
+
+async def test_g711_legs_never_carry_wideband(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
+    plane, hooks = gw
+    tap = plane.open_tap("c-2", maxsize=200)
+    # The same 16 kHz recordings, offered as PCMU: only what is below 4 kHz can cross.
+    src = await _siprec(plane, hooks, "c-2", "bob", "PCMU")
+    try:
+        assert plane.leg_codecs("c-2") == {"agent": "pcmu", "customer": "pcmu"}
+        assert not plane.wideband("c-2")
+        frames = await collect(tap, 1.0)
+        agent, customer, shapes = _tap_levels(frames[10:])
+        assert shapes == {(8000, 160)}, shapes
+        assert _heard(agent, AGENT_LOW) and _heard(customer, CUSTOMER_LOW)
+
+        # A wideband phone: G.722 on its hop, and still no tone above 4 kHz.
+        got, phone, rate = await _phone_hears(plane, "c-2", "G722,PCMU", tmp_path)
+        assert got.lower() == "g722" and rate == 16000
+        assert _heard(phone, AGENT_LOW, CUSTOMER_LOW), phone
+        assert _absent(phone, AGENT_HIGH, CUSTOMER_HIGH), phone
+
+        # The browser gets the configured codec (PCMU); even Opus, forced, has nothing to carry.
+        codecs, (pcmu,) = await _browser_hears(plane, "c-2")
+        assert codecs == ["pcmu"]
+        codecs, (opus,) = await _browser_hears(plane, "c-2", codec="opus")
+        assert codecs == ["opus"]
+        for heard in (pcmu, opus):
+            assert _heard(heard, AGENT_LOW, CUSTOMER_LOW) and _absent(heard, AGENT_HIGH, CUSTOMER_HIGH), heard
+    finally:
+        await src.stop()
+        tap.close()
+
+
+async def test_per_leg_g722_and_pcmu_legs_are_accepted_and_the_mix_is_narrowband(
+    gw: tuple[SipPlane, FakeHooks],
+) -> None:
+    plane, hooks = gw
+    port = plane.settings.sip_port
+    sip = RawSip()
+    try:
+        # G.722 by its static payload type 9, offered first: the worker answers G.722.
+        rtp = free_udp_block(2, 40000, 59000)
+        data, _, _ = sip.invite(port, body=sdp("9 0", port=rtp), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})
+        code, answer = await sip.request(data, port)
+        assert code == 200, answer
+        media = [ln for ln in answer.split("\r\n") if ln.startswith("m=audio")]
+        assert media and media[0].split()[3:] == ["9"], answer
+        await hooks.wait_for("leg_started", "c-1", "agent")
+        assert plane.wideband("c-1")
+        # A PCMU customer leg joins: the conversation is no longer wideband end to end.
+        data, _, _ = sip.invite(
+            port, body=sdp("0", port=rtp + 10), headers={"X-Conversation-ID": "c-1", "X-Leg": "customer"}
+        )
+        code, answer = await sip.request(data, port)
+        assert code == 200, answer
+        await hooks.wait_for("leg_started", "c-1", "customer")
+        assert plane.leg_codecs("c-1") == {"agent": "g722", "customer": "pcmu"}
+        assert not plane.wideband("c-1")
+        # A leg offering none of PCMU, PCMA, G722, opus is refused by the front.
+        data, _, _ = sip.invite(
+            port, body=sdp("18", port=rtp + 20), headers={"X-Conversation-ID": "c-2", "X-Leg": "agent"}
+        )
+        code, answer = await sip.request(data, port)
+        assert code == 488, answer
+    finally:
+        sip.close()
