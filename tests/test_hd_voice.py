@@ -20,6 +20,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from gateway.api.context import SIP
 from gateway.config import Settings
 from gateway.media.batch import BatchSender
 from gateway.media.ice import host_addresses
@@ -38,7 +39,9 @@ from .sip_support import (
     start_phone,
     start_siprec,
     tone_levels,
+    wait_until,
 )
+from .support import make_settings, running_gateway
 
 pytestmark = [pytest.mark.sip, pytest.mark.webrtc]
 
@@ -279,3 +282,53 @@ async def test_per_leg_g722_and_pcmu_legs_are_accepted_and_the_mix_is_narrowband
         assert code == 488, answer
     finally:
         sip.close()
+
+
+async def test_whep_through_the_api_answers_opus_for_wideband_legs(tmp_path: Path) -> None:
+    """The real path: SIPREC G.722 legs → worker → media process → a browser that posted its
+    offer to ``/v1/monitors/{mid}/whep``; the route asks for Opus because every leg is wideband."""
+    require_pjsua2()
+    sip_port = free_udp_block(3)
+    settings = make_settings(
+        tmp_path,
+        enable_sip=True,
+        sip_port=sip_port,
+        sip_workers=1,
+        webrtc_processes=1,
+        rtp_port_base=free_udp_block(40, 30000, 39000),
+        ice_host_addresses="127.0.0.1",
+    )
+    async with running_gateway(settings) as gw:
+        assert (await gw.conversation("conv-hd")).status in (200, 201)
+        src = await start_siprec(
+            sip_port, "conv-hd", "alice", AGENT_WAV, CUSTOMER_WAV, 20.0, extra=["--codecs", "G722"]
+        )
+        client = RTCPeerConnection()
+        try:
+            await src.wait_line("CONNECTED", 8)
+            await wait_until(lambda: gw.app[SIP].wideband("conv-hd"), 10, "both legs up, wideband")
+            monitor = await gw.monitor("sam", "conv-hd", {"kind": "webrtc"})
+            assert monitor.status == 201, monitor.body
+            client.addTransceiver("audio", direction="recvonly")  # offers opus, PCMU, PCMA
+            got: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+            client.on("track", lambda track: got.done() or got.set_result(track))
+            with host_addresses(["127.0.0.1"]):
+                await client.setLocalDescription(await client.createOffer())
+            answer = await gw.call(
+                "POST",
+                f"/v1/monitors/{monitor.body['id']}/whep",
+                await gw.login("sam"),
+                data=client.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            )
+            assert answer.status == 201, answer.body
+            sent = [ln for ln in answer.body.splitlines() if ln.startswith("a=rtpmap:")]
+            assert sent and "opus/48000" in sent[0].lower(), sent  # the payload type the gateway sends
+            await client.setRemoteDescription(RTCSessionDescription(sdp=answer.body, type="answer"))
+            chunks = await _decode(await asyncio.wait_for(got, 10), 2.0)
+        finally:
+            await client.close()
+            await src.stop()
+    rate = chunks[0][1]
+    heard = tone_levels(np.concatenate([c for c, _ in chunks])[-rate:], rate, TONES)
+    assert _heard(heard, *TONES), heard
