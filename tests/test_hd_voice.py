@@ -12,17 +12,23 @@ Needs pjsua2 built with Opus (scripts/setup.sh) and sipp; a missing tool fails, 
 from __future__ import annotations
 
 import asyncio
+import fractions
+import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from devtools.fake_taps import tone
 from gateway.api.context import SIP
 from gateway.config import Settings
 from gateway.media.batch import BatchSender
+from gateway.media.g711 import index_table
 from gateway.media.ice import host_addresses
 from gateway.media.whep import answer_whep
 from gateway.sip.plane import SipPlane
@@ -249,38 +255,107 @@ async def test_g711_legs_never_carry_wideband(gw: tuple[SipPlane, FakeHooks], tm
         tap.close()
 
 
-async def test_per_leg_g722_and_pcmu_legs_are_accepted_and_the_mix_is_narrowband(
-    gw: tuple[SipPlane, FakeHooks],
-) -> None:
+class RtpSender:
+    """The platform's side of a per-leg call by hand: 20 ms RTP packets of a tone mix, encoded
+    by FFmpeg (PyAV): G.722 (payload type 9, 16 kHz audio on RFC 3551's 8 kHz RTP clock) or PCMU."""
+
+    def __init__(self, codec: str, tones: list[float]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.codec, self.tones = codec, tones
+        self.rate = 16000 if codec == "g722" else 8000
+        self.pt = 9 if codec == "g722" else 0
+        self.task: asyncio.Task[None] | None = None
+        if codec == "g722":
+            ctx = av.CodecContext.create("g722", "w")
+            assert isinstance(ctx, av.AudioCodecContext)
+            ctx.sample_rate, ctx.layout, ctx.format = 16000, "mono", "s16"
+            ctx.time_base = fractions.Fraction(1, 16000)
+            ctx.open()
+            self._g722 = ctx
+
+    def _payload(self, index: int) -> bytes:
+        n = self.rate // 50
+        pcm = sum(tone(f, n, self.rate, index * n, amplitude=3000).astype(np.int32) for f in self.tones)
+        samples = np.asarray(pcm, dtype=np.int16)
+        if self.codec == "pcmu":
+            return bytes(index_table("pcmu")[samples.view(np.uint16)].tobytes())
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 16000, index * n
+        return b"".join(bytes(p) for p in self._g722.encode(frame))
+
+    def start(self, to_port: int) -> None:
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for i in range(10**6):
+                header = struct.pack("!BBHII", 0x80, self.pt, i & 0xFFFF, (i * 160) & 0xFFFFFFFF, 0x1234 + self.pt)
+                self.sock.sendto(header + self._payload(i), ("127.0.0.1", to_port))
+                await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - loop.time()))
+
+        self.task = asyncio.create_task(run())
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.sock.close()
+
+
+async def test_per_leg_g722_agent_and_pcmu_customer(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
+    """Mixed bandwidths: each leg keeps its own. A wideband phone hears the G.722 agent's 6 kHz
+    tone and the PCMU customer; the tap and the browser are narrowband (not every leg is wideband)."""
     plane, hooks = gw
     port = plane.settings.sip_port
     sip = RawSip()
+    agent, customer = RtpSender("g722", [AGENT_LOW, AGENT_HIGH]), RtpSender("pcmu", [CUSTOMER_LOW])
+    tap = plane.open_tap("c-1", maxsize=200)
     try:
         # G.722 by its static payload type 9, offered first: the worker answers G.722.
-        rtp = free_udp_block(2, 40000, 59000)
-        data, _, _ = sip.invite(port, body=sdp("9 0", port=rtp), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"})
+        data, _, _ = sip.invite(
+            port, body=sdp("9 0", port=agent.port), headers={"X-Conversation-ID": "c-1", "X-Leg": "agent"}
+        )
         code, answer = await sip.request(data, port)
         assert code == 200, answer
-        media = [ln for ln in answer.split("\r\n") if ln.startswith("m=audio")]
-        assert media and media[0].split()[3:] == ["9"], answer
+        media = next(ln for ln in answer.split("\r\n") if ln.startswith("m=audio"))
+        assert media.split()[3:] == ["9"], answer
+        agent.start(int(media.split()[1]))
         await hooks.wait_for("leg_started", "c-1", "agent")
         assert plane.wideband("c-1")
         # A PCMU customer leg joins: the conversation is no longer wideband end to end.
         data, _, _ = sip.invite(
-            port, body=sdp("0", port=rtp + 10), headers={"X-Conversation-ID": "c-1", "X-Leg": "customer"}
+            port, body=sdp("0", port=customer.port), headers={"X-Conversation-ID": "c-1", "X-Leg": "customer"}
         )
         code, answer = await sip.request(data, port)
         assert code == 200, answer
+        media = next(ln for ln in answer.split("\r\n") if ln.startswith("m=audio"))
+        customer.start(int(media.split()[1]))
         await hooks.wait_for("leg_started", "c-1", "customer")
         assert plane.leg_codecs("c-1") == {"agent": "g722", "customer": "pcmu"}
         assert not plane.wideband("c-1")
+
+        await asyncio.sleep(0.5)
+        tap_agent, tap_customer, shapes = _tap_levels((await collect(tap, 1.0))[10:])
+        assert shapes == {(8000, 160)}, shapes  # the tap follows the narrowest leg
+        assert _heard(tap_agent, AGENT_LOW) and _heard(tap_customer, CUSTOMER_LOW)
+
+        got, phone, rate = await _phone_hears(plane, "c-1", "G722,PCMU", tmp_path)
+        assert got.lower() == "g722" and rate == 16000
+        assert _heard(phone, AGENT_LOW, AGENT_HIGH, CUSTOMER_LOW), phone  # the agent stays wideband
+        assert _absent(phone, CUSTOMER_HIGH), phone
+
+        codecs, (browser,) = await _browser_hears(plane, "c-1")
+        assert codecs == ["pcmu"]
+        assert _heard(browser, AGENT_LOW, CUSTOMER_LOW) and _absent(browser, AGENT_HIGH), browser
+
         # A leg offering none of PCMU, PCMA, G722, opus is refused by the front.
-        data, _, _ = sip.invite(
-            port, body=sdp("18", port=rtp + 20), headers={"X-Conversation-ID": "c-2", "X-Leg": "agent"}
-        )
+        data, _, _ = sip.invite(port, body=sdp("18"), headers={"X-Conversation-ID": "c-2", "X-Leg": "agent"})
         code, answer = await sip.request(data, port)
         assert code == 488, answer
     finally:
+        agent.stop()
+        customer.stop()
+        tap.close()
         sip.close()
 
 
