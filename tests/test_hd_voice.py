@@ -167,6 +167,7 @@ async def _decode(track: MediaStreamTrack, seconds: float) -> list[tuple[np.ndar
 
 
 def _tap_levels(frames: list) -> tuple[dict[float, float], dict[float, float], set[tuple[int, int]]]:
+    assert len(frames) >= 20, f"only {len(frames)} tap frames"
     rate = frames[-1].sample_rate
     a = np.concatenate([f.agent for f in frames]).astype(float)
     c = np.concatenate([f.customer for f in frames]).astype(float)
@@ -213,7 +214,9 @@ async def test_wideband_legs_reach_phone_and_browser_wideband(
         for heard in browsers:
             assert _heard(heard, *TONES), heard
         sent, encoded = sender.shared_sends - sends, sender.shared_encodes - encodes
-        assert sent > 100 and encoded <= 0.6 * sent, f"{encoded} Opus encodes for {sent} packets"
+        # 0.5 when both listeners always take the same frame; one encoder per listener would be 1
+        # (a listener that lags a frame behind under load costs an encode of its own)
+        assert sent > 100 and encoded <= 0.75 * sent, f"{encoded} Opus encodes for {sent} packets"
 
         # A browser that offers only PCMU still hears both legs, narrowband (decimated, no alias).
         codecs, (narrow,) = await _browser_hears(plane, "c-1", only="pcmu")

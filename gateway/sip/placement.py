@@ -175,7 +175,11 @@ class Placement:
     def leg_up(self, worker: int, call: int, cid: str, leg: str, codec: str = "") -> Conversation | None:
         """Leg ``leg`` of ``cid`` has media on ``call``; the conversation if this is news."""
         conv = self.conversations.get(cid)
-        if conv is None or conv.worker != worker or call not in conv.calls or leg in conv.legs:
+        if conv is None or conv.worker != worker or call not in conv.calls:
+            return None
+        if leg in conv.legs:
+            if conv.legs[leg] == call and codec:
+                conv.codecs[leg] = codec  # a re-INVITE changed the leg's codec: not news otherwise
             return None
         conv.legs[leg] = call
         conv.codecs[leg] = codec

@@ -763,7 +763,9 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
                     old.getPortId() != media.getPortId() or conv.leg_codec.get(leg) != codec
                 ):
                     # A re-INVITE recreated the stream on a new bridge slot (or changed its
-                    # codec): wire it again.
+                    # codec): wire it again, and tell the plane the codec (wideband or not).
+                    if conv.leg_codec.get(leg) != codec:
+                        self.w.emit(LegUp(call=self.key, cid=conv.cid, leg=leg, codec=codec))
                     conv.leg_up(leg, media, self, codec)
 
     def codec_of(self, index: int) -> str:
