@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make run` and `make test`. Each sets itself up.
-.PHONY: run test test-fast lint bench bench-smoke bench-sip setup clean
+.PHONY: run test test-fast lint bench bench-smoke bench-sip setup clean cluster
 
 PY := .venv/bin/python
 PYTEST_ARGS ?=
@@ -11,6 +11,12 @@ run:
 test: lint
 	@scripts/setup.sh test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Several instances on this machine, no Docker (README "Running several instances"): Redis,
+# 2 gateways (8080, 8081; the first with the demo) and Kamailio, the cluster's SIP address (5060).
+cluster:
+	@scripts/setup.sh cluster
+	$(PY) -m devtools.cluster $(CLUSTER_ARGS)
 
 # ruff (lint + format check, one line length) and mypy (strict on the domain, errors and policy).
 lint:
@@ -32,6 +38,7 @@ bench:
 	$(PY) bench/state.py
 	$(PY) bench/voice_sip.py $(VOICE_SIP_ARGS)
 	$(PY) bench/voice_webrtc.py
+	$(PY) bench/fork.py
 
 bench-sip:
 	@scripts/setup.sh bench
@@ -43,6 +50,7 @@ bench-smoke:
 	$(PY) bench/state.py --smoke
 	$(PY) bench/voice_sip.py --smoke
 	$(PY) bench/voice_webrtc.py --smoke
+	$(PY) bench/fork.py --smoke
 
 clean:
 	rm -rf var .pytest_cache

@@ -4,7 +4,8 @@
 the way a contact-centre platform would: a SIPREC recording client sends one call per
 conversation to the gateway's SIP front (``settings.sip_host:settings.sip_port``), the agent
 stream playing ``fixtures/audio/agent_speech.wav`` and the customer stream
-``customer_speech.wav``, each in a loop.
+``customer_speech.wav``, each in a loop. ``DEMO_SIP_TARGET=host:port`` sends them elsewhere
+(the local cluster, ``devtools/cluster.py``: to Kamailio, the cluster's SIP address).
 
 The client is ``python -m devtools.siprec_source`` (pjsua2 lives only in child processes: a
 per-process singleton capped at 4 calls, and a C assert kills the whole process), one per
@@ -15,6 +16,11 @@ or crashes is started again (1 s, doubling to 30 s; back to 1 s after 30 s of go
 Nothing here raises into the gateway: every failure is logged. ``stop()`` sends SIGTERM
 (BYE on every call) to each process group (``start_new_session``), then SIGKILL after 3 s;
 a process whose gateway vanished without ``stop()`` exits on its own (``--parent-pid``).
+
+``on_demand=True`` plays a platform that forks only while a supervisor listens: the processes
+start idle (``siprec_source --on-demand``) and :meth:`DemoLegs.fork` dials or hangs up one
+conversation's call (``DIAL``/``HANGUP`` on the process's stdin); a restarted process dials
+again what is wanted.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class DemoLegs:
         *,
         agent_wav: Path | None = None,
         customer_wav: Path | None = None,
+        on_demand: bool = False,
     ) -> None:
         self.settings = settings
         self.cids = list(dict.fromkeys(cids))
@@ -85,6 +92,15 @@ class DemoLegs:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.on_demand = on_demand
+        #: on_demand: conversations whose fork is wanted now, and the process index of each
+        self.wanted: set[str] = set()
+        self._index_of: dict[str, int] = {}
+
+    @property
+    def target(self) -> str:
+        """Where the legs go: the gateway's SIP front, or ``DEMO_SIP_TARGET`` (a cluster's address)."""
+        return os.environ.get("DEMO_SIP_TARGET") or f"{self.settings.sip_host}:{self.settings.sip_port}"
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,16 +119,13 @@ class DemoLegs:
                     convs.append((cid, agent))
             for i in range(0, len(convs), PER_PROCESS):
                 group = convs[i : i + PER_PROCESS]
+                for cid, _ in group:
+                    self._index_of[cid] = i // PER_PROCESS
                 self._tasks.append(
                     asyncio.create_task(self._supervise(i // PER_PROCESS, group), name=f"demo-legs-{i // PER_PROCESS}")
                 )
             if convs:
-                log.info(
-                    "demo voice: SIPREC legs for %s -> %s:%d",
-                    ", ".join(c for c, _ in convs),
-                    self.settings.sip_host,
-                    self.settings.sip_port,
-                )
+                log.info("demo voice: SIPREC legs for %s -> %s", ", ".join(c for c, _ in convs), self.target)
         except Exception:
             log.exception("demo voice: could not start")
 
@@ -137,6 +150,24 @@ class DemoLegs:
         self._tasks.clear()
         self._procs.clear()
         self.connected.clear()
+
+    def fork(self, cid: str, on: bool) -> None:
+        """on_demand: start (``on``) or stop forking ``cid``'s voice. Never raises."""
+        (self.wanted.add if on else self.wanted.discard)(cid)
+        index = self._index_of.get(cid)
+        proc = self._procs.get(index) if index is not None else None
+        if proc is None or proc.returncode is not None:
+            return  # (re)started processes dial what is wanted
+        self._command(proc, f"{'DIAL' if on else 'HANGUP'} {cid}")
+
+    @staticmethod
+    def _command(proc: asyncio.subprocess.Process, line: str) -> None:
+        if proc.stdin is None or proc.stdin.is_closing():
+            return
+        try:
+            proc.stdin.write(line.encode() + b"\n")
+        except (ConnectionError, RuntimeError) as exc:
+            log.warning("demo voice: could not send %r: %s", line, exc)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs.values() if p.returncode is None]
@@ -192,21 +223,27 @@ class DemoLegs:
         s = self.settings
         port = self._port_block()
         args = [
-            sys.executable, "-m", "devtools.siprec_source", "--front", f"{s.sip_host}:{s.sip_port}", "--host", s.sip_host,
+            sys.executable, "-m", "devtools.siprec_source", "--front", self.target, "--host", s.sip_host,
             "--port", str(port), "--agent-wav", str(self.agent_wav), "--customer-wav", str(self.customer_wav),
             "--redial", str(REDIAL_SECONDS), "--probe", str(PROBE_SECONDS), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         for cid, agent in group:
             args += ["--conv", f"{cid}:{agent}"]
+        if self.on_demand:
+            args.append("--on-demand")
         env = dict(os.environ)
         env["PYTHONPATH"] = str(PROJECT_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            *args, stdin=asyncio.subprocess.PIPE if self.on_demand else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
             env=env, cwd=str(PROJECT_DIR), start_new_session=True,
         )  # fmt: skip
         self._procs[index] = proc
         if self._stopping:  # stop() ran while we were spawning
             self._signal(proc, signal.SIGTERM)
+        for cid, _ in group:
+            if cid in self.wanted:
+                self._command(proc, f"DIAL {cid}")
         try:
             assert proc.stdout is not None
             while True:
@@ -222,7 +259,9 @@ class DemoLegs:
                         log.info("demo voice: %s connected", cid)
                     self.connected.add(cid)
                 elif event == "DISCONNECTED":
-                    if cid in self.connected:
+                    if cid in self.connected and self.on_demand and cid not in self.wanted:
+                        log.info("demo voice: %s hung up (fork released)", cid)
+                    elif cid in self.connected:
                         log.info("demo voice: %s disconnected (%s); re-dialling", cid, words[1])
                     self.connected.discard(cid)
             rc = await proc.wait()

@@ -22,6 +22,12 @@ gateway's TLS port) from a TLS transport on that local port; ``--tls-ca`` verifi
 gateway's certificate. ``--srtp mandatory`` offers RTP/SAVP with SDES keys only, ``optional``
 RTP/AVP with keys.
 
+``--on-demand`` (a platform that forks only when the gateway asks, ``gateway.fork``): nothing
+is dialled at start; the parent writes commands on stdin, one a line: ``DIAL <cid> [<agent>]``
+(a conversation not given with ``--conv`` needs its agent) dials that conversation's SIPREC
+call (re-dialled with ``--redial`` until told otherwise), ``HANGUP <cid>`` sends BYE and
+stops re-dialling it. A closed stdin ends the process like SIGTERM.
+
 It prints one line per event on stdout, the conversation id last: ``READY``,
 ``REDIRECTED <uri> <cid>``, ``CONNECTED <streams> <cid>``, ``DISCONNECTED <code> <cid>``,
 ``BYEBYE``. SIGTERM/SIGINT hang every call up (BYE) and exit; so does the death of the process
@@ -87,6 +93,33 @@ class Conv:
     probe_sent: float = 0.0  # in-dialog OPTIONS out, no answer yet (0: none pending)
     probe_ok: float = 0.0  # last 2xx to a probe (or media up)
     dead: str = ""  # why the gateway side is gone (hang up and re-dial)
+    wanted: bool = True  # dial (and re-dial) this call; --on-demand: only after DIAL
+
+
+class _Commands:
+    """``--on-demand``: lines from stdin, read without blocking the pjsua2 loop."""
+
+    def __init__(self) -> None:
+        self.fd = sys.stdin.fileno()
+        os.set_blocking(self.fd, False)
+        self.buffer = b""
+
+    def read(self) -> list[tuple[str, str, str] | None]:
+        """Complete commands so far as ``(verb, cid, agent)``; ``None`` once stdin is closed."""
+        try:
+            chunk = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            return [None]
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        out: list[tuple[str, str, str] | None] = []
+        for line in lines:
+            words = line.decode(errors="replace").split()
+            if len(words) >= 2 and words[0] in ("DIAL", "HANGUP"):
+                out.append((words[0], words[1], words[2] if len(words) > 2 else ""))
+        return out
 
 
 def parse_conv(text: str) -> tuple[str, str]:
@@ -117,12 +150,17 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
     ap.add_argument("--record-prefix", help="record what the gateway sends back, per leg (single conversation)")
     ap.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     ap.add_argument("--log-level", type=int, default=1)
+    ap.add_argument(
+        "--on-demand", action="store_true", help="dial on DIAL <cid> [agent], hang up on HANGUP <cid> (stdin)"
+    )
     pj_secure.add_arguments(ap)
     a = ap.parse_args(argv)
     convs = [Conv(cid, agent) for cid, agent in a.conv]
     if a.agent and (a.cid or not convs):
         convs.append(Conv(a.cid or "", a.agent))
-    if not convs or len(convs) > MAX_CONVERSATIONS:
+    for conv in convs:
+        conv.wanted = not a.on_demand
+    if (not convs and not a.on_demand) or len(convs) > MAX_CONVERSATIONS:
         ap.error(f"1 to {MAX_CONVERSATIONS} conversations (--conv CID:AGENT)")
 
     import pjsua2 as pj
@@ -313,18 +351,45 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
             conv.backoff = min(max(conv.backoff * 2, a.redial or 1.0), REDIAL_MAX_SECONDS)
             conv.next_dial = time.monotonic() + conv.backoff
 
+    commands = _Commands() if a.on_demand else None
     say("READY")
     for conv in convs:
-        dial(conv)
+        if conv.wanted:
+            dial(conv)
     while not stop["now"]:
         ep.libHandleEvents(20)
         graveyard.clear()
+        for command in commands.read() if commands is not None else ():
+            if command is None:  # stdin closed: the parent is gone
+                stop["now"] = True
+                break
+            verb, cid, agent = command
+            conv = next((c for c in convs if c.cid == cid), None)
+            if verb == "DIAL":
+                if conv is None and agent and len(convs) < MAX_CONVERSATIONS:
+                    conv = Conv(cid, agent, wanted=False)
+                    convs.append(conv)
+                if conv is None:
+                    say(f"UNKNOWN {cid}")
+                elif not conv.wanted:
+                    conv.wanted = True
+                    conv.backoff = 0.0
+                    if conv.call is None:
+                        dial(conv)
+            elif verb == "HANGUP" and conv is not None and conv.wanted:
+                conv.wanted = False
+                if conv.call is not None and not conv.hangup_sent:
+                    conv.hangup_sent = True
+                    try:
+                        conv.call.hangup(pj.CallOpParam())
+                    except pj.Error:
+                        pass
         now = time.monotonic()
         if a.parent_pid and os.getppid() != a.parent_pid:
             break  # the parent died: we were re-parented
         for conv in convs:
             if conv.call is None:
-                if a.redial and now >= conv.next_dial:
+                if a.redial and conv.wanted and now >= conv.next_dial:
                     dial(conv)
             elif (
                 a.probe
@@ -357,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
                     conv.call.hangup(pj.CallOpParam())
                 except pj.Error:
                     pass
-        if not a.redial and all(c.call is None for c in convs):
+        if not a.redial and not a.on_demand and all(c.call is None for c in convs):
             break
     for conv in convs:
         if conv.call is not None:

@@ -24,6 +24,7 @@ from gateway.api.context import (
     BUS,
     CHAT,
     DIRECTORY,
+    FORK_WEBHOOK,
     JWKS,
     MEDIA,
     METRICS,
@@ -37,7 +38,9 @@ from gateway.api.context import (
 )
 from gateway.api.middleware import ServerLog, errors_middleware, state_middleware
 from gateway.config import PACKAGE_DIR, ConfigurationError, Settings
+from gateway.domain import DomainEvent
 from gateway.events import EventBus
+from gateway.fork import ForkSettings, ForkWebhook, WebhookSettings, is_fork_event
 from gateway.metrics import Metrics
 from gateway.planes import Listeners, Planes
 from gateway.policy.audit import AuditLog
@@ -146,6 +149,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         planes=app[PLANES],
         background=app[RUNTIME].background,
         start_limit=TokenBuckets(settings.monitor_starts_per_minute / 60, settings.monitor_start_burst),
+        fork=ForkSettings(sip_uri=settings.fork_uri, mode=settings.fork_mode, timeout=settings.fork_timeout),
     )
     if SHARED in app:
         redis_store.on_lease_lost = lambda cid, mid: service.voice_lost(mid, END_MEDIA_FAILURE)
@@ -163,6 +167,35 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         sqlite_store.close()
     audit.close()
+
+
+async def fork_webhook_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``GATEWAY_FORK_WEBHOOK_URL``: POST this instance's fork events to the platform too."""
+    settings = app[SETTINGS]
+    webhook = ForkWebhook(
+        WebhookSettings(
+            settings.fork_webhook_url,
+            settings.fork_webhook_secret,
+            attempts=max(1, settings.fork_webhook_attempts),
+            timeout=settings.fork_webhook_timeout,
+        )
+    )
+
+    def on_event(event: DomainEvent) -> None:
+        if is_fork_event(event) and not event.remote:  # another instance sends its own
+            webhook.send(event)
+
+    app[BUS].listen(on_event)
+    app[FORK_WEBHOOK] = webhook
+    stats = app[METRICS].plane_stats
+
+    def collect() -> None:  # gateway_plane_stat{plane="fork",stat="webhook_delivered"|"webhook_failed"}
+        stats.labels(plane="fork", stat="webhook_delivered").set(webhook.delivered)
+        stats.labels(plane="fork", stat="webhook_failed").set(webhook.failed)
+
+    app[METRICS].on_scrape(collect)
+    yield
+    await webhook.close()
 
 
 async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -230,6 +263,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(identity_ctx)
     app.cleanup_ctx.append(chat_ctx)
     app.cleanup_ctx.append(core_ctx)
+    if settings.fork_webhook_url:
+        app.cleanup_ctx.append(fork_webhook_ctx)
     if settings.enable_sip:
         app.cleanup_ctx.append(sip_ctx)
         if settings.webrtc_processes > 0:

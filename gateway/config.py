@@ -29,6 +29,9 @@ def _default_realm_file() -> str:
 DEV_ADMIN_CLIENT = ("cx-platform", "dev-secret")
 
 
+#: Values of ``fork_mode``: one SIPREC INVITE carrying both legs, or one INVITE per leg.
+FORK_MODES = ("siprec", "per-leg")
+
 #: Values of ``sip_srtp``.
 SRTP_MODES = ("off", "optional", "mandatory")
 
@@ -151,6 +154,24 @@ class Settings:
     #: phones offered RTP/SAVP only).
     sip_srtp: str = "optional"
 
+    # --- fork on demand (conversations PUT with "fork": "on_demand", gateway.fork) ----------
+    #: The SIP URI platforms send a requested fork to (``sip_uri`` of ``voice_fork_requested``):
+    #: the gateway's SIP address as platforms reach it, e.g. a Kamailio in front. Empty:
+    #: ``sip:{sip_host}:{sip_port}``.
+    fork_sip_uri: str = ""
+    #: What the gateway asks for: ``siprec`` (one INVITE, both legs) or ``per-leg`` (one INVITE
+    #: per leg with ``X-Conversation-ID`` / ``X-Leg``).
+    fork_mode: str = "siprec"
+    #: Seconds a granted voice waits for the platform's fork; then it ends (``fork_timeout``).
+    fork_timeout: float = 10.0
+    #: Also POST the fork events here (HMAC-SHA256 signed with ``fork_webhook_secret``). Empty: only
+    #: ``/v1/events``.
+    fork_webhook_url: str = ""
+    fork_webhook_secret: str = ""
+    #: Attempts per event (first one included, backoff 0.5 s doubling to 8 s) and seconds per attempt.
+    fork_webhook_attempts: int = 6
+    fork_webhook_timeout: float = 2.0
+
     # --- WebRTC ---------------------------------------------------------------------------
     #: Comma-separated ICE server URLs (``stun:host:port``). Default none: never a public host.
     ice_servers: str = ""
@@ -195,6 +216,10 @@ class Settings:
             return "GATEWAY_DEMO needs GATEWAY_DEV=true (the demo platform uses the demo realm's clients)"
         if self.sip_srtp not in SRTP_MODES:
             return f"GATEWAY_SIP_SRTP={self.sip_srtp!r}: use one of {', '.join(SRTP_MODES)}"
+        if self.fork_mode not in FORK_MODES:
+            return f"GATEWAY_FORK_MODE={self.fork_mode!r}: use one of {', '.join(FORK_MODES)}"
+        if self.fork_webhook_url and not self.fork_webhook_secret:
+            return "GATEWAY_FORK_WEBHOOK_URL is set: set GATEWAY_FORK_WEBHOOK_SECRET (the webhook's HMAC key)"
         if self.sip_tls_port:
             return _tls_problem(self.sip_tls_cert, self.sip_tls_key, self.sip_tls_ca)
         return None
@@ -202,6 +227,11 @@ class Settings:
     @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def fork_uri(self) -> str:
+        """``sip_uri`` of the fork events."""
+        return self.fork_sip_uri or f"sip:{self.sip_host}:{self.sip_port}"
 
     @property
     def embedded_idp(self) -> bool:

@@ -16,6 +16,9 @@ from typing import Any, Literal
 Channel = Literal["chat", "voice"]
 #: A SIP voice leg: one party each, or both parties in one stream (a SIPREC client sending one mix).
 Leg = Literal["agent", "customer", "mixed"]
+#: How the platform forks a conversation's voice: every call while voice is active (``always``),
+#: or only while a supervisor listens, when the gateway asks (``on_demand``, ``gateway.fork``).
+ForkPolicy = Literal["always", "on_demand"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,14 @@ class Conversation:
     voice_streams: list[dict[str, str]] = field(default_factory=list)
     agent_left: bool = False
     ended: bool = False
+    fork: ForkPolicy = "always"
+    #: The platform client (token ``azp``) that last PUT the conversation: the one asked to fork.
+    platform: str | None = None
+    #: ``on_demand``: the id of the ``voice_fork_requested`` the platform has not been released
+    #: from yet (``None``: no fork asked for); ``fork_released``: a release was sent since the
+    #: last request, so legs still connected are about to go (their BYE is on its way).
+    fork_requested: str | None = None
+    fork_released: bool = False
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -106,6 +117,8 @@ class Monitor:
     voice_uri: str | None = None
     #: Why voice was not granted (or was taken away), as a stable code; ``None`` when it was.
     voice_blocked_reason: str | None = None
+    #: The voice is granted but waits for the platform's fork (``on_demand``) to connect.
+    voice_pending: bool = False
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
     end_reason: str | None = None
@@ -127,6 +140,10 @@ class EventType(str, Enum):
     MONITOR_ENDED = "monitor_ended"
     #: Per-leg audio levels of a listening monitor (only its own supervisor gets them).
     LEVELS = "levels"
+    #: To the platform that owns an ``on_demand`` conversation: fork its voice to ``sip_uri`` /
+    #: stop forking (only platform tokens of that client get them, ``gateway.fork``).
+    VOICE_FORK_REQUESTED = "voice_fork_requested"
+    VOICE_FORK_RELEASED = "voice_fork_released"
 
 
 @dataclass(frozen=True)

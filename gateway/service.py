@@ -10,6 +10,7 @@ stream, ``gateway.wiring``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from gateway.domain import (
 )
 from gateway.errors import ErrorCode, GatewayError, not_found
 from gateway.events import EventBus
+from gateway.fork import ForkSettings, fork_event
 from gateway.planes import ChatPlane, Planes
 from gateway.policy import rules
 from gateway.policy.audit import AuditLog
@@ -61,6 +63,8 @@ def conversation_json(conversation: Conversation, monitors: list[Monitor]) -> di
         "voice_streams": [s for s in conversation.voice_streams if s["leg"] in conversation.voice_legs],
         "monitored": bool(active),
         "monitors": [monitor_brief(m) for m in active],
+        "fork": conversation.fork,
+        "fork_requested": conversation.fork_requested,
     }
 
 
@@ -80,6 +84,7 @@ def monitor_json(monitor: Monitor) -> dict[str, Any]:
         "conversation": monitor.conversation,
         "voice_blocked_reason": monitor.voice_blocked_reason,
         "voice": {"kind": monitor.voice_kind.value, "uri": monitor.voice_uri} if monitor.voice_kind else None,
+        "voice_pending": monitor.voice_pending and monitor.has_voice,
         "started_at": monitor.started_at,
         "ended_at": monitor.ended_at,
         "end_reason": monitor.end_reason,
@@ -104,6 +109,7 @@ class MonitoringService:
         planes: Planes,
         background: BackgroundTasks,
         start_limit: TokenBuckets[str] | None = None,
+        fork: ForkSettings | None = None,
     ) -> None:
         self.store = store
         self.audit = audit
@@ -115,6 +121,8 @@ class MonitoringService:
         #: Monitors opened per supervisor (each may ring a phone, post to the agent's view, open a
         #: media tap): start/leave churn is refused with 429 ``monitor_rate_limited``. Leaving never is (R12).
         self._start_limit: TokenBuckets[str] = start_limit if start_limit is not None else TokenBuckets(0, 1)
+        #: Fork on demand (``gateway.fork``): where and how the platform is asked to fork.
+        self._fork = fork if fork is not None else ForkSettings(sip_uri="sip:127.0.0.1:5060")
 
     # ------------------------------------------------------------------ shared state
 
@@ -180,6 +188,8 @@ class MonitoringService:
         sessions: list[Channel],
         recording_keys: list[str] | None = None,
         participants: dict[str, list[str]] | None = None,
+        fork: str = "always",
+        platform: str | None = None,
     ) -> tuple[Conversation, bool]:
         """Create or update a conversation; ``(conversation, created)``. Without ``team``, the
         agent's team is its Keycloak group (503 ``identity_unavailable`` if unreachable)."""
@@ -206,6 +216,8 @@ class MonitoringService:
             sessions=sessions,
             recording_keys=recording_keys or [],
             participants=participants or {},
+            fork=fork,
+            platform=platform,
         )
 
     def _apply_conversation(
@@ -220,6 +232,8 @@ class MonitoringService:
         sessions: list[Channel],
         recording_keys: list[str],
         participants: dict[str, list[str]],
+        fork: str = "always",
+        platform: str | None = None,
     ) -> tuple[Conversation, bool]:
         existing = self.store.get_conversation(cid)  # again: the awaits above let others change it
         if existing is None or existing.ended:
@@ -232,6 +246,8 @@ class MonitoringService:
                 transferred=transferred,
                 recording_keys=recording_keys,
                 participants=participants,
+                fork="on_demand" if fork == "on_demand" else "always",
+                platform=platform,
             )
             for channel in sessions:
                 conversation.sessions[channel] = conversation.created_at
@@ -248,6 +264,8 @@ class MonitoringService:
         existing.team = team
         existing.transferred = transferred
         existing.recording_keys, existing.participants = recording_keys, participants
+        existing.fork = "on_demand" if fork == "on_demand" else "always"
+        existing.platform = platform if platform is not None else existing.platform
         for channel in ("chat", "voice"):
             if channel in sessions and channel not in existing.sessions:
                 self._start_session(existing, channel)
@@ -331,6 +349,10 @@ class MonitoringService:
             conversation.voice_legs.add(leg)
             if not conversation.session_active("voice"):
                 self._start_session(conversation, "voice")
+            for monitor in self.store.monitors_of(cid):
+                if monitor.voice_pending:  # the fork it waited for is here
+                    monitor.voice_pending = False
+                    self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
             conversation.touch()
             self._publish_conversation(conversation)
         waiting = self._planes.take_pending_phone(cid)
@@ -345,7 +367,16 @@ class MonitoringService:
             return
         conversation.voice_legs.discard(leg)
         conversation.voice_streams = [s for s in conversation.voice_streams if s["leg"] != leg]
-        if (leg == "agent" or not conversation.voice_legs) and conversation.session_active("voice"):
+        if not conversation.voice_legs:
+            conversation.fork_released = False  # the released fork is gone
+            if conversation.fork_requested is not None:  # a fork is wanted: its listener waits again
+                for monitor in self.store.monitors_of(cid):
+                    if monitor.has_voice and not monitor.voice_pending:
+                        self._await_fork(monitor, publish=True)
+        # An on-demand fork comes and goes with its listeners: the platform, not the legs, says
+        # when such a conversation's voice ends.
+        on_demand = conversation.fork == "on_demand"
+        if (leg == "agent" or not conversation.voice_legs) and conversation.session_active("voice") and not on_demand:
             self._stop_session(conversation, "voice", "voice_ended")
         conversation.touch()
         self._publish_conversation(conversation)
@@ -454,9 +485,62 @@ class MonitoringService:
         log.info(
             "monitor started", extra={"conversation": cid, "monitor": monitor.id, "supervisor": principal.username}
         )
+        if monitor.has_voice:
+            self._request_fork(conversation, monitor)
         self._publish_monitor(EventType.MONITOR_STARTED, conversation, monitor)
         self._publish_conversation(conversation)
         return monitor
+
+    # ------------------------------------------------------------------ fork on demand
+
+    def _request_fork(self, conversation: Conversation, monitor: Monitor) -> None:
+        """``on_demand``: a voice monitor was granted; ask the platform for the fork unless one
+        is asked for already, or legs are there that no release is taking away."""
+        if conversation.fork != "on_demand":
+            return
+        if conversation.fork_requested is not None or (conversation.voice_legs and not conversation.fork_released):
+            return  # asked for already, or forked by the platform on its own
+        event = fork_event(EventType.VOICE_FORK_REQUESTED, conversation, self._fork)
+        conversation.fork_requested = event.payload["id"]
+        self.store.put_conversation(conversation)
+        self.audit.record("voice_fork_requested", conversation=conversation.id, event=event.payload["id"])
+        self.bus.publish(event)
+        # Legs still up here belong to the released fork (their BYE is on its way): the listener
+        # hears them meanwhile, and waits again if they go first (``leg_ended``).
+        self._await_fork(monitor, publish=False, pending=not conversation.voice_legs)
+
+    def _await_fork(self, monitor: Monitor, *, publish: bool, pending: bool = True) -> None:
+        """The monitor waits for the fork's legs, at most ``fork_timeout`` seconds."""
+        if pending:
+            monitor.voice_pending = True
+            self.store.put_monitor(monitor)
+            conversation = self.store.get_conversation(monitor.conversation)
+            if publish and conversation is not None:
+                self._publish_monitor(EventType.MONITOR_UPDATED, conversation, monitor)
+        self._background.spawn(self._fork_deadline(monitor.conversation, monitor.id))
+
+    async def _fork_deadline(self, cid: str, mid: str) -> None:
+        """No leg by now: the monitor's voice ends (``fork_timeout``), which releases the fork."""
+        await asyncio.sleep(self._fork.timeout)
+        monitor = self.store.get_monitor(mid)
+        conversation = self.store.get_conversation(cid)
+        if monitor is None or not monitor.has_voice or conversation is None or conversation.voice_legs:
+            return
+        log.warning("the platform did not fork in time", extra={"conversation": cid, "monitor": mid})
+        self.voice_lost(mid, rules.END_FORK_TIMEOUT)
+
+    def _release_fork(self, conversation: Conversation | None) -> None:
+        """``on_demand``: the last voice monitor left; the platform may stop forking (BYE)."""
+        if conversation is None or conversation.fork_requested is None:
+            return
+        if any(m.has_voice for m in self.store.monitors_of(conversation.id)):
+            return
+        event = fork_event(EventType.VOICE_FORK_RELEASED, conversation, self._fork)
+        conversation.fork_requested = None
+        conversation.fork_released = True
+        self.store.put_conversation(conversation)
+        self.audit.record("voice_fork_released", conversation=conversation.id, event=event.payload["id"])
+        self.bus.publish(event)
 
     async def _call_phone(self, mid: str) -> None:
         """Call the phone of a monitor that holds the voice with ``kind: sip``; a call that can not
@@ -657,6 +741,7 @@ class MonitoringService:
         monitor.end_reason = reason
         self.store.release_voice(monitor.conversation, monitor.id)
         self.store.put_monitor(monitor)
+        self._release_fork(conversation)
         self.audit.record(
             "monitor_end",
             actor=monitor.supervisor,
@@ -682,6 +767,7 @@ class MonitoringService:
         monitor.voice_blocked_reason = reason
         self.store.release_voice(monitor.conversation, monitor.id)
         self.store.put_monitor(monitor)
+        self._release_fork(conversation)
         self.audit.record(
             "monitor_voice_end",
             actor=monitor.supervisor,

@@ -1,6 +1,8 @@
 """The ``make run`` demo carries live audio: its voice conversations get SIPREC legs from the
 fixture speech (devtools/demo_legs.py), a supervisor's SIP phone hears them, the chat bots
-talk, and stopping the gateway leaves no source process behind."""
+talk, and stopping the gateway leaves no source process behind. ``demo-a1`` is forked on
+demand: its legs exist only while a supervisor listens (the demo platform follows
+``/v1/events`` with its token)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .support import GatewayClient, make_settings, running_gateway
 pytestmark = [pytest.mark.sip, pytest.mark.slow]
 
 
-def _our_sources() -> list[int]:
+def _our_sources(cid: str | None = None) -> list[int]:
     """Source processes started for this test process (they carry ``--parent-pid <us>``)."""
     me = str(os.getpid())
     pids = []
@@ -35,7 +37,8 @@ def _our_sources() -> list[int]:
             continue
         args = [a.decode(errors="replace") for a in argv]
         if "devtools.siprec_source" in args and "--parent-pid" in args and args[args.index("--parent-pid") + 1] == me:
-            pids.append(int(entry.name))
+            if cid is None or any(a.startswith(f"{cid}:") for a in args):
+                pids.append(int(entry.name))
     return pids
 
 
@@ -80,17 +83,15 @@ async def test_demo_voice_reaches_a_sip_phone_and_bots_chat(tmp_path: Path) -> N
     )  # fmt: skip
     async with running_gateway(settings) as gw:
         sam = await gw.login("sam")
-        legs: list[str] = []
-        deadline = time.monotonic() + 20
-        while legs != ["agent", "customer"]:
-            assert time.monotonic() < deadline, f"demo-a1 voice legs after 20 s: {legs}"
-            await asyncio.sleep(0.2)
-            legs = await _legs(gw, sam, "demo-a1")
-        t_legs = time.monotonic() - t_start
         plane = gw.app[SIP]
-        await wait_until(lambda: plane.legs("demo-b1") == {"agent", "customer"}, 10, "demo-b1's legs")
-        assert plane.worker_of("demo-a1") is not None
-        assert len(_our_sources()) == 1, "two conversations fit one source process"
+        await wait_until(lambda: plane.legs("demo-b1") == {"agent", "customer"}, 20, "demo-b1's legs")
+        t_legs = time.monotonic() - t_start
+        # demo-a1 is forked on demand: nobody listens, so no legs (its source process idles)
+        await wait_until(lambda: len(_our_sources()) == 2, 5, "an always and an on-demand source process")
+        await asyncio.sleep(1.0)
+        assert await _legs(gw, sam, "demo-a1") == []
+        a1 = await gw.call("GET", "/v1/conversations/demo-a1", sam)
+        assert (a1.body["fork"], a1.body["fork_requested"], a1.body["sessions"]["voice"]) == ("on_demand", None, True)
 
         phone_port = free_udp_block(30, 40000, 59000)
         rec = tmp_path / "demo_phone.wav"
@@ -99,13 +100,18 @@ async def test_demo_voice_reaches_a_sip_phone_and_bots_chat(tmp_path: Path) -> N
             ans = await gw.monitor("sam", "demo-a1", {"kind": "sip", "uri": f"sip:sam@127.0.0.1:{phone_port}"})
             assert ans.status == 201, ans.body
             assert "voice" in ans.body["channels"], ans.body.get("voice_blocked_reason")
+            assert ans.body["voice_pending"] is True, ans.body  # the fork was asked for
             mid = ans.body["id"]
             await phone.wait_line("CONNECTED", 5)
             t_heard = time.monotonic()
+            assert sorted(await _legs(gw, sam, "demo-a1")) == ["agent", "customer"]
+            assert (await gw.call("GET", f"/v1/monitors/{mid}", sam)).body["voice_pending"] is False
             entries = await _chat_entries(gw, mid, sam, 12)
             await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - t_heard)))  # at least 5 s of audio
             assert (await gw.call("DELETE", f"/v1/monitors/{mid}", sam)).status == 204
             await phone.wait_line("DISCONNECTED", 3)
+            # released: the demo platform hangs its fork up (BYE)
+            await wait_until(lambda: not plane.legs("demo-a1"), 5, "demo-a1's fork hung up")
         finally:
             await phone.stop()
         senders = {e.get("sender") for e in entries}
@@ -125,7 +131,7 @@ async def test_demo_voice_reaches_a_sip_phone_and_bots_chat(tmp_path: Path) -> N
 
         # A gateway worker dies without BYE (legs end with media_failure): the source's probe
         # notices and re-dials; the restarted worker takes the conversation again.
-        sources = _our_sources()
+        sources = _our_sources("demo-b1")
         assert len(sources) == 1, sources
         index = plane.worker_of("demo-b1")
         assert index is not None
@@ -134,12 +140,14 @@ async def test_demo_voice_reaches_a_sip_phone_and_bots_chat(tmp_path: Path) -> N
         t_kill = time.monotonic()
         await wait_until(lambda: plane.legs("demo-b1") == {"agent", "customer"}, 15, "demo-b1 re-dialled")
         t_back = time.monotonic() - t_kill
-        assert _our_sources() == sources, "the source process itself kept running"
+        assert _our_sources("demo-b1") == sources, "the source process itself kept running"
 
         # The source process dies: DemoLegs starts another one (its legs come back once the
         # gateway's media timeout has ended the orphaned ones; not waited for here).
         os.kill(sources[0], 9)
-        await wait_until(lambda: bool(_our_sources()) and _our_sources() != sources, 5, "a new source process")
+        await wait_until(
+            lambda: bool(_our_sources("demo-b1")) and _our_sources("demo-b1") != sources, 5, "a new source process"
+        )
     # The gateway stopped: DemoLegs.stop() ended every source process (no orphans).
     await wait_until(lambda: not _our_sources(), 3, "source processes gone")
     print(

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.events import EventBus
+from gateway.fork import ForkWebhook
 from gateway.metrics import Metrics
 from gateway.planes import ChatPlane, Listeners, Planes, SipPlane, WebRtcPlane
 from gateway.policy.audit import AuditLog
@@ -37,3 +38,5 @@ MEDIA = web.AppKey("media", WebRtcPlane)
 WHEP = web.AppKey("whep", Listeners)
 #: The instance's Redis connection (``gateway.shared``), present only with ``GATEWAY_REDIS_URL``.
 SHARED = web.AppKey("shared", SharedState)
+#: The fork webhook (``gateway.fork.ForkWebhook``), present only with ``GATEWAY_FORK_WEBHOOK_URL``.
+FORK_WEBHOOK = web.AppKey("fork_webhook", ForkWebhook)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from gateway.domain import Channel, Direction, Leg, MonitorMode, PlatformEventType, VoiceKind
+from gateway.domain import Channel, Direction, ForkPolicy, Leg, MonitorMode, PlatformEventType, VoiceKind
 from gateway.errors import ErrorCode
 
 #: Conversation ids travel in SIP headers and logs: printable and short.
@@ -95,6 +95,11 @@ class ConversationIn(RequestBody):
     )
     participants: ParticipantsIn | None = Field(
         default=None, description="the parties' addresses: which SIPREC stream is the agent's, which the customer's"
+    )
+    fork: ForkPolicy = Field(
+        default="always",
+        description="`always`: the platform forks the voice whenever it is active; `on_demand`: only when the "
+        "gateway asks (`voice_fork_requested` on /v1/events and the webhook), until `voice_fork_released`",
     )
 
     @field_validator("agent")
@@ -206,6 +211,9 @@ class MonitorOut(MonitorBrief):
     conversation: str
     voice_blocked_reason: str | None = Field(description="why voice was not granted or was taken away")
     voice: VoiceOut | None
+    voice_pending: bool = Field(
+        description="the voice is granted and waits for the platform's fork (`on_demand` conversations)"
+    )
     started_at: float
     ended_at: float | None
     end_reason: str | None
@@ -237,6 +245,11 @@ class ConversationOut(BaseModel):
     voice_streams: list[VoiceStreamOut] = Field(description="which SIP stream became which leg, per connected leg")
     monitored: bool
     monitors: list[MonitorBrief]
+    fork: ForkPolicy = Field(description="how the platform forks the voice (`always` or `on_demand`)")
+    fork_requested: str | None = Field(
+        description="`on_demand`: the id of the `voice_fork_requested` not released yet (a platform that "
+        "reconnects forks exactly the conversations where this is set)"
+    )
 
 
 class EventAcceptedOut(BaseModel):

@@ -267,7 +267,8 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
     },
     "/v1/events": {
         "get": Operation(
-            "Websocket: conversation_updated, monitor_started, monitor_updated, monitor_ended, levels",
+            "Websocket: conversation_updated, monitor_started, monitor_updated, monitor_ended, levels; "
+            "platform tokens also voice_fork_requested, voice_fork_released",
             ("supervisor", "platform"),
             {101: _UPGRADED},
             (*_AUTH, *_WEBSOCKET),

@@ -44,7 +44,7 @@ def refuse_when_draining(request: web.Request) -> None:
 @routes.put("/v1/conversations/{cid}")
 async def put_conversation(request: web.Request) -> web.Response:
     """Create or update a conversation (role ``platform``)."""
-    await authenticate(request, "platform")
+    principal = await authenticate(request, "platform")
     cid = _cid(request)
     settings = request.app[SETTINGS]
     body = await read_body(request, models.ConversationIn, max_bytes=settings.max_body_bytes)
@@ -61,6 +61,8 @@ async def put_conversation(request: web.Request) -> web.Response:
         sessions=sessions,
         recording_keys=body.recording_keys,
         participants=body.participants.model_dump() if body.participants is not None else {},
+        fork=body.fork,
+        platform=principal.client or None,
     )
     return _json(service.describe(conversation), 201 if created else 200)
 

@@ -36,6 +36,8 @@ END_VOICE_ENDED = "voice_ended"
 END_CHAT_ENDED = "chat_ended"
 END_ENDED = "ended"
 END_MEDIA_FAILURE = "media_failure"
+#: ``on_demand``: the platform did not fork the voice within ``GATEWAY_FORK_TIMEOUT`` seconds.
+END_FORK_TIMEOUT = "fork_timeout"
 
 
 def supervisor_teams(username: str, group_attributes: Iterable[tuple[str, dict[str, list[str]]]]) -> frozenset[str]:
@@ -81,6 +83,10 @@ def may_see_event(principal: Principal, event: DomainEvent) -> bool:
     other event, a supervisor those of its teams."""
     if event.type is EventType.LEVELS:
         return event.payload.get("supervisor") == principal.username
+    if event.type in (EventType.VOICE_FORK_REQUESTED, EventType.VOICE_FORK_RELEASED):
+        # for the platform client that owns the conversation only (any platform if none is known)
+        owner = event.payload.get("platform")
+        return principal.has_role("platform") and (not owner or owner == principal.client)
     if principal.has_role("platform"):
         return True
     return event.team is not None and event.team in principal.teams
