@@ -227,6 +227,45 @@ async def test_wideband_legs_reach_phone_and_browser_wideband(
         tap.close()
 
 
+async def test_browser_that_joined_before_the_legs_moves_to_opus_when_they_are_wideband(
+    gw: tuple[SipPlane, FakeHooks],
+) -> None:
+    """Fork on demand: the browser's offer comes before any leg. It is answered with the
+    configured PCMU, Opus listed second; when G.722 legs arrive the batched sender moves it to
+    Opus (payload type switch, no new offer) and it hears the tones above 4 kHz."""
+    plane, hooks = gw
+    assert plane.leg_codecs("c-1") == {} and not plane.wideband("c-1")
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="recvonly")  # offers opus, PCMU, PCMA
+    got: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+    client.on("track", lambda track: got.done() or got.set_result(track))
+    with host_addresses(["127.0.0.1"]):
+        await client.setLocalDescription(await client.createOffer())
+    answer, session = await answer_whep(
+        client.localDescription.sdp, plane.open_tap("c-1"), settings=WHEP_SETTINGS, stereo=False
+    )
+    src = None
+    try:
+        rtpmaps = [ln.split()[1].lower() for ln in answer.splitlines() if ln.startswith("a=rtpmap:")]
+        assert rtpmaps[0] == "pcmu/8000" and "opus/48000/2" in rtpmaps, rtpmaps
+        await client.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        track = await asyncio.wait_for(got, 5)
+        before = await _decode(track, 0.5)  # silence on PCMU while no leg is there
+        assert {rate for _, rate in before} == {8000}
+        src = await _siprec(plane, hooks, "c-1", "alice", "G722")
+        chunks = await _decode(track, 2.5)
+    finally:
+        await session.close("deleted")
+        await client.close()
+        if src is not None:
+            await src.stop()
+    assert session.track.upgraded and session.track.codec == "opus"
+    assert chunks[-1][1] == 48000  # aiortc decodes the Opus packets now
+    tail = [c for c, rate in chunks if rate == 48000]
+    heard = tone_levels(np.concatenate(tail)[-48000:], 48000, TONES)
+    assert _heard(heard, *TONES), heard
+
+
 async def test_g711_legs_never_carry_wideband(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
     plane, hooks = gw
     tap = plane.open_tap("c-2", maxsize=200)

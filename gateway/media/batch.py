@@ -46,9 +46,10 @@ _RTP = struct.Struct("!BBHII")
 CATCH_UP_AFTER_TICKS = 25
 
 
-def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
-    """Payload type aiortc will send (first of the audio m-line), its mid and the mid extmap id."""
-    pt, mid, ext = 0, None, None
+def _answer_params(sdp: str) -> tuple[int, str | None, int | None, int | None]:
+    """Payload type aiortc will send (first of the audio m-line), its mid, the mid extmap id,
+    and the payload type of Opus when the answer lists it (the HD voice upgrade)."""
+    pt, mid, ext, opus = 0, None, None, None
     in_audio = False
     for line in sdp.splitlines():
         if line.startswith("m="):
@@ -59,7 +60,9 @@ def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
             mid = line[6:].strip()
         elif in_audio and line.startswith("a=extmap:") and "sdes:mid" in line:
             ext = int(line[9:].split()[0].split("/")[0])
-    return pt, mid, ext
+        elif in_audio and line.lower().startswith("a=rtpmap:") and " opus/48000" in line.lower() and opus is None:
+            opus = int(line[9:].split()[0])
+    return pt, mid, ext, opus
 
 
 class Skip(enum.Enum):
@@ -95,6 +98,11 @@ class BatchTrack(MediaStreamTrack, TapReader):
         if not pre_encodable(codec, sample_rate):
             raise ValueError(f"batched sending does not do {codec} at {sample_rate} Hz")
         self._encoder = ListenerEncoder(codec, stereo=stereo, sample_rate=sample_rate, on_levels=on_levels)
+        self._on_levels = on_levels
+        #: the Opus payload type the answer also lists: a G.711 listener moves to it when the
+        #: legs turn wideband (16 kHz frames), without a new offer; None: stays as it is
+        self._opus_pt: int | None = None
+        self.upgraded = False
         # Read by every tick: plain attributes (the codec's clock and frame length do not change).
         self._ticks_per_frame = self._encoder.ticks_per_frame
         #: the G.711 codec when the payload is the table lookup of the 8 kHz mix (batched), else None
@@ -126,7 +134,9 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def attach(self, sender: RTCRtpSender, answer_sdp: str) -> None:
         """Remember the sender and the negotiated payload type, mid and extension."""
         self._sender = sender
-        self._pt, mid, ext = _answer_params(answer_sdp)
+        self._pt, mid, ext, opus = _answer_params(answer_sdp)
+        if self.g711_mono is not None and opus is not None and opus != self._pt:
+            self._opus_pt = opus
         self._ssrc = sender_ssrc(sender)
         if mid is not None and ext is not None and 0 < ext < 15:
             data = mid.encode()
@@ -169,6 +179,23 @@ class BatchTrack(MediaStreamTrack, TapReader):
         payload = self._encoder.payload(self._encoder.pcm(frame), self._index)
         if payload is not None:
             self.send(payload)
+
+    def upgrade_for(self, frame: LegFrame) -> None:
+        """A G.711 listener whose answer also lists Opus gets wideband frames (every leg is now
+        G.722 or Opus): from this packet on it sends Opus, at 16 kHz, on Opus's payload type.
+        The browser decodes whichever negotiated payload type arrives (RFC 3550 §5.1; the
+        marker bit starts the talkspurt); the RTP clock goes on in Opus's 48 kHz units."""
+        if self._opus_pt is None or self.upgraded or frame.sample_rate == G711_RATE:
+            return
+        log.info("listener upgraded to Opus: the legs are wideband (%d Hz)", frame.sample_rate)
+        self._encoder = ListenerEncoder("opus", stereo=False, sample_rate=frame.sample_rate, on_levels=self._on_levels)
+        self._ticks_per_frame = self._encoder.ticks_per_frame
+        self.meter = self._encoder.meter if self._encoder.meter.wanted else None
+        self.g711_mono = None
+        self.codec = "opus"
+        self._pt = self._opus_pt
+        self._marker = True
+        self.upgraded = True
 
     def send_shared(self, frame: LegFrame, shared: SharedOpus) -> None:
         """Meter this listener's frame and send the conversation's Opus packet for it (encoded
@@ -369,6 +396,8 @@ class BatchSender:
             if frame is Skip.DEFER:
                 deferred.append(t)
             elif frame is not Skip.IDLE:
+                if frame is not None and t.g711_mono is not None and frame.sample_rate != G711_RATE:
+                    t.upgrade_for(frame)  # wideband legs: to Opus, when the answer allows
                 codec = t.g711_mono
                 if codec is not None and (frame is None or frame.sample_rate == G711_RATE):
                     groups.setdefault(codec, []).append((t, frame))
