@@ -127,6 +127,8 @@ class EventType(str, Enum):
     MONITOR_ENDED = "monitor_ended"
     #: Per-leg audio levels of a listening monitor (only its own supervisor gets them).
     LEVELS = "levels"
+    #: Quality of a monitor's voice, about once a second (only its own supervisor gets it).
+    MONITOR_QUALITY = "monitor_quality"
 
 
 @dataclass(frozen=True)

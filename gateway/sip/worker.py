@@ -45,6 +45,7 @@ from .protocol import (
     Fatal,
     HangUpPhone,
     Incoming,
+    LegQuality,
     LegUp,
     PhoneEnded,
     ProtocolError,
@@ -64,6 +65,8 @@ from .routing import tls_hop_uri
 
 CLOCK_RATE = 8000
 SAMPLES = CLOCK_RATE // 50
+#: The legs' frame length (ptime): a jitter buffer's level in frames times this is its delay.
+FRAME_MS = 1000 * SAMPLES // CLOCK_RATE
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
 _SILENCE = b"\0" * (2 * SAMPLES)
@@ -180,6 +183,7 @@ class Worker:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.invites_refused = 0
+        self.stats_us = 0
         self.max_calls = min(args.max_calls, BUILD_MAX_CALLS) if args.max_calls > 0 else BUILD_MAX_CALLS
 
     # --- plumbing --------------------------------------------------------------------------
@@ -314,8 +318,17 @@ class Worker:
             self.check_timers(now)  # a method of its own: no pj object may outlive it in this frame
             if now - last_stats >= 1.0:
                 last_stats = now
-                self.check_media(now)
-                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped, refused=self.invites_refused))
+                t0 = time.perf_counter_ns()
+                self.read_streams(now)
+                self.stats_us = (time.perf_counter_ns() - t0) // 1000
+                self.emit(
+                    Stats(
+                        frames=self.frames_sent,
+                        drops=self.frames_dropped,
+                        refused=self.invites_refused,
+                        stats_us=self.stats_us,
+                    )
+                )
 
     def check_timers(self, now: float) -> None:
         """Reject calls the main process did not decide on; give up on phones that keep ringing."""
@@ -351,25 +364,53 @@ class Worker:
         except Exception:
             pass
 
-    def check_media(self, now: float) -> None:
-        """Hang up ingress calls whose RTP stopped (a platform that vanished without BYE)."""
+    def read_streams(self, now: float) -> None:
+        """Once a second, one ``getStreamStat`` per ingress stream, for two uses: hang up calls
+        whose RTP stopped (a platform that vanished without BYE; all calls, if
+        ``media_timeout``), and report each leg of a conversation someone hears
+        (:class:`LegQuality`; nobody hears most conversations, and their streams are not read
+        for it)."""
         limit = self.args.media_timeout
-        if limit <= 0:
-            return
+        reports: dict[str, dict[str, Any]] = {}
         for call in list(self.calls.values()):
             if call.phone_mid is not None or not call.media_idx or call.ended:
                 continue
+            conv = self.convs.get(call.conv_id or "")
+            heard = conv is not None and (conv.phone is not None or bool(conv.frame_to))
+            if not heard:
+                call.rx_seen.clear()  # a later report starts from a fresh baseline
+                if limit <= 0:
+                    continue
             total = 0
             for idx in call.media_idx:
                 try:
-                    total += call.getStreamStat(idx).rtcp.rxStat.pkt
+                    stat = call.getStreamStat(idx)
                 except pj.Error:
-                    pass
+                    continue
+                rx = stat.rtcp.rxStat
+                total += rx.pkt
+                leg = call.legs[idx] if heard and idx < len(call.legs) else None
+                if conv is not None and leg:
+                    before = call.rx_seen.get(idx)
+                    call.rx_seen[idx] = (rx.pkt, rx.loss)
+                    if before is not None:  # the first read is the baseline
+                        reports.setdefault(conv.cid, {})[leg] = {
+                            "packets": rx.pkt - before[0],
+                            "lost": rx.loss - before[1],
+                            "jitter_us": int(rx.jitterUsec.last),
+                            "jbuf_ms": int(stat.jbuf.size) * FRAME_MS,
+                        }
+            if limit <= 0:
+                continue
             if total != call.rx_pkts:
                 call.rx_pkts, call.rx_changed = total, now
             elif now - call.rx_changed > limit:
                 call.end_reason = "media_timeout"
                 call.local_hangup()
+        for cid, legs in reports.items():
+            heard_conv = self.convs.get(cid)  # a hang-up above may have ended it
+            phone = heard_conv.phone if heard_conv is not None else None
+            self.emit(LegQuality(cid=cid, legs=legs, phone=phone is not None and phone.connected))
 
     # --- commands --------------------------------------------------------------------------
     def reply(self, cmd: Command, ok: bool, error: str = "") -> None:
@@ -578,7 +619,7 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer, time.monotonic_ns()))
 
     def send_frame(self, data: bytes) -> None:
         """One encoded LegFrame to every destination switched on (pj's clock thread)."""
@@ -596,7 +637,9 @@ class Conv:
         """A mixed leg (both parties in one stream) goes out as it is, on the agent side with
         silence beside it: a mono mix of the two is the stream itself, never doubled."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, data, b"\0" * len(data)))
+        self.send_frame(
+            encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, data, b"\0" * len(data), time.monotonic_ns())
+        )
 
 
 class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
@@ -643,6 +686,8 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.media_idx: list[int] = []  # ingress stream indexes with media up
         self.rx_pkts = 0
         self.rx_changed = 0.0
+        #: stream index -> (packets, lost) at the last quality read (LegQuality reports deltas)
+        self.rx_seen: dict[int, tuple[int, int]] = {}
         self.conv_id: str | None = None
         self.legs: list[str | None] = []
         self.phone_mid: str | None = None
