@@ -122,7 +122,7 @@ class QualityBoard:
 
     def __init__(self) -> None:
         self.latest: dict[str, Measured] = {}
-        self._jbuf: dict[str, float] = {}
+        self._jbuf: dict[str, dict[str, float]] = {}
         self._transit: dict[str, tuple[float, int]] = {}
 
     def measure(
@@ -131,10 +131,12 @@ class QualityBoard:
         """This second's figures of monitor ``mid`` from its legs' report and, for a WebRTC
         listener, its cumulative transit (seconds, frames)."""
         added: float | None = None
-        jbuf = max((r.jbuf_ms for r in ingress.legs.values()), default=0.0)
-        smoothed = self._jbuf.get(mid)
-        smoothed = jbuf if smoothed is None else smoothed + SMOOTHING * (jbuf - smoothed)
-        self._jbuf[mid] = smoothed
+        # Smoothed per leg, then the slower leg: the max of two noisy readings would be high.
+        waits = self._jbuf.setdefault(mid, {})
+        for leg, report in ingress.legs.items():
+            before = waits.get(leg)
+            waits[leg] = report.jbuf_ms if before is None else before + SMOOTHING * (report.jbuf_ms - before)
+        smoothed = max((waits[leg] for leg in ingress.legs), default=0.0)
         if path == "sip" and ingress.phone:
             added = smoothed + PHONE_SEND_MS
         elif path == "webrtc" and transit is not None:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import queue
+import random
 import resource
 import socket
 import sys
@@ -65,7 +67,7 @@ from .routing import tls_hop_uri
 
 CLOCK_RATE = 8000
 SAMPLES = CLOCK_RATE // 50
-#: The legs' frame length (ptime): a jitter buffer's level in frames times this is its delay.
+#: The bridge's frame length (ptime), ms.
 FRAME_MS = 1000 * SAMPLES // CLOCK_RATE
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
@@ -184,6 +186,8 @@ class Worker:
         self.frames_dropped = 0
         self.invites_refused = 0
         self.stats_us = 0
+        #: "PCMU/8000" -> the codec's frame length in ms (the unit of a stream's jitter buffer)
+        self.frame_ms: dict[str, int] = {}
         self.max_calls = min(args.max_calls, BUILD_MAX_CALLS) if args.max_calls > 0 else BUILD_MAX_CALLS
 
     # --- plumbing --------------------------------------------------------------------------
@@ -296,9 +300,14 @@ class Worker:
         self.emit(Ready(pid=os.getpid(), sip_port=a.sip_port, max_calls=self.max_calls, pjsua2=PJSUA2_VERSION))
 
     def run(self) -> None:
-        last_stats = 0.0
+        next_stats = 0.0
         while self.running:
-            self.ep.libHandleEvents(self.args.poll_ms)
+            # Wake for the stats read by the poll's own timeout, not after a packet: a jitter
+            # buffer read right after its stream's packet (or burst) arrived shows it at its
+            # fullest. Read at a random phase of the 20 ms frame instead, its level is on
+            # average how long a frame waits in it (Little's law).
+            wait = min(self.args.poll_ms, max(0, math.ceil((next_stats - time.monotonic()) * 1000)))
+            self.ep.libHandleEvents(wait)
             self.graveyard.clear()
             while True:
                 try:
@@ -316,8 +325,8 @@ class Worker:
                     self.reply(cmd, False, f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             self.check_timers(now)  # a method of its own: no pj object may outlive it in this frame
-            if now - last_stats >= 1.0:
-                last_stats = now
+            if now >= next_stats:
+                next_stats = now + 1.0 + random.uniform(-FRAME_MS / 2000, FRAME_MS / 2000)
                 t0 = time.perf_counter_ns()
                 self.read_streams(now)
                 self.stats_us = (time.perf_counter_ns() - t0) // 1000
@@ -398,7 +407,7 @@ class Worker:
                             "packets": rx.pkt - before[0],
                             "lost": rx.loss - before[1],
                             "jitter_us": int(rx.jitterUsec.last),
-                            "jbuf_ms": int(stat.jbuf.size) * FRAME_MS,
+                            "jbuf_ms": int(stat.jbuf.size) * self.codec_frame_ms(call, idx),
                         }
             if limit <= 0:
                 continue
@@ -411,6 +420,24 @@ class Worker:
             heard_conv = self.convs.get(cid)  # a hang-up above may have ended it
             phone = heard_conv.phone if heard_conv is not None else None
             self.emit(LegQuality(cid=cid, legs=legs, phone=phone is not None and phone.connected))
+
+    def codec_frame_ms(self, call: GwCall, idx: int) -> int:
+        """The frame length of stream ``idx``'s codec: a jitter buffer counts codec frames, not
+        packets (G.711 and G.722 frames are 10 ms: a 20 ms packet is two of them)."""
+        frame_ms = call.jb_frame_ms.get(idx)
+        if frame_ms is None:
+            try:
+                info = call.getStreamInfo(idx)
+                key = f"{info.codecName}/{info.codecClockRate}"
+            except pj.Error:
+                return FRAME_MS // 2  # not kept: asked again next second
+            frame_ms = self.frame_ms.get(key)
+            if frame_ms is None:
+                ids = [c.codecId for c in self.ep.codecEnum2() if c.codecId.lower().startswith(key.lower())]
+                frame_ms = int(self.ep.codecGetParam(ids[0]).info.frameLen) if ids else FRAME_MS // 2
+                self.frame_ms[key] = frame_ms
+            call.jb_frame_ms[idx] = frame_ms
+        return frame_ms
 
     # --- commands --------------------------------------------------------------------------
     def reply(self, cmd: Command, ok: bool, error: str = "") -> None:
@@ -688,6 +715,8 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.rx_changed = 0.0
         #: stream index -> (packets, lost) at the last quality read (LegQuality reports deltas)
         self.rx_seen: dict[int, tuple[int, int]] = {}
+        #: stream index -> its codec's frame length, ms (Worker.codec_frame_ms)
+        self.jb_frame_ms: dict[int, int] = {}
         self.conv_id: str | None = None
         self.legs: list[str | None] = []
         self.phone_mid: str | None = None

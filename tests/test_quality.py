@@ -1,0 +1,367 @@
+"""Quality the supervisor can see (issue 12), measured on real workers and real RTP.
+
+* Loss and jitter per leg: the test sends each leg's RTP itself, the agent's with every tenth
+  sequence number skipped, the customer's complete but with its send times jittered; the
+  worker's report must show ~10 % loss on the agent leg only, and the larger jitter on the
+  customer leg.
+* Added latency, phone path: the legs switch a tone on and off (onsets at known send times)
+  and a hand-made SIP phone (a raw UAS: no jitter buffer of its own) time-stamps the RTP it
+  receives; the latency the gateway reports must be within a tolerance of the one the phone
+  measured, first with steady legs and then with bursty legs (which grow the jitter buffer),
+  so a made-up figure (a constant) can not pass both.
+
+Needs the project's pjsua2 (scripts/setup.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import statistics
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.config import Settings
+from gateway.media.g711 import table
+from gateway.quality import QualityBoard
+from gateway.sip.plane import SipPlane
+
+from .sip_support import FakeHooks, RawSip, free_udp_block, raw_leg_call, require_pjsua2, wait_until
+
+pytestmark = [pytest.mark.sip]
+
+RATE = 8000
+SAMPLES = 160
+ULAW_SILENCE = b"\xff" * SAMPLES
+#: Kernel receive time stamps (struct timespec, CLOCK_REALTIME); Python names it only on some builds.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def ulaw_tone(hz: float, n: int, phase: int = 0) -> bytes:
+    """G.711 u-law of a sine at -6 dBFS."""
+    pcm = (16000 * np.sin(2 * np.pi * hz * (np.arange(n) + phase) / RATE)).astype(np.int16)
+    return bytes(table("pcmu")[pcm.astype(np.int32) + 32768])
+
+
+def ulaw_level(payload: bytes) -> float:
+    """Mean absolute sample of a u-law payload (0 for digital silence, ~10000 for the tone)."""
+    return float(np.abs(_ULAW_DECODE[np.frombuffer(payload, dtype=np.uint8)]).mean())
+
+
+def _ulaw_decode_table() -> np.ndarray:
+    out = np.zeros(256, dtype=np.int32)
+    for code in range(256):
+        u = ~code & 0xFF
+        sign, exponent, mantissa = u & 0x80, (u >> 4) & 0x07, u & 0x0F
+        magnitude = ((mantissa << 3) + 0x84) << exponent
+        out[code] = -(magnitude - 0x84) if sign else magnitude - 0x84
+    return out
+
+
+_ULAW_DECODE = _ulaw_decode_table()
+
+
+def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
+    return struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
+
+
+class LegSender:
+    """One leg's RTP, sent by the test on a 20 ms schedule: ``skip(seq)`` leaves packets out
+    (loss), ``delay(i)`` postpones packet ``i`` (jitter, bursts) without reordering,
+    ``payload(i)`` is what packet ``i`` carries. Records when each packet really left."""
+
+    def __init__(self, port: int, hz: float) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.to = ("127.0.0.1", port)
+        self.hz = hz
+        self.ssrc = random.getrandbits(32)
+        self.seq = random.getrandbits(15)
+        self.i = 0
+        self.skip: Callable[[int], bool] = lambda i: False
+        self.delay: Callable[[int], float] = lambda i: 0.0
+        self.tone: Callable[[int], bool] = lambda i: True
+        self.sent_at: dict[int, float] = {}
+
+    def payload(self, i: int) -> bytes:
+        return ulaw_tone(self.hz, SAMPLES, i * SAMPLES) if self.tone(i) else ULAW_SILENCE
+
+    async def run(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = last = loop.time()
+        for k in range(int(seconds * 50)):
+            i = self.i
+            due = max(t0 + k * 0.02 + self.delay(i), last)
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            last = due
+            if not self.skip(i):
+                self.sock.sendto(rtp(self.seq + i, i * SAMPLES, self.ssrc, self.payload(i)), self.to)
+                self.sent_at[i] = time.monotonic()
+            self.i += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
+    require_pjsua2()
+    hooks = FakeHooks({"c-q": "alice"})
+    settings = Settings(
+        sip_port=free_udp_block(2),
+        sip_workers=1,
+        rtp_port_base=free_udp_block(40, 22000, 30000),
+        data_dir=str(tmp_path),
+        sip_media_timeout=0,
+        sip_invite_rate=0,
+    )
+    p = SipPlane(settings, hooks)
+    await p.start()
+    try:
+        yield p, hooks
+    finally:
+        await p.stop()
+
+
+async def legs_of(plane: SipPlane, hooks: FakeHooks, sip: RawSip, cid: str) -> tuple[LegSender, LegSender]:
+    agent = await raw_leg_call(sip, plane.settings.sip_port, cid, "agent")
+    customer = await raw_leg_call(sip, plane.settings.sip_port, cid, "customer")
+    await hooks.wait_for("leg_started", cid, "agent")
+    await hooks.wait_for("leg_started", cid, "customer")
+    return LegSender(agent.media_port, 600.0), LegSender(customer.media_port, 1000.0)
+
+
+async def reports(plane: SipPlane, cid: str, seconds: float) -> list[dict[str, object]]:
+    """Every fresh per-second leg report of ``cid`` during ``seconds``."""
+    out: list[dict[str, object]] = []
+    seen = None
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        q = plane.leg_quality(cid)
+        if q is not None and q.at != seen:
+            seen = q.at
+            out.append({"at": q.at, "legs": q.legs, "phone": q.phone})
+        await asyncio.sleep(0.05)
+    return out
+
+
+async def test_loss_and_jitter_are_measured_per_leg(plane: tuple[SipPlane, FakeHooks]) -> None:
+    p, hooks = plane
+    sip = RawSip()
+    tap = p.open_tap("c-q", maxsize=500)  # someone hears the conversation: its legs are measured
+    agent, customer = await legs_of(p, hooks, sip, "c-q")
+    try:
+        agent.skip = lambda i: i % 10 == 9  # 10 % of the sequence numbers never sent
+        jitter = random.Random(7)
+        customer.delay = lambda i: jitter.uniform(0, 0.03)  # up to 30 ms late, in order
+        senders = [asyncio.create_task(s.run(7)) for s in (agent, customer)]
+        await asyncio.sleep(2)  # baseline and settling
+        got = await reports(p, "c-q", 4.5)
+        await asyncio.gather(*senders)
+    finally:
+        tap.close()
+        agent.close()
+        customer.close()
+        sip.close()
+    assert len(got) >= 3, got
+    legs = [r["legs"] for r in got]
+    a_lost = sum(r["agent"].lost for r in legs)  # type: ignore[index]
+    a_pkts = sum(r["agent"].packets for r in legs)  # type: ignore[index]
+    c_lost = sum(r["customer"].lost for r in legs)  # type: ignore[index]
+    c_pkts = sum(r["customer"].packets for r in legs)  # type: ignore[index]
+    assert 40 <= a_pkts / len(legs) <= 50 and 40 <= c_pkts / len(legs) <= 55, (a_pkts, c_pkts, len(legs))
+    assert 7.0 <= 100 * a_lost / (a_pkts + a_lost) <= 13.0, (a_lost, a_pkts)
+    assert c_lost <= 1, c_lost
+    a_jitter = statistics.median(r["agent"].jitter_ms for r in legs)  # type: ignore[index]
+    c_jitter = statistics.median(r["customer"].jitter_ms for r in legs)  # type: ignore[index]
+    # uniform 0-30 ms extra delay: RFC 3550 jitter ~ E|D| / 1 = ~10 ms; steady legs ~ 1 ms
+    assert c_jitter > a_jitter + 3 and c_jitter > 4, (a_jitter, c_jitter)
+    assert all(r["phone"] is False for r in got)
+
+
+async def test_nobody_hears_no_reports(plane: tuple[SipPlane, FakeHooks]) -> None:
+    """Streams of a conversation nobody hears are not read for quality (the cost stays with
+    the monitored ones), and no report is kept."""
+    p, hooks = plane
+    sip = RawSip()
+    agent, customer = await legs_of(p, hooks, sip, "c-q")
+    try:
+        senders = [asyncio.create_task(s.run(3)) for s in (agent, customer)]
+        got = await reports(p, "c-q", 2.5)
+        await asyncio.gather(*senders)
+    finally:
+        agent.close()
+        customer.close()
+        sip.close()
+    assert got == []
+
+
+# --- the phone path's added latency, against a phone that time-stamps what it receives -------
+
+
+class RawPhone:
+    """A supervisor phone by hand: answers the gateway's INVITE with plain RTP to a socket of
+    its own, and records the arrival time (CLOCK_MONOTONIC) and payload of every packet. No
+    jitter buffer: what it sees is what the gateway sent, when it sent it (loopback)."""
+
+    def __init__(self) -> None:
+        self.sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sip.bind(("127.0.0.1", 0))
+        self.sip.setblocking(False)
+        self.port = self.sip.getsockname()[1]
+        self.rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.rtp.bind(("127.0.0.1", 0))
+        self.rtp.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.rtp.setblocking(False)
+        self.packets: list[tuple[float, int, bytes]] = []  # (arrival, seq, payload)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"sip:sup@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            await asyncio.sleep(0.002)
+            while True:
+                try:
+                    data, addr = self.sip.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                self._sip(data.decode("utf-8", "surrogateescape"), addr)
+            while True:
+                try:
+                    data, anc, _flags, _addr = self.rtp.recvmsg(2048, 64)
+                except BlockingIOError:
+                    break
+                arrival = time.monotonic()
+                for level, kind, value in anc:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        sec, nsec = struct.unpack("qq", value[:16])
+                        # kernel stamps are CLOCK_REALTIME: move them onto the monotonic clock
+                        arrival = time.monotonic() - (time.time() - (sec + nsec / 1e9))
+                if len(data) > 12:
+                    self.packets.append((arrival, struct.unpack("!H", data[2:4])[0], data[12:]))
+
+    def _sip(self, text: str, addr: tuple[str, int]) -> None:
+        head, _, _body = text.partition("\r\n\r\n")
+        lines = head.split("\r\n")
+        if lines[0].startswith("SIP/2.0"):
+            return
+        method = lines[0].split(" ", 1)[0]
+        if method == "ACK":
+            return
+        keep = [
+            ln for ln in lines[1:] if ln.lower().startswith(("via:", "from:", "call-id:", "cseq:", "record-route:"))
+        ]
+        to = next(ln for ln in lines[1:] if ln.lower().startswith("to:"))
+        if method == "INVITE" and ";tag=" not in to:
+            to += ";tag=" + uuid.uuid4().hex[:8]
+        body = b""
+        if method == "INVITE":
+            rtp_port = self.rtp.getsockname()[1]
+            body = (
+                "v=0\r\no=sup 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+                f"m=audio {rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=recvonly\r\n"
+            ).encode()
+        out = ["SIP/2.0 200 OK", *keep, to, f"Contact: <sip:sup@127.0.0.1:{self.port}>"]
+        if body:
+            out.append("Content-Type: application/sdp")
+        out.append(f"Content-Length: {len(body)}")
+        self.sip.sendto(("\r\n".join(out) + "\r\n\r\n").encode() + body, addr)
+
+    def onsets(self) -> list[float]:
+        """Arrival times of each first loud packet after a quiet one."""
+        out = []
+        loud_before = True
+        for arrival, _seq, payload in self.packets:
+            loud = ulaw_level(payload) > 2000
+            if loud and not loud_before:
+                out.append(arrival)
+            loud_before = loud
+        return out
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.sip.close()
+        self.rtp.close()
+
+
+#: The agent's tone is on for 13 packets, off for 12: a 500 ms cycle, so its onsets fall on
+#: every position of the 240 ms burst pattern in turn.
+CYCLE = 25
+
+
+async def latency_phase(
+    p: SipPlane, phone: RawPhone, agent: LegSender, customer: LegSender, seconds: float, board: QualityBoard
+) -> tuple[float, float, int]:
+    """Send both legs for ``seconds``; over the second half: (latency the phone measured from
+    each tone onset's send to its arrival, mean ms; latency the gateway reported, mean ms;
+    onsets measured)."""
+    agent.tone = lambda i: i % CYCLE < CYCLE // 2 + 1
+    customer.tone = lambda i: False
+    phone.packets.clear()
+    agent.sent_at.clear()
+    runs = [asyncio.create_task(s.run(seconds)) for s in (agent, customer)]
+    t_half = time.monotonic() + seconds / 2
+    reported: list[float] = []
+    seen = None
+    while not all(r.done() for r in runs):
+        await asyncio.sleep(0.05)
+        q = p.leg_quality("c-q")
+        if q is not None and q.at != seen:
+            seen = q.at
+            measured = board.measure("m-q", q, "sip", None)
+            if time.monotonic() > t_half and measured.added_ms is not None:
+                reported.append(measured.added_ms)
+    await asyncio.sleep(0.3)  # the last packets' way to the phone
+    starts = sorted(agent.sent_at[i] for i in agent.sent_at if i % CYCLE == 0)
+    latencies = []
+    for arrival in phone.onsets():
+        before = [t for t in starts if t < arrival]
+        if before and before[-1] > t_half and arrival - before[-1] < 0.4:
+            latencies.append(1000 * (arrival - before[-1]))
+    assert reported and latencies, (reported, latencies)
+    return statistics.mean(latencies), statistics.mean(reported), len(latencies)
+
+
+async def test_reported_phone_latency_follows_the_measured_one(plane: tuple[SipPlane, FakeHooks]) -> None:
+    p, hooks = plane
+    sip = RawSip()
+    phone = RawPhone()
+    phone.start()
+    agent, customer = await legs_of(p, hooks, sip, "c-q")
+    board = QualityBoard()
+    try:
+        await p.call_phone("c-q", "m-q", phone.uri)
+        await wait_until(lambda: (q := p.leg_quality("c-q")) is not None and q.phone, 10, "a phone report")
+        steady = await latency_phase(p, phone, agent, customer, 8, board)
+        # bursts of 12 packets every 240 ms: pjmedia's jitter buffer grows to hold them
+        for s in (agent, customer):
+            s.delay = lambda i: (11 - i % 12) * 0.02
+        bursty = await latency_phase(p, phone, agent, customer, 12, board)
+    finally:
+        await phone.close()
+        agent.close()
+        customer.close()
+        sip.close()
+    print(f"steady: measured {steady[0]:.1f} ms, reported {steady[1]:.1f} ms ({steady[2]} onsets)")
+    print(f"bursty: measured {bursty[0]:.1f} ms, reported {bursty[1]:.1f} ms ({bursty[2]} onsets)")
+    tolerance = 25.0
+    assert abs(steady[1] - steady[0]) < tolerance, steady
+    assert abs(bursty[1] - bursty[0]) < tolerance, bursty
+    # the two phases differ by more than the tolerance: a constant can not pass both
+    assert bursty[0] - steady[0] > 2 * tolerance, (steady, bursty)
