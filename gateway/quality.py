@@ -141,10 +141,10 @@ class QualityBoard:
             added = smoothed + PHONE_SEND_MS
         elif path == "webrtc" and transit is not None:
             seconds, frames = transit
-            before = self._transit.get(mid)
+            seen = self._transit.get(mid)
             self._transit[mid] = transit
-            if before is not None and frames > before[1] and seconds >= before[0]:
-                added = smoothed + 1000 * (seconds - before[0]) / (frames - before[1])
+            if seen is not None and frames > seen[1] and seconds >= seen[0]:
+                added = smoothed + 1000 * (seconds - seen[0]) / (frames - seen[1])
         measured = Measured(path, dict(ingress.legs), added, time.time())
         self.latest[mid] = measured
         return measured
