@@ -16,15 +16,20 @@ Needs the project's pjsua2 (scripts/setup.sh).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+import re
 import socket
 import statistics
 import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -34,8 +39,9 @@ from gateway.quality import QualityBoard
 from gateway.sip.plane import SipPlane
 
 from .sip_support import FakeHooks, RawSip, free_udp_block, raw_leg_call, require_pjsua2, wait_until
+from .support import GatewayClient, make_settings, running_gateway
 
-pytestmark = [pytest.mark.sip]
+pytestmark = [pytest.mark.sip, pytest.mark.api]
 
 RATE = 8000
 SAMPLES = 160
@@ -365,3 +371,103 @@ async def test_reported_phone_latency_follows_the_measured_one(plane: tuple[SipP
     assert abs(bursty[1] - bursty[0]) < tolerance, bursty
     # the two phases differ by more than the tolerance: a constant can not pass both
     assert bursty[0] - steady[0] > 2 * tolerance, (steady, bursty)
+
+
+# --- through the API: GET /v1/monitors/{mid}, /v1/events, /metrics ----------------------------
+
+
+async def _events(gw: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await gw.http.ws_connect(gw.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gw.login(user)}"})
+    assert (await ws.receive_json(timeout=5))["type"] == "hello"
+    return ws
+
+
+async def _drain(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> list[tuple[float, dict[str, Any]]]:
+    """Every event ``ws`` receives in ``seconds``, with its arrival time."""
+    out: list[tuple[float, dict[str, Any]]] = []
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            out.append((time.monotonic(), await ws.receive_json(timeout=left)))
+        except TimeoutError:
+            break
+    return out
+
+
+async def test_quality_through_the_api_events_and_metrics(tmp_path: Path) -> None:
+    require_pjsua2()
+    sip_port = free_udp_block(3)
+    settings = make_settings(
+        tmp_path,
+        enable_sip=True,
+        sip_port=sip_port,
+        sip_workers=1,
+        rtp_port_base=free_udp_block(40, 30000, 39000),
+        sip_media_timeout=0,
+        webrtc_processes=0,
+    )
+    async with running_gateway(settings) as gw:
+        assert (await gw.conversation("conv-q")).status in (200, 201)
+        sip = RawSip()
+        phone = RawPhone()
+        phone.start()
+        agent_call = await raw_leg_call(sip, sip_port, "conv-q", "agent")
+        customer_call = await raw_leg_call(sip, sip_port, "conv-q", "customer")
+        agent, customer = LegSender(agent_call.media_port, 600.0), LegSender(customer_call.media_port, 1000.0)
+        agent.skip = lambda i: i % 10 == 9
+        senders = [asyncio.create_task(s.run(9)) for s in (agent, customer)]
+        sam_events = await _events(gw, "sam")
+        tom_events = await _events(gw, "tom")  # supervises the same team, is not the monitor's supervisor
+        try:
+            sam = await gw.login("sam")
+            started = await gw.monitor("sam", "conv-q", {"kind": "sip", "uri": phone.uri})
+            assert started.status == 201 and "voice" in started.body["channels"], started.body
+            mid = started.body["id"]
+            sam_got, tom_got = await asyncio.gather(_drain(sam_events, 5), _drain(tom_events, 5))
+            state = await gw.call("GET", f"/v1/monitors/{mid}", sam)
+            metrics = (await gw.call("GET", "/metrics")).body
+            assert (await gw.call("DELETE", f"/v1/monitors/{mid}", sam)).status == 204
+            after = await gw.call("GET", f"/v1/monitors/{mid}", sam)
+            await asyncio.gather(*senders)
+        finally:
+            for s in senders:
+                s.cancel()
+            await sam_events.close()
+            await tom_events.close()
+            await phone.close()
+            agent.close()
+            customer.close()
+            sip.close()
+    assert phone.onsets() or phone.packets, "the phone heard nothing"
+    quality_events = [(t, e) for t, e in sam_got if e["type"] == "monitor_quality"]
+    assert 3 <= len(quality_events) <= 6, [e["type"] for _t, e in sam_got]  # about once a second
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(quality_events)]
+    assert min(gaps) > 0.7, gaps  # not more often than once a second
+    for _t, e in quality_events:
+        assert e["monitor"] == mid and e["conversation"] == "conv-q"
+        assert set(e["quality"]) == {"added_latency_ms", "legs", "updated_at"}
+    assert not [e for _t, e in tom_got if e["type"] == "monitor_quality"], "another supervisor got the quality"
+    assert any(e["type"] == "conversation_updated" for _t, e in tom_got)  # tom does hear his team's events
+
+    quality = state.body["quality"]
+    assert state.status == 200 and quality is not None, state.body
+    legs = quality["legs"]
+    assert set(legs) == {"agent", "customer"}
+    assert 5.0 <= legs["agent"]["loss_pct"] <= 15.0 and legs["customer"]["loss_pct"] <= 2.0, legs
+    assert 35 <= legs["customer"]["packets"] <= 55 and legs["agent"]["packets"] <= 50, legs
+    assert isinstance(quality["added_latency_ms"], float | int) and 0 < quality["added_latency_ms"] < 500, quality
+    updated = datetime.fromisoformat(quality["updated_at"].replace("Z", "+00:00"))
+    assert updated.tzinfo is not None and abs(time.time() - updated.timestamp()) < 5
+    assert after.body["quality"] is None, after.body  # left: no voice, no quality
+
+    for name in (
+        "gateway_voice_added_latency_seconds",
+        "gateway_voice_leg_loss_ratio",
+        "gateway_voice_leg_jitter_seconds",
+    ):
+        count = re.search(rf'^{name}_count{{path="sip"}} (\S+)$', metrics, re.M)
+        assert count is not None and float(count.group(1)) > 0, name
+    voice_lines = [ln for ln in metrics.splitlines() if ln.startswith("gateway_voice_")]
+    assert voice_lines and not [ln for ln in voice_lines if "conv-q" in ln or mid in ln]
+    labels = {label for ln in voice_lines for label in re.findall(r"(\w+)=", ln.split(" ")[0])}
+    assert labels <= {"path", "le"}, labels
