@@ -27,21 +27,25 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
 import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from gateway.config import Settings
+from gateway.media.aiortc_compat import divert_inbound_rtp
 from gateway.media.g711 import table
+from gateway.media.ice import host_addresses
+from gateway.media.pool import MediaProcesses
 from gateway.quality import QualityBoard
 from gateway.sip.plane import SipPlane
 
 from .sip_support import FakeHooks, RawSip, free_udp_block, raw_leg_call, require_pjsua2, wait_until
 from .support import GatewayClient, make_settings, running_gateway
 
-pytestmark = [pytest.mark.sip, pytest.mark.api]
+pytestmark = [pytest.mark.sip, pytest.mark.api, pytest.mark.webrtc]
 
 RATE = 8000
 SAMPLES = 160
@@ -312,7 +316,14 @@ CYCLE = 25
 
 
 async def latency_phase(
-    p: SipPlane, phone: RawPhone, agent: LegSender, customer: LegSender, seconds: float, board: QualityBoard
+    p: SipPlane,
+    phone: RawPhone,
+    agent: LegSender,
+    customer: LegSender,
+    seconds: float,
+    board: QualityBoard,
+    path: Literal["sip", "webrtc"] = "sip",
+    transit: Callable[[], tuple[float, int]] | None = None,
 ) -> tuple[float, float, int]:
     """Send both legs for ``seconds``; over the second half: (latency the phone measured from
     each tone onset's send to its arrival, mean ms; latency the gateway reported, mean ms;
@@ -330,7 +341,7 @@ async def latency_phase(
         q = p.leg_quality("c-q")
         if q is not None and q.at != seen:
             seen = q.at
-            measured = board.measure("m-q", q, "sip", None)
+            measured = board.measure("m-q", q, path, transit() if transit is not None else None)
             if time.monotonic() > t_half and measured.added_ms is not None:
                 reported.append(measured.added_ms)
     await asyncio.sleep(0.3)  # the last packets' way to the phone
@@ -471,3 +482,78 @@ async def test_quality_through_the_api_events_and_metrics(tmp_path: Path) -> Non
     assert voice_lines and not [ln for ln in voice_lines if "conv-q" in ln or mid in ln]
     labels = {label for ln in voice_lines for label in re.findall(r"(\w+)=", ln.split(" ")[0])}
     assert labels <= {"path", "le"}, labels
+
+
+# --- the WebRTC path's added latency, against a browser-side receiver -------------------------
+
+
+class WebRtcReceiver:
+    """A WebRTC listener (an aiortc peer, PCMU) that time-stamps each decrypted RTP packet as
+    it comes off its socket, before any jitter buffer: the ``onsets()`` of :class:`RawPhone`."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection()
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.packets: list[tuple[float, int, bytes]] = []
+
+    async def offer(self) -> str:
+        offer = await self.pc.createOffer()
+        with host_addresses(["127.0.0.1"]):
+            await self.pc.setLocalDescription(offer)
+        return str(self.pc.localDescription.sdp)
+
+    async def answered(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+        async def on_rtp(data: bytes, arrival_time_ms: int = 0) -> None:
+            self.packets.append((time.monotonic(), struct.unpack("!H", data[2:4])[0], data[12:]))
+
+        dtls = self.pc.getTransceivers()[0].receiver.transport
+        assert divert_inbound_rtp(dtls, on_rtp)
+
+    onsets = RawPhone.onsets
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+async def test_reported_webrtc_latency_follows_the_measured_one(
+    plane: tuple[SipPlane, FakeHooks], tmp_path: Path
+) -> None:
+    """Worker -> media process (frames stamped at the worker's bridge tick) -> a WebRTC
+    receiver: the reported added latency (jitter-buffer wait + measured transit) against the
+    tone onsets the receiver time-stamped, steady then bursty legs."""
+    p, hooks = plane
+    pool = MediaProcesses(
+        Settings(ice_host_addresses="127.0.0.1", webrtc_processes=1, log_level="WARNING", data_dir=str(tmp_path)),
+        p.forward_frames,
+    )
+    await pool.start()
+    sip = RawSip()
+    receiver = WebRtcReceiver()
+    agent, customer = await legs_of(p, hooks, sip, "c-q")
+    board = QualityBoard()
+    try:
+        answer, listener = await pool.answer(await receiver.offer(), "c-q", stereo=False, codec="pcmu")
+        await receiver.answered(answer)
+        await wait_until(lambda: p.leg_quality("c-q") is not None, 10, "a leg report")
+
+        def transit() -> tuple[float, int]:
+            return listener.transit()
+
+        steady = await latency_phase(p, receiver, agent, customer, 8, board, "webrtc", transit)  # type: ignore[arg-type]
+        for s in (agent, customer):
+            s.delay = lambda i: (11 - i % 12) * 0.02
+        bursty = await latency_phase(p, receiver, agent, customer, 12, board, "webrtc", transit)  # type: ignore[arg-type]
+    finally:
+        await receiver.close()
+        await pool.stop()
+        agent.close()
+        customer.close()
+        sip.close()
+    print(f"webrtc steady: measured {steady[0]:.1f} ms, reported {steady[1]:.1f} ms ({steady[2]} onsets)")
+    print(f"webrtc bursty: measured {bursty[0]:.1f} ms, reported {bursty[1]:.1f} ms ({bursty[2]} onsets)")
+    tolerance = 25.0
+    assert abs(steady[1] - steady[0]) < tolerance, steady
+    assert abs(bursty[1] - bursty[0]) < tolerance, bursty
+    assert bursty[0] - steady[0] > 2 * tolerance, (steady, bursty)
