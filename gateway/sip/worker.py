@@ -69,6 +69,13 @@ CLOCK_RATE = 8000
 SAMPLES = CLOCK_RATE // 50
 #: The bridge's frame length (ptime), ms.
 FRAME_MS = 1000 * SAMPLES // CLOCK_RATE
+#: The once-a-second statistics read happens at a random moment within this many seconds of
+#: the second (see Worker.run).
+_STATS_SPREAD = 0.1
+#: Reads a second, at random moments, of the jitter-buffer level of each stream someone hears,
+#: besides the once-a-second read: their mean is the reported level (one reading of a bursty
+#: stream's buffer is off by up to a burst).
+_LEVEL_SAMPLES = 3
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
 _SILENCE = b"\0" * (2 * SAMPLES)
@@ -300,13 +307,15 @@ class Worker:
         self.emit(Ready(pid=os.getpid(), sip_port=a.sip_port, max_calls=self.max_calls, pjsua2=PJSUA2_VERSION))
 
     def run(self) -> None:
-        next_stats = 0.0
+        next_stats = next_level = 0.0
+        level_us = 0
         while self.running:
             # Wake for the stats read by the poll's own timeout, not after a packet: a jitter
             # buffer read right after its stream's packet (or burst) arrived shows it at its
-            # fullest. Read at a random phase of the 20 ms frame instead, its level is on
-            # average how long a frame waits in it (Little's law).
-            wait = min(self.args.poll_ms, max(0, math.ceil((next_stats - time.monotonic()) * 1000)))
+            # fullest. Read at a random moment instead (±100 ms around each second: random
+            # against any arrival pattern of a period up to 200 ms), its level is on average
+            # how long a frame waits in it (Little's law). Likewise the level samples between.
+            wait = min(self.args.poll_ms, max(0, math.ceil((min(next_stats, next_level) - time.monotonic()) * 1000)))
             self.ep.libHandleEvents(wait)
             self.graveyard.clear()
             while True:
@@ -325,11 +334,17 @@ class Worker:
                     self.reply(cmd, False, f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             self.check_timers(now)  # a method of its own: no pj object may outlive it in this frame
+            if now >= next_level:
+                next_level = now + random.uniform(0, 2 / _LEVEL_SAMPLES)
+                t0 = time.perf_counter_ns()
+                self.sample_levels()
+                level_us += (time.perf_counter_ns() - t0) // 1000
             if now >= next_stats:
-                next_stats = now + 1.0 + random.uniform(-FRAME_MS / 2000, FRAME_MS / 2000)
+                next_stats = now + random.uniform(1.0 - _STATS_SPREAD, 1.0 + _STATS_SPREAD)
                 t0 = time.perf_counter_ns()
                 self.read_streams(now)
-                self.stats_us = (time.perf_counter_ns() - t0) // 1000
+                self.stats_us = (time.perf_counter_ns() - t0) // 1000 + level_us
+                level_us = 0
                 self.emit(
                     Stats(
                         frames=self.frames_sent,
@@ -388,6 +403,7 @@ class Worker:
             heard = conv is not None and (conv.phone is not None or bool(conv.frame_to))
             if not heard:
                 call.rx_seen.clear()  # a later report starts from a fresh baseline
+                call.levels.clear()
                 if limit <= 0:
                     continue
             total = 0
@@ -407,7 +423,7 @@ class Worker:
                             "packets": rx.pkt - before[0],
                             "lost": rx.loss - before[1],
                             "jitter_us": int(rx.jitterUsec.last),
-                            "jbuf_ms": int(stat.jbuf.size) * self.codec_frame_ms(call, idx),
+                            "jbuf_ms": call.mean_level(idx, int(stat.jbuf.size) * self.codec_frame_ms(call, idx)),
                         }
             if limit <= 0:
                 continue
@@ -420,6 +436,18 @@ class Worker:
             heard_conv = self.convs.get(cid)  # a hang-up above may have ended it
             phone = heard_conv.phone if heard_conv is not None else None
             self.emit(LegQuality(cid=cid, legs=legs, phone=phone is not None and phone.connected))
+
+    def sample_levels(self) -> None:
+        """One jitter-buffer level reading of each stream someone hears (a baseline is kept for
+        it: :meth:`read_streams`), added up until the next report."""
+        for call in list(self.calls.values()):
+            for idx in list(call.rx_seen):
+                try:
+                    size = int(call.getStreamStat(idx).jbuf.size)
+                except pj.Error:
+                    continue
+                total, n = call.levels.get(idx, (0, 0))
+                call.levels[idx] = (total + size * self.codec_frame_ms(call, idx), n + 1)
 
     def codec_frame_ms(self, call: GwCall, idx: int) -> int:
         """The frame length of stream ``idx``'s codec: a jitter buffer counts codec frames, not
@@ -717,6 +745,8 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.rx_seen: dict[int, tuple[int, int]] = {}
         #: stream index -> its codec's frame length, ms (Worker.codec_frame_ms)
         self.jb_frame_ms: dict[int, int] = {}
+        #: stream index -> (sum of jitter-buffer level readings in ms, readings) since the last report
+        self.levels: dict[int, tuple[int, int]] = {}
         self.conv_id: str | None = None
         self.legs: list[str | None] = []
         self.phone_mid: str | None = None
@@ -725,6 +755,12 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.connected = False
         self.ended = False
         self.silent = False  # refused by the worker itself: the main process never heard of it
+
+    def mean_level(self, idx: int, now_ms: int) -> int:
+        """The mean of stream ``idx``'s level readings since the last report and ``now_ms``;
+        starts the next period."""
+        total, n = self.levels.pop(idx, (0, 0))
+        return round((total + now_ms) / (n + 1))
 
     def accept(self, n_streams: int) -> None:
         prm = pj.CallOpParam(True)
