@@ -6,9 +6,10 @@
 A real SIP plane with one real worker (``gateway.sip.worker``); the bench places N per-leg
 conversations (2 calls each: agent and customer) through the front by hand and sends RTP on
 every leg (20 ms PCMU). Every conversation is "heard" (a tap is open on it), so the worker
-reads each stream's statistics once a second and reports a ``LegQuality`` per conversation:
-the worst case, where every call of the worker is monitored. The worker times that pass itself
-(``Stats.stats_us``: reading the statistics, building and sending the reports) and the bench
+reads each stream's statistics once a second, its jitter-buffer level 3 more times, and reports
+a ``LegQuality`` per conversation: the worst case, where every call of the worker is monitored.
+The worker times those reads itself (``Stats.stats_us``: reading the statistics, building and
+sending the reports) and the bench
 reports the median over ``--seconds``, per stream, and as a share of one core. Compare with the
 same worker's whole CPU over the window (``/proc``: utime + stime), which includes its media.
 
