@@ -387,7 +387,7 @@ class SipPlane:
             "frames_received": float(self.taps.frames_received),
             "frames_dropped_worker": float(sum(w.drops for w in workers)),
             "frames_dropped_tap": float(self.taps._tap_drops),
-            # the slowest worker's once-a-second pass over its streams' statistics (quality)
+            # the busiest worker's time reading its streams' statistics in its last second (quality)
             "stats_pass_seconds": max((w.stats_us for w in workers), default=0) / 1e6,
             "front_invites": float(self.front.counts["invites"] if self.front else 0),
             "front_rejected": float(self.front.counts["rejected"] if self.front else 0),

@@ -351,8 +351,9 @@ class Stats(Event):
     drops: int
     #: INVITEs refused at once for a missing or forged placement token (a flood shows here).
     refused: int = 0
-    #: Microseconds the last once-a-second pass over the ingress streams' statistics took
-    #: (media timeout and :class:`LegQuality`): what measuring quality costs this worker.
+    #: Microseconds the worker spent reading its streams' statistics in the last second (the
+    #: once-a-second pass: media timeout and :class:`LegQuality`; and the jitter-buffer level
+    #: samples of the monitored streams between): what measuring quality costs this worker.
     stats_us: int = 0
 
 
