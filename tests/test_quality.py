@@ -568,3 +568,58 @@ async def test_reported_webrtc_latency_follows_the_measured_one(
     print(f"webrtc steady: measured {steady[0]:.1f} ms, reported {steady[1]:.1f} ms ({steady[2]} onsets)")
     print(f"webrtc bursty: measured {bursty[0]:.1f} ms, reported {bursty[1]:.1f} ms ({bursty[2]} onsets)")
     assert_tracks(steady, bursty)
+
+
+async def test_webrtc_monitor_quality_through_the_api(tmp_path: Path) -> None:
+    """A browser-style listener (WHEP through the API, served by a media process): its quality
+    carries a measured added latency, and the histograms count it under path="webrtc"."""
+    require_pjsua2()
+    sip_port = free_udp_block(3)
+    settings = make_settings(
+        tmp_path,
+        enable_sip=True,
+        sip_port=sip_port,
+        sip_workers=1,
+        rtp_port_base=free_udp_block(40, 30000, 39000),
+        sip_media_timeout=0,
+        webrtc_processes=1,
+        ice_host_addresses="127.0.0.1",
+    )
+    async with running_gateway(settings) as gw:
+        assert (await gw.conversation("conv-w")).status in (200, 201)
+        sip = RawSip()
+        receiver = WebRtcReceiver()
+        agent_call = await raw_leg_call(sip, sip_port, "conv-w", "agent")
+        customer_call = await raw_leg_call(sip, sip_port, "conv-w", "customer")
+        agent, customer = LegSender(agent_call.media_port, 600.0), LegSender(customer_call.media_port, 1000.0)
+        customer.skip = lambda i: i % 10 == 9
+        senders = [asyncio.create_task(s.run(8)) for s in (agent, customer)]
+        try:
+            sam = await gw.login("sam")
+            started = await gw.monitor("sam", "conv-w", {"kind": "webrtc"})
+            assert started.status == 201 and "voice" in started.body["channels"], started.body
+            mid = started.body["id"]
+            offer = await receiver.offer()
+            whep = await gw.call(
+                "POST", f"/v1/monitors/{mid}/whep", sam, data=offer, headers={"Content-Type": "application/sdp"}
+            )
+            assert whep.status == 201, whep.body
+            await receiver.answered(str(whep.body))
+            await asyncio.sleep(4.5)
+            state = await gw.call("GET", f"/v1/monitors/{mid}", sam)
+            metrics = (await gw.call("GET", "/metrics")).body
+            await asyncio.gather(*senders)
+        finally:
+            for s in senders:
+                s.cancel()
+            await receiver.close()
+            agent.close()
+            customer.close()
+            sip.close()
+    assert receiver.packets, "the listener received nothing"
+    quality = state.body["quality"]
+    assert quality is not None, state.body
+    assert 0 < quality["added_latency_ms"] < 500, quality
+    assert quality["legs"]["agent"]["loss_pct"] <= 2.0 and 5.0 <= quality["legs"]["customer"]["loss_pct"] <= 15.0
+    count = re.search(r'^gateway_voice_added_latency_seconds_count{path="webrtc"} (\S+)$', metrics, re.M)
+    assert count is not None and float(count.group(1)) > 0
