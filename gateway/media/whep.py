@@ -110,6 +110,11 @@ class WhepSession:
         else:
             self._close_callbacks.append(callback)
 
+    def transit(self) -> tuple[float, int]:
+        """Seconds from the SIP worker's bridge tick to the send, summed over how many frames
+        (both only grow; :mod:`gateway.quality` takes the mean of each window)."""
+        return self.track.stats.transit_s, self.track.stats.transit_n
+
     def describe(self) -> dict[str, Any]:
         """JSON-friendly status (for logs, metrics, a debug endpoint)."""
         s = self.track.stats

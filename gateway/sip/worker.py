@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import queue
+import random
 import resource
 import socket
 import sys
@@ -46,6 +48,7 @@ from .protocol import (
     Fatal,
     HangUpPhone,
     Incoming,
+    LegQuality,
     LegUp,
     PhoneEnded,
     ProtocolError,
@@ -71,6 +74,15 @@ CLOCK_RATE = 16000
 #: carry nothing above 4 kHz, so they cross at 8 kHz (half the bytes, and the WebRTC side
 #: keeps its batched G.711 path).
 NARROW_RATE = 8000
+#: The bridge's frame length (ptime), ms.
+FRAME_MS = 20
+#: The once-a-second statistics read happens at a random moment within this many seconds of
+#: the second (see Worker.run).
+_STATS_SPREAD = 0.1
+#: Reads a second, at random moments, of the jitter-buffer level of each stream someone hears,
+#: besides the once-a-second read: their mean is the reported level (one reading of a bursty
+#: stream's buffer is off by up to a burst).
+_LEVEL_SAMPLES = 3
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
 #: Calls one process holds with this pjsua2: the project's build says (PJSUA_MAX_CALLS); the
@@ -203,6 +215,9 @@ class Worker:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.invites_refused = 0
+        self.stats_us = 0
+        #: "PCMU/8000" -> the codec's frame length in ms (the unit of a stream's jitter buffer)
+        self.frame_ms: dict[str, int] = {}
         self.max_calls = min(args.max_calls, BUILD_MAX_CALLS) if args.max_calls > 0 else BUILD_MAX_CALLS
 
     # --- plumbing --------------------------------------------------------------------------
@@ -316,9 +331,16 @@ class Worker:
         self.emit(Ready(pid=os.getpid(), sip_port=a.sip_port, max_calls=self.max_calls, pjsua2=PJSUA2_VERSION))
 
     def run(self) -> None:
-        last_stats = 0.0
+        next_stats = next_level = 0.0
+        level_us = 0
         while self.running:
-            self.ep.libHandleEvents(self.args.poll_ms)
+            # Wake for the stats read by the poll's own timeout, not after a packet: a jitter
+            # buffer read right after its stream's packet (or burst) arrived shows it at its
+            # fullest. Read at a random moment instead (±100 ms around each second: random
+            # against any arrival pattern of a period up to 200 ms), its level is on average
+            # how long a frame waits in it (Little's law). Likewise the level samples between.
+            wait = min(self.args.poll_ms, max(0, math.ceil((min(next_stats, next_level) - time.monotonic()) * 1000)))
+            self.ep.libHandleEvents(wait)
             self.graveyard.clear()
             while True:
                 try:
@@ -336,10 +358,25 @@ class Worker:
                     self.reply(cmd, False, f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             self.check_timers(now)  # a method of its own: no pj object may outlive it in this frame
-            if now - last_stats >= 1.0:
-                last_stats = now
-                self.check_media(now)
-                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped, refused=self.invites_refused))
+            if now >= next_level:
+                next_level = now + random.uniform(0, 2 / _LEVEL_SAMPLES)
+                t0 = time.perf_counter_ns()
+                self.sample_levels()
+                level_us += (time.perf_counter_ns() - t0) // 1000
+            if now >= next_stats:
+                next_stats = now + random.uniform(1.0 - _STATS_SPREAD, 1.0 + _STATS_SPREAD)
+                t0 = time.perf_counter_ns()
+                self.read_streams(now)
+                self.stats_us = (time.perf_counter_ns() - t0) // 1000 + level_us
+                level_us = 0
+                self.emit(
+                    Stats(
+                        frames=self.frames_sent,
+                        drops=self.frames_dropped,
+                        refused=self.invites_refused,
+                        stats_us=self.stats_us,
+                    )
+                )
 
     def check_timers(self, now: float) -> None:
         """Reject calls the main process did not decide on; give up on phones that keep ringing."""
@@ -375,25 +412,84 @@ class Worker:
         except Exception:
             pass
 
-    def check_media(self, now: float) -> None:
-        """Hang up ingress calls whose RTP stopped (a platform that vanished without BYE)."""
+    def read_streams(self, now: float) -> None:
+        """Once a second, one ``getStreamStat`` per ingress stream, for two uses: hang up calls
+        whose RTP stopped (a platform that vanished without BYE; all calls, if
+        ``media_timeout``), and report each leg of a conversation someone hears
+        (:class:`LegQuality`; nobody hears most conversations, and their streams are not read
+        for it)."""
         limit = self.args.media_timeout
-        if limit <= 0:
-            return
+        reports: dict[str, dict[str, Any]] = {}
         for call in list(self.calls.values()):
             if call.phone_mid is not None or not call.media_idx or call.ended:
                 continue
+            conv = self.convs.get(call.conv_id or "")
+            heard = conv is not None and (conv.phone is not None or bool(conv.frame_to))
+            if not heard:
+                call.rx_seen.clear()  # a later report starts from a fresh baseline
+                call.levels.clear()
+                if limit <= 0:
+                    continue
             total = 0
             for idx in call.media_idx:
                 try:
-                    total += call.getStreamStat(idx).rtcp.rxStat.pkt
+                    stat = call.getStreamStat(idx)
                 except pj.Error:
-                    pass
+                    continue
+                rx = stat.rtcp.rxStat
+                total += rx.pkt
+                leg = call.legs[idx] if heard and idx < len(call.legs) else None
+                if conv is not None and leg:
+                    before = call.rx_seen.get(idx)
+                    call.rx_seen[idx] = (rx.pkt, rx.loss)
+                    if before is not None:  # the first read is the baseline
+                        reports.setdefault(conv.cid, {})[leg] = {
+                            "packets": rx.pkt - before[0],
+                            "lost": rx.loss - before[1],
+                            "jitter_us": int(rx.jitterUsec.last),
+                            "jbuf_ms": call.mean_level(idx, int(stat.jbuf.size) * self.codec_frame_ms(call, idx)),
+                        }
+            if limit <= 0:
+                continue
             if total != call.rx_pkts:
                 call.rx_pkts, call.rx_changed = total, now
             elif now - call.rx_changed > limit:
                 call.end_reason = "media_timeout"
                 call.local_hangup()
+        for cid, legs in reports.items():
+            heard_conv = self.convs.get(cid)  # a hang-up above may have ended it
+            phone = heard_conv.phone if heard_conv is not None else None
+            self.emit(LegQuality(cid=cid, legs=legs, phone=phone is not None and phone.connected))
+
+    def sample_levels(self) -> None:
+        """One jitter-buffer level reading of each stream someone hears (a baseline is kept for
+        it: :meth:`read_streams`), added up until the next report."""
+        for call in list(self.calls.values()):
+            for idx in list(call.rx_seen):
+                try:
+                    size = int(call.getStreamStat(idx).jbuf.size)
+                except pj.Error:
+                    continue
+                total, n = call.levels.get(idx, (0, 0))
+                call.levels[idx] = (total + size * self.codec_frame_ms(call, idx), n + 1)
+
+    def codec_frame_ms(self, call: GwCall, idx: int) -> int:
+        """The frame length of stream ``idx``'s codec: a jitter buffer counts codec frames, not
+        packets (G.711 and G.722 frames are 10 ms: a 20 ms packet is two of them)."""
+        frame_ms = call.jb_frame_ms.get(idx)
+        if frame_ms is None:
+            try:
+                info = call.getStreamInfo(idx)
+                key = f"{info.codecName}/{info.codecClockRate}"
+            except pj.Error:
+                return FRAME_MS // 2  # not kept: asked again next second
+            frame_ms = self.frame_ms.get(key)
+            if frame_ms is None:
+                ids = [c.codecId for c in self.ep.codecEnum2() if c.codecId.lower().startswith(key.lower())]
+                frame_ms = int(self.ep.codecGetParam(ids[0]).info.frameLen) if ids else FRAME_MS // 2
+                self.frame_ms[key] = frame_ms
+            call.jb_frame_ms[idx] = frame_ms
+        return frame_ms
 
     # --- commands --------------------------------------------------------------------------
     def reply(self, cmd: Command, ok: bool, error: str = "") -> None:
@@ -617,7 +713,7 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, agent, customer))
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, agent, customer, time.monotonic_ns()))
 
     def send_frame(self, data: bytes) -> None:
         """One encoded LegFrame to every destination switched on (pj's clock thread)."""
@@ -635,7 +731,9 @@ class Conv:
         """A mixed leg (both parties in one stream) goes out as it is, on the agent side with
         silence beside it: a mono mix of the two is the stream itself, never doubled."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, data, b"\0" * len(data)))
+        self.send_frame(
+            encode_leg_frame(self.cid_b, self.seq, rate, data, b"\0" * len(data), time.monotonic_ns())
+        )
 
 
 class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
@@ -684,6 +782,12 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.media_idx: list[int] = []  # ingress stream indexes with media up
         self.rx_pkts = 0
         self.rx_changed = 0.0
+        #: stream index -> (packets, lost) at the last quality read (LegQuality reports deltas)
+        self.rx_seen: dict[int, tuple[int, int]] = {}
+        #: stream index -> its codec's frame length, ms (Worker.codec_frame_ms)
+        self.jb_frame_ms: dict[int, int] = {}
+        #: stream index -> (sum of jitter-buffer level readings in ms, readings) since the last report
+        self.levels: dict[int, tuple[int, int]] = {}
         self.conv_id: str | None = None
         self.legs: list[str | None] = []
         self.phone_mid: str | None = None
@@ -692,6 +796,12 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.connected = False
         self.ended = False
         self.silent = False  # refused by the worker itself: the main process never heard of it
+
+    def mean_level(self, idx: int, now_ms: int) -> int:
+        """The mean of stream ``idx``'s level readings since the last report and ``now_ms``;
+        starts the next period."""
+        total, n = self.levels.pop(idx, (0, 0))
+        return round((total + now_ms) / (n + 1))
 
     def accept(self, n_streams: int) -> None:
         prm = pj.CallOpParam(True)
