@@ -731,9 +731,7 @@ class Conv:
         """A mixed leg (both parties in one stream) goes out as it is, on the agent side with
         silence beside it: a mono mix of the two is the stream itself, never doubled."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(
-            encode_leg_frame(self.cid_b, self.seq, rate, data, b"\0" * len(data), time.monotonic_ns())
-        )
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, data, b"\0" * len(data), time.monotonic_ns()))
 
 
 class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
