@@ -50,7 +50,7 @@ from gateway.policy.rules import END_MEDIA_FAILURE
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
 from gateway.store import SqliteStore, Store
-from gateway.wiring import DomainSipHooks, attach_planes
+from gateway.wiring import DomainSipHooks, attach_planes, publish_quality
 
 log = logging.getLogger(__name__)
 WEB_DIR = PACKAGE_DIR / "web"
@@ -227,6 +227,7 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
             await ws.close(code=1001, message=b"gateway shutting down")
 
     app.on_shutdown.append(close_event_streams)
+    quality = asyncio.create_task(publish_quality(app)) if SIP in app else None
     if SHARED in app:
         runtime = app[RUNTIME]
 
@@ -237,6 +238,9 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
         # events published while this instance can not hear them would be missed silently
         app[SHARED].on_lost(lambda: runtime.background.spawn(close_for_lost_state()))
     yield
+    if quality is not None:
+        quality.cancel()
+        await asyncio.gather(quality, return_exceptions=True)
     await app[PLANES].close_listeners()
     # The planes' reactions still running are cancelled while the planes still exist.
     await app[RUNTIME].background.cancel_all()

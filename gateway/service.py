@@ -701,6 +701,34 @@ class MonitoringService:
             )
         )
 
+    def voice_monitors(self) -> list[Monitor]:
+        """The active monitors holding voice (the quality of each is measured once a second)."""
+        return [
+            m
+            for c in self.store.conversations()
+            if not c.ended and c.session_active("voice")
+            for m in self.store.monitors_of(c.id)
+            if m.has_voice
+        ]
+
+    def monitor_view(self, principal: Principal, mid: str) -> dict[str, Any]:
+        """``GET /v1/monitors/{mid}``: the caller's monitor and its voice's last quality figures."""
+        monitor = self.monitor_of(principal, mid)
+        quality = self._planes.quality.get(mid) if monitor.has_voice else None
+        return {**monitor_json(monitor), "quality": quality}
+
+    def publish_quality(self, monitor: Monitor, quality: dict[str, Any]) -> None:
+        """A voice monitor's quality figures (about once a second), for its own supervisor."""
+        conversation = self.store.get_conversation(monitor.conversation)
+        self.bus.publish(
+            DomainEvent(
+                EventType.MONITOR_QUALITY,
+                monitor.conversation,
+                conversation.team if conversation is not None else None,
+                {"monitor": monitor.id, "supervisor": monitor.supervisor, "quality": quality},
+            )
+        )
+
     def inbound_rtp_dropped(self, monitor: Monitor, total: int) -> None:
         """The answer is sendonly, so a browser should send nothing: the first packet it sends
         anyway (dropped) is audited."""

@@ -233,6 +233,31 @@ class MonitorOut(MonitorBrief):
     end_reason: str | None
 
 
+class LegQualityOut(BaseModel):
+    """One leg's reception in the last second, as the SIP worker holding it measured it."""
+
+    loss_pct: float = Field(description="RTP packets lost (sequence gaps), % of those expected")
+    jitter_ms: float = Field(description="RFC 3550 interarrival jitter")
+    packets: int = Field(description="RTP packets received")
+
+
+class QualityOut(BaseModel):
+    """How good the voice the supervisor hears is (about once a second; docs/DESIGN.md, Quality)."""
+
+    added_latency_ms: float | None = Field(
+        description="latency the gateway adds from a leg's RTP in to the monitor's audio out; "
+        "null until measured (a WebRTC listener's first second)"
+    )
+    legs: dict[Leg, LegQualityOut] = Field(description="per leg: agent and customer, or mixed for one mixed stream")
+    updated_at: str = Field(description="when it was measured, ISO 8601 UTC")
+
+
+class MonitorStateOut(MonitorOut):
+    """One monitor, with the quality of its voice."""
+
+    quality: QualityOut | None = Field(description="null: no voice, or nothing measured yet")
+
+
 class SessionsOut(BaseModel):
     chat: bool
     voice: bool

@@ -196,7 +196,12 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
         ),
     },
     "/v1/monitors/{mid}": {
-        "get": Operation("One of the caller's monitors", ("supervisor",), {200: _MONITOR}, (*_AUTH, E.NOT_FOUND)),
+        "get": Operation(
+            "One of the caller's monitors, with its voice's quality",
+            ("supervisor",),
+            {200: Answer("the monitor", models.MonitorStateOut)},
+            (*_AUTH, E.NOT_FOUND),
+        ),
         "delete": Operation(
             "Leave (R12)", ("supervisor",), {204: Answer("left", media_type="")}, (*_AUTH, E.NOT_FOUND)
         ),
@@ -287,7 +292,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
     },
     "/v1/events": {
         "get": Operation(
-            "Websocket: conversation_updated, monitor_started, monitor_updated, monitor_ended, levels; "
+            "Websocket: conversation_updated, monitor_started, monitor_updated, monitor_ended, levels, monitor_quality; "
             "platform tokens also voice_fork_requested, voice_fork_released",
             ("supervisor", "platform"),
             {101: _UPGRADED},

@@ -172,7 +172,7 @@ async def forget_phone(request: web.Request) -> web.Response:
 @routes.get("/v1/monitors/{mid}")
 async def get_monitor(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
-    return _json(monitor_json(request.app[SERVICE].monitor_of(principal, request.match_info["mid"])))
+    return _json(request.app[SERVICE].monitor_view(principal, request.match_info["mid"]))
 
 
 @routes.delete("/v1/monitors/{mid}")
