@@ -4,7 +4,8 @@ sipp carries 600 Hz (agent) and 1000 Hz (customer) into the gateway; a real pjsu
 (devtools/sip_phone.py, sending a 1500 Hz tone of its own) plays the supervisor's desk phone.
 In headless Chromium, sam picks "my phone", types its SIP address and clicks Monitor: the
 phone rings, answers, and must hear both legs' tones, while the phone's own tone reaches
-neither leg. The address is remembered by the gateway per username: a fresh browser (no local
+neither leg; the panel's quality badge shows the gateway's own figures for that phone path
+(``quality`` of ``GET /v1/monitors/{mid}``, pushed as ``monitor_quality``). The address is remembered by the gateway per username: a fresh browser (no local
 storage) signed in as sam finds it pre-filled; tom, of the same team, does not see it.
 """
 
@@ -122,6 +123,21 @@ async def _console_flow(gw: GatewayClient, phone: Any, uri: str) -> list[Any]:
             assert "dir=2 " in connected, f"the phone's media should be receive-only: {connected}"
             frames = await collect(tap, 2.0)
             tap.close()
+
+            # --- the quality badge: the gateway's own figures for this phone path -----------------
+            badge = sam.locator("[data-testid='quality-badge']")
+            await sam.wait_for_selector("[data-testid='quality-badge'][data-level]:not([data-level=''])", timeout=10000)
+            quality = (await gw.call("GET", f"/v1/monitors/{mid}", await gw.login("sam"))).body["quality"]
+            assert quality and set(quality["legs"]) == {"agent", "customer"}, quality
+            assert await badge.get_attribute("data-level") in ("good", "fair", "poor")
+            await badge.hover()
+            lines = await sam.locator("[data-testid='quality-line']").all_text_contents()
+            assert lines[0].startswith("Added latency: ") and lines[0].endswith(" ms"), lines
+            assert lines[1].startswith("Agent: loss ") and lines[2].startswith("Customer: loss "), lines
+            assert lines[-1].startswith("Measured at "), lines
+            # on loopback with steady sipp legs nothing is lost: the figures say so
+            assert all(leg["loss_pct"] == 0 for leg in quality["legs"].values()), quality
+            assert "loss 0.0 %" in lines[1] and "loss 0.0 %" in lines[2], lines
             assert await sam.evaluate("window.__gum") == 0
             assert await sam.evaluate("document.getElementById('monitor-audio').srcObject") is None
 
