@@ -8,8 +8,13 @@
 # what to set.
 
 # Builder: pjsua2 for this image's Python, built for hundreds of calls per worker from the
-# pjproject in Debian sid's asterisk source package, by the same script as scripts/setup.sh.
+# pjproject in Debian sid's asterisk source package, by the same script as scripts/setup.sh
+# (which installs the rest of its build dependencies; libopus-dev, for Opus legs, is listed
+# here too so the layer is cached with the compiler's libraries).
 FROM python:3.12-slim-bookworm AS pjsua2
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libopus-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY scripts/build-pjsua2.sh scripts/
 COPY scripts/pjsua2 scripts/pjsua2
@@ -24,9 +29,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 RUN useradd --system --create-home --home-dir /home/gateway --uid 10001 gateway \
  && mkdir -p /var/lib/gateway && chown gateway:gateway /var/lib/gateway
 
-# The self-built pjsua2's shared libraries (OpenSSL 3 and libuuid are in the base image).
+# The self-built pjsua2's shared libraries (OpenSSL 3 and libuuid are in the base image;
+# libopus0: Opus legs and phones).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libspeexdsp1 libsrtp2-1 \
+ && apt-get install -y --no-install-recommends libspeexdsp1 libsrtp2-1 libopus0 \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

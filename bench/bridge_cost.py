@@ -1,17 +1,24 @@
-"""Cost of a SIP worker's conference bridge per 20 ms tick as its ports grow.
+"""Cost of a SIP worker's conference bridge per 20 ms tick as its ports grow, per codec.
 
     python bench/bridge_cost.py                          # 0, 16, 64, 128, 256 conversations
     python bench/bridge_cost.py --conversations 32 256 --seconds 5
+    python bench/bridge_cost.py --variants pcmu@8000 pcmu@16000 g722@16000 opus@16000 \
+        --conversations 0 64 128                          # HD voice: codec @ bridge clock rate
 
 Two pjsua2 processes on loopback, configured like a gateway worker (null audio device, no pj
-threads, 8 kHz bridge, PCMU only, no text stream):
+threads, no text stream) with, per variant ``codec@rate``, only that codec enabled (legs and
+phone alike) and the conference bridge at that clock rate (default ``pcmu@16000``, what the
+workers run since HD voice: 16 kHz bridge; ``pcmu@8000`` is the bridge before it). Opus runs
+mono at the bridge's rate, as in the workers:
 
 * the **gateway** side answers every call; a conversation is a SIPREC-shaped call (two audio
   streams: the agent and customer legs) and a phone call (one stream) that the bridge feeds
   with the mix of both legs, as :mod:`gateway.sip.worker` wires them: 3 bridge ports and 2
   connections per conversation;
 * the **platform** side (one process per 150 conversations, pjsua's 512 calls per process)
-  places those calls, sends a tone on every leg and receives the phone's mix.
+  places those calls, sends a tone on every leg (``a=sendonly``: the gateway side answers
+  recvonly, as a worker does) and receives the phone's mix (``a=recvonly``: the gateway side
+  only sends to it, as a worker calls a phone ``a=sendonly``).
 
 Only the gateway process is measured (utime + stime from /proc over ``--seconds``): CPU per
 tick (50 ticks a second), per bridge port, per conversation. That is the bridge and what it
@@ -45,7 +52,9 @@ def say(line: str) -> None:
 # --- both sides: an Endpoint set up like a SIP worker ------------------------------------------
 
 
-def endpoint(pj: Any, sip_port: int, conf_threads: int = 0) -> Any:
+def endpoint(
+    pj: Any, sip_port: int, conf_threads: int = 0, codec: str = "pcmu", clock_rate: int = 8000, opus_complexity: int = 1
+) -> Any:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     ep = pj.Endpoint()
@@ -56,8 +65,8 @@ def endpoint(pj: Any, sip_port: int, conf_threads: int = 0) -> Any:
     cfg.uaConfig.maxCalls = getattr(pj, "MAX_CALLS", 4)
     cfg.logConfig.level = 0
     cfg.logConfig.consoleLevel = 0
-    cfg.medConfig.clockRate = 8000
-    cfg.medConfig.sndClockRate = 8000
+    cfg.medConfig.clockRate = clock_rate
+    cfg.medConfig.sndClockRate = clock_rate
     cfg.medConfig.channelCount = 1
     cfg.medConfig.noVad = True
     cfg.medConfig.ecTailLen = 0
@@ -71,8 +80,17 @@ def endpoint(pj: Any, sip_port: int, conf_threads: int = 0) -> Any:
     ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
     ep.libStart()
     ep.audDevManager().setNullDev()
-    for codec in ep.codecEnum2():
-        ep.codecSetPriority(codec.codecId, 255 if codec.codecId.startswith("PCMU/") else 0)
+    ids = [c.codecId for c in ep.codecEnum2()]
+    if not any(i.lower().startswith(codec + "/") for i in ids):
+        raise SystemExit(f"this pjsua2 has no {codec} codec ({', '.join(ids)}): scripts/setup.sh builds it")
+    for codec_id in ids:
+        ep.codecSetPriority(codec_id, 255 if codec_id.lower().startswith(codec + "/") else 0)
+    if codec == "opus":
+        opus = ep.getCodecOpusConfig()
+        opus.sample_rate = clock_rate
+        opus.channel_cnt = 1
+        opus.complexity = opus_complexity
+        ep.setCodecOpusConfig(opus)
     return ep
 
 
@@ -103,10 +121,12 @@ def pump(ep: Any, stop: list[bool]) -> None:
 # --- the gateway side ----------------------------------------------------------------------
 
 
-def run_gateway(sip_port: int, rtp_port: int, conf_threads: int) -> None:
+def run_gateway(
+    sip_port: int, rtp_port: int, conf_threads: int, codec: str, clock_rate: int, opus_complexity: int
+) -> None:
     import pjsua2 as pj
 
-    ep = endpoint(pj, sip_port, conf_threads)
+    ep = endpoint(pj, sip_port, conf_threads, codec, clock_rate, opus_complexity)
     legs: dict[str, list[Any]] = {}  # conversation → leg medias
     phones: dict[str, Any] = {}  # conversation → phone media
     calls: list[Any] = []
@@ -150,13 +170,15 @@ def run_gateway(sip_port: int, rtp_port: int, conf_threads: int) -> None:
 # --- the platform side ---------------------------------------------------------------------
 
 
-def run_platform(gateway_port: int, sip_port: int, rtp_port: int, first: int, count: int) -> None:
+def run_platform(
+    gateway_port: int, sip_port: int, rtp_port: int, first: int, count: int, codec: str, clock_rate: int
+) -> None:
     import pjsua2 as pj
 
-    ep = endpoint(pj, sip_port)
+    ep = endpoint(pj, sip_port, 0, codec, clock_rate)
     calls: list[Any] = []
     tone = pj.ToneGenerator()
-    tone.createToneGenerator(8000, 1)
+    tone.createToneGenerator(clock_rate, 1)
     desc = pj.ToneDesc()
     desc.freq1, desc.freq2, desc.on_msec, desc.off_msec, desc.volume = 600, 1000, 1000, 0, 0
     tones = pj.ToneDescVector()
@@ -168,7 +190,8 @@ def run_platform(gateway_port: int, sip_port: int, rtp_port: int, first: int, co
         def onCallMediaState(self, prm: Any) -> None:
             info = self.getInfo()
             for m in info.media:
-                if m.type == pj.PJMEDIA_TYPE_AUDIO and m.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+                # one-way media shows as LOCAL_HOLD/REMOTE_HOLD: anything but NONE is up
+                if m.type == pj.PJMEDIA_TYPE_AUDIO and m.status != pj.PJSUA_CALL_MEDIA_NONE:
                     if "-rec@" in info.remoteUri:
                         tone.startTransmit(self.getAudioMedia(m.index))
                     connected.add(f"{info.remoteUri}/{m.index}")
@@ -179,6 +202,12 @@ def run_platform(gateway_port: int, sip_port: int, rtp_port: int, first: int, co
             call = Src(acc)
             prm = pj.CallOpParam(True)
             call_setting(prm.opt, streams)
+            # As in production: the legs only send to the gateway (it answers recvonly) and the
+            # phone only receives (the gateway calls it sendonly), so the measured side decodes
+            # two streams and encodes one per conversation.
+            prm.opt.flag |= pj.PJSUA_CALL_SET_MEDIA_DIR
+            direction = pj.PJMEDIA_DIR_ENCODING if role == "rec" else pj.PJMEDIA_DIR_DECODING
+            prm.opt.mediaDir = pj.IntVector([direction] * streams)
             call.makeCall(f"sip:c{n}-{role}@127.0.0.1:{gateway_port}", prm)
             calls.append(call)
             ep.libHandleEvents(0)
@@ -238,24 +267,68 @@ def main() -> int:
         default=0,
         help="medConfig.confThreads of the measured side (0: the build's default)",
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["pcmu@16000"],
+        help="codec@bridge-rate per run, e.g. pcmu@8000 g722@16000 opus@16000 (codecs: pcmu, pcma, g722, opus)",
+    )
+    p.add_argument(
+        "--opus-complexity", type=int, default=1, help="Opus encoder complexity of the measured side (workers: 1)"
+    )
+    p.add_argument("--codec", default="pcmu", help=argparse.SUPPRESS)
+    p.add_argument("--clock-rate", type=int, default=16000, help=argparse.SUPPRESS)
     p.add_argument("--role", choices=["gateway", "platform"], help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--gateway-port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role == "gateway":
-        run_gateway(args.sip_port, args.rtp_port, args.conf_threads)
+        run_gateway(args.sip_port, args.rtp_port, args.conf_threads, args.codec, args.clock_rate, args.opus_complexity)
         return 0
     if args.role == "platform":
-        run_platform(args.gateway_port, args.sip_port, args.rtp_port, args.first, args.count)
+        run_platform(
+            args.gateway_port, args.sip_port, args.rtp_port, args.first, args.count, args.codec, args.clock_rate
+        )
         return 0
 
     import pjsua2
 
     build = f"pjsua2 {getattr(pjsua2, '__version__', '?')}, {getattr(pjsua2, 'MAX_CALLS', 4)} calls per process"
+    rows = []
+    for variant in args.variants:
+        codec, _, rate = variant.lower().partition("@")
+        rows += run_variant(args, codec, int(rate or 16000))
+
+    threads = f", confThreads={args.conf_threads}" if args.conf_threads else ""
+    if any(v.lower().startswith("opus") for v in args.variants):
+        threads += f", Opus complexity {args.opus_complexity}"
+    print(f"\nConference bridge of one worker-shaped process ({build}{threads}); {args.seconds:.0f} s per row")
+    print(
+        f"{'codec':>6} {'bridge Hz':>9} {'conversations':>13} {'held':>5} {'bridge ports':>12} {'CPU % core':>10} "
+        f"{'ms/tick':>8} {'µs/port/tick':>12} {'above idle':>10} {'% core/conv':>11}"
+    )
+    idle_ms = 0.0
+    for codec, rate, n, held, ports, pct, ms, us in rows:
+        if held == 0:
+            idle_ms = ms  # each variant's first row at 0 conversations is its idle
+        above = f"{1000 * (ms - idle_ms) / (ports - 1):.1f}" if held else "-"
+        per_conv = f"{(ms - idle_ms) * TICKS_PER_SECOND / 10 / held:.3f}" if held else "-"
+        print(
+            f"{codec:>6} {rate:>9} {n:>13} {held:>5} {ports:>12} {pct:>10.1f} {ms:>8.3f} {us:>12.1f} "
+            f"{above:>10} {per_conv:>11}"
+        )
+    return 0
+
+
+def run_variant(
+    args: argparse.Namespace, codec: str, rate: int
+) -> list[tuple[str, int, int, int, int, float, float, float]]:
+    """One gateway-shaped process with ``codec`` and a ``rate`` bridge; one row per size."""
+    shape = ["--codec", codec, "--clock-rate", str(rate)]
     gateway = child(
         "--role", "gateway", "--sip-port", str(args.sip_port), "--rtp-port", str(args.rtp_port),
-        "--conf-threads", str(args.conf_threads),
+        "--conf-threads", str(args.conf_threads), "--opus-complexity", str(args.opus_complexity), *shape,
     )  # fmt: skip
     wait_line(gateway, "READY")
     rows = []
@@ -267,7 +340,7 @@ def main() -> int:
                 argv = [
                     "--role", "platform", "--gateway-port", str(args.sip_port), "--first", str(first),
                     "--count", str(count), "--sip-port", str(args.sip_port + 1 + i),
-                    "--rtp-port", str(args.rtp_port + 2400 * (1 + i)),
+                    "--rtp-port", str(args.rtp_port + 2400 * (1 + i)), *shape,
                 ]  # fmt: skip
                 platforms.append(child(*argv))
             held = sum(int(wait_line(pl, "CONNECTED").split()[1]) for pl in platforms)
@@ -277,24 +350,13 @@ def main() -> int:
             cpu, wall = cpu_seconds(gateway.pid) - c0, time.monotonic() - t0
             ports = 1 + 3 * held  # the master port and three streams per conversation
             per_tick_ms = 1000 * cpu / (wall * TICKS_PER_SECOND)
-            rows.append((n, held, ports, 100 * cpu / wall, per_tick_ms, 1000 * per_tick_ms / ports))
+            rows.append((codec, rate, n, held, ports, 100 * cpu / wall, per_tick_ms, 1000 * per_tick_ms / ports))
             for pl in platforms:
                 stop(pl)
             time.sleep(2.0)  # the gateway side sees the BYEs
     finally:
         stop(gateway)
-
-    threads = f", confThreads={args.conf_threads}" if args.conf_threads else ""
-    print(f"\nConference bridge of one worker-shaped process ({build}{threads}); {args.seconds:.0f} s per row")
-    idle_ms = rows[0][4] if rows and rows[0][1] == 0 else 0.0
-    print(
-        f"{'conversations':>13} {'held':>5} {'bridge ports':>12} {'CPU % core':>10} {'ms/tick':>8} "
-        f"{'µs/port/tick':>12} {'above idle':>10}"
-    )
-    for n, held, ports, pct, ms, us in rows:
-        above = f"{1000 * (ms - idle_ms) / (ports - 1):.1f}" if held else "-"
-        print(f"{n:>13} {held:>5} {ports:>12} {pct:>10.1f} {ms:>8.3f} {us:>12.1f} {above:>10}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

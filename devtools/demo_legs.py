@@ -4,7 +4,8 @@
 the way a contact-centre platform would: a SIPREC recording client sends one call per
 conversation to the gateway's SIP front (``settings.sip_host:settings.sip_port``), the agent
 stream playing ``fixtures/audio/agent_speech.wav`` and the customer stream
-``customer_speech.wav``, each in a loop.
+``customer_speech.wav``, each in a loop. ``DEMO_SIP_TARGET=host:port`` sends them elsewhere
+(the local cluster, ``devtools/cluster.py``: to Kamailio, the cluster's SIP address).
 
 The client is ``python -m devtools.siprec_source`` (pjsua2 lives only in child processes: a
 per-process singleton capped at 4 calls, and a C assert kills the whole process), one per
@@ -96,6 +97,11 @@ class DemoLegs:
         self.wanted: set[str] = set()
         self._index_of: dict[str, int] = {}
 
+    @property
+    def target(self) -> str:
+        """Where the legs go: the gateway's SIP front, or ``DEMO_SIP_TARGET`` (a cluster's address)."""
+        return os.environ.get("DEMO_SIP_TARGET") or f"{self.settings.sip_host}:{self.settings.sip_port}"
+
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Start one supervised source process per group of up to 4 conversations. Never raises."""
@@ -119,12 +125,7 @@ class DemoLegs:
                     asyncio.create_task(self._supervise(i // PER_PROCESS, group), name=f"demo-legs-{i // PER_PROCESS}")
                 )
             if convs:
-                log.info(
-                    "demo voice: SIPREC legs for %s -> %s:%d",
-                    ", ".join(c for c, _ in convs),
-                    self.settings.sip_host,
-                    self.settings.sip_port,
-                )
+                log.info("demo voice: SIPREC legs for %s -> %s", ", ".join(c for c, _ in convs), self.target)
         except Exception:
             log.exception("demo voice: could not start")
 
@@ -222,7 +223,7 @@ class DemoLegs:
         s = self.settings
         port = self._port_block()
         args = [
-            sys.executable, "-m", "devtools.siprec_source", "--front", f"{s.sip_host}:{s.sip_port}", "--host", s.sip_host,
+            sys.executable, "-m", "devtools.siprec_source", "--front", self.target, "--host", s.sip_host,
             "--port", str(port), "--agent-wav", str(self.agent_wav), "--customer-wav", str(self.customer_wav),
             "--redial", str(REDIAL_SECONDS), "--probe", str(PROBE_SECONDS), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip

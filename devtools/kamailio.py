@@ -10,6 +10,8 @@ loopback port in front of some gateway instances, for tests and the local cluste
         k.destination_for("conv-1") # the instance a new INVITE with X-Conversation-ID conv-1 goes to
         k.wait_state("sip:127.0.0.1:5071", "I")   # until the probes took it out
 
+    start_kamailio(tmp_dir, destinations=[...], tls_cert=cert_pem, tls_key=key_pem)  # + k.tls_port
+
 It runs the repository's configuration itself (not a copy), parametrised by the
 ``KAMAILIO_*`` environment variables that the configuration documents, in the foreground
 (``-DD -E``) as a child process; its log goes to ``<dir>/kamailio.log``. A missing
@@ -33,6 +35,8 @@ from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "kamailio" / "kamailio.cfg"
 INSTALL_HINT = "kamailio is not installed: apt-get install -y kamailio (or scripts/setup.sh test)"
+TLS_HINT = "Kamailio's tls module is not installed: apt-get install -y kamailio-tls-modules (or scripts/setup.sh test)"
+MODULES = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules")
 #: The dispatcher set of the gateway instances in kamailio.cfg.
 GATEWAYS_SET = 1
 
@@ -42,6 +46,13 @@ def _tool(name: str) -> str:
     if path is None:
         raise RuntimeError(INSTALL_HINT)
     return path
+
+
+def _has_module(name: str) -> bool:
+    """Whether Kamailio's module ``name`` is installed (Debian ships some in other packages)."""
+    info = subprocess.run([_tool("kamailio"), "-I"], capture_output=True, text=True, timeout=10, check=False).stdout
+    match = re.search(r"Default paths to modules:\s*(\S+)", info)
+    return any((Path(d) / f"{name}.so").is_file() for d in (match.group(1) if match else str(MODULES)).split(":"))
 
 
 def _port_free(port: int) -> bool:
@@ -85,6 +96,10 @@ class KamailioServer:
     pike_density: int = 10000
     children: int = 2
     log_level: int = 0
+    #: SIP over TLS for platforms: certificate (chain) and key, PEM; ``tls_port`` is then a free port.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -111,10 +126,22 @@ class KamailioServer:
             "KAMAILIO_CHILDREN": str(self.children),
             "KAMAILIO_LOG_LEVEL": str(self.log_level),
             "KAMAILIO_CTL": self.ctl,
-        }
+        } | (
+            {
+                "KAMAILIO_TLS_PORT": str(self.tls_port),
+                "KAMAILIO_TLS_CERT": str(self.tls_cert),
+                "KAMAILIO_TLS_KEY": str(self.tls_key),
+            }
+            if self.tls_port
+            else {}
+        )
 
     def start(self, timeout: float = 10.0) -> None:
         binary = _tool("kamailio")
+        if self.tls_cert is not None:
+            if not _has_module("tls"):
+                raise RuntimeError(TLS_HINT)
+            self.tls_port = self.tls_port or free_sip_port()
         self.directory.mkdir(parents=True, exist_ok=True)
         write_dispatcher_list(self.directory / "dispatcher.list", self.destinations)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KAMAILIO_")}
@@ -223,8 +250,11 @@ def start_kamailio(
     fr_timer_ms: int = 1500,
     pike_density: int = 10000,
     log_level: int = 0,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> Iterator[KamailioServer]:
-    """Kamailio on 127.0.0.1 (``port``, or a free one), dispatching to ``destinations``."""
+    """Kamailio on 127.0.0.1 (``port``, or a free one), dispatching to ``destinations``; with
+    ``tls_cert`` and ``tls_key`` also SIP over TLS on ``k.tls_port``."""
     server = KamailioServer(
         directory,
         list(destinations),
@@ -232,6 +262,8 @@ def start_kamailio(
         fr_timer_ms=fr_timer_ms,
         pike_density=pike_density,
         log_level=log_level,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     if port:
         server.port = port

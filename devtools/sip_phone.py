@@ -5,8 +5,10 @@
 
 It prints one line per event on stdout (``READY``, ``INCOMING <from>``,
 ``CONNECTED dir=<n> status=<n> remote=<the caller's RTP host:port>``, ``DISCONNECTED <code>``)
-so scripts and tests can follow it. The recording is a 8 kHz mono WAV
-(a second call in the same run records to ``out-2.wav`` and so on). ``--tone`` sends a sine
+so scripts and tests can follow it. The recording is a mono WAV at the phone's clock rate:
+8 kHz, or 16 kHz when ``--codecs`` puts a wideband codec first (``--codecs G722,PCMU``: a
+wideband desk phone; default ``PCMU,PCMA``; ``opus`` works too). ``CONNECTED`` names the
+codec the call got (``codec=G722``). A second call in the same run records to ``out-2.wav`` and so on. ``--tone`` sends a sine
 tone toward the caller: the gateway must drop it (a silent monitor is receive-only).
 ``--tls-port`` adds a SIP-over-TLS listener (call it as ``sips:supervisor@host:tls-port`` or
 ``sip:...;transport=tls``); ``--srtp mandatory`` accepts only SRTP (SDES) calls (``CONNECTED``
@@ -28,6 +30,27 @@ from typing import Any
 import pjsua2 as pj
 
 from devtools import pj_secure
+
+WIDEBAND = ("G722", "OPUS")
+
+
+def clock_rate(codecs: str) -> int:
+    """16 kHz when the first of ``codecs`` is wideband (G722, opus), else 8 kHz."""
+    return 16000 if codecs.split(",")[0].strip().upper() in WIDEBAND else 8000
+
+
+def set_codecs(pj: Any, ep: Any, codecs: str) -> None:
+    """Enable ``codecs`` (comma-separated names, first preferred), disable every other; Opus
+    runs mono at the clock rate."""
+    names = [c.strip().lower() for c in codecs.split(",") if c.strip()]
+    for c in ep.codecEnum2():
+        name = c.codecId.split("/", 1)[0].lower()
+        ep.codecSetPriority(c.codecId, 255 - names.index(name) if name in names else 0)
+    if "opus" in names:
+        cfg = ep.getCodecOpusConfig()
+        cfg.sample_rate = clock_rate(codecs)
+        cfg.channel_cnt = 1
+        ep.setCodecOpusConfig(cfg)
 
 
 def say(line: str) -> None:
@@ -54,8 +77,8 @@ class Phone:
         cfg.uaConfig.maxCalls = 4
         cfg.logConfig.level = a.log_level
         cfg.logConfig.consoleLevel = a.log_level
-        cfg.medConfig.clockRate = 8000
-        cfg.medConfig.sndClockRate = 8000
+        cfg.medConfig.clockRate = clock_rate(a.codecs)
+        cfg.medConfig.sndClockRate = cfg.medConfig.clockRate
         cfg.medConfig.channelCount = 1
         cfg.medConfig.noVad = True
         cfg.medConfig.ecTailLen = 0
@@ -69,8 +92,7 @@ class Phone:
             pj_secure.create_tls_transport(pj, self.ep, a.host, a)
         self.ep.libStart()
         self.ep.audDevManager().setNullDev()
-        for c in self.ep.codecEnum2():
-            self.ep.codecSetPriority(c.codecId, 255 if c.codecId.startswith(("PCMU/", "PCMA/")) else 0)
+        set_codecs(pj, self.ep, a.codecs)
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:supervisor@{a.host}:{a.port}"
         acfg.mediaConfig.transportConfig.port = a.rtp_port
@@ -169,7 +191,7 @@ class PhoneCall(pj.Call):
                 ph.keep.append(rec)
             if ph.args.tone:
                 tg = pj.ToneGenerator()
-                tg.createToneGenerator(8000, 1)
+                tg.createToneGenerator(clock_rate(ph.args.codecs), 1)
                 td = pj.ToneDesc()
                 td.freq1 = ph.args.tone
                 td.freq2 = 0
@@ -185,7 +207,8 @@ class PhoneCall(pj.Call):
             # The caller's media address as its SDP gave it (the gateway's RTP port for this call).
             remote = self.getStreamInfo(mi.index).remoteRtpAddress
             srtp = int(self.srtp)
-            say(f"CONNECTED dir={mi.dir} status={mi.status} remote={remote} srtp={srtp}")
+            codec = self.getStreamInfo(mi.index).codecName
+            say(f"CONNECTED dir={mi.dir} status={mi.status} remote={remote} srtp={srtp} codec={codec}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hangup-after", type=float, default=0.0, help="hang up N seconds after media starts")
     p.add_argument("--reject", type=int, default=0, help="answer calls with this status instead of 200")
     p.add_argument("--once", action="store_true", help="exit after the first call ends")
+    p.add_argument("--codecs", default="PCMU,PCMA", help="codecs, first preferred (G722, opus, PCMU, PCMA)")
     p.add_argument("--log-level", type=int, default=1)
     pj_secure.add_arguments(p)
     args = p.parse_args(argv)

@@ -6,6 +6,9 @@
         [--duration 0] [--redial 1] [--swap] [--cid-header] [--record-prefix out]
         [--tls-port 5201 --tls-ca ca.pem] [--srtp mandatory]
 
+``--codecs G722`` (or ``opus``, or a list, first preferred) offers wideband legs; the
+process's clock is then 16 kHz, so 16 kHz WAVs keep what is above 4 kHz.
+
 One SIPREC call per conversation (``multipart/mixed``: SDP with two ``a=sendonly`` audio
 m-lines labelled 1 and 2, plus ``rs-metadata+xml`` naming the agent as a participant), so one
 process carries up to 4 conversations (pjsua2's per-process call cap). Each stream plays its
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
     ap.add_argument("--cid", help="one conversation (with --agent); the older spelling of --conv")
     ap.add_argument("--agent", help="agent username of --cid")
     ap.add_argument("--cid-header", action="store_true", help="send the conversation id as X-Conversation-ID only")
+    ap.add_argument("--codecs", default="PCMU", help="codecs to offer, first preferred (PCMU, PCMA, G722, opus)")
     ap.add_argument("--agent-wav", required=True)
     ap.add_argument("--customer-wav", required=True)
     ap.add_argument("--duration", type=float, default=0.0, help="hang up S seconds after media is up (0: never)")
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
 
     import pjsua2 as pj
 
+    from devtools.sip_phone import clock_rate, set_codecs  # imports pjsua2 too
+
     stop = {"now": False}
 
     def on_signal(*_: Any) -> None:
@@ -177,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
     cfg.uaConfig.maxCalls = MAX_CONVERSATIONS
     cfg.logConfig.level = a.log_level
     cfg.logConfig.consoleLevel = a.log_level
-    cfg.medConfig.clockRate = 8000
-    cfg.medConfig.sndClockRate = 8000
+    cfg.medConfig.clockRate = clock_rate(a.codecs)
+    cfg.medConfig.sndClockRate = cfg.medConfig.clockRate
     cfg.medConfig.noVad = True
     cfg.medConfig.ecTailLen = 0
     ep.libInit(cfg)
@@ -190,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in a 
         pj_secure.create_tls_transport(pj, ep, a.host, a)
     ep.libStart()
     ep.audDevManager().setNullDev()
-    for c in ep.codecEnum2():
-        ep.codecSetPriority(c.codecId, 255 if c.codecId.startswith("PCMU/") else 0)
+    set_codecs(pj, ep, a.codecs)
     acfg = pj.AccountConfig()
     acfg.idUri = f"sip:src@{a.host}:{a.port}"
     acfg.mediaConfig.transportConfig.port = a.port + 2

@@ -52,7 +52,7 @@ from gateway.policy.rules import END_MEDIA_FAILURE
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
 from gateway.store import SqliteStore, Store
-from gateway.wiring import ClusterMediaOwners, DomainSipHooks, attach_planes, media_wanted
+from gateway.wiring import ClusterMediaOwners, DomainSipHooks, attach_planes, media_wanted, publish_quality
 
 log = logging.getLogger(__name__)
 WEB_DIR = PACKAGE_DIR / "web"
@@ -244,6 +244,7 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
             await ws.close(code=1001, message=b"gateway shutting down")
 
     app.on_shutdown.append(close_event_streams)
+    quality = asyncio.create_task(publish_quality(app)) if SIP in app else None
     if SHARED in app:
         runtime = app[RUNTIME]
 
@@ -266,6 +267,9 @@ async def wiring_ctx(app: web.Application) -> AsyncIterator[None]:
         cluster.on_orphaned = lambda cid: service.legs_lost(cid, END_MEDIA_FAILURE)
         await cluster.start()
     yield
+    if quality is not None:
+        quality.cancel()
+        await asyncio.gather(quality, return_exceptions=True)
     await app[PLANES].close_listeners()
     # The planes' reactions still running are cancelled while the planes still exist.
     await app[RUNTIME].background.cancel_all()

@@ -144,6 +144,8 @@ class EventType(str, Enum):
     #: stop forking (only platform tokens of that client get them, ``gateway.fork``).
     VOICE_FORK_REQUESTED = "voice_fork_requested"
     VOICE_FORK_RELEASED = "voice_fork_released"
+    #: Quality of a monitor's voice, about once a second (only its own supervisor gets it).
+    MONITOR_QUALITY = "monitor_quality"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,29 @@ class Metrics:
         self.plane_stats = Gauge(
             "gateway_plane_stat", "Counters reported by the media planes", ["plane", "stat"], registry=r
         )
+        # Voice quality, one observation per voice monitor (loss, jitter: per leg) per second;
+        # labelled only by the listener's path, never by conversation (gateway.quality).
+        self.voice_added_latency = Histogram(
+            "gateway_voice_added_latency_seconds",
+            "Latency the gateway adds from a leg's RTP in to the monitor's audio out",
+            ["path"],
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
+            registry=r,
+        )
+        self.voice_leg_loss = Histogram(
+            "gateway_voice_leg_loss_ratio",
+            "Share of a monitored leg's RTP packets lost, per second",
+            ["path"],
+            buckets=(0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
+        self.voice_leg_jitter = Histogram(
+            "gateway_voice_leg_jitter_seconds",
+            "RFC 3550 interarrival jitter of a monitored leg",
+            ["path"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32),
+            registry=r,
+        )
         self._collectors: list[Callable[[], None]] = []
 
     def on_scrape(self, collect: Callable[[], None]) -> None:

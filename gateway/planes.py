@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from gateway.errors import ErrorCode, GatewayError
 from gateway.policy import rules
+from gateway.quality import IngressQuality, Measured, QualityBoard
 from gateway.runtime import BackgroundTasks
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ class SipPlane(Protocol):
     def forward_frames(self, cid: str, path: str, on: bool) -> None: ...
 
     def conversations(self) -> set[str]: ...
+    def wideband(self, cid: str) -> bool: ...
+
+    def leg_quality(self, cid: str) -> IngressQuality | None: ...
+
+    def phone_conversation(self, monitor_id: str) -> str | None: ...
 
 
 class WebRtcPlane(Protocol):
@@ -104,6 +110,14 @@ class Listener(Protocol):
     def on_closed(self, callback: Callable[[str], Any]) -> None: ...
 
 
+@runtime_checkable
+class MeasuredListener(Protocol):
+    """A listener that measures its transit (``WhepSession``, ``RemoteListener``): seconds from
+    the SIP worker's bridge tick to the send, summed over how many frames (both only grow)."""
+
+    def transit(self) -> tuple[float, int]: ...
+
+
 #: WebRTC listeners by monitor id, then by session id.
 Listeners = dict[str, dict[str, Listener]]
 
@@ -126,6 +140,8 @@ class Planes:
         self._phone_busy_retries = phone_busy_retries
         #: conversation -> the monitor whose phone is called once the conversation's first leg connects.
         self._pending_phones: dict[str, str] = {}
+        #: each voice monitor's quality figures (gateway.quality), measured once a second
+        self.quality = QualityBoard()
 
     @property
     def sip(self) -> SipPlane | None:
@@ -196,6 +212,27 @@ class Planes:
     def take_listener(self, mid: str, session_id: str) -> Listener | None:
         """The listener ``session_id`` of monitor ``mid``, no longer tracked (the caller closes it)."""
         return self.listeners.get(mid, {}).pop(session_id, None)
+
+    def measure_quality(self, mid: str, cid: str) -> Measured | None:
+        """This second's quality of monitor ``mid``'s voice, if it is heard through this process
+        (a WebRTC listener, or a phone of the SIP plane) and its legs were measured; else its
+        figures are forgotten and ``None``."""
+        sip = self.sip
+        ingress = sip.leg_quality(cid) if sip is not None else None
+        transit: tuple[float, int] | None = None
+        sessions = self.listeners.get(mid)
+        if sessions:
+            session = next(reversed(sessions.values()))  # the newest replaces the others
+            transit = session.transit() if isinstance(session, MeasuredListener) else None
+            path: Literal["sip", "webrtc"] | None = "webrtc"
+        elif sip is not None and sip.phone_conversation(mid) == cid:
+            path = "sip"
+        else:
+            path = None
+        if ingress is None or path is None:
+            self.quality.forget(mid)
+            return None
+        return self.quality.measure(mid, ingress, path, transit)
 
     async def close_listeners(self) -> None:
         """Close every WebRTC listener (at shutdown)."""

@@ -432,9 +432,29 @@ class MonitoringService:
                 visibility="agent",
             )
         )
+        if voice is not None and voice.get("kind") == VoiceKind.SIP.value:
+            # the phone the supervisor just chose is the one the console offers next time
+            self.remember_phone(principal, voice.get("uri"))
         if monitor.voice_kind is VoiceKind.SIP:
             await self._call_phone(monitor.id)
         return monitor
+
+    # ------------------------------------------------------------------ per-user preferences
+
+    def me(self, principal: Principal) -> dict[str, Any]:
+        """``GET /v1/me``: the caller and what is remembered for its username."""
+        return {
+            "username": principal.username,
+            "teams": sorted(principal.teams),
+            "phone_uri": self.store.phone_uri(principal.username),
+        }
+
+    def remember_phone(self, principal: Principal, uri: str | None) -> None:
+        """Remember (``None``: forget) the SIP phone this supervisor listens on."""
+        if self.store.phone_uri(principal.username) == uri:
+            return
+        self.store.put_phone_uri(principal.username, uri)
+        self.audit.record("phone_remembered" if uri else "phone_forgotten", actor=principal.username)
 
     async def _open_monitor(self, principal: Principal, cid: str, voice: dict[str, Any] | None) -> Monitor:
         # Checked first, spent only when a monitor opens: a refused attempt costs the supervisor
@@ -690,6 +710,34 @@ class MonitoringService:
                     "agent": round(agent_dbfs, 1),
                     "customer": round(customer_dbfs, 1),
                 },
+            )
+        )
+
+    def voice_monitors(self) -> list[Monitor]:
+        """The active monitors holding voice (the quality of each is measured once a second)."""
+        return [
+            m
+            for c in self.store.conversations()
+            if not c.ended and c.session_active("voice")
+            for m in self.store.monitors_of(c.id)
+            if m.has_voice
+        ]
+
+    def monitor_view(self, principal: Principal, mid: str) -> dict[str, Any]:
+        """``GET /v1/monitors/{mid}``: the caller's monitor and its voice's last quality figures."""
+        monitor = self.monitor_of(principal, mid)
+        quality = self._planes.quality.get(mid) if monitor.has_voice else None
+        return {**monitor_json(monitor), "quality": quality}
+
+    def publish_quality(self, monitor: Monitor, quality: dict[str, Any]) -> None:
+        """A voice monitor's quality figures (about once a second), for its own supervisor."""
+        conversation = self.store.get_conversation(monitor.conversation)
+        self.bus.publish(
+            DomainEvent(
+                EventType.MONITOR_QUALITY,
+                monitor.conversation,
+                conversation.team if conversation is not None else None,
+                {"monitor": monitor.id, "supervisor": monitor.supervisor, "quality": quality},
             )
         )
 

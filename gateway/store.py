@@ -39,6 +39,14 @@ class Store(Protocol):
     async def claim_voice(self, cid: str, monitor: Monitor) -> bool: ...
     def release_voice(self, cid: str, mid: str) -> None: ...
     def forget_conversation(self, cid: str) -> None: ...
+    def phone_uri(self, username: str) -> str | None:
+        """The SIP URI a supervisor last chose to listen on (``None``: none remembered)."""
+        ...
+
+    def put_phone_uri(self, username: str, uri: str | None) -> None:
+        """Remember (``None``: forget) a supervisor's phone URI, per username."""
+        ...
+
     async def flush(self) -> None:
         """Wait until every change made so far is where every instance sees it (a shared
         store; in-process stores have nothing to wait for)."""
@@ -59,6 +67,8 @@ class MemoryStore:
         self._voice: dict[str, str] = {}
         #: recording key (lower-case) → conversation id; the latest conversation to name a key owns it
         self._recording_keys: dict[str, str] = {}
+        #: username → the SIP URI of the phone it listens on (a preference: kept for good)
+        self._phones: dict[str, str] = {}
 
     def get_conversation(self, cid: str) -> Conversation | None:
         return self._conversations.get(cid)
@@ -110,6 +120,15 @@ class MemoryStore:
         if self._voice.get(cid) == mid:
             del self._voice[cid]
 
+    def phone_uri(self, username: str) -> str | None:
+        return self._phones.get(username)
+
+    def put_phone_uri(self, username: str, uri: str | None) -> None:
+        if uri is None:
+            self._phones.pop(username, None)
+        else:
+            self._phones[username] = uri
+
     async def flush(self) -> None:
         return None
 
@@ -145,6 +164,7 @@ class SqliteStore(MemoryStore):
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS monitors (id TEXT PRIMARY KEY, conversation TEXT NOT NULL, data TEXT NOT NULL)"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS phones (username TEXT PRIMARY KEY, uri TEXT NOT NULL)")
         self._load()
 
     def _load(self) -> None:
@@ -161,6 +181,8 @@ class SqliteStore(MemoryStore):
             super().put_monitor(monitor)
             if monitor.active and "voice" in monitor.channels:
                 self._claim_voice(monitor.conversation, monitor)
+        for username, uri in self._db.execute("SELECT username, uri FROM phones"):
+            super().put_phone_uri(username, uri)
 
     def put_conversation(self, conversation: Conversation) -> None:
         super().put_conversation(conversation)
@@ -175,6 +197,13 @@ class SqliteStore(MemoryStore):
             "INSERT OR REPLACE INTO monitors (id, conversation, data) VALUES (?, ?, ?)",
             (monitor.id, monitor.conversation, json.dumps(plain(monitor))),
         )
+
+    def put_phone_uri(self, username: str, uri: str | None) -> None:
+        super().put_phone_uri(username, uri)
+        if uri is None:
+            self._db.execute("DELETE FROM phones WHERE username = ?", (username,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO phones (username, uri) VALUES (?, ?)", (username, uri))
 
     def forget_conversation(self, cid: str) -> None:
         super().forget_conversation(cid)

@@ -6,6 +6,7 @@ plane ends streams, the SIP plane hangs up phones and the WebRTC plane closes li
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import cast
@@ -14,6 +15,8 @@ from aiohttp import web
 
 from gateway.api.context import BUS, CHAT, JWKS, MEDIA, METRICS, PLANES, RUNTIME, SERVICE, SIP
 from gateway.domain import DomainEvent, EventType, Leg
+from gateway.metrics import Metrics
+from gateway.planes import Planes
 from gateway.policy import rules
 from gateway.runtime import Runtime
 from gateway.service import MonitoringService
@@ -77,6 +80,40 @@ def attach_planes(app: web.Application) -> None:
                 metrics.plane_stats.labels(plane="webrtc", stat=name).set(value)
 
     metrics.on_scrape(collect)
+
+
+#: How often each voice monitor's quality is measured, observed and sent to its supervisor.
+QUALITY_INTERVAL = 1.0
+
+
+async def publish_quality(app: web.Application) -> None:
+    """Once a second (the workers report their legs as often): the quality of every voice
+    monitor heard through this process goes to its supervisor (``monitor_quality``) and into
+    the histograms; ``GET /v1/monitors/{mid}`` answers the last figures."""
+    while True:
+        await asyncio.sleep(QUALITY_INTERVAL)
+        try:
+            quality_round(app[SERVICE], app[PLANES], app[METRICS])
+        except Exception:  # a bug here must not end the measurements for good
+            log.exception("measuring the voice quality failed")
+
+
+def quality_round(service: MonitoringService, planes: Planes, metrics: Metrics) -> None:
+    """One measurement of every voice monitor (see :func:`publish_quality`)."""
+    monitors = service.voice_monitors()
+    planes.quality.retain({m.id for m in monitors})
+    for monitor in monitors:
+        measured = planes.measure_quality(monitor.id, monitor.conversation)
+        if measured is None or measured.path is None:
+            continue
+        service.publish_quality(monitor, measured.to_json())
+        path = measured.path
+        if measured.added_ms is not None:
+            metrics.voice_added_latency.labels(path=path).observe(measured.added_ms / 1000)
+        for report in measured.legs.values():
+            if report.packets + report.lost:
+                metrics.voice_leg_loss.labels(path=path).observe(report.loss_ratio)
+                metrics.voice_leg_jitter.labels(path=path).observe(report.jitter_ms / 1000)
 
 
 class DomainSipHooks:

@@ -3,8 +3,9 @@
 # carries, once, and cache it as a wheel named like the PyPI distribution (pjsua2-python), so
 # pip replaces the PyPI wheel (4 calls per process) with this build (scripts/pjsua2/config_site.h).
 #   scripts/build-pjsua2.sh [PYTHON]     # default python3; the wheel's path is the last stdout line
-# Cache: ${GATEWAY_PJSUA2_CACHE:-~/.cache/gw-pjsua2}/<pjproject version>-py<X.Y>/, reused while
-# this script and config_site.h are unchanged; GATEWAY_PJSUA2_REBUILD=1 (or deleting it) takes the
+# Cache: ${GATEWAY_PJSUA2_CACHE:-~/.cache/gw-pjsua2}/<pjproject version>-py<X.Y>-<key>/, reused
+# while this script and config_site.h are unchanged (<key> hashes both, so checkouts that differ
+# keep their own builds side by side); GATEWAY_PJSUA2_REBUILD=1 (or deleting it) takes the
 # release sid serves now. The source tarball is kept in <cache>/sources/ for offline rebuilds.
 # Downloads only from the Debian mirror (GATEWAY_PJSUA2_MIRROR, default deb.debian.org) and PyPI
 # (setuptools + wheel for the build). Debian (apt) only; run as root or with sudo. ~4 minutes on
@@ -27,7 +28,7 @@ key="$(cat "$0" "$config_site" | sha256sum | cut -c1-16)"
 
 cached_wheel() {
   local dir
-  for dir in $(ls -d "$cache"/*-py"$pyver" 2>/dev/null | sort -V -r); do
+  for dir in $(ls -d "$cache"/*-py"$pyver"-"$key" 2>/dev/null | sort -V -r); do
     if [ "$(cat "$dir/build.key" 2>/dev/null)" = "$key" ] && ls "$dir"/pjsua2_python-*.whl >/dev/null 2>&1; then
       ls "$dir"/pjsua2_python-*.whl | head -1
       return 0
@@ -55,7 +56,8 @@ apt_install() {
 }
 
 command -v apt-get >/dev/null || { log "needs a Debian system (apt-get)"; exit 1; }
-apt_install build-essential pkg-config xz-utils swig libspeex-dev libspeexdsp-dev libsrtp2-dev libssl-dev uuid-dev
+apt_install build-essential pkg-config xz-utils swig libspeex-dev libspeexdsp-dev libsrtp2-dev libssl-dev uuid-dev \
+  libopus-dev
 if ! "$py" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
   apt_install "python$pyver-dev"  # a Debian-built Python; pyenv and the python images carry their headers
 fi
@@ -100,10 +102,10 @@ log "pjproject $version ($(basename "$tarball")), Python $pyver"
 t0=$SECONDS
 cp "$config_site" pjlib/include/pj/config_site.h
 [ -e pjmedia/src/pjmedia-audiodev/bdimad_dev.c ] || : >pjmedia/src/pjmedia-audiodev/bdimad_dev.c
-# G.711 (PCMU/PCMA) and G.722 stay; speex's codec goes (pjsua's default codec, ~4x PCMU's CPU)
-# and with it, in pjmedia's Makefile, its echo canceller (unused: the workers set no echo tail)
-# and the -lspeexdsp that the speex resampler still needs, hence LIBS. Opus is picked up if
-# libopus-dev happens to be installed.
+# G.711 (PCMU/PCMA), G.722 and Opus (Debian's libopus, found by configure) stay: the ingress
+# codecs (HD voice). Speex's codec goes (pjsua's default codec, ~4x PCMU's CPU) and with it, in
+# pjmedia's Makefile, its echo canceller (unused: the workers set no echo tail) and the
+# -lspeexdsp that the speex resampler still needs, hence LIBS.
 ./aconfigure --disable-sound --disable-video --enable-epoll --disable-shared \
   --with-external-speex --enable-speex-resample --with-external-srtp \
   --disable-speex-codec --disable-speex-aec --disable-gsm-codec --disable-ilbc-codec --disable-g7221-codec \
@@ -113,6 +115,8 @@ cp "$config_site" pjlib/include/pj/config_site.h
   --disable-libwebrtc --disable-upnp \
   CFLAGS="-O2 -fPIC" CXXFLAGS="-O2 -fPIC" LIBS="-lspeexdsp" >"$work/configure.log" 2>&1 ||
   { tail -30 "$work/configure.log" >&2; exit 1; }
+# configure leaves Opus out quietly when it does not find libopus; the gateway promises Opus legs.
+grep -q 'OPUS support enabled' "$work/configure.log" || { grep -i opus "$work/configure.log" >&2; log "configure did not find libopus"; exit 1; }
 nice -n 10 make dep >"$work/make-dep.log" 2>&1 || { tail -30 "$work/make-dep.log" >&2; exit 1; }
 nice -n 10 make -j"$jobs" lib >"$work/make-lib.log" 2>&1 || { tail -30 "$work/make-lib.log" >&2; exit 1; }
 t_lib=$((SECONDS - t0))
@@ -175,7 +179,7 @@ echo pjsua2 >"$stage/pjsua2_python-$wheel_version.dist-info/top_level.txt"
 # (stdout carries only pjlib's log; an import error goes to stderr).
 (cd "$stage" && "$work/venv/bin/python" -c 'import pjsua2; ep = pjsua2.Endpoint(); ep.libCreate(); ep.libDestroy()' >/dev/null) ||
   { log "the built module does not load"; exit 1; }
-out="$cache/$version-py$pyver"
+out="$cache/$version-py$pyver-$key"
 rm -rf "$out.tmp" && mkdir -p "$out.tmp"
 "$work/venv/bin/python" -m wheel pack "$stage" -d "$out.tmp" >&2
 echo "$key" >"$out.tmp/build.key"

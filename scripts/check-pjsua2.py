@@ -3,7 +3,8 @@
 One Endpoint configured like a SIP worker (null audio device, no pj threads, PCMU only, no
 text stream) calls itself on loopback from account ``a`` to account ``b``, so every call takes
 two call slots. Each leg is fed silence through the conference bridge; the check passes when
-every leg is CONFIRMED with active media and has received RTP, and all calls hang up cleanly.
+every leg is CONFIRMED with active media and has received RTP, and all calls hang up cleanly,
+and (on the project's own build) the legs' codecs are all there: PCMU, PCMA, G722, opus.
 
     python scripts/check-pjsua2.py [--calls 64] [--sip-port 45060] [--rtp-port 40000]
 
@@ -193,7 +194,15 @@ def main() -> int:
     max_calls = getattr(pj, "MAX_CALLS", None)
     build = f"self-built, MAX_CALLS={max_calls}" if max_calls else "PyPI wheel: 4 calls per process"
     print(f"pjsua2 {ep.libVersion().full} ({pj.__version__}, {build}) from {pj.__file__}")
-    ok = check_calls(ep, args.calls, args.sip_port, args.rtp_port)
+    codecs = sorted(c.codecId.split("/", 1)[0].lower() for c in ep.codecEnum2())
+    print(f"codecs: {', '.join(codecs)}")
+    # HD voice needs G.722 and Opus; the project's build has both (libopus), the PyPI wheel may not.
+    missing = [c for c in ("pcmu", "pcma", "g722", "opus") if c not in codecs] if max_calls else []
+    if missing:
+        print(
+            f"missing codecs for the gateway's legs: {', '.join(missing)} (scripts/build-pjsua2.sh needs libopus-dev)"
+        )
+    ok = check_calls(ep, args.calls, args.sip_port, args.rtp_port) and not missing
     ep.libDestroy()
     print("OK" if ok else "FAILED")
     return 0 if ok else 1

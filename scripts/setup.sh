@@ -4,6 +4,7 @@
 #   scripts/setup.sh run    # what `make run` needs
 #   scripts/setup.sh test   # what `make test` needs (sipp, chromium, espeak-ng, sox, a JRE)
 #   scripts/setup.sh bench  # what `make bench` needs: the test peers, gcc and janus
+#   scripts/setup.sh cluster  # what `make cluster` needs: redis-server and kamailio
 # All three build pjsua2 from source once (scripts/build-pjsua2.sh) and install it into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,8 +73,8 @@ if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
   # Real peers: sipp (the telephony platform), chromium (the supervisor's browser),
   # espeak-ng + sox (speech fixtures), a Java runtime for Keycloak, maven to fetch it once,
   # redis-server (the shared state of several instances: tests and benches start their own),
-  # kamailio (the SIP address in front of several instances: devtools/kamailio.py).
-  pkgs=(sip-tester chromium espeak-ng sox maven curl redis-server kamailio)
+  # kamailio (the SIP address in front of several instances: devtools/kamailio.py; its TLS module).
+  pkgs=(sip-tester chromium espeak-ng sox maven curl redis-server kamailio kamailio-tls-modules)
   if ! ls /usr/lib/jvm 2>/dev/null | grep -qE 'temurin-2[1-9]|openjdk-(2[1-9])|java-(2[1-9])'; then
     pkgs+=(openjdk-17-jre-headless)
   fi
@@ -83,4 +84,14 @@ if [ "$what" = "test" ] || [ "$what" = "bench" ]; then
     pkgs+=(gcc libc6-dev janus)
   fi
   apt_install "${pkgs[@]}"
+  # axe-core (npm) for the console's accessibility check in the Chromium tests: package.json
+  # pins it, package-lock.json fixes what npm ci installs into node_modules/ (not committed).
+  command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+  if [ ! -f node_modules/axe-core/axe.min.js ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    echo "setup: installing axe-core (npm ci)"
+    npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+  fi
+fi
+if [ "$what" = "cluster" ]; then
+  apt_install redis-server kamailio
 fi

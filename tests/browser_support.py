@@ -7,6 +7,8 @@ missing, when Chromium or Playwright is absent: a missing tool is never a skip.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,4 +33,33 @@ except ImportError:
         pytrace=False,
     )
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "playwright_api"]
+#: axe-core from the npm registry (package.json; scripts/setup.sh test runs npm ci).
+AXE_JS = Path(__file__).resolve().parent.parent / "node_modules" / "axe-core" / "axe.min.js"
+#: Impacts that fail the check; the others are printed.
+AXE_FAILING = ("serious", "critical")
+
+_AXE_RUN = """async () => {
+  const result = await axe.run(document, { resultTypes: ['violations'] });
+  return result.violations.map((v) => ({
+    id: v.id, impact: v.impact, help: v.help,
+    nodes: v.nodes.slice(0, 6).map((n) => n.target.join(' ') + ' :: ' + (n.failureSummary || '').split('\\n').slice(1, 2).join('')),
+  }));
+}"""
+
+
+async def axe_check(page: Any, where: str) -> list[dict[str, Any]]:
+    """Run axe-core on the page as it is now: fail on serious or critical violations, print the
+    rest (minor and moderate ones are reported, not hidden). Returns all violations."""
+    if not AXE_JS.exists():
+        pytest.fail(f"{AXE_JS} is missing: run scripts/setup.sh test (it runs npm ci for axe-core)", pytrace=False)
+    if not await page.evaluate("typeof window.axe !== 'undefined'"):
+        await page.add_script_tag(content=AXE_JS.read_text())
+    violations: list[dict[str, Any]] = await page.evaluate(_AXE_RUN)
+    for v in violations:
+        print(f"axe [{where}] {v['impact']}: {v['id']} ({v['help']}) {v['nodes']}")
+    failing = [v for v in violations if v["impact"] in AXE_FAILING]
+    assert not failing, f"axe [{where}]: serious or critical violations: {failing}"
+    return violations
+
+
+__all__ = ["AXE_JS", "CHROMIUM", "CHROMIUM_ARGS", "axe_check", "playwright_api"]

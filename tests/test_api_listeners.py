@@ -33,6 +33,9 @@ class FakeSipPlane:
     def open_tap(self, cid: str, maxsize: int = 50) -> FakeTap:
         return FakeTap()
 
+    def wideband(self, cid: str) -> bool:
+        return False
+
     async def hang_up_phone(self, monitor_id: str) -> None:
         return None
 

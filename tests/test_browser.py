@@ -216,11 +216,11 @@ async def test_console_leave_releases_voice_and_shows_refusals(tmp_path: Path) -
                 await sam.wait_for_selector("[data-testid='conv-row-c-b2']")
                 assert await sam.locator("[data-testid='conv-row-c-b4']").count() == 0  # other team
 
-                await sam.click("[data-testid='monitor-c-b3']")
-                await sam.wait_for_selector("[data-testid='error-banner']", state="visible")
-                assert await sam.get_attribute("[data-testid='error-banner']", "data-code") == "outbound_not_supported"
+                # outbound: the button is disabled and the row says why (tests/test_browser_console.py)
+                assert await sam.is_disabled("[data-testid='monitor-c-b3']")
+                assert await sam.get_attribute("[data-testid='why-not-c-b3']", "data-code") == "outbound_not_supported"
                 assert "Outbound conversations can not be monitored" in (
-                    await sam.text_content("[data-testid='error-text']") or ""
+                    await sam.text_content("[data-testid='why-not-c-b3']") or ""
                 )
 
                 await sam.click("[data-testid='monitor-c-b2']")

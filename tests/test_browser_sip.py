@@ -313,6 +313,16 @@ async def _run_console(gw: GatewayClient, browser: Any, agent_view: ChatView, cu
     # served by a media process (webrtc_processes defaults to one per core), fed by the worker
     assert isinstance(session, RemoteListener) and app[MEDIA].stats()["webrtc_listeners"] == 1
 
+    # the quality badge: the gateway's figures for this WebRTC path, figures in its tooltip
+    await sam.wait_for_selector("[data-testid='quality-badge'][data-level]:not([data-level=''])", timeout=10000)
+    quality = (await gw.call("GET", f"/v1/monitors/{mid}", await gw.login("sam"))).body["quality"]
+    assert quality and set(quality["legs"]) == {"agent", "customer"}, quality
+    assert quality["added_latency_ms"] is not None, quality  # measured per frame on the WebRTC path
+    await sam.hover("[data-testid='quality-badge']")
+    lines = await sam.locator("[data-testid='quality-line']").all_text_contents()
+    assert lines[0].startswith("Added latency: ") and lines[0].endswith(" ms"), lines
+    assert lines[1].startswith("Agent: loss ") and lines[2].startswith("Customer: loss "), lines
+
     # --- tom: the eye icon, the busy message, the chat on its own -------------------------------
     tom = await browser.new_page()
     await _sign_in(tom, gw.base_url, "tom")

@@ -59,13 +59,25 @@ def test_no_frame_is_metered_and_sent_as_silence() -> None:
     assert enc.payload(pcm, 0) == G711_SILENCE
 
 
-def test_a_leg_rate_g711_can_not_carry_goes_to_aiortc() -> None:
+def test_wideband_legs_are_decimated_for_g711_and_kept_for_opus() -> None:
     enc = ListenerEncoder("pcmu", stereo=False, sample_rate=8000, on_levels=None)
-    assert enc.pre_encodes
-    pcm = enc.pcm(_frame(1, rate=16000))
-    assert not enc.pre_encodes and enc.packet(pcm, 1) is None and enc.payload(pcm, 1) is None
-    out = enc.audio_frame(pcm, 1)
-    assert out.sample_rate == 16000 and out.samples == 320 and out.pts == 320
+    assert enc.pre_encodes and enc.g711_mono == "pcmu"
+    pcms = []
+    for i in range(25):  # wideband legs: 600 Hz agent plus a 6 kHz tone G.711 can not carry
+        n = 320
+        agent = (tone(600, n, 16000, i * n).astype(np.int32) + tone(6000, n, 16000, i * n)).astype(np.int16)
+        pcm = enc.pcm(LegFrame("c-e", i, 16000, agent, tone(1000, n, 16000, i * n)))
+        assert pcm.shape == (160,) and enc.pre_encodes  # decimated to 8 kHz, still encoded here
+        assert enc.payload(pcm, i) is not None and len(enc.payload(pcm, i) or b"") == 160
+        pcms.append(pcm)
+    heard = np.concatenate(pcms[5:]).astype(float)
+    spectrum = np.abs(np.fft.rfft(heard * np.hanning(len(heard))))
+    hz = np.fft.rfftfreq(len(heard), 1 / 8000)
+    peak = spectrum.max()
+    level = {f: spectrum[(hz > f - 15) & (hz < f + 15)].max() / peak for f in (600, 1000, 2000)}
+    # both legs pass; the 6 kHz tone is filtered out, not folded back to 8000 - 6000 = 2000 Hz
+    assert level[600] > 0.5 and level[1000] > 0.5 and level[2000] < 0.01, level
+    assert enc.audio_frame(pcm, 1).sample_rate == 8000
     opus = ListenerEncoder("opus", stereo=False, sample_rate=8000, on_levels=None)
     packet = opus.packet(opus.pcm(_frame(1, rate=16000)), 1)
     assert packet is not None and packet.pts == 960  # libopus takes 16 kHz as it is

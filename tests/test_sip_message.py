@@ -104,6 +104,27 @@ def test_sdp_labels_and_directions() -> None:
     assert [(s.label, s.direction, s.audio_ok) for s in streams] == [("1", "sendonly", True), ("2", "sendonly", True)]
 
 
+@pytest.mark.parametrize(
+    "pts,rtpmap,ok",
+    [
+        ("0", "", True),  # PCMU, static
+        ("8", "", True),  # PCMA, static
+        ("9", "", True),  # G.722, static (its rtpmap says 8000: RFC 3551's historical clock)
+        ("96", "a=rtpmap:96 opus/48000/2", True),
+        ("97", "a=rtpmap:97 G722/8000", True),
+        ("18", "", False),  # G.729
+        ("96", "a=rtpmap:96 AMR-WB/16000", False),
+        ("96", "", False),  # dynamic without rtpmap: unknown
+    ],
+)
+def test_sdp_ingress_codecs(pts: str, rtpmap: str, ok: bool) -> None:
+    body = sdp(pts).decode()
+    if rtpmap:
+        body += rtpmap + "\r\n"
+    (stream,) = parse_sdp(body.encode())
+    assert stream.audio_ok is ok
+
+
 def test_uris() -> None:
     assert uri_user("<sip:t-abc@127.0.0.1:5061;transport=udp>") == "t-abc"
     assert (

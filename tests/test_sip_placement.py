@@ -108,6 +108,9 @@ def test_a_reservation_is_claimed_once_on_its_worker_before_it_expires() -> None
     assert p.leg_up(res.worker, 7, "a", "agent") is conv and conv.legs == {"agent": 7} and not conv.expected
     assert p.leg_up(res.worker, 7, "a", "agent") is None  # not news
     assert p.calls_on(res.worker) == 1 and p.legs == 1
+    # the worker reports a re-INVITE's new codec again: still not news, the codec follows
+    assert p.leg_up(res.worker, 7, "a", "agent", "g722") is None and conv.codecs == {"agent": "g722"}
+    assert p.leg_up(res.worker, 8, "a", "agent", "pcmu") is None and conv.codecs == {"agent": "g722"}  # another call
 
 
 def test_expiry_releases_what_a_reservation_held() -> None:

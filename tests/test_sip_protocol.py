@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from gateway.sip.protocol import (
     MESSAGES,
     Answer,
     CallEnded,
+    LegQuality,
     PhoneEnded,
     ProtocolError,
     Quit,
@@ -47,6 +49,12 @@ def test_every_message_has_one_wire_tag() -> None:
         CallEnded(call=2, reason="media_timeout"),
         PhoneEnded(mid="m-1", reason="left"),
         Stats(frames=10, drops=1),
+        Stats(frames=10, drops=1, refused=2, stats_us=1830),
+        LegQuality(
+            cid="c-1",
+            legs={"agent": {"packets": 45, "lost": 5, "jitter_us": 1250, "jbuf_ms": 40}},
+            phone=True,
+        ),
     ],
 )
 def test_messages_round_trip_as_one_json_line(message: object) -> None:
@@ -66,6 +74,8 @@ def test_messages_round_trip_as_one_json_line(message: object) -> None:
         b'{"type": "answer", "call": "1", "cid": "c-1", "legs": []}',  # call is not an int
         b'{"type": "answer", "call": true, "cid": "c-1", "legs": []}',
         b'{"type": "stats", "frames": 1.5, "drops": 0}',
+        b'{"type": "leg_quality", "cid": "c-1"}',  # no legs
+        b'{"type": "leg_quality", "cid": "c-1", "legs": []}',  # legs is not an object
     ],
 )
 def test_malformed_lines_are_refused(line: bytes) -> None:
@@ -81,17 +91,21 @@ def test_unknown_fields_are_ignored() -> None:
 def test_leg_frame_codec() -> None:
     agent = np.arange(160, dtype=np.int16)
     customer = -agent
-    data = encode_leg_frame("c-é".encode(), 7, 8000, agent.tobytes(), customer.tobytes())
+    stamp_ns = time.monotonic_ns()
+    data = encode_leg_frame("c-é".encode(), 7, 8000, agent.tobytes(), customer.tobytes(), stamp_ns)
     assert leg_frame_conversation(data) == "c-é"
     frame = decode_leg_frame(data)
     assert (frame.conversation, frame.seq, frame.sample_rate, frame.samples) == ("c-é", 7, 8000, 160)
     assert np.array_equal(frame.agent, agent) and np.array_equal(frame.customer, customer)
-    for bad in (data[:9], data[:-1], b"\x02" + data[1:], data + b"\0\0"):
+    # the worker's CLOCK_MONOTONIC stamp arrives as time.monotonic() seconds (same clock here)
+    assert abs(frame.stamp - stamp_ns / 1e9) < 1e-6 and 0 <= time.monotonic() - frame.stamp < 1
+    assert decode_leg_frame(encode_leg_frame(b"c", 1, 8000, b"\0\0", b"\0\0")).stamp == 0.0  # unknown
+    for bad in (data[:9], data[:-1], b"\x01" + data[1:], data + b"\0\0"):
         with pytest.raises(ValueError):
             decode_leg_frame(bad)
-    assert leg_frame_conversation(b"\x02" + data[1:]) is None
-    assert leg_frame_conversation(data[:12]) is None
-    assert leg_frame_conversation(data[:10] + b"\xff\xfe\xfd\xfc") is None
+    assert leg_frame_conversation(b"\x01" + data[1:]) is None  # version 1 frames had no stamp
+    assert leg_frame_conversation(data[:20]) is None  # the id cut short
+    assert leg_frame_conversation(data[:18] + b"\xff\xfe\xfd\xfc") is None  # not UTF-8
 
 
 def test_worker_args_round_trip_through_argv() -> None:

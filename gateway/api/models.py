@@ -153,10 +153,14 @@ class WebRtcVoice(RequestBody):
     kind: Literal["webrtc"]
 
 
-def _sip_uri(uri: str) -> str:
+def _sip_uri(uri: str, field: str = "voice.uri") -> str:
     if len(uri) > SIP_URI_MAX_LENGTH or not _SIP_URI.fullmatch(uri):
-        raise PydanticCustomError(ErrorCode.INVALID_SIP_URI.value, "voice.uri must be a sip: URI")
+        raise PydanticCustomError(ErrorCode.INVALID_SIP_URI.value, f"{field} must be a sip: URI")
     return uri
+
+
+def _phone_uri(uri: str) -> str:
+    return _sip_uri(uri, "uri")
 
 
 class SipVoice(RequestBody):
@@ -177,6 +181,16 @@ class MonitorStartIn(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"voice": {"kind": "webrtc"}}, {"voice": None}]})
 
     voice: Voice | None = None
+
+
+class PhoneIn(RequestBody):
+    """`PUT /v1/me/phone`: the SIP phone the console offers to ring when this supervisor monitors."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"uri": "sip:sam@phones.example.com"}]})
+
+    uri: Annotated[str, AfterValidator(_phone_uri)] = Field(
+        json_schema_extra={"pattern": SIP_URI_PATTERN, "maxLength": SIP_URI_MAX_LENGTH}
+    )
 
 
 class ChatTextIn(RequestBody):
@@ -219,6 +233,31 @@ class MonitorOut(MonitorBrief):
     end_reason: str | None
 
 
+class LegQualityOut(BaseModel):
+    """One leg's reception in the last second, as the SIP worker holding it measured it."""
+
+    loss_pct: float = Field(description="RTP packets lost (sequence gaps), % of those expected")
+    jitter_ms: float = Field(description="RFC 3550 interarrival jitter")
+    packets: int = Field(description="RTP packets received")
+
+
+class QualityOut(BaseModel):
+    """How good the voice the supervisor hears is (about once a second; docs/DESIGN.md, Quality)."""
+
+    added_latency_ms: float | None = Field(
+        description="latency the gateway adds from a leg's RTP in to the monitor's audio out; "
+        "null until measured (a WebRTC listener's first second)"
+    )
+    legs: dict[Leg, LegQualityOut] = Field(description="per leg: agent and customer, or mixed for one mixed stream")
+    updated_at: str = Field(description="when it was measured, ISO 8601 UTC")
+
+
+class MonitorStateOut(MonitorOut):
+    """One monitor, with the quality of its voice."""
+
+    quality: QualityOut | None = Field(description="null: no voice, or nothing measured yet")
+
+
 class SessionsOut(BaseModel):
     chat: bool
     voice: bool
@@ -249,6 +288,16 @@ class ConversationOut(BaseModel):
     fork_requested: str | None = Field(
         description="`on_demand`: the id of the `voice_fork_requested` not released yet (a platform that "
         "reconnects forks exactly the conversations where this is set)"
+    )
+
+
+class MeOut(BaseModel):
+    """`GET /v1/me`: who the caller is, and what the gateway remembers for it (per username)."""
+
+    username: str
+    teams: list[str] = Field(description="the teams it supervises")
+    phone_uri: str | None = Field(
+        description="the SIP phone last chosen (`PUT /v1/me/phone` or a `kind: sip` monitor); null: none"
     )
 
 

@@ -176,8 +176,33 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
             body_required=False,
         ),
     },
+    "/v1/me": {
+        "get": Operation(
+            "The caller and what is remembered for it (its phone)",
+            ("supervisor",),
+            {200: Answer("the caller", models.MeOut)},
+            _AUTH,
+        ),
+    },
+    "/v1/me/phone": {
+        "put": Operation(
+            "Remember the caller's SIP phone (per username)",
+            ("supervisor",),
+            {200: Answer("the caller", models.MeOut)},
+            (*_AUTH, *_REQUIRED_JSON, E.INVALID_SIP_URI),
+            body=models.PhoneIn,
+        ),
+        "delete": Operation(
+            "Forget the caller's SIP phone", ("supervisor",), {204: Answer("forgotten", media_type="")}, _AUTH
+        ),
+    },
     "/v1/monitors/{mid}": {
-        "get": Operation("One of the caller's monitors", ("supervisor",), {200: _MONITOR}, (*_AUTH, E.NOT_FOUND)),
+        "get": Operation(
+            "One of the caller's monitors, with its voice's quality",
+            ("supervisor",),
+            {200: Answer("the monitor", models.MonitorStateOut)},
+            (*_AUTH, E.NOT_FOUND),
+        ),
         "delete": Operation(
             "Leave (R12)", ("supervisor",), {204: Answer("left", media_type="")}, (*_AUTH, E.NOT_FOUND)
         ),
@@ -275,7 +300,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
     },
     "/v1/events": {
         "get": Operation(
-            "Websocket: conversation_updated, monitor_started, monitor_updated, monitor_ended, levels; "
+            "Websocket: conversation_updated, monitor_started, monitor_updated, monitor_ended, levels, monitor_quality; "
             "platform tokens also voice_fork_requested, voice_fork_released",
             ("supervisor", "platform"),
             {101: _UPGRADED},

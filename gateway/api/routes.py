@@ -159,10 +159,33 @@ async def start_monitor(request: web.Request) -> web.Response:
     return _json(monitor_json(monitor), 201)
 
 
+@routes.get("/v1/me")
+async def me(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    return _json(request.app[SERVICE].me(principal))
+
+
+@routes.put("/v1/me/phone")
+async def put_phone(request: web.Request) -> web.Response:
+    """Remember the caller's SIP phone (per username, server side)."""
+    principal = await authenticate_supervisor(request)
+    body = await read_body(request, models.PhoneIn, max_bytes=request.app[SETTINGS].max_body_bytes)
+    service = request.app[SERVICE]
+    service.remember_phone(principal, body.uri)
+    return _json(service.me(principal))
+
+
+@routes.delete("/v1/me/phone")
+async def forget_phone(request: web.Request) -> web.Response:
+    principal = await authenticate_supervisor(request)
+    request.app[SERVICE].remember_phone(principal, None)
+    return web.Response(status=204)
+
+
 @routes.get("/v1/monitors/{mid}")
 async def get_monitor(request: web.Request) -> web.Response:
     principal = await authenticate_supervisor(request)
-    return _json(monitor_json(request.app[SERVICE].monitor_of(principal, request.match_info["mid"])))
+    return _json(request.app[SERVICE].monitor_view(principal, request.match_info["mid"]))
 
 
 @routes.delete("/v1/monitors/{mid}")

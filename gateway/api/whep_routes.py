@@ -7,6 +7,7 @@ replaces the previous listener (a reloaded console page).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection
 
@@ -59,15 +60,25 @@ async def whep_offer(request: web.Request) -> web.Response:
         service.inbound_rtp_dropped(monitor, total)
 
     stereo = _stereo(request, settings.webrtc_stereo, conversation.voice_legs)
+    # HD voice: when every leg is wideband (G.722, Opus) the frames are 16 kHz, and only Opus
+    # carries them to the browser (G.711 would cut them to 4 kHz); else the configured codec.
+    wide = sip.wideband(cid)
     media = app.get(MEDIA)
     session: Listener
     try:
         if media is not None:  # a media process answers and sends; frames go there from the worker
             answer, session = await media.answer(
-                offer, cid, stereo=stereo, on_levels=on_levels, on_inbound_rtp=on_inbound_rtp
+                offer,
+                cid,
+                stereo=stereo,
+                on_levels=on_levels,
+                on_inbound_rtp=on_inbound_rtp,
+                codec="opus" if wide else None,
             )
         else:
-            answer, session = await answer_whep(
+            # (no codec argument otherwise: answer_whep's own default applies)
+            answer_here = functools.partial(answer_whep, codec="opus") if wide else answer_whep
+            answer, session = await answer_here(
                 offer,
                 sip.open_tap(cid),
                 settings=settings,

@@ -35,6 +35,7 @@ from .encoder import ListenerEncoder, pre_encodable
 from .frames import FRAME_MS, LegFrame, LegTap
 from .g711 import G711_RATE, index_table
 from .levels import LevelMeter, LevelsCallback
+from .opus import OpusPacketEncoder
 from .tapreader import TapReader, TrackStats
 from .track import ARRIVAL_GRACE, FRAME_SECONDS, RESYNC_AFTER
 
@@ -45,9 +46,10 @@ _RTP = struct.Struct("!BBHII")
 CATCH_UP_AFTER_TICKS = 25
 
 
-def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
-    """Payload type aiortc will send (first of the audio m-line), its mid and the mid extmap id."""
-    pt, mid, ext = 0, None, None
+def _answer_params(sdp: str) -> tuple[int, str | None, int | None, int | None]:
+    """Payload type aiortc will send (first of the audio m-line), its mid, the mid extmap id,
+    and the payload type of Opus when the answer lists it (the HD voice upgrade)."""
+    pt, mid, ext, opus = 0, None, None, None
     in_audio = False
     for line in sdp.splitlines():
         if line.startswith("m="):
@@ -58,7 +60,9 @@ def _answer_params(sdp: str) -> tuple[int, str | None, int | None]:
             mid = line[6:].strip()
         elif in_audio and line.startswith("a=extmap:") and "sdes:mid" in line:
             ext = int(line[9:].split()[0].split("/")[0])
-    return pt, mid, ext
+        elif in_audio and line.lower().startswith("a=rtpmap:") and " opus/48000" in line.lower() and opus is None:
+            opus = int(line[9:].split()[0])
+    return pt, mid, ext, opus
 
 
 class Skip(enum.Enum):
@@ -94,13 +98,18 @@ class BatchTrack(MediaStreamTrack, TapReader):
         if not pre_encodable(codec, sample_rate):
             raise ValueError(f"batched sending does not do {codec} at {sample_rate} Hz")
         self._encoder = ListenerEncoder(codec, stereo=stereo, sample_rate=sample_rate, on_levels=on_levels)
+        self._on_levels = on_levels
+        #: the Opus payload type the answer also lists: a G.711 listener moves to it when the
+        #: legs turn wideband (16 kHz frames), without a new offer; None: stays as it is
+        self._opus_pt: int | None = None
+        self.upgraded = False
         # Read by every tick: plain attributes (the codec's clock and frame length do not change).
         self._ticks_per_frame = self._encoder.ticks_per_frame
         #: the G.711 codec when the payload is the table lookup of the 8 kHz mix (batched), else None
         self.g711_mono = self._encoder.g711_mono
         #: the level meter, fed by the batched G.711 pass; None when nobody reads the levels
         self.meter: LevelMeter | None = self._encoder.meter if self._encoder.meter.wanted else None
-        self.codec = codec
+        self.codec = self._encoder.codec
         self.stereo = self._encoder.stereo
         self.stats = TrackStats()
         self._backlog_ticks = 0
@@ -125,7 +134,9 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def attach(self, sender: RTCRtpSender, answer_sdp: str) -> None:
         """Remember the sender and the negotiated payload type, mid and extension."""
         self._sender = sender
-        self._pt, mid, ext = _answer_params(answer_sdp)
+        self._pt, mid, ext, opus = _answer_params(answer_sdp)
+        if self.g711_mono is not None and opus is not None and opus != self._pt:
+            self._opus_pt = opus
         self._ssrc = sender_ssrc(sender)
         if mid is not None and ext is not None and 0 < ext < 15:
             data = mid.encode()
@@ -166,6 +177,33 @@ class BatchTrack(MediaStreamTrack, TapReader):
     def encode_and_send(self, frame: LegFrame | None) -> None:
         """Meter, mix, encode and send one frame the per-listener way (Opus, stereo, other rates)."""
         payload = self._encoder.payload(self._encoder.pcm(frame), self._index)
+        if payload is not None:
+            self.send(payload)
+
+    def upgrade_for(self, frame: LegFrame) -> None:
+        """A G.711 listener whose answer also lists Opus gets wideband frames (every leg is now
+        G.722 or Opus): from this packet on it sends Opus, at 16 kHz, on Opus's payload type.
+        The browser decodes whichever negotiated payload type arrives (RFC 3550 §5.1; the
+        marker bit starts the talkspurt); the RTP clock goes on in Opus's 48 kHz units."""
+        if self._opus_pt is None or self.upgraded or frame.sample_rate == G711_RATE:
+            return
+        log.info("listener upgraded to Opus: the legs are wideband (%d Hz)", frame.sample_rate)
+        self._encoder = ListenerEncoder("opus", stereo=False, sample_rate=frame.sample_rate, on_levels=self._on_levels)
+        self._ticks_per_frame = self._encoder.ticks_per_frame
+        self.meter = self._encoder.meter if self._encoder.meter.wanted else None
+        self.g711_mono = None
+        self.codec = "opus"
+        self._pt = self._opus_pt
+        self._marker = True
+        self.upgraded = True
+
+    def send_shared(self, frame: LegFrame, shared: SharedOpus) -> None:
+        """Meter this listener's frame and send the conversation's Opus packet for it (encoded
+        by the first of its listeners this tick)."""
+        encoder = self._encoder
+        agent, customer = encoder.legs(frame)
+        encoder.meter.feed(agent, customer)
+        payload = shared.payload(frame, encoder.mix, agent, customer)
         if payload is not None:
             self.send(payload)
 
@@ -229,6 +267,41 @@ class BatchTrack(MediaStreamTrack, TapReader):
         super().stop()
 
 
+class SharedOpus:
+    """One Opus encoder per conversation and channel layout in a process: all its Opus
+    listeners send the same packets, so a wideband conversation costs one encode per 20 ms
+    however many browsers listen (the RTP header, SRTP and ``sendto`` stay per listener).
+
+    A frame is encoded once, by its sequence number; a listener whose frame differs this
+    tick (it lagged, or dropped one) gets that frame encoded too, by the same encoder.
+    """
+
+    def __init__(self, rate: int, stereo: bool) -> None:
+        self.rate = rate
+        self._encoder = OpusPacketEncoder(rate, channels=2 if stereo else 1)
+        self._seq = -1
+        self._payload: bytes | None = None
+        self._frames = 0
+        #: the sender's tick that last used it (idle ones are dropped)
+        self.used = 0
+        self.encodes = 0
+
+    def payload(
+        self,
+        frame: LegFrame,
+        mix: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        agent: np.ndarray,
+        customer: np.ndarray,
+    ) -> bytes | None:
+        """The Opus payload of ``frame`` (``mix`` makes its PCM when it is not encoded yet)."""
+        if frame.seq != self._seq:
+            self._seq = frame.seq
+            self._payload = self._encoder.payload(mix(agent, customer), self._frames)
+            self._frames += 1
+            self.encodes += 1
+        return self._payload
+
+
 class BatchSender:
     """The process-wide ticker (one per event loop)."""
 
@@ -255,6 +328,11 @@ class BatchSender:
         #: called at the start of each pass of a tick, before any track takes its frame (a
         #: media process reads the SIP workers' frames there: no wake-up per datagram)
         self.before_tick: list[Callable[[], None]] = []
+        #: Opus encoders shared by the listeners of one conversation: (conversation, stereo) →
+        self.shared: dict[tuple[str, bool], SharedOpus] = {}
+        #: Opus packets sent from a shared encoder, and the encodes they took
+        self.shared_sends = 0
+        self.shared_encodes = 0
 
     def add(self, track: BatchTrack) -> None:
         self.tracks.add(track)
@@ -289,6 +367,8 @@ class BatchSender:
                 self.lagged_ticks += 1
             self.max_lag = max(self.max_lag, lag)
             tracks = list(self.tracks)
+            if self.ticks % 50 == 0 and self.shared:  # once a second: forget idle shared encoders
+                self.shared = {k: v for k, v in self.shared.items() if self.ticks - v.used < 50}
             deferred = self._send_all(tracks, may_defer=True)
             if deferred:
                 if len(deferred) * 2 > len(tracks) and len(tracks) >= 4:
@@ -316,14 +396,29 @@ class BatchSender:
             if frame is Skip.DEFER:
                 deferred.append(t)
             elif frame is not Skip.IDLE:
+                if frame is not None and t.g711_mono is not None and frame.sample_rate != G711_RATE:
+                    t.upgrade_for(frame)  # wideband legs: to Opus, when the answer allows
                 codec = t.g711_mono
                 if codec is not None and (frame is None or frame.sample_rate == G711_RATE):
                     groups.setdefault(codec, []).append((t, frame))
+                elif frame is not None and t.codec == "opus":
+                    self._send_shared(t, frame)
                 else:
                     t.encode_and_send(frame)
         for codec, items in groups.items():
             _send_g711(codec, items)
         return deferred
+
+    def _send_shared(self, track: BatchTrack, frame: LegFrame) -> None:
+        key = (frame.conversation, track.stereo)
+        shared = self.shared.get(key)
+        if shared is None or shared.rate != frame.sample_rate:
+            shared = self.shared[key] = SharedOpus(frame.sample_rate, track.stereo)
+        shared.used = self.ticks
+        before = shared.encodes
+        track.send_shared(frame, shared)
+        self.shared_sends += 1
+        self.shared_encodes += shared.encodes - before
 
 
 def _send_g711(codec: str, items: list[tuple[BatchTrack, LegFrame | None]]) -> None:

@@ -7,10 +7,11 @@ Both senders -- :class:`~.track.LegTapTrack` (aiortc's own sender loop) and
 2. they are mixed to mono (:func:`~.mixer.mix_mono`) or put side by side, agent left and
    customer right (:func:`~.mixer.interleave_stereo`; G.711 is mono, so stereo degrades to the
    mix there);
-3. that PCM is encoded once: Opus (:mod:`.opus`) or G.711 by table lookup (:mod:`.g711`), as
-   the payload of one RTP packet or as an ``av.Packet`` for aiortc's pre-encoded path. When
-   there is no such encoder (G.722, or G.711 at a leg rate other than 8 kHz) the PCM goes to
-   aiortc as an ``av.AudioFrame`` and aiortc encodes it.
+3. that PCM is encoded once: Opus (:mod:`.opus`, at the legs' rate: 16 kHz wideband legs
+   stay wideband) or G.711 by table lookup (:mod:`.g711`; wideband frames are first low-passed
+   and decimated to 8 kHz, :class:`~.mixer.Downsampler`), as the payload of one RTP packet or
+   as an ``av.Packet`` for aiortc's pre-encoded path. When there is no such encoder (G.722)
+   the PCM goes to aiortc as an ``av.AudioFrame`` and aiortc encodes it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from .frames import FRAME_MS, LegFrame
 from .g711 import G711_RATE, G711PacketEncoder
 from .levels import LevelMeter, LevelsCallback
-from .mixer import interleave_stereo, mix_mono
+from .mixer import Downsampler, interleave_stereo, mix_mono
 from .opus import OpusPacketEncoder
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,16 @@ class ListenerEncoder:
         self._set_rate(sample_rate)
 
     def _set_rate(self, rate: int) -> None:
+        #: the frames' (legs') rate
         self.rate = rate
-        self.samples = rate * FRAME_MS // 1000
-        self._silence = np.zeros(self.samples, dtype=np.int16)
-        self._packets = packet_encoder(self.codec, stereo=self.stereo, sample_rate=rate)
+        self._silence = np.zeros(rate * FRAME_MS // 1000, dtype=np.int16)
+        # G.711 is 8 kHz whatever the legs: wideband frames are decimated first.
+        out_rate = G711_RATE if self.codec in G711_CODECS and rate % G711_RATE == 0 else rate
+        self._down = Downsampler(rate, out_rate) if out_rate != rate else None
+        #: the rate of the PCM handed to the codec, and its samples per frame
+        self.out_rate = out_rate
+        self.samples = out_rate * FRAME_MS // 1000
+        self._packets = packet_encoder(self.codec, stereo=self.stereo, sample_rate=out_rate)
 
     @property
     def pre_encodes(self) -> bool:
@@ -89,21 +96,33 @@ class ListenerEncoder:
 
     @property
     def g711_mono(self) -> str | None:
-        """``pcmu``/``pcma`` when a frame's payload is just the table lookup of the 8 kHz mono
-        mix (what :class:`~.batch.BatchSender` does for all such listeners at once), else ``None``."""
-        return self.codec if self.codec in G711_CODECS and self.rate == G711_RATE else None
+        """``pcmu``/``pcma`` for a G.711 listener: a frame's payload is the table lookup of the
+        mono mix, which :class:`~.batch.BatchSender` does for all such listeners' 8 kHz frames
+        at once; else ``None``."""
+        return self.codec if self.codec in G711_CODECS else None
+
+    def legs(self, frame: LegFrame | None) -> tuple[np.ndarray, np.ndarray]:
+        """The frame's two legs (silence for ``None``), following a change of the legs' rate."""
+        if frame is None:
+            return self._silence, self._silence
+        if frame.sample_rate != self.rate:
+            log.info("leg sample rate changed %d -> %d", self.rate, frame.sample_rate)
+            self._set_rate(frame.sample_rate)
+        return frame.agent, frame.customer
+
+    def mix(self, agent: np.ndarray, customer: np.ndarray) -> np.ndarray:
+        """The PCM the codec takes: the mono mix (decimated for G.711 from wideband legs) or
+        the stereo pair."""
+        if self.stereo:
+            return interleave_stereo(agent, customer)
+        pcm = mix_mono(agent, customer)
+        return pcm if self._down is None else self._down.process(pcm)
 
     def pcm(self, frame: LegFrame | None) -> np.ndarray:
         """Meter and mix (or interleave) one frame; ``None`` is a frame of silence."""
-        if frame is None:
-            agent = customer = self._silence
-        else:
-            if frame.sample_rate != self.rate:
-                log.info("leg sample rate changed %d -> %d", self.rate, frame.sample_rate)
-                self._set_rate(frame.sample_rate)
-            agent, customer = frame.agent, frame.customer
+        agent, customer = self.legs(frame)
         self._meter.feed(agent, customer)
-        return interleave_stereo(agent, customer) if self.stereo else mix_mono(agent, customer)
+        return self.mix(agent, customer)
 
     def packet(self, pcm: np.ndarray, index: int) -> av.Packet[Any] | None:
         """Frame ``index`` as an ``av.Packet`` for aiortc (``None``: not pre-encoded)."""
@@ -116,7 +135,7 @@ class ListenerEncoder:
     def audio_frame(self, pcm: np.ndarray, index: int) -> av.AudioFrame:
         """Frame ``index`` as PCM for aiortc to encode."""
         out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo" if self.stereo else "mono")
-        out.sample_rate = self.rate
+        out.sample_rate = self.out_rate
         out.pts = index * self.samples
-        out.time_base = fractions.Fraction(1, self.rate)
+        out.time_base = fractions.Fraction(1, self.out_rate)
         return out

@@ -26,6 +26,9 @@ class LegFrame:
     sample_rate: int
     agent: np.ndarray
     customer: np.ndarray
+    #: ``time.monotonic()`` of the worker when the frame left the legs' jitter buffers (the same
+    #: clock in every process of the host); 0.0: unknown (a test's or a bench's frame)
+    stamp: float = 0.0
 
     @property
     def samples(self) -> int:

@@ -83,6 +83,15 @@ class Levels(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Transit(Event):
+    """Every second: ``[[session, transit_s, transit_n], ...]``, each listener's
+    :meth:`~gateway.media.whep.WhepSession.transit` so far (worker's bridge tick -> send)."""
+
+    TYPE: ClassVar[str] = "transit"
+    items: list[Any]
+
+
+@dataclass(frozen=True, kw_only=True)
 class InboundRtp(Event):
     """Listener ``session``'s browser sent RTP anyway (dropped unparsed): ``total`` so far.
     Sent for the first packet, then at most every 100 ms."""
@@ -121,7 +130,7 @@ class Stats(Event):
 
 Message: TypeAlias = Command | Event
 COMMANDS: tuple[type[Command], ...] = (Offer, Close, Quit)
-EVENTS: tuple[type[Event], ...] = (Ready, Reply, Levels, InboundRtp, Ended, Stats)
+EVENTS: tuple[type[Event], ...] = (Ready, Reply, Levels, InboundRtp, Ended, Stats, Transit)
 MESSAGES: dict[str, type[Message]] = {**{c.TYPE: c for c in COMMANDS}, **{e.TYPE: e for e in EVENTS}}
 CODEC = JsonLineCodec(MESSAGES)
 

@@ -9,6 +9,8 @@ Pure numpy, no I/O. Three operations, each cheap enough to run per 20 ms frame p
   (``L R L R ...``) as packed s16 audio frames expect.
 * :class:`Upsampler` -- integer-factor polyphase FIR resampling (8 kHz -> 48 kHz for Opus by
   default), stateful so frame boundaries are seamless.
+* :class:`Downsampler` -- integer-factor low-pass and decimation (16 kHz wideband legs -> 8 kHz
+  for a G.711 listener), stateful likewise.
 
 Note on Opus: libopus accepts 8/12/16/24/48 kHz input natively and its RTP clock is always
 48 kHz, so the WebRTC track feeds telephony audio to the encoder at its own rate (cheaper, and
@@ -93,3 +95,32 @@ class Upsampler:
             out[:, c] = (windows @ self._phases).reshape(-1)
         np.clip(out, -32768, 32767, out=out)
         return np.rint(out).astype(np.int16).reshape(-1)
+
+
+class Downsampler:
+    """Integer-factor decimator for int16 mono audio: low-pass just under the output Nyquist,
+    then every ``factor``-th sample.
+
+    ``Downsampler(16000, 8000)`` turns a wideband leg's 320-sample frames into 160-sample
+    frames a G.711 listener can take; what is above ~3.6 kHz is removed rather than folded
+    back as aliases. Keeps the last ``taps - 1`` input samples so frames join without clicks.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int, *, taps_per_phase: int = 24) -> None:
+        if in_rate % out_rate:
+            raise ValueError(f"{in_rate} is not an integer multiple of {out_rate}")
+        self.factor = in_rate // out_rate
+        # _lowpass(f) cuts at 0.45 of the *lower* rate's Nyquist with gain f: divide it back.
+        self._h = (_lowpass(self.factor, taps_per_phase) / self.factor).astype(np.float32)
+        self._history = np.zeros(self._h.shape[0] - 1, dtype=np.float32)
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Decimate one frame (int16, length a multiple of ``factor``); returns int16."""
+        if self.factor == 1:
+            return samples.astype(np.int16, copy=True)
+        x = np.concatenate((self._history, samples.astype(np.float32)))
+        self._history = x[samples.shape[0] :]
+        # "valid" convolution: one output per input sample once the history is full
+        y = np.convolve(x, self._h, mode="valid")[:: self.factor]
+        np.clip(y, -32768, 32767, out=y)
+        return np.rint(y).astype(np.int16)

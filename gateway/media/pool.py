@@ -59,6 +59,11 @@ class RemoteListener:
         self._callbacks: list[Callable[[str], Any]] = []
         self.on_levels: LevelsCallback | None = None
         self.on_inbound_rtp: InboundRtpCallback | None = None
+        self._transit: tuple[float, int] = (0.0, 0)
+
+    def transit(self) -> tuple[float, int]:
+        """As :meth:`gateway.media.whep.WhepSession.transit`, reported by its media process each second."""
+        return self._transit
 
     @property
     def closed(self) -> bool:
@@ -227,6 +232,11 @@ class MediaProcesses:
                     await listener._ended(event.reason)
             case ipc.Stats():
                 proc.stats = event
+            case ipc.Transit():
+                for sid, seconds, frames in event.items:
+                    listener = proc.listeners.get(sid)
+                    if listener is not None:
+                        listener._transit = (float(seconds), int(frames))
 
     async def _gone(self, proc: MediaProcess) -> None:
         """The process exited (or its control socket broke): its listeners end; start another."""

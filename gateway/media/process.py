@@ -205,6 +205,9 @@ class MediaProcess:
             n += 1
             if n % int(1 / REPORT_SECONDS) == 0:
                 self.emit(self._stats())
+                if self.sessions:
+                    transit = [[sid, *s.transit()] for sid, s in self.sessions.items()]
+                    self.emit(ipc.Transit(items=transit))
 
     def _stats(self) -> ipc.Stats:
         sender = BatchSender.instance()

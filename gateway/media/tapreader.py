@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ class TrackStats:
     dropped: int = 0  #: frames dropped because the buffer was full (drop-oldest)
     resyncs: int = 0  #: media-clock re-bases after a stall of the event loop
     first_frame_at: float | None = None  #: loop time of the first real frame sent
+    #: Seconds, summed over the frames taken for sending (``transit_n`` of them), from the SIP
+    #: worker's bridge tick (the frame's ``stamp``, CLOCK_MONOTONIC) to the moment this process
+    #: took the frame to encode and send it: the added latency of this hop, measured.
+    transit_s: float = 0.0
+    transit_n: int = 0
 
 
 class TapReader:
@@ -133,6 +139,9 @@ class TapReader:
             return None
         frame = self._buffer.popleft()
         self.stats.frames_in += 1
+        if frame.stamp:
+            self.stats.transit_s += time.monotonic() - frame.stamp
+            self.stats.transit_n += 1
         if self.stats.first_frame_at is None:
             self.stats.first_frame_at = asyncio.get_running_loop().time()
         return frame

@@ -110,6 +110,11 @@ class WhepSession:
         else:
             self._close_callbacks.append(callback)
 
+    def transit(self) -> tuple[float, int]:
+        """Seconds from the SIP worker's bridge tick to the send, summed over how many frames
+        (both only grow; :mod:`gateway.quality` takes the mean of each window)."""
+        return self.track.stats.transit_s, self.track.stats.transit_n
+
     def describe(self) -> dict[str, Any]:
         """JSON-friendly status (for logs, metrics, a debug endpoint)."""
         s = self.track.stats
@@ -298,9 +303,12 @@ async def answer_whep(
     addresses = split_csv(settings.ice_host_addresses)
     offer_sdp = filter_offer_candidates(offer_sdp, keep_loopback_only=loopback_only(addresses))
 
+    # A G.711 answer also lists Opus when the offer has it, so the batched sender can move the
+    # listener to Opus if the legs turn wideband later (HD voice; BatchTrack.upgrade_for).
+    also = "opus" if chosen in ("pcmu", "pcma") and "opus" in offered and not stereo else None
     pc = RTCPeerConnection(rtc_configuration(settings))
     try:
-        audio = await _take_offer(pc, offer_sdp, chosen, first_offered=offered[0])
+        audio = await _take_offer(pc, offer_sdp, chosen, first_offered=offered[0], also=also)
     except Exception as exc:
         tap.close()
         await pc.close()
@@ -347,13 +355,17 @@ async def answer_whep(
     return sdp, session
 
 
-async def _take_offer(pc: RTCPeerConnection, offer_sdp: str, codec: str, *, first_offered: str) -> RTCRtpTransceiver:
+async def _take_offer(
+    pc: RTCPeerConnection, offer_sdp: str, codec: str, *, first_offered: str, also: str | None = None
+) -> RTCRtpTransceiver:
     """Apply the offer; returns the transceiver that will send (the first audio m-line's),
-    ``sendonly``, with every other m-line ``inactive``."""
-    if codec != first_offered:
+    ``sendonly``, with every other m-line ``inactive``. The answer lists ``codec`` first and
+    ``also`` second (when given), nothing else."""
+    if codec != first_offered or also:
         # aiortc sends the offer's first common codec unless the transceiver that will
         # take the first audio m-line prefers another: create that transceiver up front.
-        caps = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == f"audio/{codec}"]
+        all_caps = RTCRtpSender.getCapabilities("audio").codecs
+        caps = [c for name in (codec, also) if name for c in all_caps if c.mimeType.lower() == f"audio/{name}"]
         pc.addTransceiver("audio", direction="sendonly").setCodecPreferences(caps)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
     audio = None

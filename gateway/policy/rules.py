@@ -79,9 +79,9 @@ def may_see(conversation: Conversation, teams: frozenset[str]) -> bool:
 
 
 def may_see_event(principal: Principal, event: DomainEvent) -> bool:
-    """``/v1/events``: audio levels go to their own supervisor only; the platform sees every
+    """``/v1/events``: audio levels and quality go to their own supervisor only; the platform sees every
     other event, a supervisor those of its teams."""
-    if event.type is EventType.LEVELS:
+    if event.type in (EventType.LEVELS, EventType.MONITOR_QUALITY):
         return event.payload.get("supervisor") == principal.username
     if event.type in (EventType.VOICE_FORK_REQUESTED, EventType.VOICE_FORK_RELEASED):
         # for the platform client that owns the conversation only (any platform if none is known)

@@ -11,7 +11,8 @@ its copy. ``flush()`` waits until everything written so far is in Redis: the API
 before answering a request (``gateway.api.middleware.state_middleware``), so an answer is
 never sent for a change Redis does not have. While Redis does not answer, requests get 503
 ``state_unavailable``; when it is back, queued writes go out first, then the copy is reloaded.
-Conflicting writes to one object from two instances: the last one wins (the object is
+Supervisors' remembered phones (``GET /v1/me``) are the hash ``{prefix}phones``, written and
+published the same way. Conflicting writes to one object from two instances: the last one wins (the object is
 written whole); the voice slot is the one cross-instance rule, and it is atomic in Redis.
 
 The voice slot is ``{prefix}voice:{cid}`` = ``monitor|instance|token``, set with ``NX``
@@ -143,6 +144,18 @@ class RedisStore(MemoryStore):
 
         self._queue(write)
 
+    def put_phone_uri(self, username: str, uri: str | None) -> None:
+        super().put_phone_uri(username, uri)
+
+        def write(pipe: Any) -> None:
+            if uri is None:
+                pipe.hdel(self._key("phones"), username)
+            else:
+                pipe.hset(self._key("phones"), username, uri)
+            self._shared.publish_on(pipe, self.CHANNEL, {"put": "phone", "user": username, "uri": uri})
+
+        self._queue(write)
+
     def forget_conversation(self, cid: str) -> None:
         before = set(self._monitors)
         super().forget_conversation(cid)
@@ -179,6 +192,8 @@ class RedisStore(MemoryStore):
                 del self.leases[monitor.conversation]
             if not monitor.has_voice and self._voice.get(monitor.conversation) == monitor.id:
                 del self._voice[monitor.conversation]  # e.g. its lease expired and another instance reaped it
+        elif kind == "phone":
+            MemoryStore.put_phone_uri(self, message["user"], message.get("uri"))
         elif "voice" in message:
             cid, mid = message["voice"], message.get("monitor")
             if mid:
@@ -196,7 +211,8 @@ class RedisStore(MemoryStore):
         pipe = self._redis.pipeline(transaction=True)
         pipe.hgetall(self._key("conversations"))
         pipe.hgetall(self._key("monitors"))
-        conversations, monitors = await asyncio.wait_for(pipe.execute(), self._shared.operation_timeout)
+        pipe.hgetall(self._key("phones"))
+        conversations, monitors, phones = await asyncio.wait_for(pipe.execute(), self._shared.operation_timeout)
         voice_keys = [self._key("voice", cid.decode()) for cid in conversations]
         holders = (
             await asyncio.wait_for(self._redis.mget(voice_keys), self._shared.operation_timeout) if voice_keys else []
@@ -206,6 +222,7 @@ class RedisStore(MemoryStore):
         self._by_conversation.clear()
         self._voice.clear()
         self._recording_keys.clear()
+        self._phones = {text_of(user): text_of(uri) for user, uri in phones.items()}
         for data in conversations.values():
             MemoryStore.put_conversation(self, conversation_from(json.loads(data)))
         for data in sorted(monitors.values(), key=lambda d: json.loads(d)["started_at"]):

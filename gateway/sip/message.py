@@ -461,6 +461,13 @@ def split_body(msg: SipMessage) -> tuple[bytes | None, bytes | None]:
     raise SipParseError(f"unsupported body type {base!r}", 415)
 
 
+#: Codecs an ingress leg may use (SDP encoding names, lower case): G.711, and the wideband
+#: G.722 and Opus (the workers' bridge runs at 16 kHz for them).
+INGRESS_CODECS = frozenset({"pcmu", "pcma", "g722", "opus"})
+#: RTP/AVP's static payload types of those codecs (RFC 3551); Opus is always dynamic.
+_STATIC_PAYLOADS = {0: "pcmu", 8: "pcma", 9: "g722"}
+
+
 @dataclass
 class SdpStream:
     index: int  # m-line index (pjsua's media index)
@@ -484,14 +491,10 @@ class SdpStream:
 
     @property
     def audio_ok(self) -> bool:
-        """Offers PCMU or PCMA (static or by rtpmap)."""
+        """Offers a codec the workers take: PCMU, PCMA, G722 (static or by rtpmap) or opus."""
         if self.media != "audio" or self.port == 0:
             return False
-        for pt in self.payloads:
-            name = self.codecs.get(pt, {0: "pcmu", 8: "pcma"}.get(pt, "")).lower()
-            if name in ("pcmu", "pcma"):
-                return True
-        return False
+        return any(self.codecs.get(pt, _STATIC_PAYLOADS.get(pt, "")).lower() in INGRESS_CODECS for pt in self.payloads)
 
 
 def parse_sdp(sdp: bytes) -> list[SdpStream]:
@@ -631,7 +634,7 @@ def classify_invite(
     meta = parse_metadata(meta_b) if meta_b is not None else None
     audio = [s for s in streams if s.audio_ok]
     if not audio:
-        raise SipParseError("no PCMU/PCMA audio stream", 488)
+        raise SipParseError("no PCMU, PCMA, G722 or opus audio stream", 488)
     cid, identified_by = _conversation_of(msg, meta, d)
     parties = d.conversation_parties(cid)
     if parties is None:

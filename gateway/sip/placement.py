@@ -40,6 +40,7 @@ class Conversation:
     footprint: int
     kind: str  # 'leg' or 'siprec': fixed by the first INVITE
     legs: dict[str, int] = field(default_factory=dict)  # connected leg → worker call key
+    codecs: dict[str, str] = field(default_factory=dict)  # connected leg → its codec (worker's LegUp)
     calls: dict[int, list[str | None]] = field(default_factory=dict)  # answered call key → its streams' legs
     tokens: set[str] = field(default_factory=set)  # pending 302 reservations
     expected: set[str] = field(default_factory=set)  # legs redirected but not yet connected
@@ -171,12 +172,17 @@ class Placement:
                     self.release_if_idle(conv)
 
     # --- calls and legs --------------------------------------------------------------------
-    def leg_up(self, worker: int, call: int, cid: str, leg: str) -> Conversation | None:
+    def leg_up(self, worker: int, call: int, cid: str, leg: str, codec: str = "") -> Conversation | None:
         """Leg ``leg`` of ``cid`` has media on ``call``; the conversation if this is news."""
         conv = self.conversations.get(cid)
-        if conv is None or conv.worker != worker or call not in conv.calls or leg in conv.legs:
+        if conv is None or conv.worker != worker or call not in conv.calls:
+            return None
+        if leg in conv.legs:
+            if conv.legs[leg] == call and codec:
+                conv.codecs[leg] = codec  # a re-INVITE changed the leg's codec: not news otherwise
             return None
         conv.legs[leg] = call
+        conv.codecs[leg] = codec
         conv.expected.discard(leg)
         conv.had_legs = True
         return conv
@@ -197,6 +203,7 @@ class Placement:
         for leg in conv.calls.pop(call):
             if leg and conv.legs.get(leg) == call:
                 del conv.legs[leg]
+                conv.codecs.pop(leg, None)
                 ended.append(leg)
             if leg:
                 conv.expected.discard(leg)

@@ -26,18 +26,21 @@ from typing import Any, Protocol, TypeVar
 
 from ..config import Settings
 from ..errors import ErrorCode, GatewayError
+from ..quality import IngressQuality, LegReport
 from .front import RELAY_HEADER, Decision, Forward, Refuse, Relay, SipFront
 from .message import InviteInfo, SipMessage, SipParseError, classify_invite, parse_message, valid_sip_uri
 from .parties import Parties
 from .placement import Placement, Refusal
 from .protocol import (
     PLACEMENT_HEADER,
+    WIDEBAND_CODECS,
     Answer,
     CallEnded,
     CallPhone,
     Event,
     HangUpPhone,
     Incoming,
+    LegQuality,
     LegUp,
     PhoneEnded,
     Ready,
@@ -124,6 +127,8 @@ class SipPlane:
         self.taps = TapFanout(self._switch_tap)
         #: conversation -> media process sockets its worker sends the LegFrames to as well
         self.forwards: dict[str, set[str]] = {}
+        #: conversation -> its legs as its worker last reported them (while someone hears it)
+        self.quality: dict[str, IngressQuality] = {}
         self.supervisor = Supervisor(
             settings,
             on_event=self._event,
@@ -265,7 +270,7 @@ class SipPlane:
             case Incoming():
                 self._incoming(worker, event)
             case LegUp():
-                conv = self.placement.leg_up(worker, event.call, event.cid, event.leg)
+                conv = self.placement.leg_up(worker, event.call, event.cid, event.leg, event.codec)
                 if conv is None:
                     return
                 self._safe(self.hooks.on_leg_started, conv.cid, event.leg)
@@ -282,7 +287,13 @@ class SipPlane:
                     self._safe(self.hooks.on_leg_ended, conv.cid, leg, event.reason)
                 if not conv.legs and conv.had_legs:
                     self.taps.finish(conv.cid)
+                    self.quality.pop(conv.cid, None)
                 self.placement.release_if_idle(conv)
+            case LegQuality():
+                if self.placement.conversations.get(event.cid) is None:
+                    return
+                reports = {leg: r for leg, raw in event.legs.items() if (r := LegReport.parse(raw)) is not None}
+                self.quality[event.cid] = IngressQuality(reports, event.phone, time.monotonic())
             case PhoneEnded():
                 cid = self.placement.phone_gone(event.mid)
                 if event.reason != "hung_up" and cid is not None:  # our own hang_up_phone is not reported
@@ -331,6 +342,7 @@ class SipPlane:
             for leg in conv.legs:
                 self._safe(self.hooks.on_leg_ended, conv.cid, leg, reason)
             self.taps.finish(conv.cid)
+            self.quality.pop(conv.cid, None)
 
     # --- public API ------------------------------------------------------------------------
     def conversations(self) -> set[str]:
@@ -341,6 +353,17 @@ class SipPlane:
         """Legs of ``cid`` currently connected (media up)."""
         conv = self.placement.conversations.get(cid)
         return set(conv.legs) if conv is not None else set()
+
+    def leg_codecs(self, cid: str) -> dict[str, str]:
+        """Connected legs of ``cid`` and their codecs (``pcmu``, ``pcma``, ``g722``, ``opus``)."""
+        conv = self.placement.conversations.get(cid)
+        return dict(conv.codecs) if conv is not None else {}
+
+    def wideband(self, cid: str) -> bool:
+        """Whether every connected leg of ``cid`` is wideband (G.722 or Opus): its taps then
+        carry 16 kHz frames, and a WebRTC listener should get Opus to hear them."""
+        codecs = self.leg_codecs(cid)
+        return bool(codecs) and all(c in WIDEBAND_CODECS for c in codecs.values())
 
     async def call_phone(self, cid: str, monitor_id: str, uri: str) -> None:
         """Call the supervisor's SIP phone with ``a=sendonly`` and send it the mix of both legs.
@@ -388,6 +411,16 @@ class SipPlane:
         except (TimeoutError, GatewayError):
             pass
 
+    def leg_quality(self, cid: str) -> IngressQuality | None:
+        """How ``cid``'s legs arrive, as its worker measured them in the last second or so
+        (``None``: nobody hears it, or no report yet)."""
+        report = self.quality.get(cid)
+        return report if report is not None and report.fresh else None
+
+    def phone_conversation(self, monitor_id: str) -> str | None:
+        """The conversation whose mix the phone of ``monitor_id`` is called for (or hears)."""
+        return self.placement.phones.get(monitor_id)
+
     def open_tap(self, cid: str, maxsize: int = 50) -> Tap:
         """Start receiving ``cid``'s LegFrames (both legs, unmixed, 20 ms each)."""
         return self.taps.open(cid, maxsize)
@@ -433,6 +466,8 @@ class SipPlane:
             "frames_received": float(self.taps.frames_received),
             "frames_dropped_worker": float(sum(w.drops for w in workers)),
             "frames_dropped_tap": float(self.taps._tap_drops),
+            # the busiest worker's time reading its streams' statistics in its last second (quality)
+            "stats_pass_seconds": max((w.stats_us for w in workers), default=0) / 1e6,
             "front_invites": float(self.front.counts["invites"] if self.front else 0),
             "front_rejected": float(self.front.counts["rejected"] if self.front else 0),
             "front_malformed": float(self.front.counts["malformed"] if self.front else 0),

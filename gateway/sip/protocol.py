@@ -15,13 +15,16 @@ The worker imports this module, so it stays light: no asyncio, no aiohttp, no nu
 time (numpy costs each worker ~17 MB of RSS and ~0.2 s of start-up; only the main process,
 which decodes frames, needs it).
 
-LegFrame wire format (version 1, little-endian)::
+LegFrame wire format (version 2, little-endian)::
 
-    u8   version (=1)
+    u8   version (=2)
     u8   length of the conversation id (N)
     u16  sample rate / 100 (80 for 8 kHz, 160 for 16 kHz)
     u32  frame sequence number (wraps)
     u16  samples per leg (S)
+    u64  the worker's CLOCK_MONOTONIC in ns when the bridge tick took the frame out of the
+         legs' jitter buffers (0: unknown). Every process on the host reads the same clock, so
+         a media process subtracts it from its own send time: the added latency it measures.
     N    conversation id, UTF-8
     2*S  agent samples, int16
     2*S  customer samples, int16
@@ -45,14 +48,16 @@ from ..media.frames import LegFrame
 
 # --- LegFrame codec ----------------------------------------------------------------------------
 
-LEG_FRAME_VERSION = 1
-_HEADER = struct.Struct("<BBHIH")
+LEG_FRAME_VERSION = 2
+_HEADER = struct.Struct("<BBHIHQ")
 
 
-def encode_leg_frame(cid: bytes, seq: int, sample_rate: int, agent: bytes, customer: bytes) -> bytes:
+def encode_leg_frame(cid: bytes, seq: int, sample_rate: int, agent: bytes, customer: bytes, stamp_ns: int = 0) -> bytes:
     """One datagram from both legs' int16 PCM (same length). Runs per frame on pj's clock
-    thread in the worker: one struct pack and one concatenation."""
-    return _HEADER.pack(LEG_FRAME_VERSION, len(cid), sample_rate // 100, seq, len(agent) // 2) + cid + agent + customer
+    thread in the worker: one struct pack and one concatenation. ``stamp_ns``:
+    ``time.monotonic_ns()`` when the frame left the legs' jitter buffers."""
+    header = _HEADER.pack(LEG_FRAME_VERSION, len(cid), sample_rate // 100, seq, len(agent) // 2, stamp_ns)
+    return header + cid + agent + customer
 
 
 def leg_frame_conversation(data: bytes) -> str | None:
@@ -75,7 +80,7 @@ def decode_leg_frame(data: bytes) -> LegFrame:
 
     if len(data) < _HEADER.size:
         raise ValueError("short frame")
-    version, cid_len, rate, seq, samples = _HEADER.unpack_from(data)
+    version, cid_len, rate, seq, samples, stamp_ns = _HEADER.unpack_from(data)
     if version != LEG_FRAME_VERSION:
         raise ValueError(f"unknown frame version {version}")
     end_cid = _HEADER.size + cid_len
@@ -84,7 +89,7 @@ def decode_leg_frame(data: bytes) -> LegFrame:
         raise ValueError(f"frame length {len(data)} != {expected}")
     cid = data[_HEADER.size : end_cid].decode()
     pcm = np.frombuffer(data, dtype="<i2", offset=end_cid, count=2 * samples)
-    return LegFrame(cid, seq, rate * 100, pcm[:samples], pcm[samples:])
+    return LegFrame(cid, seq, rate * 100, pcm[:samples], pcm[samples:], stamp_ns / 1e9)
 
 
 # --- placement tokens --------------------------------------------------------------------------
@@ -308,6 +313,10 @@ class Incoming(Event):
     msg: str
 
 
+#: Leg codecs (:attr:`LegUp.codec`) that carry wideband audio (16 kHz).
+WIDEBAND_CODECS = frozenset({"g722", "opus"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class LegUp(Event):
     """Media of leg ``leg`` of conversation ``cid`` is up on call ``call``."""
@@ -316,6 +325,8 @@ class LegUp(Event):
     call: int
     cid: str
     leg: str
+    #: the leg's negotiated codec, lower case (``pcmu``, ``pcma``, ``g722``, ``opus``; "" unknown)
+    codec: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,13 +357,36 @@ class Stats(Event):
     drops: int
     #: INVITEs refused at once for a missing or forged placement token (a flood shows here).
     refused: int = 0
+    #: Microseconds the worker spent reading its streams' statistics in the last second (the
+    #: once-a-second pass: media timeout and :class:`LegQuality`; and the jitter-buffer level
+    #: samples of the monitored streams between): what measuring quality costs this worker.
+    stats_us: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LegQuality(Event):
+    """Once a second for each conversation someone hears (a phone, or LegFrames sent): how each
+    leg arrives, from pjmedia's statistics of its stream (one ``getStreamStat`` per stream).
+
+    ``legs`` maps the leg (``agent``, ``customer``, ``mixed``) to
+    ``{"packets": int, "lost": int, "jitter_us": int, "jbuf_ms": int}``: RTP packets received
+    and lost (sequence gaps) since the previous report, the RFC 3550 interarrival jitter
+    (RTCP receiver statistics, last value) and the jitter buffer's level in ms at the last
+    bridge tick, i.e. how long a frame waits in it between arriving and being mixed.
+    ``phone``: a supervisor phone of this worker hears the conversation.
+    """
+
+    TYPE: ClassVar[str] = "leg_quality"
+    cid: str
+    legs: dict[str, Any]
+    phone: bool = False
 
 
 Message: TypeAlias = Command | Event
 
 #: Every message that crosses the control socket, by wire tag.
 COMMANDS: tuple[type[Command], ...] = (Answer, Reject, CallPhone, HangUpPhone, SetTap, Quit)
-EVENTS: tuple[type[Event], ...] = (Ready, Fatal, Reply, Incoming, LegUp, CallEnded, PhoneEnded, Stats)
+EVENTS: tuple[type[Event], ...] = (Ready, Fatal, Reply, Incoming, LegUp, CallEnded, PhoneEnded, Stats, LegQuality)
 MESSAGES: dict[str, type[Message]] = {**{c.TYPE: c for c in COMMANDS}, **{e.TYPE: e for e in EVENTS}}
 
 

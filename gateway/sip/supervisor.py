@@ -137,6 +137,8 @@ class Worker:
         self.restarts = 0
         self.hung_kills = 0
         self.refused = 0
+        #: microseconds its last once-a-second stream statistics pass took (Stats.stats_us)
+        self.stats_us = 0
 
     def mint_token(self) -> str:
         """A placement token this worker accepts (see :func:`gateway.sip.protocol.mint_token`)."""
@@ -340,6 +342,7 @@ class Supervisor:
                     fut.set_result(event)
             case Stats():
                 w.frames, w.drops, w.refused = event.frames, event.drops, event.refused
+                w.stats_us = event.stats_us
             case _:
                 self._on_event(w.index, event)
 

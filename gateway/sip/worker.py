@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import queue
+import random
 import resource
 import socket
 import sys
@@ -37,6 +39,7 @@ import pjsua2 as pj
 
 from .protocol import (
     PLACEMENT_HEADER,
+    WIDEBAND_CODECS,
     Answer,
     CallEnded,
     CallPhone,
@@ -45,6 +48,7 @@ from .protocol import (
     Fatal,
     HangUpPhone,
     Incoming,
+    LegQuality,
     LegUp,
     PhoneEnded,
     ProtocolError,
@@ -62,21 +66,39 @@ from .protocol import (
 )
 from .routing import tls_hop_uri
 
-CLOCK_RATE = 8000
-SAMPLES = CLOCK_RATE // 50
+#: The conference bridge's clock: 16 kHz, the rate of G.722 and of the workers' Opus, so
+#: wideband legs reach a wideband phone or tap without resampling; G.711 ports are resampled
+#: by the bridge (bench/bridge_cost.py --codec measures what that costs per conversation).
+CLOCK_RATE = 16000
+#: The rate of a conversation's tap while one of its legs is narrowband (G.711): its frames
+#: carry nothing above 4 kHz, so they cross at 8 kHz (half the bytes, and the WebRTC side
+#: keeps its batched G.711 path).
+NARROW_RATE = 8000
+#: The bridge's frame length (ptime), ms.
+FRAME_MS = 20
+#: The once-a-second statistics read happens at a random moment within this many seconds of
+#: the second (see Worker.run).
+_STATS_SPREAD = 0.1
+#: Reads a second, at random moments, of the jitter-buffer level of each stream someone hears,
+#: besides the once-a-second read: their mean is the reported level (one reading of a bursty
+#: stream's buffer is off by up to a burst).
+_LEVEL_SAMPLES = 3
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
-_SILENCE = b"\0" * (2 * SAMPLES)
 #: Calls one process holds with this pjsua2: the project's build says (PJSUA_MAX_CALLS); the
 #: PyPI wheel has no such attribute and its pjsua clamps every process to 4.
 BUILD_MAX_CALLS: int = getattr(pj, "MAX_CALLS", 4)
 PJSUA2_VERSION: str = getattr(pj, "__version__", "")
 #: Descriptors a full worker needs: the build's ioqueue (4096 sockets) plus files and pipes.
 _WANTED_FDS = 8192
-#: Codecs offered and accepted, by priority: G.711 only. The conference bridge runs at 8 kHz
-#: (what the legs, the phone and the taps carry); G.722 or Opus would add a codec and a
-#: resampler per stream for audio that is 8 kHz G.711 at the platform anyway.
-_CODEC_PRIORITY = {"PCMU/": 255, "PCMA/": 254}
+#: Opus encoder complexity (0-10; pjmedia's default 5) of a phone call that takes Opus:
+#: bench/bridge_cost.py measured 0.69 % of a core per Opus conversation at 5, 0.51 % at 3,
+#: 0.35 % at 1 (the encoder toward the phone is most of it; the legs are only decoded).
+OPUS_COMPLEXITY = 1
+#: Codecs offered and accepted, by priority: wideband first (what the gateway offers a
+#: supervisor's phone), then G.711. An ingress answer follows the platform's order (pjmedia
+#: prefers the offerer's), so a platform's G.711 stays G.711.
+_CODEC_PRIORITY = {"G722/": 255, "opus/": 254, "PCMU/": 253, "PCMA/": 252}
 
 
 class _PjStr(ctypes.Structure):
@@ -139,6 +161,19 @@ def _srtp(media: Any, mode: str) -> None:
     media.srtpOpt.keyings = pj.IntVector([pj.PJMEDIA_SRTP_KEYING_SDES])
 
 
+def _opus_at_bridge_rate(ep: Any) -> None:
+    """Opus (when the build has it) decodes and encodes mono at the bridge's rate: no resampler
+    per stream, and the SDP says so (``maxplaybackrate``/``sprop-maxcapturerate``)."""
+    opus = next((c.codecId for c in ep.codecEnum2() if c.codecId.lower().startswith("opus/")), None)
+    if opus is None:
+        return
+    cfg = ep.getCodecOpusConfig()
+    cfg.sample_rate = CLOCK_RATE
+    cfg.channel_cnt = 1
+    cfg.complexity = OPUS_COMPLEXITY
+    ep.setCodecOpusConfig(cfg)
+
+
 def _placement_token(msg: str) -> str:
     """The value of the front's placement header in a request's head, or ""."""
     head = msg.split("\r\n\r\n", 1)[0]
@@ -180,6 +215,9 @@ class Worker:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.invites_refused = 0
+        self.stats_us = 0
+        #: "PCMU/8000" -> the codec's frame length in ms (the unit of a stream's jitter buffer)
+        self.frame_ms: dict[str, int] = {}
         self.max_calls = min(args.max_calls, BUILD_MAX_CALLS) if args.max_calls > 0 else BUILD_MAX_CALLS
 
     # --- plumbing --------------------------------------------------------------------------
@@ -246,7 +284,7 @@ class Worker:
         cfg.uaConfig.userAgent = "silent-monitor-gateway"
         cfg.logConfig.level = a.log_level
         cfg.logConfig.consoleLevel = a.log_level
-        # The conference bridge ticks at the legs' rate (8 kHz G.711): no resampling anywhere.
+        # The conference bridge ticks at the wideband legs' rate (CLOCK_RATE).
         cfg.medConfig.clockRate = CLOCK_RATE
         cfg.medConfig.sndClockRate = CLOCK_RATE
         cfg.medConfig.channelCount = 1
@@ -270,6 +308,7 @@ class Worker:
             ep.codecSetPriority(
                 c.codecId, next((p for name, p in _CODEC_PRIORITY.items() if c.codecId.startswith(name)), 0)
             )
+        _opus_at_bridge_rate(ep)
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:gateway@{a.host}:{a.sip_port}"
         acfg.mediaConfig.transportConfig.port = a.rtp_port
@@ -292,9 +331,16 @@ class Worker:
         self.emit(Ready(pid=os.getpid(), sip_port=a.sip_port, max_calls=self.max_calls, pjsua2=PJSUA2_VERSION))
 
     def run(self) -> None:
-        last_stats = 0.0
+        next_stats = next_level = 0.0
+        level_us = 0
         while self.running:
-            self.ep.libHandleEvents(self.args.poll_ms)
+            # Wake for the stats read by the poll's own timeout, not after a packet: a jitter
+            # buffer read right after its stream's packet (or burst) arrived shows it at its
+            # fullest. Read at a random moment instead (±100 ms around each second: random
+            # against any arrival pattern of a period up to 200 ms), its level is on average
+            # how long a frame waits in it (Little's law). Likewise the level samples between.
+            wait = min(self.args.poll_ms, max(0, math.ceil((min(next_stats, next_level) - time.monotonic()) * 1000)))
+            self.ep.libHandleEvents(wait)
             self.graveyard.clear()
             while True:
                 try:
@@ -312,10 +358,25 @@ class Worker:
                     self.reply(cmd, False, f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             self.check_timers(now)  # a method of its own: no pj object may outlive it in this frame
-            if now - last_stats >= 1.0:
-                last_stats = now
-                self.check_media(now)
-                self.emit(Stats(frames=self.frames_sent, drops=self.frames_dropped, refused=self.invites_refused))
+            if now >= next_level:
+                next_level = now + random.uniform(0, 2 / _LEVEL_SAMPLES)
+                t0 = time.perf_counter_ns()
+                self.sample_levels()
+                level_us += (time.perf_counter_ns() - t0) // 1000
+            if now >= next_stats:
+                next_stats = now + random.uniform(1.0 - _STATS_SPREAD, 1.0 + _STATS_SPREAD)
+                t0 = time.perf_counter_ns()
+                self.read_streams(now)
+                self.stats_us = (time.perf_counter_ns() - t0) // 1000 + level_us
+                level_us = 0
+                self.emit(
+                    Stats(
+                        frames=self.frames_sent,
+                        drops=self.frames_dropped,
+                        refused=self.invites_refused,
+                        stats_us=self.stats_us,
+                    )
+                )
 
     def check_timers(self, now: float) -> None:
         """Reject calls the main process did not decide on; give up on phones that keep ringing."""
@@ -351,25 +412,84 @@ class Worker:
         except Exception:
             pass
 
-    def check_media(self, now: float) -> None:
-        """Hang up ingress calls whose RTP stopped (a platform that vanished without BYE)."""
+    def read_streams(self, now: float) -> None:
+        """Once a second, one ``getStreamStat`` per ingress stream, for two uses: hang up calls
+        whose RTP stopped (a platform that vanished without BYE; all calls, if
+        ``media_timeout``), and report each leg of a conversation someone hears
+        (:class:`LegQuality`; nobody hears most conversations, and their streams are not read
+        for it)."""
         limit = self.args.media_timeout
-        if limit <= 0:
-            return
+        reports: dict[str, dict[str, Any]] = {}
         for call in list(self.calls.values()):
             if call.phone_mid is not None or not call.media_idx or call.ended:
                 continue
+            conv = self.convs.get(call.conv_id or "")
+            heard = conv is not None and (conv.phone is not None or bool(conv.frame_to))
+            if not heard:
+                call.rx_seen.clear()  # a later report starts from a fresh baseline
+                call.levels.clear()
+                if limit <= 0:
+                    continue
             total = 0
             for idx in call.media_idx:
                 try:
-                    total += call.getStreamStat(idx).rtcp.rxStat.pkt
+                    stat = call.getStreamStat(idx)
                 except pj.Error:
-                    pass
+                    continue
+                rx = stat.rtcp.rxStat
+                total += rx.pkt
+                leg = call.legs[idx] if heard and idx < len(call.legs) else None
+                if conv is not None and leg:
+                    before = call.rx_seen.get(idx)
+                    call.rx_seen[idx] = (rx.pkt, rx.loss)
+                    if before is not None:  # the first read is the baseline
+                        reports.setdefault(conv.cid, {})[leg] = {
+                            "packets": rx.pkt - before[0],
+                            "lost": rx.loss - before[1],
+                            "jitter_us": int(rx.jitterUsec.last),
+                            "jbuf_ms": call.mean_level(idx, int(stat.jbuf.size) * self.codec_frame_ms(call, idx)),
+                        }
+            if limit <= 0:
+                continue
             if total != call.rx_pkts:
                 call.rx_pkts, call.rx_changed = total, now
             elif now - call.rx_changed > limit:
                 call.end_reason = "media_timeout"
                 call.local_hangup()
+        for cid, legs in reports.items():
+            heard_conv = self.convs.get(cid)  # a hang-up above may have ended it
+            phone = heard_conv.phone if heard_conv is not None else None
+            self.emit(LegQuality(cid=cid, legs=legs, phone=phone is not None and phone.connected))
+
+    def sample_levels(self) -> None:
+        """One jitter-buffer level reading of each stream someone hears (a baseline is kept for
+        it: :meth:`read_streams`), added up until the next report."""
+        for call in list(self.calls.values()):
+            for idx in list(call.rx_seen):
+                try:
+                    size = int(call.getStreamStat(idx).jbuf.size)
+                except pj.Error:
+                    continue
+                total, n = call.levels.get(idx, (0, 0))
+                call.levels[idx] = (total + size * self.codec_frame_ms(call, idx), n + 1)
+
+    def codec_frame_ms(self, call: GwCall, idx: int) -> int:
+        """The frame length of stream ``idx``'s codec: a jitter buffer counts codec frames, not
+        packets (G.711 and G.722 frames are 10 ms: a 20 ms packet is two of them)."""
+        frame_ms = call.jb_frame_ms.get(idx)
+        if frame_ms is None:
+            try:
+                info = call.getStreamInfo(idx)
+                key = f"{info.codecName}/{info.codecClockRate}"
+            except pj.Error:
+                return FRAME_MS // 2  # not kept: asked again next second
+            frame_ms = self.frame_ms.get(key)
+            if frame_ms is None:
+                ids = [c.codecId for c in self.ep.codecEnum2() if c.codecId.lower().startswith(key.lower())]
+                frame_ms = int(self.ep.codecGetParam(ids[0]).info.frameLen) if ids else FRAME_MS // 2
+                self.frame_ms[key] = frame_ms
+            call.jb_frame_ms[idx] = frame_ms
+        return frame_ms
 
     # --- commands --------------------------------------------------------------------------
     def reply(self, cmd: Command, ok: bool, error: str = "") -> None:
@@ -484,12 +604,15 @@ class Worker:
             if owner is call:
                 del conv.leg_owner[leg]
                 conv.legs.pop(leg, None)
+                conv.leg_codec.pop(leg, None)
         if not conv.legs:
             # No leg left: the phone has nothing to hear. Hang it up; the plane reports why.
             if conv.phone is not None:
                 conv.phone.end_reason = "voice_ended"
                 conv.phone.local_hangup()
             conv.drop_tap()
+        elif conv.want_tap and any(port.rate != conv.tap_rate for port in conv.tap_ports.values()):
+            conv.wire_tap()  # the narrowband leg left: the rest is wideband
         if not conv.calls:
             conv.drop_tap()
             self.convs.pop(conv.cid, None)
@@ -504,6 +627,7 @@ class Conv:
         self.cid_b = cid.encode()
         self.calls: set[int] = set()
         self.legs: dict[str, Any] = {}  # 'agent'/'customer' → AudioMedia
+        self.leg_codec: dict[str, str] = {}  # leg → its negotiated codec (lower case)
         self.leg_owner: dict[str, GwCall] = {}
         self.phone: GwCall | None = None
         self.phone_media: Any = None
@@ -518,9 +642,17 @@ class Conv:
     def want_tap(self) -> bool:
         return bool(self.frame_to)
 
-    def leg_up(self, leg: str, media: Any, owner: GwCall) -> None:
+    @property
+    def tap_rate(self) -> int:
+        """The rate of this conversation's LegFrames: the bridge's while every leg up is
+        wideband (G.722, Opus), else 8 kHz (a G.711 leg carries nothing above 4 kHz)."""
+        wide = self.leg_codec and all(self.leg_codec.get(leg) in WIDEBAND_CODECS for leg in self.legs)
+        return CLOCK_RATE if wide else NARROW_RATE
+
+    def leg_up(self, leg: str, media: Any, owner: GwCall, codec: str = "") -> None:
         self.legs[leg] = media
         self.leg_owner[leg] = owner
+        self.leg_codec[leg] = codec
         if self.phone_media is not None:
             media.startTransmit(self.phone_media)
         if self.want_tap:
@@ -534,13 +666,16 @@ class Conv:
             m.startTransmit(media)
 
     def wire_tap(self) -> None:
+        rate = self.tap_rate
+        if any(port.rate != rate for port in self.tap_ports.values()):
+            self.drop_tap()  # a leg came or went that changes the rate: new ports (the bridge resamples)
         for leg, media in self.legs.items():
             port = self.tap_ports.get(leg)
             if port is None:
-                port = TapPort(self, leg)
+                port = TapPort(self, leg, rate)
                 fmt = pj.MediaFormatAudio()
                 fmt.type = pj.PJMEDIA_TYPE_AUDIO
-                fmt.clockRate = CLOCK_RATE
+                fmt.clockRate = rate
                 fmt.channelCount = 1
                 fmt.bitsPerSample = 16
                 fmt.frameTimeUsec = 20000
@@ -556,10 +691,10 @@ class Conv:
         # turn so a clock-thread callback in flight never sees a freed object.
         self.w.graveyard.extend(ports.values())
 
-    def on_leg_frame(self, leg: str, data: bytes) -> None:
+    def on_leg_frame(self, leg: str, data: bytes, rate: int) -> None:
         """Runs on pj's clock thread, once per tapped leg per 20 ms: pair the legs and send."""
         if leg == "mixed":
-            self.send_mixed(data)
+            self.send_mixed(data, rate)
             return
         pending = self.pending
         other = "customer" if leg == "agent" else "agent"
@@ -578,7 +713,7 @@ class Conv:
         if len(agent) != len(customer):
             return
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, agent, customer))
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, agent, customer, time.monotonic_ns()))
 
     def send_frame(self, data: bytes) -> None:
         """One encoded LegFrame to every destination switched on (pj's clock thread)."""
@@ -592,24 +727,26 @@ class Conv:
             except (OSError, KeyError):  # BlockingIOError included: the reader is behind, drop
                 self.w.frames_dropped += 1
 
-    def send_mixed(self, data: bytes) -> None:
+    def send_mixed(self, data: bytes, rate: int) -> None:
         """A mixed leg (both parties in one stream) goes out as it is, on the agent side with
         silence beside it: a mono mix of the two is the stream itself, never doubled."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        self.send_frame(encode_leg_frame(self.cid_b, self.seq, CLOCK_RATE, data, b"\0" * len(data)))
+        self.send_frame(encode_leg_frame(self.cid_b, self.seq, rate, data, b"\0" * len(data), time.monotonic_ns()))
 
 
 class TapPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 has no type information
-    def __init__(self, conv: Conv, leg: str) -> None:
+    def __init__(self, conv: Conv, leg: str, rate: int) -> None:
         super().__init__()
         self.conv = conv
         self.leg = leg
+        self.rate = rate
+        self.silence = b"\0" * (2 * rate // 50)
 
     def onFrameReceived(self, frame: Any) -> None:
         # The bridge calls every port once per tick, with a NONE frame when the mix is digital
         # silence: count those as silence so the two legs stay paired tick by tick.
         data = _buf_bytes(frame) if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO else b""
-        self.conv.on_leg_frame(self.leg, data or _SILENCE)
+        self.conv.on_leg_frame(self.leg, data or self.silence, self.rate)
 
 
 class GwAccount(pj.Account):  # type: ignore[misc]  # pjsua2 has no type information
@@ -643,6 +780,12 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.media_idx: list[int] = []  # ingress stream indexes with media up
         self.rx_pkts = 0
         self.rx_changed = 0.0
+        #: stream index -> (packets, lost) at the last quality read (LegQuality reports deltas)
+        self.rx_seen: dict[int, tuple[int, int]] = {}
+        #: stream index -> its codec's frame length, ms (Worker.codec_frame_ms)
+        self.jb_frame_ms: dict[int, int] = {}
+        #: stream index -> (sum of jitter-buffer level readings in ms, readings) since the last report
+        self.levels: dict[int, tuple[int, int]] = {}
         self.conv_id: str | None = None
         self.legs: list[str | None] = []
         self.phone_mid: str | None = None
@@ -651,6 +794,12 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
         self.connected = False
         self.ended = False
         self.silent = False  # refused by the worker itself: the main process never heard of it
+
+    def mean_level(self, idx: int, now_ms: int) -> int:
+        """The mean of stream ``idx``'s level readings since the last report and ``now_ms``;
+        starts the next period."""
+        total, n = self.levels.pop(idx, (0, 0))
+        return round((total + now_ms) / (n + 1))
 
     def accept(self, n_streams: int) -> None:
         prm = pj.CallOpParam(True)
@@ -713,13 +862,26 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
                 if index not in self.media_idx:
                     self.media_idx.append(index)
                     self.rx_changed = time.monotonic()
+                codec = self.codec_of(index)
                 old = conv.legs.get(leg)
                 if old is None:
-                    conv.leg_up(leg, media, self)
-                    self.w.emit(LegUp(call=self.key, cid=conv.cid, leg=leg))
-                elif conv.leg_owner.get(leg) is self and old.getPortId() != media.getPortId():
-                    # A re-INVITE recreated the stream on a new bridge slot: wire it again.
-                    conv.leg_up(leg, media, self)
+                    conv.leg_up(leg, media, self, codec)
+                    self.w.emit(LegUp(call=self.key, cid=conv.cid, leg=leg, codec=codec))
+                elif conv.leg_owner.get(leg) is self and (
+                    old.getPortId() != media.getPortId() or conv.leg_codec.get(leg) != codec
+                ):
+                    # A re-INVITE recreated the stream on a new bridge slot (or changed its
+                    # codec): wire it again, and tell the plane the codec (wideband or not).
+                    if conv.leg_codec.get(leg) != codec:
+                        self.w.emit(LegUp(call=self.key, cid=conv.cid, leg=leg, codec=codec))
+                    conv.leg_up(leg, media, self, codec)
+
+    def codec_of(self, index: int) -> str:
+        """The negotiated codec of stream ``index``, lower case (``pcmu``, ``g722``, ``opus``...)."""
+        try:
+            return str(self.getStreamInfo(index).codecName).lower()
+        except pj.Error:
+            return ""
 
 
 def audio_medias(call: Any, ci: Any) -> list[tuple[int, Any]]:

@@ -298,8 +298,11 @@ export async function wsUrl(path, params = {}) {
 
 // --- the calls the console makes ---------------------------------------------------------
 export const listConversations = async () => (await request("GET", "/v1/conversations")).data;
+/** `voice`: null (chat only), {kind: "webrtc"} (this browser) or {kind: "sip", uri} (a phone). */
 export const startMonitor = async (cid, voice) =>
-  (await request("POST", `/v1/conversations/${encodeURIComponent(cid)}/monitors`, { body: { voice: voice ? { kind: "webrtc" } : null } })).data;
+  (await request("POST", `/v1/conversations/${encodeURIComponent(cid)}/monitors`, { body: { voice: voice || null } })).data;
+export const getMe = async () => (await request("GET", "/v1/me")).data;
+export const putPhone = async (uri) => (await request("PUT", "/v1/me/phone", { body: { uri } })).data;
 export const endMonitor = (mid, { keepalive = false } = {}) => request("DELETE", `/v1/monitors/${encodeURIComponent(mid)}`, { keepalive });
 export const whisper = async (mid, text) => (await request("POST", `/v1/monitors/${encodeURIComponent(mid)}/whisper`, { body: { text } })).data;
 export const barge = async (mid) => (await request("POST", `/v1/monitors/${encodeURIComponent(mid)}/barge`, { body: {} })).data;

@@ -24,6 +24,8 @@ const GATEWAY_ERRORS = {
   message_too_long: "That message is too long.",
   identity_unavailable: "The identity service is not answering. Try again shortly.",
   state_unavailable: "The gateway cannot reach its shared state. Try again shortly.",
+  invalid_sip_uri: "That is not a SIP address: write it as sip:name@host (or sips:).",
+  phone_unreachable: "Your phone could not be called.",
 };
 
 /** Codes of the identity provider (OAuth 2.0 errors) and of the console itself. */
@@ -57,6 +59,7 @@ const VOICE_BLOCKED = {
   voice_started_after_chat_monitoring: "Chat only: the call started after chat monitoring began.",
   voice_not_active: "Chat only: there is no active call.",
   voice_not_requested: "Chat only: you did not ask to listen.",
+  phone_unreachable: "Chat only: your phone could not be called.",
 };
 
 /** One sentence for an ApiError-like {code, message}. */
@@ -66,6 +69,11 @@ export function explainError(err) {
   if (err.status === 401) return ERRORS.invalid_token;
   if (err.status === 403) return ERRORS.forbidden;
   return err.message || "Something went wrong.";
+}
+
+/** Why a row's Monitor button is disabled (the code the gateway would refuse the start with). */
+export function explainNotMonitorable(code) {
+  return ERRORS[code] || code;
 }
 
 export function explainEnd(reason) {
