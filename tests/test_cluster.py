@@ -5,9 +5,6 @@ sipp legs, a pjsua2 SIPREC client and phone, and Kamailio as the cluster's one S
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from devtools.cluster import GatewayProcess, instance_settings
 from devtools.redis_server import RedisServer, start_redis
 from gateway.shared.cluster import Cluster
 
@@ -37,36 +35,47 @@ from .sip_support import (
 from .support import GatewayClient, free_port
 
 pytestmark = [pytest.mark.sip, pytest.mark.api]
-ROOT = Path(__file__).resolve().parent.parent
 #: TTL of the voice slot, the media-owner lease and the registry card (short: the crash test waits it out).
 LEASE = 1.5
 
 
 @dataclass
 class Instance:
-    """One gateway process and a client of its API."""
+    """One gateway process (``devtools.cluster.GatewayProcess``) and a client of its API."""
 
     name: str
-    proc: asyncio.subprocess.Process
+    process: GatewayProcess
     client: GatewayClient
-    sip_port: int
-    log: Path
 
     @property
     def url(self) -> str:
         return self.client.base_url
 
     @property
+    def sip_port(self) -> int:
+        return self.process.sip_port
+
+    @property
     def sip_uri(self) -> str:
-        return f"sip:127.0.0.1:{self.sip_port}"
+        return self.process.sip_uri
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process.process is None else self.process.process.poll()
 
     def kill(self) -> None:
-        """kill -9 of the gateway process (its SIP workers see their control socket close)."""
-        if self.proc.returncode is None:
-            self.proc.kill()
+        """kill -9 of the instance and its SIP workers (its process group): a crash."""
+        self.process.kill()
+
+    async def exited(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while (code := self.returncode) is None:
+            assert time.monotonic() < deadline, f"{self.name} still running after {timeout}s"
+            await asyncio.sleep(0.1)
+        return code
 
     def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+        return self.process.log_tail()
 
 
 async def start_instance(
@@ -78,41 +87,30 @@ async def start_instance(
     idp: str | None = None,
     **extra: str,
 ) -> Instance:
-    port = free_port()
-    sip_port = free_udp_block(4)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "GATEWAY_DEV": "true",
-        "GATEWAY_PORT": str(port),
-        "GATEWAY_INSTANCE_ID": name,
-        "GATEWAY_DATA_DIR": str(tmp / name),
-        "GATEWAY_REDIS_URL": redis.url,
-        "GATEWAY_REDIS_PREFIX": prefix,
-        "GATEWAY_VOICE_LEASE_SECONDS": str(LEASE),
-        "GATEWAY_SIP_PORT": str(sip_port),
-        "GATEWAY_SIP_WORKERS": "1",
-        "GATEWAY_RTP_PORT_BASE": str(free_udp_block(40, 30000, 39000)),
-        "GATEWAY_WEBRTC_PROCESSES": "0",
-        "GATEWAY_DRAIN_SECONDS": "30",
-        "GATEWAY_LOG_LEVEL": "INFO",
-    }
-    if idp is not None:
-        env["GATEWAY_KEYCLOAK_URL"] = idp
-    env.update({f"GATEWAY_{key.upper()}": value for key, value in extra.items()})
-    log = tmp / f"{name}.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=out, start_new_session=True,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    client = GatewayClient(base, idp or base, http)
-    instance = Instance(name, proc, client, sip_port, log)
+    """``python -m gateway serve`` on free loopback ports, sharing ``redis``; ``extra``: more
+    settings by name (``sip_workers="2"``)."""
+    settings = instance_settings(
+        calls_per_worker=0,  # as many as the worker's pjsua2 build holds
+        rtp_port_base=free_udp_block(40, 30000, 39000),
+        redis_url=redis.url,
+        keycloak_url=idp or "",
+        instance_id=name,
+        extra={
+            "GATEWAY_REDIS_PREFIX": prefix,
+            "GATEWAY_VOICE_LEASE_SECONDS": str(LEASE),
+            "GATEWAY_DRAIN_SECONDS": "30",
+            "GATEWAY_LOG_LEVEL": "INFO",
+            **{f"GATEWAY_{key.upper()}": value for key, value in extra.items()},
+        },
+    )
+    process = GatewayProcess(name, tmp / name, free_port(), free_udp_block(4), settings)
+    process.start()
+    client = GatewayClient(process.base_url, idp or process.base_url, http)
+    instance = Instance(name, process, client)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if proc.returncode is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{instance.tail()}")
+        if instance.returncode is not None:
+            raise AssertionError(f"{name} exited with {instance.returncode}:\n{instance.tail()}")
         try:
             if (await client.call("GET", "/readyz")).status == 200:
                 return instance
@@ -123,12 +121,8 @@ async def start_instance(
 
 
 async def stop_instance(instance: Instance) -> None:
-    """Stop the process and whatever it started (its process group)."""
-    try:
-        os.killpg(instance.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    await instance.proc.wait()
+    """Stop the instance and whatever it started (its process group) at once."""
+    await asyncio.to_thread(instance.process.stop, 0.0)
 
 
 @asynccontextmanager
@@ -555,7 +549,7 @@ async def test_drain_moves_new_calls_and_monitors_to_the_other_instance(
             try:
                 await until(lambda: _both(b.client, busy), 10, "the busy conversation's legs on A")
                 assert await media_owner(redis_server, redis_prefix, busy) == a.name
-                a.proc.send_signal(signal.SIGTERM)  # A drains: it still holds a call, so it stays up
+                a.process.terminate()  # SIGTERM: A drains; it still holds a call, so it stays up
                 k.wait_state(a.sip_uri, "I", timeout=10)  # Kamailio's probes got 503
                 # a new call Kamailio would have hashed to A goes to B
                 new_legs = await start_legs(tmp_path, k.port, fresh, 4)
@@ -569,13 +563,12 @@ async def test_drain_moves_new_calls_and_monitors_to_the_other_instance(
                 assert chat.status == 201 and chat.body["channels"] == ["chat"], chat.body
                 held = await a.client.monitor("sam", busy, {"kind": "webrtc"})
                 assert (held.status, held.code) == (503, "draining"), held.body
-                assert a.proc.returncode is None
+                assert a.returncode is None
                 # the call ends (the platform hangs up), and A stops by itself: the monitors,
                 # B's now, do not hold it up
                 for leg in legs:
                     assert await asyncio.wait_for(leg.wait(), 15) == 0
-                await asyncio.wait_for(a.proc.wait(), 10)
-                assert a.proc.returncode == 0, a.tail()
+                assert await a.exited(10) == 0, a.tail()
             finally:
                 await reap(*legs, *new_legs)
 
