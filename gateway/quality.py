@@ -14,7 +14,8 @@ Where each figure comes from (``docs/DESIGN.md`` §"Quality"):
   filter (3 ms with the workers' setting, ``gateway.sip.worker.MEDIA_QUALITY``). The worker
   computes that per leg and path from the ports' rates (``resample_ms``) and it is added to
   the leg's wait below: it happens inside a bridge tick, so neither the jitter buffer nor the
-  transit sees it.
+  transit sees it. Likewise an Opus leg's decoder holds one frame (pjmedia decodes each frame
+  when the next arrives, for in-band FEC): ``codec_ms``.
 * **Added latency, WebRTC listener** = the legs' jitter-buffer wait (the larger of the two, as
   above) + the transit **measured for every frame**: the worker stamps each LegFrame with its
   CLOCK_MONOTONIC at the bridge tick that took it out of the jitter buffers, and the media
@@ -61,6 +62,8 @@ class LegReport:
     #: per path ("sip", "webrtc"): the delay of the bridge's resamplers on the leg's way out
     #: (computed by the worker from the ports' rates; none between ports at the bridge's rate)
     resample_ms: Mapping[str, float] = field(default_factory=dict)
+    #: the leg's decoder holding a frame after the jitter buffer (pjmedia's Opus: one frame)
+    codec_ms: float = 0.0
 
     @classmethod
     def parse(cls, raw: Any) -> LegReport | None:
@@ -75,6 +78,7 @@ class LegReport:
                 max(0.0, float(raw["jitter_us"]) / 1000),
                 max(0.0, float(raw["jbuf_ms"])),
                 {str(path): max(0.0, float(ms)) for path, ms in resample.items()},
+                max(0.0, float(raw.get("codec_ms", 0))),
             )
         except (AttributeError, KeyError, TypeError, ValueError):
             return None
@@ -147,9 +151,11 @@ class QualityBoard:
         for leg, report in ingress.legs.items():
             before = waits.get(leg)
             waits[leg] = report.jbuf_ms if before is None else before + SMOOTHING * (report.jbuf_ms - before)
-        # Then, per leg, the resamplers' delay on this path (fixed by the ports' rates).
+        # Then, per leg, what the ports' rates and the codec fix: the resamplers' delay on this
+        # path and a decoder's held frame.
         smoothed = max(
-            (waits[leg] + r.resample_ms.get(path or "", 0.0) for leg, r in ingress.legs.items()), default=0.0
+            (waits[leg] + r.resample_ms.get(path or "", 0.0) + r.codec_ms for leg, r in ingress.legs.items()),
+            default=0.0,
         )
         if path == "sip" and ingress.phone:
             added = smoothed + PHONE_SEND_MS

@@ -33,6 +33,8 @@ def test_leg_report_parses_the_worker_event_and_refuses_junk() -> None:
         {"packets": 45, "lost": 5, "jitter_us": 1250, "jbuf_ms": 40, "resample_ms": {"sip": 6.0, "webrtc": 3.0}}
     )
     assert with_resample == LegReport(45, 5, 1.25, 40.0, {"sip": 6.0, "webrtc": 3.0})
+    held = LegReport.parse({"packets": 1, "lost": 0, "jitter_us": 0, "jbuf_ms": 20, "codec_ms": 20})
+    assert held is not None and held.codec_ms == 20.0
     assert with_resample.to_json() == report.to_json()  # an input to the latency, not a leg figure
     for junk in (
         None,
@@ -64,6 +66,10 @@ def test_the_resamplers_delay_is_added_per_leg_and_path() -> None:
         "agent": LegReport(50, 0, 1.0, 20.0, {"sip": 6.0, "webrtc": 6.0}),
         "customer": LegReport(50, 0, 1.0, 22.0, {"sip": 0.0, "webrtc": 3.0}),
     }
+    opus = {"customer": LegReport(50, 0, 1.0, 22.0, {"sip": 3.0}, codec_ms=20.0)}
+    assert QualityBoard().measure(
+        "o", IngressQuality(opus, True, time.monotonic()), "sip", None
+    ).added_ms == pytest.approx(45.0 + PHONE_SEND_MS)  # an Opus decoder's held frame counts too
     assert board.measure("m", IngressQuality(legs, True, time.monotonic()), "sip", None).added_ms == pytest.approx(
         26.0 + PHONE_SEND_MS
     )

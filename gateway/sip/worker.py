@@ -95,6 +95,11 @@ _STATS_SPREAD = 0.1
 #: besides the once-a-second read: their mean is the reported level (one reading of a bursty
 #: stream's buffer is off by up to a burst).
 _LEVEL_SAMPLES = 3
+#: Decoders that hold a frame: pjmedia's Opus decoder (pjmedia-codec/opus.c ``codec_decode``)
+#: keeps each frame it is given and decodes the one before, so that a lost frame can be rebuilt
+#: from the in-band FEC of the next: an Opus leg reaches the bridge one codec frame late, after
+#: its jitter buffer (which therefore does not show it).
+_HOLDING_DECODERS = frozenset({"opus"})
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
 #: Calls one process holds with this pjsua2: the project's build says (PJSUA_MAX_CALLS); the
@@ -479,6 +484,9 @@ class Worker:
                             "jitter_us": int(rx.jitterUsec.last),
                             "jbuf_ms": call.mean_level(idx, int(stat.jbuf.size) * self.codec_frame_ms(call, idx)),
                             "resample_ms": conv.resample_ms(leg),
+                            "codec_ms": self.codec_frame_ms(call, idx)
+                            if conv.leg_codec.get(leg) in _HOLDING_DECODERS
+                            else 0,
                         }
             if limit <= 0:
                 continue
