@@ -4,6 +4,7 @@
     python bench/bridge_cost.py --conversations 32 256 --seconds 5
     python bench/bridge_cost.py --variants pcmu@8000 pcmu@16000 g722@16000 opus@16000 \
         --conversations 0 64 128                          # HD voice: codec @ bridge clock rate
+    python bench/bridge_cost.py --conversations 0 64 --media-quality 8   # pjsua's default resampler
 
 Two pjsua2 processes on loopback, configured like a gateway worker (null audio device, no pj
 threads, no text stream) with, per variant ``codec@rate``, only that codec enabled (legs and
@@ -41,6 +42,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CLK = os.sysconf("SC_CLK_TCK")
 TICKS_PER_SECOND = 50
+#: The workers' medConfig.quality (gateway.sip.worker.MEDIA_QUALITY; not imported: that module
+#: loads pjsua2, which only the bench's child processes do): the bridge's resampler.
+MEDIA_QUALITY = 2
 PER_PLATFORM = 150  # conversations per platform process: 2 calls each, 512 calls per process
 
 
@@ -53,7 +57,13 @@ def say(line: str) -> None:
 
 
 def endpoint(
-    pj: Any, sip_port: int, conf_threads: int = 0, codec: str = "pcmu", clock_rate: int = 8000, opus_complexity: int = 1
+    pj: Any,
+    sip_port: int,
+    conf_threads: int = 0,
+    codec: str = "pcmu",
+    clock_rate: int = 8000,
+    opus_complexity: int = 1,
+    media_quality: int = MEDIA_QUALITY,
 ) -> Any:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
@@ -68,6 +78,7 @@ def endpoint(
     cfg.medConfig.clockRate = clock_rate
     cfg.medConfig.sndClockRate = clock_rate
     cfg.medConfig.channelCount = 1
+    cfg.medConfig.quality = media_quality  # the bridge's resampler for G.711 ports
     cfg.medConfig.noVad = True
     cfg.medConfig.ecTailLen = 0
     cfg.medConfig.threadCnt = 0
@@ -122,11 +133,11 @@ def pump(ep: Any, stop: list[bool]) -> None:
 
 
 def run_gateway(
-    sip_port: int, rtp_port: int, conf_threads: int, codec: str, clock_rate: int, opus_complexity: int
+    sip_port: int, rtp_port: int, conf_threads: int, codec: str, clock_rate: int, opus_complexity: int, quality: int
 ) -> None:
     import pjsua2 as pj
 
-    ep = endpoint(pj, sip_port, conf_threads, codec, clock_rate, opus_complexity)
+    ep = endpoint(pj, sip_port, conf_threads, codec, clock_rate, opus_complexity, quality)
     legs: dict[str, list[Any]] = {}  # conversation → leg medias
     phones: dict[str, Any] = {}  # conversation → phone media
     calls: list[Any] = []
@@ -276,6 +287,12 @@ def main() -> int:
     p.add_argument(
         "--opus-complexity", type=int, default=1, help="Opus encoder complexity of the measured side (workers: 1)"
     )
+    p.add_argument(
+        "--media-quality",
+        type=int,
+        default=MEDIA_QUALITY,
+        help=f"medConfig.quality of the measured side: its resampler (workers: {MEDIA_QUALITY}; pjsua's default 8)",
+    )
     p.add_argument("--codec", default="pcmu", help=argparse.SUPPRESS)
     p.add_argument("--clock-rate", type=int, default=16000, help=argparse.SUPPRESS)
     p.add_argument("--role", choices=["gateway", "platform"], help=argparse.SUPPRESS)
@@ -284,7 +301,15 @@ def main() -> int:
     p.add_argument("--gateway-port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role == "gateway":
-        run_gateway(args.sip_port, args.rtp_port, args.conf_threads, args.codec, args.clock_rate, args.opus_complexity)
+        run_gateway(
+            args.sip_port,
+            args.rtp_port,
+            args.conf_threads,
+            args.codec,
+            args.clock_rate,
+            args.opus_complexity,
+            args.media_quality,
+        )
         return 0
     if args.role == "platform":
         run_platform(
@@ -301,6 +326,7 @@ def main() -> int:
         rows += run_variant(args, codec, int(rate or 16000))
 
     threads = f", confThreads={args.conf_threads}" if args.conf_threads else ""
+    threads += f", medConfig.quality {args.media_quality}"
     if any(v.lower().startswith("opus") for v in args.variants):
         threads += f", Opus complexity {args.opus_complexity}"
     print(f"\nConference bridge of one worker-shaped process ({build}{threads}); {args.seconds:.0f} s per row")
@@ -328,7 +354,8 @@ def run_variant(
     shape = ["--codec", codec, "--clock-rate", str(rate)]
     gateway = child(
         "--role", "gateway", "--sip-port", str(args.sip_port), "--rtp-port", str(args.rtp_port),
-        "--conf-threads", str(args.conf_threads), "--opus-complexity", str(args.opus_complexity), *shape,
+        "--conf-threads", str(args.conf_threads), "--opus-complexity", str(args.opus_complexity),
+        "--media-quality", str(args.media_quality), *shape,
     )  # fmt: skip
     wait_line(gateway, "READY")
     rows = []

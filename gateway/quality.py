@@ -9,6 +9,13 @@ Where each figure comes from (``docs/DESIGN.md`` §"Quality"):
   times the ptime) read at that moment. Read at a random moment between two bridge ticks, the
   level is on average how long a frame waits in the buffer between arriving and being mixed;
   one reading is off by up to a frame, so the levels are smoothed here (:data:`SMOOTHING`).
+* **The bridge's resamplers**: a port whose rate is not the bridge's 16 kHz (a G.711 leg, a
+  G.711 phone, an 8 kHz tap) is resampled, and each conversion delays the audio by half its
+  filter (3 ms with the workers' setting, ``gateway.sip.worker.MEDIA_QUALITY``). The worker
+  computes that per leg and path from the ports' rates (``resample_ms``) and it is added to
+  the leg's wait below: it happens inside a bridge tick, so neither the jitter buffer nor the
+  transit sees it. Likewise an Opus leg's decoder holds one frame (pjmedia decodes each frame
+  when the next arrives, for in-band FEC): ``codec_ms``.
 * **Added latency, WebRTC listener** = the legs' jitter-buffer wait (the larger of the two, as
   above) + the transit **measured for every frame**: the worker stamps each LegFrame with its
   CLOCK_MONOTONIC at the bridge tick that took it out of the jitter buffers, and the media
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -52,6 +59,11 @@ class LegReport:
     lost: int
     jitter_ms: float
     jbuf_ms: float
+    #: per path ("sip", "webrtc"): the delay of the bridge's resamplers on the leg's way out
+    #: (computed by the worker from the ports' rates; none between ports at the bridge's rate)
+    resample_ms: Mapping[str, float] = field(default_factory=dict)
+    #: the leg's decoder holding a frame after the jitter buffer (pjmedia's Opus: one frame)
+    codec_ms: float = 0.0
 
     @classmethod
     def parse(cls, raw: Any) -> LegReport | None:
@@ -59,13 +71,16 @@ class LegReport:
         if not isinstance(raw, Mapping):
             return None
         try:
+            resample = raw.get("resample_ms") or {}
             return cls(
                 max(0, int(raw["packets"])),
                 max(0, int(raw["lost"])),
                 max(0.0, float(raw["jitter_us"]) / 1000),
                 max(0.0, float(raw["jbuf_ms"])),
+                {str(path): max(0.0, float(ms)) for path, ms in resample.items()},
+                max(0.0, float(raw.get("codec_ms", 0))),
             )
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None
 
     @property
@@ -136,7 +151,12 @@ class QualityBoard:
         for leg, report in ingress.legs.items():
             before = waits.get(leg)
             waits[leg] = report.jbuf_ms if before is None else before + SMOOTHING * (report.jbuf_ms - before)
-        smoothed = max((waits[leg] for leg in ingress.legs), default=0.0)
+        # Then, per leg, what the ports' rates and the codec fix: the resamplers' delay on this
+        # path and a decoder's held frame.
+        smoothed = max(
+            (waits[leg] + r.resample_ms.get(path or "", 0.0) + r.codec_ms for leg, r in ingress.legs.items()),
+            default=0.0,
+        )
         if path == "sip" and ingress.phone:
             added = smoothed + PHONE_SEND_MS
         elif path == "webrtc" and transit is not None:

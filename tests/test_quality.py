@@ -195,6 +195,9 @@ async def test_loss_and_jitter_are_measured_per_leg(plane: tuple[SipPlane, FakeH
     # uniform 0-30 ms extra delay: RFC 3550 jitter ~ E|D| / 1 = ~10 ms; steady legs ~ 1 ms
     assert c_jitter > a_jitter + 3 and c_jitter > 4, (a_jitter, c_jitter)
     assert all(r["phone"] is False for r in got)
+    # G.711 legs into the 16 kHz bridge and out to an 8 kHz tap: two conversions of 3 ms each
+    # (the worker's resampler, docs/DESIGN.md §4c), and no phone path
+    assert all(r.resample_ms == {"webrtc": 6.0} for leg in legs for r in leg.values()), legs  # type: ignore[attr-defined]
 
 
 async def test_nobody_hears_no_reports(plane: tuple[SipPlane, FakeHooks]) -> None:
@@ -383,6 +386,9 @@ async def test_reported_phone_latency_follows_the_measured_one(plane: tuple[SipP
     try:
         await p.call_phone("c-q", "m-q", phone.uri)
         await wait_until(lambda: (q := p.leg_quality("c-q")) is not None and q.phone, 10, "a phone report")
+        q = p.leg_quality("c-q")
+        # PCMU legs to a PCMU phone through the 16 kHz bridge: 3 ms up, 3 ms down, reported
+        assert q is not None and all(r.resample_ms.get("sip") == 6.0 for r in q.legs.values()), q
         steady = await latency_phase(p, phone, agent, customer, 8, board)
         # bursts of 12 packets every 240 ms: pjmedia's jitter buffer grows to hold them
         for s in (agent, customer):

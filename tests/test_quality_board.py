@@ -29,7 +29,21 @@ def test_leg_report_parses_the_worker_event_and_refuses_junk() -> None:
     assert report == LegReport(45, 5, 1.25, 40.0)
     assert report.to_json() == {"loss_pct": 10.0, "jitter_ms": 1.2, "packets": 45}  # 1.25 rounds to even
     assert LegReport(0, 0, 0.0, 0.0).to_json()["loss_pct"] == 0.0  # nothing expected: no loss
-    for junk in (None, [], {"packets": 1}, {"packets": "x", "lost": 0, "jitter_us": 0, "jbuf_ms": 0}):
+    with_resample = LegReport.parse(
+        {"packets": 45, "lost": 5, "jitter_us": 1250, "jbuf_ms": 40, "resample_ms": {"sip": 6.0, "webrtc": 3.0}}
+    )
+    assert with_resample == LegReport(45, 5, 1.25, 40.0, {"sip": 6.0, "webrtc": 3.0})
+    held = LegReport.parse({"packets": 1, "lost": 0, "jitter_us": 0, "jbuf_ms": 20, "codec_ms": 20})
+    assert held is not None and held.codec_ms == 20.0
+    assert with_resample.to_json() == report.to_json()  # an input to the latency, not a leg figure
+    for junk in (
+        None,
+        [],
+        {"packets": 1},
+        {"packets": "x", "lost": 0, "jitter_us": 0, "jbuf_ms": 0},
+        {"packets": 1, "lost": 0, "jitter_us": 0, "jbuf_ms": 0, "resample_ms": [1]},
+        {"packets": 1, "lost": 0, "jitter_us": 0, "jbuf_ms": 0, "resample_ms": {"sip": "x"}},
+    ):
         assert LegReport.parse(junk) is None
 
 
@@ -42,6 +56,26 @@ def test_phone_latency_is_the_slower_legs_smoothed_wait() -> None:
     assert second.added_ms == pytest.approx(0.7 * 60 + 0.3 * 0 + PHONE_SEND_MS)
     # a phone still ringing hears nothing yet: legs, but no latency
     assert board.measure("m", ingress(20, 0, phone=False), "sip", None).added_ms is None
+
+
+def test_the_resamplers_delay_is_added_per_leg_and_path() -> None:
+    """A G.711 agent (8 -> 16 -> 8 kHz toward a G.711 phone: 6 ms) and a G.722 customer (no
+    resampler toward a G.722 phone): the slower leg is the agent once its 6 ms count."""
+    board = QualityBoard()
+    legs = {
+        "agent": LegReport(50, 0, 1.0, 20.0, {"sip": 6.0, "webrtc": 6.0}),
+        "customer": LegReport(50, 0, 1.0, 22.0, {"sip": 0.0, "webrtc": 3.0}),
+    }
+    opus = {"customer": LegReport(50, 0, 1.0, 22.0, {"sip": 3.0}, codec_ms=20.0)}
+    assert QualityBoard().measure(
+        "o", IngressQuality(opus, True, time.monotonic()), "sip", None
+    ).added_ms == pytest.approx(45.0 + PHONE_SEND_MS)  # an Opus decoder's held frame counts too
+    assert board.measure("m", IngressQuality(legs, True, time.monotonic()), "sip", None).added_ms == pytest.approx(
+        26.0 + PHONE_SEND_MS
+    )
+    board.measure("w", IngressQuality(legs, False, time.monotonic()), "webrtc", (0.1, 10))
+    second = board.measure("w", IngressQuality(legs, False, time.monotonic()), "webrtc", (0.6, 60))
+    assert second.added_ms == pytest.approx(26.0 + 10.0)
 
 
 def test_webrtc_latency_adds_the_transit_of_the_last_second() -> None:

@@ -369,10 +369,14 @@ class LegQuality(Event):
     leg arrives, from pjmedia's statistics of its stream (one ``getStreamStat`` per stream).
 
     ``legs`` maps the leg (``agent``, ``customer``, ``mixed``) to
-    ``{"packets": int, "lost": int, "jitter_us": int, "jbuf_ms": int}``: RTP packets received
-    and lost (sequence gaps) since the previous report, the RFC 3550 interarrival jitter
-    (RTCP receiver statistics, last value) and the jitter buffer's level in ms at the last
-    bridge tick, i.e. how long a frame waits in it between arriving and being mixed.
+    ``{"packets": int, "lost": int, "jitter_us": int, "jbuf_ms": int, "resample_ms": {path: float},
+    "codec_ms": int}``:
+    RTP packets received and lost (sequence gaps) since the previous report, the RFC 3550
+    interarrival jitter (RTCP receiver statistics, last value), the jitter buffer's level in ms
+    at the last bridge tick, i.e. how long a frame waits in it between arriving and being
+    mixed, and the delay the bridge's resamplers add on the leg's way to this worker's phone
+    (``sip``, present while one is connected) and to the tap (``webrtc``), from the ports' rates,
+    and ``codec_ms``: the frame its decoder holds after the jitter buffer (Opus: one frame).
     ``phone``: a supervisor phone of this worker hears the conversation.
     """
 

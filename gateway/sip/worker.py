@@ -76,6 +76,18 @@ CLOCK_RATE = 16000
 NARROW_RATE = 8000
 #: The bridge's frame length (ptime), ms.
 FRAME_MS = 20
+#: pjsua's media quality (``medConfig.quality``), which picks the bridge's resampler for ports
+#: whose rate is not the bridge's (G.711 legs and phones, 8 kHz taps): below 3 is
+#: ``PJMEDIA_CONF_USE_LINEAR``, i.e. with the speex backend of this build speex quality 3
+#: (speexdsp's "VoIP" quality, a 48-tap filter). pjsua's default (8: speex quality 10, 256
+#: taps) delays each 8 <-> 16 kHz conversion by 16 ms, 32 ms from a G.711 leg to a G.711 phone
+#: or 8 kHz tap (measured: tests/test_quality.py, docs/DESIGN.md §4c); quality 3 delays it by
+#: 3 ms and costs a fifth of the filter work.
+MEDIA_QUALITY = 2
+#: Half the taps of that resampler's filter at the lower of its two rates: the delay of one
+#: conversion, in samples of that rate (speex's ``get_input_latency``: 24 at 8 kHz in, 48 at
+#: 16 kHz in, the same 3 ms).
+_RESAMPLER_HALF_TAPS = 24
 #: The once-a-second statistics read happens at a random moment within this many seconds of
 #: the second (see Worker.run).
 _STATS_SPREAD = 0.1
@@ -83,6 +95,11 @@ _STATS_SPREAD = 0.1
 #: besides the once-a-second read: their mean is the reported level (one reading of a bursty
 #: stream's buffer is off by up to a burst).
 _LEVEL_SAMPLES = 3
+#: Decoders that hold a frame: pjmedia's Opus decoder (pjmedia-codec/opus.c ``codec_decode``)
+#: keeps each frame it is given and decodes the one before, so that a lost frame can be rebuilt
+#: from the in-band FEC of the next: an Opus leg reaches the bridge one codec frame late, after
+#: its jitter buffer (which therefore does not show it).
+_HOLDING_DECODERS = frozenset({"opus"})
 #: An incoming call the main process neither answers nor rejects in this long gets 500.
 _DECIDE_TIMEOUT = 5.0
 #: Calls one process holds with this pjsua2: the project's build says (PJSUA_MAX_CALLS); the
@@ -172,6 +189,23 @@ def _opus_at_bridge_rate(ep: Any) -> None:
     cfg.channel_cnt = 1
     cfg.complexity = OPUS_COMPLEXITY
     ep.setCodecOpusConfig(cfg)
+
+
+def resample_ms(rate_in: int, rate_out: int) -> float:
+    """The delay the bridge's resampler adds between a port at ``rate_in`` and one at
+    ``rate_out`` (0 at the same rate: no resampler)."""
+    if not rate_in or not rate_out or rate_in == rate_out:
+        return 0.0
+    return 1000 * _RESAMPLER_HALF_TAPS / min(rate_in, rate_out)
+
+
+def port_rate(media: Any) -> int:
+    """The clock rate of ``media``'s bridge port (a G.711 stream 8000, G.722 and the workers'
+    Opus 16000); 0 if pj no longer knows the port."""
+    try:
+        return int(media.getPortInfo().format.clockRate)
+    except pj.Error:
+        return 0
 
 
 def _placement_token(msg: str) -> str:
@@ -290,6 +324,7 @@ class Worker:
         cfg.medConfig.channelCount = 1
         cfg.medConfig.audioFramePtime = 20
         cfg.medConfig.ptime = 20
+        cfg.medConfig.quality = MEDIA_QUALITY  # the resampler's delay: see MEDIA_QUALITY
         cfg.medConfig.noVad = True
         cfg.medConfig.ecTailLen = 0
         cfg.medConfig.threadCnt = 0
@@ -448,6 +483,10 @@ class Worker:
                             "lost": rx.loss - before[1],
                             "jitter_us": int(rx.jitterUsec.last),
                             "jbuf_ms": call.mean_level(idx, int(stat.jbuf.size) * self.codec_frame_ms(call, idx)),
+                            "resample_ms": conv.resample_ms(leg),
+                            "codec_ms": self.codec_frame_ms(call, idx)
+                            if conv.leg_codec.get(leg) in _HOLDING_DECODERS
+                            else 0,
                         }
             if limit <= 0:
                 continue
@@ -600,11 +639,14 @@ class Worker:
         conv.calls.discard(call.key)
         if conv.phone is call:
             conv.phone = None
+            conv.phone_media = None
+            conv.phone_rate = 0
         for leg, owner in list(conv.leg_owner.items()):
             if owner is call:
                 del conv.leg_owner[leg]
                 conv.legs.pop(leg, None)
                 conv.leg_codec.pop(leg, None)
+                conv.leg_rate.pop(leg, None)
         if not conv.legs:
             # No leg left: the phone has nothing to hear. Hang it up; the plane reports why.
             if conv.phone is not None:
@@ -628,9 +670,11 @@ class Conv:
         self.calls: set[int] = set()
         self.legs: dict[str, Any] = {}  # 'agent'/'customer' → AudioMedia
         self.leg_codec: dict[str, str] = {}  # leg → its negotiated codec (lower case)
+        self.leg_rate: dict[str, int] = {}  # leg → its bridge port's clock rate
         self.leg_owner: dict[str, GwCall] = {}
         self.phone: GwCall | None = None
         self.phone_media: Any = None
+        self.phone_rate = 0
         #: where the LegFrames go: "" is the frame socket to the main process, else a media
         #: process's socket path (SetTap.to)
         self.frame_to: frozenset[str] = frozenset()
@@ -649,10 +693,21 @@ class Conv:
         wide = self.leg_codec and all(self.leg_codec.get(leg) in WIDEBAND_CODECS for leg in self.legs)
         return CLOCK_RATE if wide else NARROW_RATE
 
+    def resample_ms(self, leg: str) -> dict[str, float]:
+        """What the bridge's resamplers add to ``leg``'s way out, per path: to this worker's
+        phone (``sip``) and to the tap (``webrtc``): 8 -> 16 kHz for a G.711 leg, 16 -> 8 kHz
+        toward a G.711 phone or an 8 kHz tap (each :func:`resample_ms`)."""
+        into = resample_ms(self.leg_rate.get(leg, 0), CLOCK_RATE)
+        out: dict[str, float] = {"webrtc": into + resample_ms(CLOCK_RATE, self.tap_rate)}
+        if self.phone_rate:
+            out["sip"] = into + resample_ms(CLOCK_RATE, self.phone_rate)
+        return out
+
     def leg_up(self, leg: str, media: Any, owner: GwCall, codec: str = "") -> None:
         self.legs[leg] = media
         self.leg_owner[leg] = owner
         self.leg_codec[leg] = codec
+        self.leg_rate[leg] = port_rate(media)
         if self.phone_media is not None:
             media.startTransmit(self.phone_media)
         if self.want_tap:
@@ -660,6 +715,7 @@ class Conv:
 
     def phone_up(self, media: Any) -> None:
         self.phone_media = media
+        self.phone_rate = port_rate(media)
         # The conference bridge mixes both legs into the phone call in C. Nothing is ever
         # transmitted *from* the phone's media: what the supervisor sends goes nowhere.
         for m in self.legs.values():
@@ -858,6 +914,8 @@ class GwCall(pj.Call):  # type: ignore[misc]  # pjsua2 has no type information
                     self.connected = True
                     self.ringing_since = 0.0
                     conv.phone_up(media)
+                else:
+                    conv.phone_rate = port_rate(media)  # a re-INVITE may change its codec
             elif leg:
                 if index not in self.media_idx:
                     self.media_idx.append(index)
