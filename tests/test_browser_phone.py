@@ -30,12 +30,13 @@ from .sip_support import (
     read_wav,
     require_pjsua2,
     require_tool,
+    sip_gateway_settings,
     start_phone,
     start_sipp_leg,
     tone_levels,
     wait_until,
 )
-from .support import GatewayClient, make_settings, running_gateway
+from .support import GatewayClient, running_gateway
 from .test_browser import NO_MIC_SCRIPT, _sign_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.sip, pytest.mark.slow]
@@ -49,14 +50,7 @@ async def test_console_rings_my_phone_and_remembers_it(tmp_path: Path) -> None:
     require_pjsua2()
     require_tool("sipp")
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path,
-        enable_sip=True,
-        sip_port=sip_port,
-        sip_workers=1,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        ice_host_addresses="127.0.0.1",
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port, ice_host_addresses="127.0.0.1")
     legs: list[asyncio.subprocess.Process] = []
     async with running_gateway(settings) as gw:
         try:

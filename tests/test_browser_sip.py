@@ -29,8 +29,8 @@ from gateway.api.context import MEDIA, SIP, WHEP
 from gateway.media.pool import RemoteListener
 
 from .browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
-from .sip_support import AUDIO, free_udp_block, require_tool, start_sipp_leg, wait_until
-from .support import GatewayClient, make_settings, running_gateway
+from .sip_support import AUDIO, free_udp_block, require_tool, sip_gateway_settings, start_sipp_leg, wait_until
+from .support import GatewayClient, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.sip, pytest.mark.slow]
 
@@ -189,14 +189,7 @@ async def test_console_monitors_real_sip_legs(tmp_path: Path) -> None:
     require_tool("sipp")
     async_playwright = _require_browser()
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path,
-        enable_sip=True,
-        sip_port=sip_port,
-        sip_workers=1,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        ice_host_addresses="127.0.0.1",
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port, ice_host_addresses="127.0.0.1")
     sipp_legs: list[asyncio.subprocess.Process] = []
     views: list[ChatView] = []
     async with running_gateway(settings) as gw:
