@@ -567,6 +567,16 @@ def tone_levels(x: Any, rate: int, freqs: list[float]) -> dict[float, float]:
     return out
 
 
+def assert_phone_heard(record: Path, heard: Sequence[float], absent: Sequence[float]) -> None:
+    """A phone's 8 kHz recording (``start_phone``): its last second carries each ``heard`` tone
+    and nothing of the ``absent`` ones (the phone's own tone, which must never come back)."""
+    x, rate = read_wav(record)
+    assert rate == 8000 and len(x) > 8000, f"recording too short: {len(x)} samples"
+    levels = tone_levels(x[-8000:], rate, [*heard, *absent])
+    assert all(levels[hz] > 0.3 for hz in heard), levels
+    assert all(levels[hz] < 0.01 for hz in absent), levels
+
+
 def median_correlation(signal: Any, reference: Any, window: int = 4000) -> float:
     """Median over the non-silent ``window``-sample pieces of ``signal`` of their best
     normalised correlation with ``reference``: one scheduling hiccup on a loaded machine
