@@ -114,6 +114,20 @@ async def started_plane(tmp_path: Path, hooks: Any, **overrides: Any) -> AsyncIt
         await plane.stop()
 
 
+async def stop_processes(procs: Sequence[asyncio.subprocess.Process], grace: float = 5.0) -> None:
+    """SIGTERM to every process still running (sipp sends its BYE), then wait up to ``grace``
+    seconds each; whatever is left is killed."""
+    for p in procs:
+        if p.returncode is None:
+            p.terminate()
+    for p in procs:
+        try:
+            await asyncio.wait_for(p.wait(), grace)
+        except TimeoutError:
+            p.kill()
+            await p.wait()
+
+
 # --- hooks -----------------------------------------------------------------------------------
 
 

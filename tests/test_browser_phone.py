@@ -12,7 +12,6 @@ storage) signed in as sam finds it pre-filled; tom, of the same team, does not s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from .sip_support import (
     sip_gateway_settings,
     start_phone,
     start_sipp_leg,
+    stop_processes,
     tone_levels,
     wait_until,
 )
@@ -69,15 +69,7 @@ async def test_console_rings_my_phone_and_remembers_it(tmp_path: Path) -> None:
                 await phone.stop()  # the recording is a whole WAV file once the phone stops
             _check_audio(record, frames)
         finally:
-            for p in legs:
-                if p.returncode is None:
-                    p.terminate()
-            for p in legs:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(p.wait(), 5)
-                if p.returncode is None:
-                    p.kill()
-                    await p.wait()
+            await stop_processes(legs)
 
 
 async def _console_flow(gw: GatewayClient, phone: Any, uri: str) -> list[Any]:

@@ -29,7 +29,15 @@ from gateway.api.context import MEDIA, SIP, WHEP
 from gateway.media.pool import RemoteListener
 
 from .browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
-from .sip_support import AUDIO, free_udp_block, require_tool, sip_gateway_settings, start_sipp_leg, wait_until
+from .sip_support import (
+    AUDIO,
+    free_udp_block,
+    require_tool,
+    sip_gateway_settings,
+    start_sipp_leg,
+    stop_processes,
+    wait_until,
+)
 from .support import GatewayClient, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.sip, pytest.mark.slow]
@@ -233,15 +241,7 @@ async def test_console_monitors_real_sip_legs(tmp_path: Path) -> None:
         finally:
             for v in views:
                 await v.close()
-            for p in sipp_legs:
-                if p.returncode is None:
-                    p.terminate()
-            for p in sipp_legs:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(p.wait(), 5)
-                if p.returncode is None:
-                    p.kill()
-                    await p.wait()
+            await stop_processes(sipp_legs)
 
     # where the chat went (checked after everything was sent; views are in seq order)
     whisper = next((e for e in agent_view.entries if e["text"] == "offer a voucher"), None)
