@@ -28,7 +28,7 @@ import pytest
 from gateway.api.context import MEDIA, SIP, WHEP
 from gateway.media.pool import RemoteListener
 
-from .browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
+from .browser_support import CHROMIUM, CHROMIUM_ARGS, monitor_in_console, playwright_api
 from .sip_support import (
     AUDIO,
     free_udp_block,
@@ -367,9 +367,7 @@ async def _run_console(gw: GatewayClient, browser: Any, agent_view: ChatView, cu
     assert gw.app[SIP].legs(CID) == {"agent", "customer"}  # the source did not stop: the console did
 
     # --- Monitor again (the voice slot is free), then agent_left ends it on the page ------------
-    await sam.click(f"[data-testid='monitor-{CID}']")
-    await sam.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
-    mid2 = await sam.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+    mid2 = await monitor_in_console(sam, CID)
     assert mid2 and mid2 != mid and app[WHEP].get(mid2)
     stats = await _poll(lambda: sam.evaluate(STATS), lambda s: bool(s) and s["energy"] > 0, 10)
     assert stats and stats["energy"] > 0, stats
