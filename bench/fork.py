@@ -236,6 +236,32 @@ async def first_arrival(sink: Sink, index: int, since: float, timeout: float) ->
     return min(times)
 
 
+async def monitor_phone(gw: Gateway, phones: PhoneBank, cid: str) -> Any:
+    """The supervisor's SIP-phone monitor of ``cid`` (its phone in ``phones``); it must have voice."""
+    status, answer = await gw.call(
+        "supervisor", "POST", f"/v1/conversations/{cid}/monitors", {"voice": {"kind": "sip", "uri": phones.uri(cid)}}
+    )
+    if status != 201 or "voice" not in answer.get("channels", []):
+        raise RuntimeError(f"monitor {cid}: {status} {answer}")
+    return answer
+
+
+async def close_all(
+    gw: Gateway,
+    platform: BenchPlatform | None,
+    gen: Generator | None,
+    sink: Sink | None,
+    phones: PhoneBank | None,
+) -> None:
+    """Stop what a run started (each may not have started) and then the gateway."""
+    for helper in (platform, gen, sink):
+        if helper is not None:
+            await helper.close()
+    if phones is not None:
+        phones.close()
+    await gw.stop()
+
+
 async def join_latency(trials: int, workers: int, tmp: Path) -> dict[str, Any]:
     plan = PortPlan()
     gw = Gateway(tmp, workers, trials, plan)
@@ -258,14 +284,7 @@ async def join_latency(trials: int, workers: int, tmp: Path) -> dict[str, Any]:
             await gw.put(cid, "on_demand")
             await asyncio.sleep(0.1)
             t0 = time.time()
-            status, answer = await gw.call(
-                "supervisor",
-                "POST",
-                f"/v1/conversations/{cid}/monitors",
-                {"voice": {"kind": "sip", "uri": phones.uri(cid)}},
-            )
-            if status != 201 or "voice" not in answer.get("channels", []):
-                raise RuntimeError(f"monitor {cid}: {status} {answer}")
+            answer = await monitor_phone(gw, phones, cid)
             heard = await first_arrival(sink, i, t0, 10)
             total.append(1000 * (heard - t0))
             to_event.append(1000 * (platform.requested[cid] - t0))
@@ -281,12 +300,7 @@ async def join_latency(trials: int, workers: int, tmp: Path) -> dict[str, Any]:
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:240]
     finally:
-        for helper in (platform, gen, sink):
-            if helper is not None:
-                await helper.close()
-        if phones is not None:
-            phones.close()
-        await gw.stop()
+        await close_all(gw, platform, gen, sink, phones)
     return row
 
 
@@ -321,12 +335,7 @@ async def ingress_cpu(mode: str, n: int, seconds: float, workers: int, tmp: Path
 
         async def monitor(cid: str) -> None:
             async with sem:
-                status, answer = await gw.call(
-                    "supervisor", "POST", f"/v1/conversations/{cid}/monitors",
-                    {"voice": {"kind": "sip", "uri": phones.uri(cid)}},
-                )  # fmt: skip
-                if status != 201 or "voice" not in answer.get("channels", []):
-                    raise RuntimeError(f"monitor {cid}: {status} {answer}")
+                await monitor_phone(gw, phones, cid)
 
         await asyncio.gather(*(monitor(cids[i]) for i in watched))
         await sink.wait_all(30 + 0.05 * n)
@@ -353,12 +362,7 @@ async def ingress_cpu(mode: str, n: int, seconds: float, workers: int, tmp: Path
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:240]
     finally:
-        for helper in (platform, gen, sink):
-            if helper is not None:
-                await helper.close()
-        if phones is not None:
-            phones.close()
-        await gw.stop()
+        await close_all(gw, platform, gen, sink, phones)
     return row
 
 

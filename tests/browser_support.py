@@ -33,6 +33,16 @@ except ImportError:
         pytrace=False,
     )
 
+
+async def monitor_in_console(page: Any, cid: str) -> str | None:
+    """Click Monitor on ``cid``'s row of the signed-in console, wait until the voice is connected
+    (WebRTC up), and return the monitor's id from the panel."""
+    await page.click(f"[data-testid='monitor-{cid}']")
+    await page.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
+    mid: str | None = await page.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+    return mid
+
+
 #: axe-core from the npm registry (package.json; scripts/setup.sh test runs npm ci).
 AXE_JS = Path(__file__).resolve().parent.parent / "node_modules" / "axe-core" / "axe.min.js"
 #: Impacts that fail the check; the others are printed.

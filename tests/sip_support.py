@@ -15,12 +15,17 @@ import sys
 import time
 import uuid
 import wave
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from devtools.siprec_source import metadata as source_metadata  # no pjsua2 at import time
+from gateway.config import Settings
 from gateway.sip.parties import Parties
+from gateway.sip.plane import SipPlane
+
+from .support import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "fixtures" / "audio"
@@ -79,6 +84,48 @@ def free_udp_block(n: int, lo: int = 21000, hi: int = 59000) -> int:
         if all(_port_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free UDP port block")
+
+
+def sip_gateway_settings(tmp_path: Path, sip_port: int, **overrides: Any) -> Settings:
+    """Settings of a whole gateway (tests/support.py ``running_gateway``) with its SIP plane on
+    ``sip_port``: one worker, 40 RTP ports of their own; ``overrides`` as for ``make_settings``."""
+    values: dict[str, Any] = {"enable_sip": True, "sip_port": sip_port, "sip_workers": 1}
+    values.update(overrides)
+    if "rtp_port_base" not in values:  # pick the block only when the caller does not
+        values["rtp_port_base"] = free_udp_block(40, 30000, 39000)
+    return make_settings(tmp_path, **values)
+
+
+@asynccontextmanager
+async def started_plane(tmp_path: Path, hooks: Any, **overrides: Any) -> AsyncIterator[SipPlane]:
+    """A started SIP plane alone (no HTTP API) on free ports, its data in ``tmp_path``, stopped on
+    exit; ``overrides``: more settings (``sip_workers=2``, ``rtp_port_base=...``)."""
+    values: dict[str, Any] = {"sip_workers": 1, "data_dir": str(tmp_path)}
+    values.update(overrides)
+    if "sip_port" not in values:
+        values["sip_port"] = free_udp_block(3)
+    if "rtp_port_base" not in values:
+        values["rtp_port_base"] = free_udp_block(40, 30000, 39000)
+    plane = SipPlane(Settings(**values), hooks)
+    await plane.start()
+    try:
+        yield plane
+    finally:
+        await plane.stop()
+
+
+async def stop_processes(procs: Sequence[asyncio.subprocess.Process], grace: float = 5.0) -> None:
+    """SIGTERM to every process still running (sipp sends its BYE), then wait up to ``grace``
+    seconds each; whatever is left is killed."""
+    for p in procs:
+        if p.returncode is None:
+            p.terminate()
+    for p in procs:
+        try:
+            await asyncio.wait_for(p.wait(), grace)
+        except TimeoutError:
+            p.kill()
+            await p.wait()
 
 
 # --- hooks -----------------------------------------------------------------------------------
@@ -532,6 +579,16 @@ def tone_levels(x: Any, rate: int, freqs: list[float]) -> dict[float, float]:
         band = (hz > f - 15) & (hz < f + 15)
         out[f] = float(spec[band].max() / peak) if band.any() else 0.0
     return out
+
+
+def assert_phone_heard(record: Path, heard: Sequence[float], absent: Sequence[float]) -> None:
+    """A phone's 8 kHz recording (``start_phone``): its last second carries each ``heard`` tone
+    and nothing of the ``absent`` ones (the phone's own tone, which must never come back)."""
+    x, rate = read_wav(record)
+    assert rate == 8000 and len(x) > 8000, f"recording too short: {len(x)} samples"
+    levels = tone_levels(x[-8000:], rate, [*heard, *absent])
+    assert all(levels[hz] > 0.3 for hz in heard), levels
+    assert all(levels[hz] < 0.01 for hz in absent), levels
 
 
 def median_correlation(signal: Any, reference: Any, window: int = 4000) -> float:

@@ -135,6 +135,15 @@ class GatewayClient:
         return self.base_url.replace("http://", "ws://") + path
 
 
+async def events_of(gateway: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
+    """``user``'s ``/v1/events`` WebSocket, past its ``hello``."""
+    ws = await gateway.http.ws_connect(
+        gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"}
+    )
+    assert (await ws.receive_json(timeout=5))["type"] == "hello"
+    return ws
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     port = free_port()
     values: dict[str, Any] = dict(

@@ -9,18 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import GatewayClient
+from tests.support import GatewayClient, events_of
 
 pytestmark = pytest.mark.api
-
-
-async def _events(gateway: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
-    ws = await gateway.http.ws_connect(
-        gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"}
-    )
-    hello = await ws.receive_json(timeout=5)
-    assert hello["type"] == "hello"
-    return ws
 
 
 async def _next_event(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -132,7 +123,7 @@ async def test_r8_voice_freed_after_leave(gateway: GatewayClient) -> None:
 
 async def test_r7_agent_left_ends_every_monitor_with_event(gateway: GatewayClient) -> None:
     await gateway.conversation("a7")
-    events = await _events(gateway, "tom")
+    events = await events_of(gateway, "tom")
     m1 = await gateway.monitor("sam", "a7", {"kind": "webrtc"})
     m2 = await gateway.monitor("tom", "a7")
     assert m1.status == m2.status == 201
@@ -151,7 +142,7 @@ async def test_r7_agent_left_ends_every_monitor_with_event(gateway: GatewayClien
 
 async def test_r10_transfer_ends_monitors(gateway: GatewayClient) -> None:
     await gateway.conversation("t1")
-    events = await _events(gateway, "sam")
+    events = await events_of(gateway, "sam")
     monitor = await gateway.monitor("sam", "t1")
     await gateway.event("t1", "transferred")
     event = await _next_event(events, "monitor_ended")
@@ -222,14 +213,14 @@ async def test_r12_leave_always_204(gateway: GatewayClient) -> None:
 
 async def test_r11_monitored_flag_and_events(gateway: GatewayClient) -> None:
     await gateway.conversation("e1")
-    events = await _events(gateway, "tom")
+    events = await events_of(gateway, "tom")
     monitor = await gateway.monitor("sam", "e1")
     started = await _next_event(events, "monitor_started")
     assert started["monitor"]["supervisor"] == "sam" and started["conversation"] == "e1"
     updated = await _next_event(events, "conversation_updated")
     assert updated["item"]["monitored"] is True and updated["item"]["monitors"][0]["id"] == monitor.body["id"]
     # team-b's supervisor hears nothing about team-a.
-    sue_events = await _events(gateway, "sue")
+    sue_events = await events_of(gateway, "sue")
     await gateway.call("DELETE", f"/v1/monitors/{monitor.body['id']}", await gateway.login("sam"))
     ended = await _next_event(events, "monitor_ended")
     assert ended["reason"] == "left"

@@ -25,7 +25,7 @@ from tests.support import GatewayClient, _wait_ready, make_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api  # noqa: E402
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, monitor_in_console, playwright_api  # noqa: E402
 
 # Counts getUserMedia calls: the console must never ask for the microphone.
 NO_MIC_SCRIPT = """
@@ -223,9 +223,7 @@ async def test_console_leave_releases_voice_and_shows_refusals(tmp_path: Path) -
                     await sam.text_content("[data-testid='why-not-c-b3']") or ""
                 )
 
-                await sam.click("[data-testid='monitor-c-b2']")
-                await sam.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
-                mid = await sam.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+                mid = await monitor_in_console(sam, "c-b2")
                 assert app[WHEP].get(mid)
 
                 await sam.click("[data-testid='leave']")
@@ -239,9 +237,7 @@ async def test_console_leave_releases_voice_and_shows_refusals(tmp_path: Path) -
                 # The voice slot is free again: tom can listen now.
                 tom = await browser.new_page()
                 await _sign_in(tom, gw.base_url, "tom")
-                await tom.click("[data-testid='monitor-c-b2']")
-                await tom.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
-                tom_mid = await tom.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+                tom_mid = await monitor_in_console(tom, "c-b2")
                 # Closing or reloading the tab is leaving too (R12): voice and monitor end.
                 await tom.reload()
                 for _ in range(50):
@@ -271,9 +267,7 @@ async def test_console_hears_the_batched_sender(tmp_path: Path, monkeypatch: pyt
             try:
                 sam = await browser.new_page()
                 await _sign_in(sam, gw.base_url, "sam")
-                await sam.click("[data-testid='monitor-c-b5']")
-                await sam.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
-                mid = await sam.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+                mid = await monitor_in_console(sam, "c-b5")
                 (session,) = app[WHEP][mid].values()
                 assert session.track.mode == "batch" and session.track.codec == codec
                 for _ in range(50):

@@ -27,7 +27,7 @@ from .test_browser_sip import PROBE_START, STATS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api  # noqa: E402
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, monitor_in_console, playwright_api  # noqa: E402
 
 NARROW_FRAMES = 100  # 2 s of 8 kHz frames before the legs turn wideband
 
@@ -77,9 +77,7 @@ async def test_console_listener_moves_to_opus_and_hears_wideband(tmp_path: Path)
             try:
                 sam = await browser.new_page()
                 await _sign_in(sam, gw.base_url, "sam")
-                await sam.click("[data-testid='monitor-c-hd']")
-                await sam.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
-                mid = await sam.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+                mid = await monitor_in_console(sam, "c-hd")
                 (session,) = app[WHEP][mid].values()
                 assert session.track.mode == "batch" and session.track.codec == "pcmu"
                 first = await sam.evaluate(STATS)

@@ -28,9 +28,17 @@ import pytest
 from gateway.api.context import MEDIA, SIP, WHEP
 from gateway.media.pool import RemoteListener
 
-from .browser_support import CHROMIUM, CHROMIUM_ARGS, playwright_api
-from .sip_support import AUDIO, free_udp_block, require_tool, start_sipp_leg, wait_until
-from .support import GatewayClient, make_settings, running_gateway
+from .browser_support import CHROMIUM, CHROMIUM_ARGS, monitor_in_console, playwright_api
+from .sip_support import (
+    AUDIO,
+    free_udp_block,
+    require_tool,
+    sip_gateway_settings,
+    start_sipp_leg,
+    stop_processes,
+    wait_until,
+)
+from .support import GatewayClient, running_gateway
 
 pytestmark = [pytest.mark.browser, pytest.mark.sip, pytest.mark.slow]
 
@@ -189,14 +197,7 @@ async def test_console_monitors_real_sip_legs(tmp_path: Path) -> None:
     require_tool("sipp")
     async_playwright = _require_browser()
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path,
-        enable_sip=True,
-        sip_port=sip_port,
-        sip_workers=1,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        ice_host_addresses="127.0.0.1",
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port, ice_host_addresses="127.0.0.1")
     sipp_legs: list[asyncio.subprocess.Process] = []
     views: list[ChatView] = []
     async with running_gateway(settings) as gw:
@@ -240,15 +241,7 @@ async def test_console_monitors_real_sip_legs(tmp_path: Path) -> None:
         finally:
             for v in views:
                 await v.close()
-            for p in sipp_legs:
-                if p.returncode is None:
-                    p.terminate()
-            for p in sipp_legs:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(p.wait(), 5)
-                if p.returncode is None:
-                    p.kill()
-                    await p.wait()
+            await stop_processes(sipp_legs)
 
     # where the chat went (checked after everything was sent; views are in seq order)
     whisper = next((e for e in agent_view.entries if e["text"] == "offer a voucher"), None)
@@ -374,9 +367,7 @@ async def _run_console(gw: GatewayClient, browser: Any, agent_view: ChatView, cu
     assert gw.app[SIP].legs(CID) == {"agent", "customer"}  # the source did not stop: the console did
 
     # --- Monitor again (the voice slot is free), then agent_left ends it on the page ------------
-    await sam.click(f"[data-testid='monitor-{CID}']")
-    await sam.wait_for_selector("[data-testid='voice-state'][data-state='connected']", timeout=15000)
-    mid2 = await sam.get_attribute("[data-testid='monitor-panel']", "data-monitor")
+    mid2 = await monitor_in_console(sam, CID)
     assert mid2 and mid2 != mid and app[WHEP].get(mid2)
     stats = await _poll(lambda: sam.evaluate(STATS), lambda s: bool(s) and s["energy"] > 0, 10)
     assert stats and stats["energy"] > 0, stats

@@ -32,7 +32,7 @@ from .sip_support import (
     start_siprec,
     tone_levels,
 )
-from .support import GatewayClient, free_port
+from .support import GatewayClient, events_of, free_port
 
 pytestmark = [pytest.mark.sip, pytest.mark.api]
 #: TTL of the voice slot, the media-owner lease and the registry card (short: the crash test waits it out).
@@ -135,14 +135,6 @@ async def cluster(tmp: Path, redis: RedisServer, prefix: str, **extra: str) -> A
         b = await start_instance(tmp, "gw-b", redis, prefix, http, idp=a.url, **extra)
         stack.push_async_callback(stop_instance, b)
         yield a, b
-
-
-async def events_of(gateway: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
-    ws = await gateway.http.ws_connect(
-        gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"}
-    )
-    assert (await ws.receive_json(timeout=5))["type"] == "hello"
-    return ws
 
 
 async def monitor_event(ws: aiohttp.ClientWebSocketResponse, mid: str, timeout: float) -> dict[str, Any]:

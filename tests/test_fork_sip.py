@@ -37,12 +37,13 @@ from tests.sip_support import (
     read_wav,
     require_pjsua2,
     require_tool,
+    sip_gateway_settings,
     start_phone,
     start_sipp_leg,
     tone_levels,
     wait_until,
 )
-from tests.support import GatewayClient, make_settings, running_gateway
+from tests.support import GatewayClient, running_gateway
 from tests.test_webrtc_whep import _peak_power
 
 pytestmark = [pytest.mark.sip, pytest.mark.api, pytest.mark.webrtc]
@@ -97,10 +98,7 @@ async def test_per_leg_fork_on_request_reaches_a_phone_that_waited(tmp_path: Pat
     require_pjsua2()
     require_tool("sipp")
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path, enable_sip=True, sip_port=sip_port, sip_workers=1, fork_mode="per-leg",
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-    )  # fmt: skip
+    settings = sip_gateway_settings(tmp_path, sip_port, fork_mode="per-leg")
     legs: list[asyncio.subprocess.Process] = []
 
     async def fork(event: dict[str, Any]) -> None:
@@ -203,10 +201,7 @@ async def listen(gw: GatewayClient, mid: str, token: str) -> tuple[RTCPeerConnec
 async def test_siprec_fork_on_request_reaches_a_webrtc_listener_and_bye_on_release(tmp_path: Path) -> None:
     require_pjsua2()
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path, enable_sip=True, sip_port=sip_port, sip_workers=1, ice_host_addresses="127.0.0.1",
-        webrtc_processes=1, rtp_port_base=free_udp_block(40, 30000, 39000),
-    )  # fmt: skip
+    settings = sip_gateway_settings(tmp_path, sip_port, ice_host_addresses="127.0.0.1", webrtc_processes=1)
     agent_wav = tone_wav(AUDIO / "agent_600.ulaw", tmp_path / "agent_600.wav")
     customer_wav = tone_wav(AUDIO / "customer_1000.ulaw", tmp_path / "customer_1000.wav")
     # the source records what the gateway sends back on each leg: it must stay silent

@@ -42,12 +42,14 @@ from .sip_support import (
     read_wav,
     require_pjsua2,
     sdp,
+    sip_gateway_settings,
     start_phone,
     start_siprec,
+    started_plane,
     tone_levels,
     wait_until,
 )
-from .support import make_settings, running_gateway
+from .support import running_gateway
 
 pytestmark = [pytest.mark.sip, pytest.mark.webrtc]
 
@@ -63,19 +65,10 @@ WHEP_SETTINGS = Settings(ice_host_addresses="127.0.0.1", webrtc_codec="pcmu", we
 async def gw(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
     require_pjsua2()
     hooks = FakeHooks({"c-1": "alice", "c-2": "bob"})
-    settings = Settings(
-        sip_port=free_udp_block(3),
-        sip_workers=1,
-        calls_per_worker=8,
-        rtp_port_base=free_udp_block(80, 30000, 39000),
-        data_dir=str(tmp_path),
-    )
-    plane = SipPlane(settings, hooks)
-    await plane.start()
-    try:
+    async with started_plane(
+        tmp_path, hooks, calls_per_worker=8, rtp_port_base=free_udp_block(80, 30000, 39000)
+    ) as plane:
         yield plane, hooks
-    finally:
-        await plane.stop()
 
 
 async def _siprec(plane: SipPlane, hooks: FakeHooks, cid: str, agent: str, codecs: str) -> object:
@@ -406,15 +399,7 @@ async def test_whep_through_the_api_answers_opus_for_wideband_legs(tmp_path: Pat
     offer to ``/v1/monitors/{mid}/whep``; the route asks for Opus because every leg is wideband."""
     require_pjsua2()
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path,
-        enable_sip=True,
-        sip_port=sip_port,
-        sip_workers=1,
-        webrtc_processes=1,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        ice_host_addresses="127.0.0.1",
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port, webrtc_processes=1, ice_host_addresses="127.0.0.1")
     async with running_gateway(settings) as gw:
         assert (await gw.conversation("conv-hd")).status in (200, 201)
         src = await start_siprec(

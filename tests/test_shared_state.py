@@ -22,7 +22,7 @@ from gateway.domain import Conversation, Direction, Monitor
 from gateway.shared.connection import SharedState
 from gateway.shared.sessions import RedisSessionRights
 from gateway.shared.store import RedisStore
-from tests.support import GatewayClient, make_settings, running_gateway
+from tests.support import GatewayClient, events_of, make_settings, running_gateway
 
 pytestmark = pytest.mark.api
 
@@ -209,14 +209,6 @@ async def two_gateways(
         )
         async with running_gateway(settings_b) as b:
             yield a, b
-
-
-async def events_of(gateway: GatewayClient, user: str) -> aiohttp.ClientWebSocketResponse:
-    ws = await gateway.http.ws_connect(
-        gateway.ws_url("/v1/events"), headers={"Authorization": f"Bearer {await gateway.login(user)}"}
-    )
-    assert (await ws.receive_json(timeout=5))["type"] == "hello"
-    return ws
 
 
 async def next_event(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:

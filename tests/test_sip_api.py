@@ -19,12 +19,13 @@ from .sip_support import (
     require_pjsua2,
     require_tool,
     sdp,
+    sip_gateway_settings,
     start_phone,
     start_sipp_leg,
     tone_levels,
     wait_until,
 )
-from .support import make_settings, running_gateway
+from .support import running_gateway
 
 pytestmark = [pytest.mark.sip, pytest.mark.api]
 
@@ -33,9 +34,7 @@ async def test_sip_phone_monitor_through_the_api(tmp_path: Path) -> None:
     require_pjsua2()
     require_tool("sipp")
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path, enable_sip=True, sip_port=sip_port, sip_workers=1, rtp_port_base=free_udp_block(40, 30000, 39000)
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port)
     async with running_gateway(settings) as gw:
         assert (await gw.conversation("conv-sip")).status in (200, 201)
         raw = RawSip()
@@ -90,9 +89,7 @@ async def test_phone_monitor_before_the_legs_then_busy_then_agent_left(tmp_path:
     require_pjsua2()
     require_tool("sipp")
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path, enable_sip=True, sip_port=sip_port, sip_workers=1, rtp_port_base=free_udp_block(40, 30000, 39000)
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port)
     async with running_gateway(settings) as gw:
         assert (await gw.conversation("early")).status == 201
         phone_port = free_udp_block(30, 40000, 59000)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Settings
 from gateway.sip.plane import SipPlane
 
 from .sip_support import (
@@ -34,6 +33,7 @@ from .sip_support import (
     require_tool,
     sdp,
     start_phone,
+    started_plane,
     tone_levels,
     wait_until,
 )
@@ -49,19 +49,10 @@ async def gw(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
     require_pjsua2()
     require_tool("sipp")
     hooks = FakeHooks({"c-1": "alice", "c-2": "alice", "c-3": "bob", "c-4": "bob"})
-    settings = Settings(
-        sip_port=free_udp_block(3),
-        sip_workers=2,
-        calls_per_worker=4,
-        rtp_port_base=free_udp_block(80, 30000, 39000),
-        data_dir=str(tmp_path),
-    )
-    plane = SipPlane(settings, hooks)
-    await plane.start()
-    try:
+    async with started_plane(
+        tmp_path, hooks, sip_workers=2, calls_per_worker=4, rtp_port_base=free_udp_block(80, 30000, 39000)
+    ) as plane:
         yield plane, hooks
-    finally:
-        await plane.stop()
 
 
 async def sipp_leg(

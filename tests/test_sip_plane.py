@@ -25,6 +25,7 @@ from .sip_support import (
     AUDIO,
     FakeHooks,
     RawSip,
+    assert_phone_heard,
     collect,
     free_udp_block,
     in_dialog_request,
@@ -41,6 +42,7 @@ from .sip_support import (
     start_sipp_leg,
     start_sipp_siprec,
     start_siprec,
+    started_plane,
     tone_levels,
     wait_until,
 )
@@ -57,23 +59,16 @@ async def gw(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tu
     require_pjsua2()
     require_tool("sipp")
     hooks = FakeHooks({"c-1": "alice", "c-2": "alice", "c-3": "bob", "c-4": "bob"})
-    base = free_udp_block(3)
-    rtp = free_udp_block(80, 30000, 39000)
-    settings = Settings(
-        sip_port=base,
+    async with started_plane(
+        tmp_path,
+        hooks,
         sip_workers=2,
         calls_per_worker=4,
-        rtp_port_base=rtp,
-        data_dir=str(tmp_path),
+        rtp_port_base=free_udp_block(80, 30000, 39000),
         **getattr(request, "param", {}),
-    )
-    plane = SipPlane(settings, hooks)
-    await plane.start()
-    assert plane.ready
-    try:
+    ) as plane:
+        assert plane.ready
         yield plane, hooks
-    finally:
-        await plane.stop()
 
 
 async def test_per_leg_mix_reaches_phone_never_the_phones_tone(gw: tuple[SipPlane, FakeHooks], tmp_path: Path) -> None:
@@ -110,11 +105,7 @@ async def test_per_leg_mix_reaches_phone_never_the_phones_tone(gw: tuple[SipPlan
         await phone.stop()
 
     # The phone heard both legs, and nothing of its own tone came back to it.
-    heard, rate = read_wav(rec)
-    assert rate == 8000 and len(heard) > 8000, f"recording too short: {len(heard)} samples"
-    levels = tone_levels(heard[-8000:], rate, [AGENT_HZ, CUSTOMER_HZ, PHONE_HZ])
-    assert levels[AGENT_HZ] > 0.3 and levels[CUSTOMER_HZ] > 0.3, levels
-    assert levels[PHONE_HZ] < 0.01, levels
+    assert_phone_heard(rec, [AGENT_HZ, CUSTOMER_HZ], [PHONE_HZ])
 
     # The tap carried each leg unmixed, and never the phone's tone.
     assert len(frames) >= 80, f"only {len(frames)} tap frames in 2 s"
@@ -257,24 +248,15 @@ async def test_worker_crash_ends_only_its_calls_and_restarts(gw: tuple[SipPlane,
 async def test_leg_without_rtp_times_out(tmp_path: Path) -> None:
     require_pjsua2()
     hooks = FakeHooks({"c-1": "alice"})
-    settings = Settings(
-        sip_port=free_udp_block(2),
-        sip_workers=1,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        data_dir=str(tmp_path),
-        sip_media_timeout=2.0,
-    )
-    plane = SipPlane(settings, hooks)
-    await plane.start()
-    sip = RawSip()
-    try:
-        await raw_leg_call(sip, settings.sip_port, "c-1", "agent")
-        await hooks.wait_for("leg_started", "c-1", "agent", timeout=3)
-        await hooks.wait_for("leg_ended", "c-1", "agent", "media_timeout", timeout=6)
-        await wait_until(lambda: plane.stats()["conversations"] == 0, 2, "slots released")
-    finally:
-        sip.close()
-        await plane.stop()
+    async with started_plane(tmp_path, hooks, sip_port=free_udp_block(2), sip_media_timeout=2.0) as plane:
+        sip = RawSip()
+        try:
+            await raw_leg_call(sip, plane.settings.sip_port, "c-1", "agent")
+            await hooks.wait_for("leg_started", "c-1", "agent", timeout=3)
+            await hooks.wait_for("leg_ended", "c-1", "agent", "media_timeout", timeout=6)
+            await wait_until(lambda: plane.stats()["conversations"] == 0, 2, "slots released")
+        finally:
+            sip.close()
 
 
 @pytest.mark.parametrize("gw", [{"sip_hung_seconds": 2.0}], indirect=True)

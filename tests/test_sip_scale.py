@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.config import Settings
 from gateway.sip.plane import SipPlane
 
 from .sip_support import (
@@ -44,6 +43,7 @@ from .sip_support import (
     sdp,
     start_phone,
     start_sipp_leg,
+    started_plane,
     tone_levels,
     wait_until,
 )
@@ -61,20 +61,15 @@ async def one_worker(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]
     require_pjsua2()
     require_tool("sipp")
     hooks = FakeHooks({f"c-{i}": "alice" for i in range(40)})
-    settings = Settings(
+    async with started_plane(
+        tmp_path,
+        hooks,
         sip_port=free_udp_block(2),
-        sip_workers=1,
         rtp_port_base=free_udp_block(200, 22000, 30000),
-        data_dir=str(tmp_path),
         sip_media_timeout=0,  # raw legs send no RTP
         sip_invite_rate=0,  # 64 calls from one test source; the rate limit has tests of its own
-    )
-    plane = SipPlane(settings, hooks)
-    await plane.start()
-    try:
+    ) as plane:
         yield plane, hooks
-    finally:
-        await plane.stop()
 
 
 async def test_one_worker_holds_64_calls(one_worker: tuple[SipPlane, FakeHooks]) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.config import Settings
 from gateway.sip.plane import SipPlane
 
 from .sip_support import (
@@ -26,6 +25,7 @@ from .sip_support import (
     sdp,
     start_phone,
     start_siprec,
+    started_plane,
     tone_levels,
     wait_until,
 )
@@ -66,25 +66,20 @@ async def secure_gw(tmp_path: Path, pki: dict[str, Path]) -> AsyncIterator[tuple
     require_pjsua2()
     hooks = FakeHooks({"c-1": "alice", "c-2": "alice"})
     base = free_udp_block(4)
-    settings = Settings(
+    async with started_plane(
+        tmp_path,
+        hooks,
         sip_port=base,
         sip_tls_port=base + 3,
         sip_tls_cert=str(pki["gateway.pem"]),
         sip_tls_key=str(pki["gateway.key"]),
         sip_tls_ca=str(pki["ca"]),
         sip_srtp="mandatory",
-        sip_workers=1,
         calls_per_worker=8,
         rtp_port_base=free_udp_block(60, 30000, 39000),
-        data_dir=str(tmp_path),
-    )
-    plane = SipPlane(settings, hooks)
-    await plane.start()
-    assert plane.ready
-    try:
+    ) as plane:
+        assert plane.ready
         yield plane, hooks
-    finally:
-        await plane.stop()
 
 
 async def test_siprec_over_tls_and_srtp_to_a_sips_phone_hears_each_leg(

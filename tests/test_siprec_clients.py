@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from gateway.api.context import SIP
-from gateway.config import Settings
 from gateway.sip.message import parse_message, parse_sdp
 from gateway.sip.parties import Parties
 from gateway.sip.plane import SipPlane
@@ -33,12 +32,14 @@ from .sip_support import (
     in_dialog_request,
     read_wav,
     require_pjsua2,
+    sip_gateway_settings,
     start_phone,
+    started_plane,
     tone_levels,
     wait_until,
 )
 from .siprec_clients import AGENT_HZ, CUSTOMER_HZ, SCENARIOS, Scenario, ribbon, send_rtp, siprec_invite
-from .support import make_settings, running_gateway
+from .support import running_gateway
 from .test_sip_front import TcpSip
 from .test_sip_front_calls import require_pjsua2_large_messages
 
@@ -53,19 +54,8 @@ CID = "conv-siprec"
 async def gw(tmp_path: Path) -> AsyncIterator[tuple[SipPlane, FakeHooks]]:
     require_pjsua2()
     hooks = FakeHooks({})
-    settings = Settings(
-        sip_port=free_udp_block(3),
-        sip_workers=1,
-        calls_per_worker=4,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        data_dir=str(tmp_path),
-    )
-    plane = SipPlane(settings, hooks)
-    await plane.start()
-    try:
+    async with started_plane(tmp_path, hooks, calls_per_worker=4) as plane:
         yield plane, hooks
-    finally:
-        await plane.stop()
 
 
 class Signalling:
@@ -280,9 +270,7 @@ async def test_through_the_api_recording_keys_participants_voice_streams_and_a_p
     require_pjsua2()
     sc = ribbon()
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path, enable_sip=True, sip_port=sip_port, sip_workers=1, rtp_port_base=free_udp_block(40, 30000, 39000)
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port)
     async with running_gateway(settings) as gw:
         put = await gw.conversation(
             "conv-ribbon",

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.shared.connection import FAILURES, SharedState, text_of
+from gateway.shared.connection import FAILURES, RELEASE_IF_HELD, SharedState, text_of
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,6 @@ if current and current ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
-"""
-#: KEYS: media lease. ARGV: me. Deleted only if it is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
 """
 
 
@@ -124,7 +117,7 @@ class Cluster:
         shared.on_reconnect(self._heartbeat_if_started)
         self._claim = self._redis.register_script(_CLAIM)
         self._renew = self._redis.register_script(_RENEW)
-        self._release = self._redis.register_script(_RELEASE)
+        self._release = self._redis.register_script(RELEASE_IF_HELD)
 
     def _key(self, *parts: str) -> str:
         return self._shared.key(*parts)

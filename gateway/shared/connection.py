@@ -35,6 +35,15 @@ Handler = Callable[[dict[str, Any]], None]
 FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 #: What says Redis is gone (rather than that it refused one command).
 LOST: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Lua, KEYS: a lease. ARGV: its holder's whole value. Deletes the lease only if it still holds
+#: that value (1), else 0: a holder never drops a lease another one took after it expired. The
+#: voice slot (store.py) and the media-owner lease (cluster.py) both release with it.
+RELEASE_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class SharedState:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.domain import Conversation, Monitor
-from gateway.shared.connection import FAILURES, SharedState, text_of
+from gateway.shared.connection import FAILURES, RELEASE_IF_HELD, SharedState, text_of
 from gateway.store import MemoryStore, conversation_from, monitor_from, plain
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,6 @@ return token
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-#: KEYS: lease. ARGV: the holder's whole value. 1 if released, 0 if it was not this one.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -100,7 +93,7 @@ class RedisStore(MemoryStore):
         self._tasks: list[asyncio.Task[None]] = []
         self._claim = self._redis.register_script(_CLAIM)
         self._renew = self._redis.register_script(_RENEW)
-        self._release = self._redis.register_script(_RELEASE)
+        self._release = self._redis.register_script(RELEASE_IF_HELD)
         shared.on_message(self.CHANNEL, self._apply_remote)
         shared.on_reconnect(self._resync)
 
@@ -256,7 +249,7 @@ class RedisStore(MemoryStore):
             value = lease[1]
 
             def write(pipe: Any) -> None:
-                pipe.eval(_RELEASE, 1, self._key("voice", cid), value)
+                pipe.eval(RELEASE_IF_HELD, 1, self._key("voice", cid), value)
                 self._shared.publish_on(pipe, self.CHANNEL, {"voice": cid, "monitor": None})
 
         elif held:  # another instance claimed it; its next renewal finds it gone
