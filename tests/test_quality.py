@@ -42,8 +42,16 @@ from gateway.media.pool import MediaProcesses
 from gateway.quality import QualityBoard
 from gateway.sip.plane import SipPlane
 
-from .sip_support import FakeHooks, RawSip, free_udp_block, raw_leg_call, require_pjsua2, wait_until
-from .support import GatewayClient, make_settings, running_gateway
+from .sip_support import (
+    FakeHooks,
+    RawSip,
+    free_udp_block,
+    raw_leg_call,
+    require_pjsua2,
+    sip_gateway_settings,
+    wait_until,
+)
+from .support import GatewayClient, running_gateway
 
 pytestmark = [pytest.mark.sip, pytest.mark.api, pytest.mark.webrtc]
 
@@ -428,15 +436,7 @@ async def _drain(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> list[tu
 async def test_quality_through_the_api_events_and_metrics(tmp_path: Path) -> None:
     require_pjsua2()
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path,
-        enable_sip=True,
-        sip_port=sip_port,
-        sip_workers=1,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        sip_media_timeout=0,
-        webrtc_processes=0,
-    )
+    settings = sip_gateway_settings(tmp_path, sip_port, sip_media_timeout=0, webrtc_processes=0)
     async with running_gateway(settings) as gw:
         assert (await gw.conversation("conv-q")).status in (200, 201)
         sip = RawSip()
@@ -581,15 +581,8 @@ async def test_webrtc_monitor_quality_through_the_api(tmp_path: Path) -> None:
     carries a measured added latency, and the histograms count it under path="webrtc"."""
     require_pjsua2()
     sip_port = free_udp_block(3)
-    settings = make_settings(
-        tmp_path,
-        enable_sip=True,
-        sip_port=sip_port,
-        sip_workers=1,
-        rtp_port_base=free_udp_block(40, 30000, 39000),
-        sip_media_timeout=0,
-        webrtc_processes=1,
-        ice_host_addresses="127.0.0.1",
+    settings = sip_gateway_settings(
+        tmp_path, sip_port, sip_media_timeout=0, webrtc_processes=1, ice_host_addresses="127.0.0.1"
     )
     async with running_gateway(settings) as gw:
         assert (await gw.conversation("conv-w")).status in (200, 201)
