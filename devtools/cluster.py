@@ -46,8 +46,9 @@ def port_free(port: int, kinds: tuple[int, ...] = (socket.SOCK_DGRAM, socket.SOC
     return True
 
 
-def free_block(n: int, lo: int = 21000, hi: int = 59000) -> int:
-    """First of ``n`` consecutive loopback ports free for UDP and TCP."""
+def free_block(n: int, lo: int = 21000, hi: int = 32000) -> int:
+    """First of ``n`` consecutive loopback ports free for UDP and TCP (by default below the
+    kernel's ephemeral range, 32768 and up, where outgoing sockets could take them first)."""
     import random
 
     for _ in range(200):

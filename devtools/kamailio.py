@@ -21,6 +21,7 @@ It runs the repository's configuration itself (not a copy), parametrised by the
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -67,10 +68,10 @@ def _port_free(port: int) -> bool:
 
 def free_sip_port() -> int:
     """A loopback port free for both UDP and TCP."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
+    # Below the kernel's ephemeral range (32768 and up), where bind(0) would pick: an outgoing
+    # socket could take such a port before Kamailio binds it.
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
         if _port_free(port):
             return port
     raise RuntimeError("no loopback port free for UDP and TCP")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,10 +20,23 @@ from gateway.config import Settings
 PASSWORD = "demo"
 
 
+#: Ports tests hand to servers they start: below Linux's default ephemeral range (32768-60999).
+UNEPHEMERAL_PORTS = (20000, 32000)
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range (32768 and up): a port handed out
+    by ``bind(0)`` comes from that range, and an outgoing connection (a test's HTTP client, a
+    Redis connection) can take it before the gateway under test binds it (seen in CI)."""
+    for _ in range(500):
+        port = random.randrange(*UNEPHEMERAL_PORTS)
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 @dataclass
