@@ -18,6 +18,7 @@ from gateway.sip.plane import SipPlane
 
 from .sip_support import (
     FakeHooks,
+    Proc,
     RawSip,
     free_udp_block,
     read_wav,
@@ -82,16 +83,22 @@ async def secure_gw(tmp_path: Path, pki: dict[str, Path]) -> AsyncIterator[tuple
         yield plane, hooks
 
 
+async def start_tls_source(
+    plane: SipPlane, pki: dict[str, Path], tmp_path: Path, cid: str, seconds: float, srtp: str
+) -> Proc:
+    """The pjsua2 SIPREC source calling the plane's TLS port for ``cid`` (agent and customer
+    tones), with SRTP ``srtp`` (mandatory / optional / off) on its side."""
+    src_port = free_udp_block(40, 40000, 59000)
+    agent, customer = tone_wav(tmp_path / "a.wav", AGENT_HZ), tone_wav(tmp_path / "c.wav", CUSTOMER_HZ)
+    extra = tls_args(pki, "source", src_port + 1, srtp)
+    return await start_siprec(plane.settings.sip_tls_port, cid, "alice", agent, customer, seconds, extra=extra)
+
+
 async def test_siprec_over_tls_and_srtp_to_a_sips_phone_hears_each_leg(
     secure_gw: tuple[SipPlane, FakeHooks], pki: dict[str, Path], tmp_path: Path
 ) -> None:
     plane, hooks = secure_gw
-    s = plane.settings
-    src_port = free_udp_block(40, 40000, 59000)
-    src = await start_siprec(
-        s.sip_tls_port, "c-1", "alice", tone_wav(tmp_path / "a.wav", AGENT_HZ), tone_wav(tmp_path / "c.wav", CUSTOMER_HZ),
-        12.0, extra=tls_args(pki, "source", src_port + 1, "mandatory"),
-    )  # fmt: skip
+    src = await start_tls_source(plane, pki, tmp_path, "c-1", 12.0, "mandatory")
     try:
         await src.wait_line("CONNECTED", 8)
         await hooks.wait_for("leg_started", "c-1", "agent")
@@ -127,11 +134,7 @@ async def test_plain_rtp_is_refused_488_when_srtp_is_required(
     plane, hooks = secure_gw
     s = plane.settings
     # The pjsua2 source over TLS, offering plain RTP.
-    src_port = free_udp_block(40, 40000, 59000)
-    src = await start_siprec(
-        s.sip_tls_port, "c-2", "alice", tone_wav(tmp_path / "a.wav", AGENT_HZ), tone_wav(tmp_path / "c.wav", CUSTOMER_HZ),
-        2.0, extra=tls_args(pki, "source", src_port + 1, "off"),
-    )  # fmt: skip
+    src = await start_tls_source(plane, pki, tmp_path, "c-2", 2.0, "off")
     try:
         await src.wait_line("DISCONNECTED", 8)
         line = next(x for _, x in src.lines if x.startswith("DISCONNECTED"))
