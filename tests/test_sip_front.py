@@ -126,6 +126,22 @@ def worker_bye(rig: Any, transport: str, platform_port: int, rr: list[str], ok: 
     return (CRLF.join(lines) + CRLF + CRLF).encode()
 
 
+async def answer_then_worker_bye(rig: Any, conn: Any, transport: str, rr: list[str], fwd: Any, front_port: int) -> Any:
+    """The worker answers ``fwd`` 200, which reaches the platform on ``conn``; then the worker's
+    BYE along the route set comes out on that same connection, with the front's Via on
+    ``front_port`` (the listener of that transport). Returns the BYE as the platform got it."""
+    rig.worker.send(answer(fwd, 200, "OK", contact=rig.worker.port), rig.port)
+    ok = await conn.recv()
+    assert ok is not None and ok.startswith(b"SIP/2.0 200")
+    rig.worker.send(worker_bye(rig, transport, conn.port, rr, ok, fwd), rig.port)
+    got = await conn.recv()
+    assert got is not None
+    bye = parse_message(got)
+    via = f"SIP/2.0/{transport.upper()} 127.0.0.1:{front_port};"
+    assert bye.method == "BYE" and (bye.get("via") or "").startswith(via), got
+    return bye
+
+
 async def test_an_invite_flood_from_one_source_is_limited_others_get_through(rig: Rig) -> None:
     t0 = time.monotonic()
     for i in range(300):
@@ -346,15 +362,8 @@ async def test_a_call_through_the_front_over_tcp(rig: Rig) -> None:
         assert rr == [f"<sip:127.0.0.1:{rig.port};lr>", f"<sip:127.0.0.1:{rig.port};lr;transport=tcp>"]
         assert fwd.get("via", "").startswith(f"SIP/2.0/UDP 127.0.0.1:{rig.port};")  # type: ignore[union-attr]
         # The answer comes back on the connection the INVITE came on.
-        rig.worker.send(answer(fwd, 200, "OK", contact=rig.worker.port), rig.port)
-        ok = await tcp.recv()
-        assert ok is not None and ok.startswith(b"SIP/2.0 200")
         # The worker's BYE, along its route set (both of our entries), goes out on that connection.
-        rig.worker.send(worker_bye(rig, "tcp", tcp.port, rr, ok, fwd), rig.port)
-        got = await tcp.recv()
-        assert got is not None
-        bye = parse_message(got)
-        assert bye.method == "BYE" and bye.get("via", "").startswith(f"SIP/2.0/TCP 127.0.0.1:{rig.port};")  # type: ignore[union-attr]
+        bye = await answer_then_worker_bye(rig, tcp, "tcp", rr, fwd, rig.port)
         tcp.send(answer(bye, 200, "OK"))
         bye_ok, _ = await worker_gets(rig)
         assert bye_ok.status == 200
@@ -764,14 +773,7 @@ async def test_a_call_through_the_front_over_tls(tls_rig: Rig, pki: dict[str, Pa
         rr = [v for line in fwd.get_all("record-route") for v in line.split(",")]
         assert rr == [f"<sip:127.0.0.1:{rig.port};lr>", f"<sip:127.0.0.1:{rig.port + 1};lr;transport=tls>"]
         assert fwd.get("via", "").startswith(f"SIP/2.0/UDP 127.0.0.1:{rig.port};")  # type: ignore[union-attr]
-        rig.worker.send(answer(fwd, 200, "OK", contact=rig.worker.port), rig.port)
-        ok = await tls.recv()
-        assert ok is not None and ok.startswith(b"SIP/2.0 200")
-        rig.worker.send(worker_bye(rig, "tls", tls.port, rr, ok, fwd), rig.port)
-        got = await tls.recv()
-        assert got is not None
-        bye = parse_message(got)
-        assert bye.method == "BYE" and bye.get("via", "").startswith(f"SIP/2.0/TLS 127.0.0.1:{rig.port + 1};")  # type: ignore[union-attr]
+        await answer_then_worker_bye(rig, tls, "tls", rr, fwd, rig.port + 1)
         # An OPTIONS to the front over TLS is answered there.
         opts = rig.platform.invite(rig.port, method="OPTIONS")[0].replace(b"OPTIONS sip:", b"OPTIONS sips:", 1)
         tls.send(opts.replace(b"SIP/2.0/UDP", b"SIP/2.0/TLS", 1))
